@@ -1,0 +1,7 @@
+"""normlab: normalization layers for PyTorch, exact and fast, and a lab for small batches."""
+
+from . import functional, nn
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "functional", "nn"]

@@ -1,0 +1,102 @@
+"""Input validation shared by the functional ops.
+
+Every message says what is wrong, why it matters, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+SMALL_BATCH_ALTERNATIVES = (
+    "GroupNorm (normlab.nn.GroupNorm), FilterResponseNorm, FrozenBatchNorm "
+    "(running statistics only), BatchNorm in eval mode with recalibrated statistics, "
+    "or a bigger batch"
+)
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_floating(layer: str, x: Tensor) -> None:
+    if not torch.is_floating_point(x):
+        raise TypeError(
+            f"{layer}: expected a floating-point input, got dtype {x.dtype} with shape "
+            f"{tuple(x.shape)}. Normalization divides by a standard deviation; convert "
+            "first, e.g. x.float()."
+        )
+
+
+def check_eps(layer: str, eps: float) -> None:
+    if not eps > 0:
+        raise ValueError(
+            f"{layer}: eps must be > 0, got {eps}. eps keeps 1/sqrt(var + eps) finite "
+            "when a group is constant; use e.g. eps=1e-5."
+        )
+
+
+def check_rank(layer: str, x: Tensor, ranks: Sequence[int], layout: str) -> None:
+    if x.dim() not in ranks:
+        allowed = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(
+            f"{layer}: expected a {allowed} input ({layout}), got a {x.dim()}-D input of "
+            f"shape {tuple(x.shape)}."
+        )
+
+
+def check_channels(layer: str, x: Tensor, num_features: int, dim: int = 1) -> None:
+    if x.shape[dim] != num_features:
+        raise ValueError(
+            f"{layer}: the input has {x.shape[dim]} channels (dim {dim} of shape "
+            f"{tuple(x.shape)}) but the layer was built for num_features={num_features}. "
+            f"Build it with num_features={x.shape[dim]} or fix the preceding layer."
+        )
+
+
+def check_param(layer: str, name: str, p: Tensor | None, shape: Sequence[int]) -> None:
+    if p is not None and tuple(p.shape) != tuple(shape):
+        raise ValueError(
+            f"{layer}: {name} has shape {tuple(p.shape)}, expected {tuple(shape)} "
+            "(one value per normalized channel)."
+        )
+
+
+def check_batch_count(layer: str, x: Tensor, count: int, what: str = "channel") -> None:
+    """Refuse a batch variance computed from a single value."""
+    if count <= 1:
+        raise ValueError(
+            f"{layer}: training needs more than 1 value per {what} to compute a batch "
+            f"variance, but input of shape {tuple(x.shape)} gives {count}. With one value "
+            "the variance is 0 and the output is 0 (or NaN for the unbiased running "
+            f"variance). Use {SMALL_BATCH_ALTERNATIVES}; or call .eval() to use the "
+            "running statistics."
+        )
+
+
+def divisors_up_to(n: int, limit: int) -> list[int]:
+    return [d for d in range(min(n, limit), 0, -1) if n % d == 0]
+
+
+def check_groups(layer: str, num_channels: int, num_groups: int) -> None:
+    if num_groups <= 0:
+        raise ValueError(f"{layer}: num_groups must be >= 1, got {num_groups}.")
+    if num_channels % num_groups != 0:
+        options = ", ".join(str(d) for d in divisors_up_to(num_channels, num_groups)[:4])
+        raise ValueError(
+            f"{layer}: {num_channels} channels are not divisible by {num_groups} groups "
+            f"(each group must hold the same number of channels); use num_groups= one of "
+            f"{options} (divisors of {num_channels} up to {num_groups})."
+        )
+
+
+def resolve_backend(op: str, backend: str, x: Tensor) -> str:
+    """Pick the implementation. Only the PyTorch path exists in this version."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "triton":
+        raise RuntimeError(
+            f"{op}: backend='triton' was requested but this version of normlab ships no "
+            "Triton kernel for it; use backend='auto' or backend='torch'."
+        )
+    return "torch"

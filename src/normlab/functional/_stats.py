@@ -1,0 +1,170 @@
+"""The statistics core: every normalization op computes its moments here.
+
+A norm is a choice of reduction axes plus an affine map. This module owns the
+first half: moments over chosen dims, with the numerics rules of
+``shared/design/NUMERICS.md``:
+
+* **fp32 accumulation** for half inputs (fp64 for fp64), statistics returned in
+  that accumulation dtype, never in half.
+* **Stable variance.** Data are first shifted by a *pivot* (one sample of each
+  reduced group, see :func:`pivot`). Subtracting a nearby value is exact in
+  floating point (Sterbenz), so ``x - pivot`` keeps every significant digit of
+  data such as CT intensities (mean 1e4, std 1e-2), where ``E[x²] − E[x]²`` or
+  even a plain fp32 mean would lose them. Moments of the shifted data come from
+  :func:`torch.var_mean` (a two-pass/Welford reduction), then the shift is added
+  back to the mean.
+* **Variance clamped at 0** before anyone adds eps.
+* **Counts**: the number of reduced elements travels with the moments, so
+  callers can refuse a batch variance from a single value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Moments",
+    "acc_dtype",
+    "pivot",
+    "centered",
+    "moments",
+    "centered_moments",
+    "window_mean",
+    "reduced_count",
+    "rstd",
+    "mix_group_moments",
+]
+
+
+class Moments(NamedTuple):
+    """Moments of ``x`` over some dims (kept as size-1 dims).
+
+    ``mean`` and ``var`` are in the accumulation dtype. ``shift`` is the pivot
+    that was subtracted (same shape as ``mean``); ``mean - shift`` is the mean of
+    the shifted data, which is what an accurate normalization subtracts from
+    ``x - shift``. ``count`` is the number of elements behind each statistic.
+    """
+
+    mean: Tensor
+    var: Tensor
+    shift: Tensor
+    count: int
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 for fp64 input, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _norm_dims(x: Tensor, dims: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted(d % x.dim() for d in dims))
+
+
+def reduced_count(x: Tensor, dims: Sequence[int]) -> int:
+    """Number of elements of ``x`` behind each statistic over ``dims``."""
+    n = 1
+    for d in _norm_dims(x, dims):
+        n *= x.shape[d]
+    return n
+
+
+def pivot(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """One sample of ``x`` per reduced group (index 0 along ``dims``), kept dims.
+
+    Detached: a norm is invariant to a constant shift, so the pivot carries no
+    gradient. Returned in ``x``'s dtype; it is an element of ``x``, exact.
+    """
+    p = x.detach()
+    for d in _norm_dims(x, dims):
+        p = p.narrow(d, 0, 1)
+    return p
+
+
+def centered(x: Tensor, shift: Tensor) -> Tensor:
+    """``x - shift`` computed in the accumulation dtype (fp32 for half input).
+
+    For fp32/fp64 this stays in ``x``'s dtype (the subtraction of a nearby value
+    is exact, and keeping the dtype keeps memory at one copy).
+    """
+    acc = acc_dtype(x.dtype)
+    if x.dtype != acc:
+        return x.to(acc) - shift.to(acc)
+    return x - shift.to(acc)
+
+
+def moments(
+    x: Tensor,
+    dims: Sequence[int],
+    *,
+    correction: int = 0,
+    shift: Tensor | None = None,
+) -> Moments:
+    """Mean and variance of ``x`` over ``dims`` (kept as size-1 dims).
+
+    Args:
+        x: any floating tensor.
+        dims: the reduction dims.
+        correction: 0 for the biased variance (normalization), 1 for the
+            unbiased one (torch's ``running_var``).
+        shift: a per-group pivot broadcastable to ``x`` (default: :func:`pivot`).
+
+    Returns:
+        :class:`Moments` in the accumulation dtype, variance clamped at 0.
+        With ``correction=1`` and a single element the variance is NaN, as in
+        torch; callers that need it check ``count`` first.
+    """
+    dims = _norm_dims(x, dims)
+    if shift is None:
+        shift = pivot(x, dims)
+    shift = shift.to(acc_dtype(x.dtype))
+    return centered_moments(centered(x, shift), dims, shift, correction=correction)
+
+
+def centered_moments(
+    xc: Tensor, dims: Sequence[int], shift: Tensor, *, correction: int = 0
+) -> Moments:
+    """:func:`moments` of ``xc + shift`` given the already shifted ``xc``.
+
+    Lets an op that normalizes ``xc`` reuse it for its statistics instead of
+    shifting ``x`` twice.
+    """
+    dims = _norm_dims(xc, dims)
+    var, mean_c = torch.var_mean(xc, dim=dims, correction=correction, keepdim=True)
+    return Moments(mean_c + shift, var.clamp_min(0), shift, reduced_count(xc, dims))
+
+
+def rstd(var: Tensor, eps: float) -> Tensor:
+    """``1 / sqrt(max(var, 0) + eps)``."""
+    return torch.rsqrt(var.clamp_min(0) + eps)
+
+
+def mix_group_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Exact moments of a union of equal-sized groups from the groups' moments.
+
+    Given per-group biased ``mean`` and ``var`` (kept dims), the union over
+    ``dims`` has mean ``m = mean_k(μ_k)`` and biased variance
+    ``mean_k(σ²_k + (μ_k − m)²)`` — the law of total variance, written around
+    ``m`` so it stays stable (no raw second moments). Used by Switchable Norm
+    and by instance-to-batch running statistics.
+    """
+    m = mean.mean(dim=tuple(dims), keepdim=True)
+    v = (var + (mean - m).square()).mean(dim=tuple(dims), keepdim=True)
+    return m, v.clamp_min(0)
+
+
+def window_mean(x: Tensor, dim: int, size: int) -> Tensor:
+    """Mean over a sliding window of ``size`` along ``dim``, zero-padded.
+
+    The window of position ``i`` is ``[i - size//2, i + (size-1)//2]``; the
+    divisor is always ``size`` (torch's LocalResponseNorm convention).
+    Accumulates in the accumulation dtype.
+    """
+    dim = dim % x.dim()
+    acc = x.to(acc_dtype(x.dtype))
+    pad = [0, 0] * (x.dim() - 1 - dim) + [size // 2, (size - 1) // 2]
+    padded = torch.nn.functional.pad(acc, pad)
+    return padded.unfold(dim, size, 1).mean(dim=-1)

@@ -1,0 +1,154 @@
+"""Batch normalization (Ioffe & Szegedy, 2015), torch-exact semantics."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import (
+    check_batch_count,
+    check_eps,
+    check_floating,
+    check_param,
+    resolve_backend,
+)
+from ._normalize import affine_normalize
+from ._stats import acc_dtype, centered, pivot, reduced_count
+
+__all__ = ["batch_norm", "frozen_batch_norm", "update_running_stats"]
+
+
+def _cast(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if p is None else p.to(dtype)
+
+
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    batch_mean: Tensor,
+    batch_var_unbiased: Tensor,
+    momentum: float,
+) -> None:
+    """torch's update, in place: ``running = (1 − m)·running + m·batch``."""
+    with torch.no_grad():
+        if running_mean is not None:
+            new = batch_mean.reshape(-1).to(running_mean.dtype)
+            running_mean.mul_(1.0 - momentum).add_(new, alpha=momentum)
+        if running_var is not None:
+            new = batch_var_unbiased.reshape(-1).to(running_var.dtype)
+            running_var.mul_(1.0 - momentum).add_(new, alpha=momentum)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Batch normalization over (N, \*spatial) per channel.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta
+
+    Same contract as :func:`torch.nn.functional.batch_norm`: with
+    ``training=True`` it normalizes with the batch mean and *biased* batch
+    variance and, where ``running_mean`` / ``running_var`` are given, updates them
+    in place with the *unbiased* variance and ``momentum`` (the weight of the new
+    value). With ``training=False`` it uses the running statistics.
+
+    Unlike torch's CPU kernel it stays accurate on off-center data: statistics
+    and normalization work on ``x − pivot`` (one sample per channel), see
+    :mod:`normlab.functional._stats`.
+
+    Args:
+        input: (N, C) or (N, C, \*spatial), floating point.
+        running_mean, running_var: (C,) buffers or None.
+        weight, bias: (C,) or None.
+        training: use batch statistics (and update the running ones).
+        momentum: weight of the new batch statistic in the running average.
+        eps: added to the variance inside the square root, > 0.
+        backend: "auto" | "torch" | "triton".
+
+    Returns:
+        Tensor of the input's shape, dtype and memory format.
+    """
+    layer = "batch_norm"
+    check_floating(layer, input)
+    check_eps(layer, eps)
+    if input.dim() < 2:
+        raise ValueError(
+            f"{layer}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
+            f"{tuple(input.shape)}."
+        )
+    resolve_backend(layer, backend, input)
+    c = input.shape[1]
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        check_param(layer, name, p, (c,))
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                f"{layer}: training=False needs running_mean and running_var; pass "
+                "training=True to normalize with batch statistics."
+            )
+        return affine_normalize(input, running_mean, running_var, weight, bias, eps)
+
+    dims = (0, *range(2, input.dim()))
+    check_batch_count(layer, input, reduced_count(input, dims))
+    acc = acc_dtype(input.dtype)
+    shift = pivot(input, dims).to(acc)
+    xc = centered(input, shift)
+    w, b = _cast(weight, acc), _cast(bias, acc)
+    if running_mean is None and running_var is None:
+        y = F.batch_norm(xc, None, None, w, b, True, 0.0, eps)
+        return y.to(input.dtype)
+    # torch's native kernel reduces the centered data in the same pass that
+    # normalizes it; with momentum=1 it writes the batch mean and the unbiased
+    # batch variance of ``xc`` into the scratch buffers, which saves a second
+    # reduction over the input. The pivot is then added back to the mean.
+    batch_mean_c = torch.zeros(c, dtype=acc, device=input.device)
+    batch_var = torch.ones(c, dtype=acc, device=input.device)
+    y = F.batch_norm(xc, batch_mean_c, batch_var, w, b, True, 1.0, eps)
+    batch_mean = batch_mean_c + shift.reshape(-1)
+    update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum)
+    return y.to(input.dtype)
+
+
+def frozen_batch_norm(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""BatchNorm with fixed statistics and fixed affine:
+    :math:`y = (x - \mu)\,\gamma/\sqrt{\sigma^2 + \epsilon} + \beta`.
+
+    The gradient flows to ``input`` only when weight and bias are buffers
+    (as in :class:`normlab.nn.FrozenBatchNorm2d`).
+    """
+    layer = "frozen_batch_norm"
+    check_floating(layer, input)
+    check_eps(layer, eps)
+    if input.dim() < 2:
+        raise ValueError(f"{layer}: expected (N, C, *spatial), got shape {tuple(input.shape)}.")
+    c = input.shape[1]
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        check_param(layer, name, p, (c,))
+    return affine_normalize(input, running_mean, running_var, weight, bias, eps)

@@ -1,0 +1,65 @@
+"""Group normalization (Wu & He, ECCV 2018)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_eps, check_floating, check_groups, check_param, resolve_backend
+from ._stats import acc_dtype, centered
+
+__all__ = ["group_norm", "group_pivot"]
+
+
+def group_pivot(x: Tensor, num_groups: int) -> Tensor:
+    """One sample per (n, group), broadcast to (N, C, 1, ...): the group's first element.
+
+    Works on any memory format (indexing, no reshape of ``x``).
+    """
+    n, c = x.shape[:2]
+    cpg = c // num_groups
+    first = x.detach()[(slice(None), slice(None, None, cpg)) + (0,) * (x.dim() - 2)]
+    return first.repeat_interleave(cpg, dim=1).reshape(n, c, *([1] * (x.dim() - 2)))
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Group normalization: statistics over (C/G, \*spatial) per (sample, group).
+
+    .. math:: y_{n,c} = \frac{x_{n,c} - \mu_{n,g(c)}}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}}
+              \gamma_c + \beta_c
+
+    ``num_groups=1`` is LayerNorm over (C, \*spatial); ``num_groups=C`` is
+    InstanceNorm. Independent of the batch size. Signature of
+    :func:`torch.nn.functional.group_norm`, plus ``backend``.
+
+    Args:
+        input: (N, C, \*spatial) with 0 to 3 spatial dims, any memory format.
+        num_groups: G, must divide C.
+        weight, bias: per-channel (C,) or None.
+        eps: > 0, added to the variance.
+    """
+    layer = "GroupNorm"
+    check_floating(layer, input)
+    check_eps(layer, eps)
+    if input.dim() < 2:
+        raise ValueError(
+            f"{layer}: expected an (N, C, *spatial) input, got shape {tuple(input.shape)}."
+        )
+    resolve_backend("group_norm", backend, input)
+    c = input.shape[1]
+    check_groups(layer, c, num_groups)
+    check_param(layer, "weight", weight, (c,))
+    check_param(layer, "bias", bias, (c,))
+    acc = acc_dtype(input.dtype)
+    xc = centered(input, group_pivot(input, num_groups))
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    return F.group_norm(xc, num_groups, w, b, eps).to(input.dtype)

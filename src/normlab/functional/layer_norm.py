@@ -1,0 +1,91 @@
+"""Layer normalization (Ba et al., 2016): over the last dims, and over C of (N, C, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_eps, check_floating, check_param, resolve_backend
+from ._stats import acc_dtype, centered, pivot
+
+__all__ = ["layer_norm", "layer_norm2d"]
+
+
+def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(int(s) for s in normalized_shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Layer normalization over the last ``len(normalized_shape)`` dims.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta
+
+    Signature of :func:`torch.nn.functional.layer_norm`, plus ``backend``;
+    ``weight`` and ``bias`` have shape ``normalized_shape``.
+    """
+    layer = "LayerNorm"
+    check_floating(layer, input)
+    check_eps(layer, eps)
+    shape = _shape(normalized_shape)
+    k = len(shape)
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k :]) != shape:
+        raise ValueError(
+            f"{layer}: normalized_shape={list(shape)} must equal the last {k} dims of the "
+            f"input, got input shape {tuple(input.shape)}. Build the layer with "
+            f"normalized_shape={list(input.shape[-k:]) if k else '[...]'} or move the "
+            "normalized dims last."
+        )
+    resolve_backend("layer_norm", backend, input)
+    check_param(layer, "weight", weight, shape)
+    check_param(layer, "bias", bias, shape)
+    acc = acc_dtype(input.dtype)
+    xc = centered(input, pivot(input, range(input.dim() - k, input.dim())))
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    return F.layer_norm(xc, shape, w, b, eps).to(input.dtype)
+
+
+def layer_norm2d(
+    input: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""LayerNorm over the channel dim of an (N, C, \*spatial) tensor, per position.
+
+    The ConvNeXt-style "LayerNorm2d". Channels-last input is normalized without
+    a copy (the channel dim is already innermost); the output keeps the input's
+    memory format.
+    """
+    layer = "LayerNorm2d"
+    check_floating(layer, input)
+    check_eps(layer, eps)
+    if input.dim() < 3:
+        raise ValueError(
+            f"{layer}: expected an (N, C, H, W) (or (N, C, *spatial)) input, got shape "
+            f"{tuple(input.shape)}; for (N, C) use LayerNorm(C)."
+        )
+    resolve_backend("layer_norm2d", backend, input)
+    c = input.shape[1]
+    check_param(layer, "weight", weight, (c,))
+    check_param(layer, "bias", bias, (c,))
+    acc = acc_dtype(input.dtype)
+    xc = centered(input, pivot(input, (1,)))
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    y = F.layer_norm(xc.movedim(1, -1), (c,), w, b, eps).movedim(-1, 1)
+    return y.to(input.dtype)

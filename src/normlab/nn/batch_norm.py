@@ -1,0 +1,205 @@
+"""BatchNorm1d/2d/3d (torch-exact semantics) and FrozenBatchNorm1d/2d/3d."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as NF
+from ..functional._checks import check_channels, check_eps, check_floating, check_rank
+from ._base import _NormBase
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+]
+
+
+class _BatchNorm(_NormBase):
+    r"""Batch normalization over (N, \*spatial) per channel (Ioffe & Szegedy, 2015).
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta
+
+    Behaves exactly like ``torch.nn.BatchNorm*d``:
+
+    * ``train()`` with ``track_running_stats=True``: batch statistics (biased
+      variance), and the running statistics are updated *inside forward* with
+      the unbiased variance: ``running = (1 − momentum)·running + momentum·batch``;
+      ``momentum=None`` is the cumulative average over ``num_batches_tracked``.
+    * ``eval()`` with ``track_running_stats=True``: running statistics.
+    * ``track_running_stats=False``: batch statistics in both modes (so eval
+      depends on the batch and fails at one value per channel).
+
+    Accurate on off-center data (see :mod:`normlab.functional._stats`).
+
+    Args:
+        num_features: C.
+        eps: added to the variance, > 0.
+        momentum: weight of the new batch statistic, or None.
+        affine: learn γ (``weight``) and β (``bias``).
+        track_running_stats: keep ``running_mean``, ``running_var``,
+            ``num_batches_tracked``.
+
+    Example::
+
+        >>> bn = normlab.nn.BatchNorm2d(16)
+        >>> y = bn(torch.randn(4, 16, 8, 8))
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        factor = self._momentum_factor()
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return NF.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    __doc__ = _BatchNorm.__doc__
+    _ranks = (2, 3)
+    _layout = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    __doc__ = _BatchNorm.__doc__
+    _ranks = (4,)
+    _layout = "(N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNorm):
+    __doc__ = _BatchNorm.__doc__
+    _ranks = (5,)
+    _layout = "(N, C, D, H, W)"
+
+
+class _FrozenBatchNorm(nn.Module):
+    r"""BatchNorm with statistics and affine fixed forever.
+
+    .. math:: y = (x - \mu_{\text{run}})\,\frac{\gamma}{\sqrt{\sigma^2_{\text{run}} + \epsilon}}
+              + \beta
+
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are *buffers*, not
+    parameters: no optimizer updates them and ``.train()`` changes nothing, so a
+    frozen layer cannot silently un-freeze. A BatchNorm state_dict loads as is
+    (``num_batches_tracked`` is ignored). Freshly built it is the exact identity
+    (``running_var`` starts at the value that makes ``γ/sqrt(var + eps) == 1``).
+
+    Args:
+        num_features: C.
+        eps: added to the variance, > 0.
+    """
+
+    _ranks: tuple[int, ...] = ()
+    _layout: str = ""
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if int(num_features) <= 0:
+            raise ValueError(f"{name}: num_features must be >= 1, got {num_features}.")
+        check_eps(name, eps)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Back to the exact identity map."""
+        self.weight.fill_(1)
+        self.bias.zero_()
+        self.running_mean.zero_()
+        self.running_var.copy_(_identity_var(self.eps, self.running_var))
+
+    def forward(self, input: Tensor) -> Tensor:
+        name = type(self).__name__
+        check_floating(name, input)
+        check_rank(name, input, self._ranks, self._layout)
+        check_channels(name, input, self.num_features)
+        return NF.frozen_batch_norm(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.eps
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _identity_var(eps: float, like: Tensor) -> Tensor:
+    """The running_var for which ``rsqrt(var + eps) == 1`` exactly, in ``like``'s dtype.
+
+    Exact for fp32 and fp64 buffers (statistics are applied in that precision);
+    for half buffers the nearest representable value.
+    """
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    v = one - eps
+    for _ in range(64):  # a few ulp steps at most
+        s = torch.rsqrt(v + eps)
+        if bool(s == one):
+            break
+        v = torch.nextafter(v, v + 1 if bool(s > one) else v - 1)
+    return v.expand_as(like)
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    __doc__ = _FrozenBatchNorm.__doc__
+    _ranks = (2, 3)
+    _layout = "(N, C) or (N, C, L)"
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    __doc__ = _FrozenBatchNorm.__doc__
+    _ranks = (4,)
+    _layout = "(N, C, H, W)"
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    __doc__ = _FrozenBatchNorm.__doc__
+    _ranks = (5,)
+    _layout = "(N, C, D, H, W)"

@@ -1,0 +1,77 @@
+"""GroupNorm (torch's argument order)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as NF
+from ..functional._checks import check_channels, check_eps, check_groups, check_rank
+
+__all__ = ["GroupNorm"]
+
+
+class GroupNorm(nn.Module):
+    r"""Group normalization (Wu & He, ECCV 2018).
+
+    .. math:: y_{n,c} = \frac{x_{n,c} - \mu_{n,g(c)}}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}}
+              \gamma_c + \beta_c
+
+    Statistics over (C/G, \*spatial) for each sample and group of C/G channels,
+    biased variance. Independent of the batch size: the same in train and eval,
+    exact at batch 1. ``num_groups=1`` is LayerNorm over (C, \*spatial);
+    ``num_groups=C`` is InstanceNorm. The paper's default is G = 32.
+
+    Args:
+        num_groups: G, must divide ``num_channels``.
+        num_channels: C.
+        eps: added to the variance, > 0.
+        affine: learn per-channel γ (``weight``) and β (``bias``).
+
+    Shape: (N, C) or (N, C, \*spatial) with up to 3 spatial dims; any memory format.
+
+    Example::
+
+        >>> gn = normlab.nn.GroupNorm(32, 64)
+        >>> y = gn(torch.randn(2, 64, 28, 28))
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        check_groups("GroupNorm", num_channels, num_groups)
+        check_eps("GroupNorm", eps)
+        factory = {"device": device, "dtype": dtype}
+        self.num_groups = int(num_groups)
+        self.num_channels = int(num_channels)
+        self.eps = float(eps)
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        check_rank("GroupNorm", input, (2, 3, 4, 5), "(N, C, *spatial)")
+        check_channels("GroupNorm", input, self.num_channels)
+        return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
