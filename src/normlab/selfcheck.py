@@ -1,0 +1,256 @@
+"""The layer catalogue, and a self-check of every layer against its float64 reference.
+
+Each :class:`LayerCase` says how to build a layer, what input it takes and how
+the NumPy reference (:mod:`normlab.reference`) computes its output and
+gradients from the layer's own parameters and buffers. :func:`run_checks`
+builds every case in float64 with randomized parameters, runs forward and
+backward on fresh off-center data, and returns one :class:`CheckResult` per case.
+The test suite drives its reference and gradcheck tests from the same table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import nn as nnl
+from . import reference as R
+
+__all__ = ["LayerCase", "CheckResult", "CATALOGUE", "run_checks", "check_case", "randomize"]
+
+Backward = Callable[[np.ndarray], dict]
+Reference = Callable[[np.ndarray, nn.Module], tuple[np.ndarray, Backward]]
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One layer in one mode: how to build it, its input shape, its reference."""
+
+    name: str
+    family: str
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    reference: Reference
+    training: bool = True
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    family: str
+    max_abs_err_y: float
+    max_abs_err_grads: float
+    seconds: float
+    ok: bool
+
+
+def _a(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().to(torch.float64).cpu().numpy()
+
+
+def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random affine parameters and running statistics, so that none is a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(0.5 + torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+            if name.endswith("bias"):
+                p.sub_(1.0)
+        for name, b in module.named_buffers():
+            if not torch.is_floating_point(b):
+                continue
+            if name.endswith("running_mean"):
+                b.copy_(3.0 + torch.randn(b.shape, generator=g, dtype=torch.float64).to(b.dtype))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + 4 * torch.rand(b.shape, generator=g, dtype=torch.float64).to(b.dtype))
+            elif name in ("weight", "bias"):  # FrozenBN keeps its affine in buffers
+                b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=torch.float64).to(b.dtype))
+    return module
+
+
+def _bn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    y, cache = R.batch_norm_forward(
+        x,
+        _a(m.weight),
+        _a(m.bias),
+        running_mean=_a(m.running_mean),
+        running_var=_a(m.running_var),
+        training=m.training or m.running_mean is None,
+        eps=m.eps,
+    )
+    return y, lambda dy: R.batch_norm_backward(dy, cache)
+
+
+def _frozen_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    y, cache = R.frozen_batch_norm_forward(
+        x, _a(m.weight), _a(m.bias), _a(m.running_mean), _a(m.running_var), m.eps
+    )
+    return y, lambda dy: R.frozen_batch_norm_backward(dy, cache)
+
+
+def _gn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    y, cache = R.group_norm_forward(x, m.num_groups, _a(m.weight), _a(m.bias), m.eps)
+    return y, lambda dy: R.group_norm_backward(dy, cache)
+
+
+def _ln_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    y, cache = R.layer_norm_forward(x, m.normalized_shape, _a(m.weight), _a(m.bias), m.eps)
+    return y, lambda dy: R.layer_norm_backward(dy, cache)
+
+
+def _ln2d_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    y, cache = R.layer_norm2d_forward(x, _a(m.weight), _a(m.bias), m.eps)
+    return y, lambda dy: R.layer_norm2d_backward(dy, cache)
+
+
+def _in_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    use_input = m.training or not m.track_running_stats
+    y, cache = R.instance_norm_forward(
+        x,
+        _a(m.weight),
+        _a(m.bias),
+        running_mean=_a(m.running_mean),
+        running_var=_a(m.running_var),
+        use_input_stats=use_input,
+        eps=m.eps,
+    )
+    return y, lambda dy: R.instance_norm_backward(dy, cache)
+
+
+def _lrn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    y, cache = R.local_response_norm_forward(x, m.size, m.alpha, m.beta, m.k)
+    return y, lambda dy: R.local_response_norm_backward(dy, cache)
+
+
+def _cases() -> list[LayerCase]:
+    c: list[LayerCase] = []
+    for rank_name, cls, frozen, shape in (
+        ("1d", nnl.BatchNorm1d, nnl.FrozenBatchNorm1d, (6, 5, 7)),
+        ("2d", nnl.BatchNorm2d, nnl.FrozenBatchNorm2d, (3, 5, 4, 3)),
+        ("3d", nnl.BatchNorm3d, nnl.FrozenBatchNorm3d, (2, 3, 3, 2, 3)),
+    ):
+        c.append(
+            LayerCase(
+                f"BatchNorm{rank_name} train", "bn", lambda k=cls, s=shape: k(s[1]), shape, _bn_ref
+            )
+        )
+        c.append(
+            LayerCase(
+                f"BatchNorm{rank_name} eval",
+                "bn",
+                lambda k=cls, s=shape: k(s[1]),
+                shape,
+                _bn_ref,
+                training=False,
+            )
+        )
+        c.append(
+            LayerCase(
+                f"FrozenBatchNorm{rank_name}",
+                "frozen_bn",
+                lambda k=frozen, s=shape: k(s[1]),
+                shape,
+                _frozen_ref,
+            )
+        )
+    c += [
+        LayerCase("BatchNorm1d (N, C)", "bn", lambda: nnl.BatchNorm1d(5), (7, 5), _bn_ref),
+        LayerCase(
+            "BatchNorm2d no-affine no-tracking eval",
+            "bn",
+            lambda: nnl.BatchNorm2d(5, affine=False, track_running_stats=False),
+            (3, 5, 4, 3),
+            _bn_ref,
+            training=False,
+        ),
+        LayerCase("GroupNorm G=3", "gn", lambda: nnl.GroupNorm(3, 6), (2, 6, 5, 3), _gn_ref),
+        LayerCase("GroupNorm G=1 (N, C)", "gn", lambda: nnl.GroupNorm(1, 6), (3, 6), _gn_ref),
+        LayerCase("GroupNorm G=C 3d", "gn", lambda: nnl.GroupNorm(4, 4), (2, 4, 3, 2, 2), _gn_ref),
+        LayerCase(
+            "LayerNorm [C,H,W]", "ln", lambda: nnl.LayerNorm([5, 4, 3]), (3, 5, 4, 3), _ln_ref
+        ),
+        LayerCase("LayerNorm [D]", "ln", lambda: nnl.LayerNorm(7), (2, 3, 7), _ln_ref),
+        LayerCase("LayerNorm2d", "ln", lambda: nnl.LayerNorm2d(5), (2, 5, 4, 3), _ln2d_ref),
+        LayerCase(
+            "InstanceNorm2d affine",
+            "in",
+            lambda: nnl.InstanceNorm2d(5, affine=True),
+            (3, 5, 4, 3),
+            _in_ref,
+        ),
+        LayerCase(
+            "InstanceNorm1d tracked eval",
+            "in",
+            lambda: nnl.InstanceNorm1d(5, affine=True, track_running_stats=True),
+            (3, 5, 6),
+            _in_ref,
+            training=False,
+        ),
+        LayerCase("InstanceNorm3d", "in", lambda: nnl.InstanceNorm3d(3), (2, 3, 3, 2, 3), _in_ref),
+        LayerCase(
+            "LocalResponseNorm size=3",
+            "lrn",
+            lambda: nnl.LocalResponseNorm(3, alpha=0.3, beta=0.75, k=2.0),
+            (2, 6, 4, 3),
+            _lrn_ref,
+        ),
+        LayerCase(
+            "LocalResponseNorm size=4 1d",
+            "lrn",
+            lambda: nnl.LocalResponseNorm(4, alpha=0.2, beta=0.6, k=1.5),
+            (2, 5, 7),
+            _lrn_ref,
+        ),
+    ]
+    return c
+
+
+CATALOGUE: list[LayerCase] = _cases()
+
+
+def prepare(case: LayerCase, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """The case's module in float64 with random state, and an off-center input."""
+    module = randomize(case.build().to(torch.float64), seed)
+    module.train(case.training)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = 3.0 + 2.0 * torch.randn(case.shape, generator=g, dtype=torch.float64)
+    return module, x
+
+
+def check_case(case: LayerCase, seed: int = 0, tol: float = 1e-9) -> CheckResult:
+    """Forward and backward of one case against the float64 reference."""
+    t0 = time.perf_counter()
+    module, x = prepare(case, seed)
+    y_ref, backward = case.reference(x.numpy().copy(), module)
+    x.requires_grad_(True)
+    y = module(x)
+    g = torch.Generator().manual_seed(seed + 2)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(dy)
+    grads = backward(dy.numpy())
+    err_y = float(np.max(np.abs(y.detach().numpy() - y_ref)))
+    err_g = 0.0
+    for key, ref in grads.items():
+        if ref is None:
+            continue
+        target = x if key == "dx" else getattr(module, key[1:])
+        got = target.grad
+        if got is None:
+            err_g = float("inf")
+            continue
+        err_g = max(err_g, float(np.max(np.abs(got.numpy() - ref))))
+    scale = max(1.0, float(np.max(np.abs(y_ref))))
+    ok = err_y <= tol * scale and err_g <= tol * max(1.0, scale)
+    return CheckResult(case.name, case.family, err_y, err_g, time.perf_counter() - t0, ok)
+
+
+def run_checks(
+    cases: list[LayerCase] | None = None, seed: int = 0, tol: float = 1e-9
+) -> list[CheckResult]:
+    """Check every catalogue case (or the given ones); returns one record per case."""
+    return [check_case(case, seed, tol) for case in (CATALOGUE if cases is None else cases)]
