@@ -40,6 +40,12 @@ def _instance_norm(num_features: int, **kwargs: Any) -> nn.Module:
     return nnl.InstanceNorm2d(num_features, **kwargs)
 
 
+def _evonorm_s0(num_features: int, groups: int | None = None, **kwargs: Any) -> nn.Module:
+    """EvoNormS0_2d with ``num_features`` channels; groups default to :func:`auto_groups`."""
+    groups = auto_groups(num_features) if groups is None else groups
+    return nnl.EvoNormS0_2d(num_features, groups, **kwargs)
+
+
 NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "bn": nnl.BatchNorm2d,
     "bn1d": nnl.BatchNorm1d,
@@ -48,6 +54,12 @@ NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "gn": group_norm,
     "ln": _layer_norm,
     "in": _instance_norm,
+    "frn": nnl.FilterResponseNorm2d,
+    "brn": nnl.BatchRenorm2d,
+    "evonorm_b0": nnl.EvoNormB0_2d,
+    "evonorm_s0": _evonorm_s0,
+    "sn": nnl.SwitchableNorm2d,
+    "mabn": nnl.MovingAverageBatchNorm2d,
 }
 
 

@@ -1,12 +1,25 @@
 """Pure normalization ops: validate, compute, return. No state, no triton import."""
 
 from .batch_norm import batch_norm, frozen_batch_norm
+from .batch_renorm import batch_renorm, batch_renorm_limits
+from .evonorm import evonorm_b0, evonorm_s0
+from .filter_response_norm import filter_response_norm, frn_tlu, tlu
 from .group_norm import group_norm
 from .instance_norm import instance_norm
 from .layer_norm import layer_norm, layer_norm2d
 from .local_response_norm import local_response_norm
+from .moving_average_batch_norm import moving_average_batch_norm
+from .switchable_norm import switchable_norm
+from .weight_standardization import centered_weight, standardized_weight
 
 __all__ = [
+    "batch_renorm",
+    "batch_renorm_limits",
+    "evonorm_b0",
+    "evonorm_s0",
+    "filter_response_norm",
+    "frn_tlu",
+    "tlu",
     "batch_norm",
     "frozen_batch_norm",
     "group_norm",
@@ -14,4 +27,8 @@ __all__ = [
     "layer_norm",
     "layer_norm2d",
     "local_response_norm",
+    "moving_average_batch_norm",
+    "switchable_norm",
+    "centered_weight",
+    "standardized_weight",
 ]

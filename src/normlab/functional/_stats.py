@@ -37,6 +37,7 @@ __all__ = [
     "reduced_count",
     "rstd",
     "mix_group_moments",
+    "mean_square",
 ]
 
 
@@ -168,3 +169,15 @@ def window_mean(x: Tensor, dim: int, size: int) -> Tensor:
     pad = [0, 0] * (x.dim() - 1 - dim) + [size // 2, (size - 1) // 2]
     padded = torch.nn.functional.pad(acc, pad)
     return padded.unfold(dim, size, 1).mean(dim=-1)
+
+
+def mean_square(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """Mean of ``x²`` over ``dims`` (kept as size-1 dims), in the accumulation dtype.
+
+    For statistics that are *defined* as a second moment about zero, such as
+    Filter Response Norm's ``ν²``: there is no mean subtracted, so no
+    cancellation to guard against; only the accumulation dtype matters (fp32
+    for half input).
+    """
+    xa = x.to(acc_dtype(x.dtype))
+    return (xa * xa).mean(dim=_norm_dims(x, dims), keepdim=True)

@@ -52,6 +52,9 @@ class _BatchNorm(_NormBase):
         >>> y = bn(torch.randn(4, 16, 8, 8))
     """
 
+    # normlab.recalibrate protocol: running stats are the batch mean / variance.
+    _recalibrate_kind = "batch_mean_var"
+
     def __init__(
         self,
         num_features: int,

@@ -34,6 +34,8 @@ class _InstanceNorm(_NormBase):
     """
 
     _spatial: int = 1
+    # normlab.recalibrate protocol: running stats average per-instance statistics.
+    _recalibrate_kind = "instance_mean_var"
 
     def __init__(
         self,

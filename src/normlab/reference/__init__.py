@@ -13,6 +13,23 @@ from .batch_norm import (
     frozen_batch_norm_backward,
     frozen_batch_norm_forward,
 )
+from .batch_renorm import (
+    batch_renorm_backward,
+    batch_renorm_forward,
+    batch_renorm_update_running,
+)
+from .evonorm import (
+    evonorm_b0_backward,
+    evonorm_b0_forward,
+    evonorm_s0_backward,
+    evonorm_s0_forward,
+)
+from .filter_response_norm import (
+    filter_response_norm_backward,
+    filter_response_norm_forward,
+    tlu_backward,
+    tlu_forward,
+)
 from .group_norm import group_norm_backward, group_norm_forward
 from .instance_norm import (
     instance_norm_backward,
@@ -26,8 +43,30 @@ from .layer_norm import (
     layer_norm_forward,
 )
 from .local_response_norm import local_response_norm_backward, local_response_norm_forward
+from .moving_average_batch_norm import (
+    moving_average_batch_norm_backward,
+    moving_average_batch_norm_forward,
+)
+from .switchable_norm import switchable_norm_backward, switchable_norm_forward
+from .weight_standardization import (
+    centered_weight_backward,
+    centered_weight_forward,
+    standardized_weight_backward,
+    standardized_weight_forward,
+)
 
 __all__ = [
+    "batch_renorm_backward",
+    "batch_renorm_forward",
+    "batch_renorm_update_running",
+    "evonorm_b0_backward",
+    "evonorm_b0_forward",
+    "evonorm_s0_backward",
+    "evonorm_s0_forward",
+    "filter_response_norm_backward",
+    "filter_response_norm_forward",
+    "tlu_backward",
+    "tlu_forward",
     "batch_norm_backward",
     "batch_norm_forward",
     "batch_norm_update_running",
@@ -44,4 +83,12 @@ __all__ = [
     "layer_norm_forward",
     "local_response_norm_backward",
     "local_response_norm_forward",
+    "moving_average_batch_norm_backward",
+    "moving_average_batch_norm_forward",
+    "centered_weight_backward",
+    "centered_weight_forward",
+    "standardized_weight_backward",
+    "standardized_weight_forward",
+    "switchable_norm_backward",
+    "switchable_norm_forward",
 ]

@@ -1,0 +1,185 @@
+"""Batch Renormalization (Ioffe, NeurIPS 2017)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_batch_count, check_eps, check_floating, check_param, resolve_backend
+from ._normalize import affine_normalize, channel_shape
+from ._stats import acc_dtype, centered, centered_moments, pivot, reduced_count
+from .batch_norm import update_running_stats
+
+__all__ = ["batch_renorm", "batch_renorm_limits"]
+
+
+def _check_limit(layer: str, name: str, value: float | Tensor, low: float) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{layer}: {name} must be a float or a 0-d tensor, got shape {tuple(value.shape)}."
+            )
+        if value.device.type != "cpu":  # no host sync for a device tensor
+            return
+        value = float(value)
+    if not value >= low:
+        raise ValueError(
+            f"{layer}: {name} must be >= {low}, got {value}. r is clipped to "
+            "[1/r_max, r_max] and d to [-d_max, d_max]; r_max=1, d_max=0 is plain BatchNorm."
+        )
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    r_max: float | Tensor = 3.0,
+    d_max: float | Tensor = 5.0,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Batch Renormalization: batch statistics corrected towards the running ones.
+
+    Training, per channel over (N, \*spatial):
+
+    .. math::
+        \sigma_B = \sqrt{\sigma^2_B + \epsilon},\quad \sigma = \sqrt{\sigma^2_{\text{run}}
+        + \epsilon},\quad
+        r = \operatorname{clip}_{[1/r_{max},\,r_{max}]}\!\Big(\frac{\sigma_B}{\sigma}\Big),\quad
+        d = \operatorname{clip}_{[-d_{max},\,d_{max}]}\!\Big(\frac{\mu_B - \mu_{\text{run}}}
+        {\sigma}\Big)
+
+        y = \gamma\Big(\frac{x - \mu_B}{\sigma_B}\, r + d\Big) + \beta
+
+    ``r`` and ``d`` are treated as constants in the backward pass (stopped
+    gradient); the gradient through ``μ_B`` and ``σ_B`` is BatchNorm's. After the
+    output is computed the running statistics are updated in place with torch's
+    convention (``momentum`` is the weight of the new value, unbiased batch
+    variance), so r and d of this step use the statistics *before* the update.
+    ``training=False`` normalizes with the running statistics, as BatchNorm.
+    With ``r_max=1, d_max=0`` this is exactly BatchNorm.
+
+    Args:
+        input: (N, C) or (N, C, \*spatial), floating point.
+        running_mean, running_var: (C,) buffers (required: r and d need them).
+        weight, bias: (C,) or None.
+        training: batch statistics with renormalization (and update the running ones).
+        momentum: weight of the new batch statistic in the running average.
+        eps: added to both variances inside the square root, > 0.
+        r_max: >= 1, float or 0-d tensor (e.g. from :func:`batch_renorm_limits`).
+        d_max: >= 0, float or 0-d tensor.
+        backend: "auto" | "torch" | "triton".
+
+    Returns:
+        Tensor of the input's shape and dtype.
+    """
+    layer = "batch_renorm"
+    check_floating(layer, input)
+    check_eps(layer, eps)
+    if input.dim() < 2:
+        raise ValueError(
+            f"{layer}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
+            f"{tuple(input.shape)}."
+        )
+    resolve_backend(layer, backend, input)
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{layer}: running_mean and running_var are required (r and d compare the batch "
+            "statistics with them); for batch statistics alone use batch_norm."
+        )
+    c = input.shape[1]
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        check_param(layer, name, p, (c,))
+    if not training:
+        return affine_normalize(input, running_mean, running_var, weight, bias, eps)
+    _check_limit(layer, "r_max", r_max, 1.0)
+    _check_limit(layer, "d_max", d_max, 0.0)
+
+    dims = (0, *range(2, input.dim()))
+    check_batch_count(layer, input, reduced_count(input, dims))
+    acc = acc_dtype(input.dtype)
+    shape = channel_shape(input)
+    shift = pivot(input, dims).to(acc)
+    xc = centered(input, shift)
+    # zero shift: m.mean is the mean of the shifted data, kept exact (adding the
+    # pivot back in fp32 would round it to the ulp of the raw values)
+    m = centered_moments(xc, dims, torch.zeros_like(shift))
+    mean_c = m.mean  # μ_B − pivot, carries BatchNorm's gradient
+    sigma_b = torch.sqrt(m.var + eps)  # (1, C, 1, ...), carries BatchNorm's gradient
+    with torch.no_grad():
+        rm = running_mean.to(acc).reshape(shape)
+        rv = running_var.to(acc).reshape(shape)
+        sigma = torch.sqrt(rv.clamp_min(0) + eps)
+        r_hi = r_max.to(acc) if isinstance(r_max, Tensor) else torch.tensor(r_max, dtype=acc)
+        d_hi = d_max.to(acc) if isinstance(d_max, Tensor) else torch.tensor(d_max, dtype=acc)
+        r_hi, d_hi = r_hi.to(input.device).reshape(()), d_hi.to(input.device).reshape(())
+        r = torch.clamp(sigma_b.detach() / sigma, min=1.0 / r_hi, max=r_hi)
+        # μ_B − μ as (mean of the shifted data) + (shift − μ): both terms are small
+        # differences of nearby values, exact where the raw means would cancel.
+        d = torch.clamp((mean_c.detach() + (shift - rm)) / sigma, min=-d_hi, max=d_hi)
+    scale = r / sigma_b
+    offset = d
+    if weight is not None:
+        w = weight.to(acc).reshape(shape)
+        scale = scale * w
+        offset = offset * w
+    if bias is not None:
+        offset = offset + bias.to(acc).reshape(shape)
+    y = (xc - mean_c) * scale + offset
+    n = m.count
+    batch_var = m.var * (n / (n - 1))
+    update_running_stats(running_mean, running_var, mean_c + shift, batch_var, momentum)
+    return y.to(input.dtype)
+
+
+def batch_renorm_limits(
+    step: int | Tensor,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup_iters: int = 5000,
+    r_max_rampup_iters: int = 35000,
+    d_max_rampup_iters: int = 20000,
+) -> tuple[Tensor, Tensor]:
+    r"""The ``(r_max, d_max)`` schedule of Batch Renormalization at training step ``step``.
+
+    Steps ``0 … warmup_iters − 1`` use ``r_max = 1, d_max = 0`` (plain BatchNorm);
+    then each limit moves linearly to its final value over its ramp-up:
+
+    .. math:: r_{max}(t) = 1 + (r_{max} - 1)\,\operatorname{clip}_{[0,1]}
+              \Big(\frac{t - t_{warm}}{T_r}\Big), \qquad
+              d_{max}(t) = d_{max}\,\operatorname{clip}_{[0,1]}
+              \Big(\frac{t - t_{warm}}{T_d}\Big)
+
+    A ramp of 0 iterations jumps to the final value right after the warm-up. The
+    defaults are the paper's ImageNet schedule: BatchNorm for 5k steps, r_max
+    reaching 3 at step 40k and d_max reaching 5 at step 25k.
+
+    Args:
+        step: 0-based index of the training batch; an int or an integer tensor
+            (e.g. ``num_batches_tracked``, computed on its device with no host sync).
+
+    Returns:
+        Two 0-d float64 tensors on ``step``'s device.
+    """
+    device = step.device if isinstance(step, Tensor) else None
+    # float64 scalars: the final limits are exact, whatever the input's dtype.
+    t = torch.as_tensor(step, device=device).to(torch.float64)
+
+    def progress(ramp: int) -> Tensor:
+        if ramp <= 0:
+            return (t >= warmup_iters).to(torch.float64)
+        return ((t - warmup_iters) / ramp).clamp(0.0, 1.0)
+
+    r = 1.0 + (r_max - 1.0) * progress(r_max_rampup_iters)
+    d = d_max * progress(d_max_rampup_iters)
+    return r.reshape(()), d.reshape(())

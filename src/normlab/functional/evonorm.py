@@ -1,0 +1,169 @@
+"""EvoNorm-B0 and EvoNorm-S0 (Liu et al., NeurIPS 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import (
+    check_batch_count,
+    check_eps,
+    check_floating,
+    check_groups,
+    check_param,
+    resolve_backend,
+)
+from ._normalize import channel_shape
+from ._stats import (
+    acc_dtype,
+    centered,
+    centered_moments,
+    mix_group_moments,
+    moments,
+    reduced_count,
+)
+from .batch_norm import update_running_stats
+from .group_norm import group_pivot
+
+__all__ = ["evonorm_b0", "evonorm_s0"]
+
+
+def _check_input(layer: str, x: Tensor, eps: float, backend: str) -> None:
+    check_floating(layer, x)
+    check_eps(layer, eps)
+    if x.dim() < 3:
+        raise ValueError(
+            f"{layer}: expected an (N, C, *spatial) input with at least one spatial dim, got "
+            f"shape {tuple(x.shape)}."
+        )
+    resolve_backend(layer, backend, x)
+
+
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    return y
+
+
+def evonorm_b0(
+    input: Tensor,
+    running_var: Tensor | None,
+    v: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""EvoNorm-B0: a batch-dependent norm-activation layer.
+
+    .. math:: y = \frac{x}{\max\!\big(\sqrt{\sigma^2_{B,c} + \epsilon},\;
+              v_c x + \sqrt{\sigma^2_{I,n,c} + \epsilon}\big)}\,\gamma_c + \beta_c
+
+    ``σ²_B`` is the biased variance over (N, \*spatial) per channel (training), or
+    ``running_var`` (eval); ``σ²_I`` the biased variance over \*spatial per
+    (sample, channel), always from the input. No mean is subtracted from ``x``.
+    In training, where ``running_var`` is given it is updated in place with
+    torch's convention (unbiased batch variance, ``momentum`` the weight of the
+    new value). The gradient of the max goes to the larger side (ties: the batch
+    side).
+
+    Args:
+        input: (N, C, \*spatial), at least one spatial dim.
+        running_var: (C,) or None (required when ``training=False``).
+        v: (C,) the learned coefficient of ``x`` in the instance branch.
+        weight, bias: (C,) or None.
+        training: batch variance (and update ``running_var``) or running variance.
+        momentum: weight of the new batch variance in the running average.
+        eps: > 0, added to both variances.
+    """
+    layer = "evonorm_b0"
+    _check_input(layer, input, eps, backend)
+    c = input.shape[1]
+    for name, p in (("v", v), ("weight", weight), ("bias", bias), ("running_var", running_var)):
+        check_param(layer, name, p, (c,))
+    if v is None:
+        raise ValueError(f"{layer}: v (shape ({c},)) is required.")
+    acc = acc_dtype(input.dtype)
+    shape = channel_shape(input)
+    spatial = tuple(range(2, input.dim()))
+    if training:
+        dims = (0, *spatial)
+        check_batch_count(layer, input, reduced_count(input, dims))
+        mb = moments(input, dims)
+        batch_var = mb.var
+        if running_var is not None:
+            n = mb.count
+            update_running_stats(None, running_var, mb.mean, mb.var * (n / (n - 1)), momentum)
+    else:
+        if running_var is None:
+            raise ValueError(
+                f"{layer}: training=False needs running_var; pass training=True to use the "
+                "batch variance."
+            )
+        batch_var = running_var.to(acc).reshape(shape)
+    instance_var = moments(input, spatial).var
+    xa = input.to(acc)
+    batch_std = torch.sqrt(batch_var.clamp_min(0) + eps)
+    inst = v.to(acc).reshape(shape) * xa + torch.sqrt(instance_var + eps)
+    den = torch.where(inst > batch_std, inst, batch_std)
+    return _affine(xa / den, weight, bias, shape).to(input.dtype)
+
+
+def evonorm_s0(
+    input: Tensor,
+    num_groups: int,
+    v: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""EvoNorm-S0: a batch-independent norm-activation layer (a swish over a group std).
+
+    .. math:: y = \frac{x\,\operatorname{sigmoid}(v_c x)}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}}
+              \,\gamma_c + \beta_c
+
+    ``σ²`` is the biased variance over (C/G, \*spatial) per (sample, group), as
+    in GroupNorm; it is assembled exactly from per-(sample, channel) moments
+    (law of total variance), so it is stable on off-center data and any memory
+    format. No mean is subtracted from ``x``. Same in train and eval.
+
+    Args:
+        input: (N, C, \*spatial), at least one spatial dim.
+        num_groups: G, must divide C.
+        v: (C,) the swish coefficient.
+        weight, bias: (C,) or None.
+        eps: > 0, added to the group variance.
+    """
+    layer = "evonorm_s0"
+    _check_input(layer, input, eps, backend)
+    n, c = input.shape[:2]
+    check_groups(layer, c, num_groups)
+    for name, p in (("v", v), ("weight", weight), ("bias", bias)):
+        check_param(layer, name, p, (c,))
+    if v is None:
+        raise ValueError(f"{layer}: v (shape ({c},)) is required.")
+    acc = acc_dtype(input.dtype)
+    shape = channel_shape(input)
+    # Per-(n, c) moments around one shared pivot per (n, group): the shifted means
+    # (m.mean − m.shift) then mix without the cancellation of raw means on
+    # off-center data.
+    shift = group_pivot(input, num_groups).to(acc)
+    xc = centered(input, shift)
+    # zero shift: ``mean`` stays the mean of the shifted data (adding the pivot back
+    # in fp32 would round it to the ulp of the raw values)
+    m = centered_moments(xc, tuple(range(2, input.dim())), torch.zeros_like(shift))
+    mean = m.mean.reshape(n, num_groups, c // num_groups)
+    var = m.var.reshape(n, num_groups, c // num_groups)
+    _, group_var = mix_group_moments(mean, var, (2,))  # (N, G, 1)
+    rstd = torch.rsqrt(group_var + eps).repeat_interleave(c // num_groups, dim=1)
+    rstd = rstd.reshape(n, c, *([1] * (input.dim() - 2)))
+    xa = input.to(acc)
+    y = xa * torch.sigmoid(v.to(acc).reshape(shape) * xa) * rstd
+    return _affine(y, weight, bias, shape).to(input.dtype)

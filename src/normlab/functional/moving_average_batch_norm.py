@@ -1,0 +1,320 @@
+r"""Moving Average Batch Normalization (Yan et al., ICLR 2020), pure functional form.
+
+"Towards Stabilizing Batch Statistics in Backward Propagation of Batch
+Normalization" observes that BN's backward pass depends on two more batch
+statistics than its forward pass, ``E[g]`` and ``E[g·x̂]``, and that their noise
+at small batch sizes hurts as much as the noise of the forward statistics.
+MABN removes the mean statistics altogether (the mean is taken out of the
+*weights* of the preceding convolution, :class:`normlab.nn.CenteredConv2d`) and
+replaces the two that remain with moving averages over the last ``m`` steps.
+
+Our reading of the paper's Algorithm 1 and of the authors' release, per channel,
+at training step ``t`` (``t`` = steps taken before this one):
+
+Forward::
+
+    χ_B   = E[x²]                     over (N, *S) of this batch, no mean subtracted
+    χ_SMA = mean of χ_B over the last m steps (this one included; fewer while
+            the window fills: only written slots count)
+    χ     = χ_B during warm-up (t < warmup_iters), else χ_SMA
+    x̂     = x / sqrt(χ + ε)
+    r     = 1 during warm-up, else clip(sqrt(χ + ε) / sqrt(χ_EMA + ε), 1/r_clip, r_clip)
+    y     = γ·r·x̂ + β
+    χ_EMA ← (1 − momentum)·χ_EMA + momentum·χ          (``running_var``, after r)
+
+``r`` is batch renormalization's ratio: unclipped, ``r·x̂ = x / sqrt(χ_EMA + ε)``,
+so training normalizes like inference does, and the clip bounds the step
+between the two. ``r`` and ``χ`` carry no gradient.
+
+Backward (not the exact gradient of the forward: that is the point)::
+
+    g   = γ·r·∂L/∂y                                    (∂L/∂x̂)
+    ψ_B = E[g·x̂]                                       over (N, *S), this batch
+    ψ   = ψ_B during warm-up, else ψ_SMA (this batch's ψ_B included)
+    ∂L/∂x = (g − x̂·ψ) / sqrt(χ + ε)
+    ∂L/∂γ = Σ ∂L/∂y·r·x̂,   ∂L/∂β = Σ ∂L/∂y
+
+Warm-up: the authors' code uses the current batch's statistics and r = 1 for
+the first iterations (weights move fast, so old statistics are stale); here one
+constructor knob, ``warmup_iters``, governs both (the release hard-codes the r
+warm-up to 1000 iterations). During warm-up MABN is exactly "mean-free BN":
+``x / sqrt(E[x²] + ε)`` with its true batch gradient. The windows keep filling
+during warm-up, so the moving averages are ready when it ends.
+
+Unlike the release: any batch size ≥ 1 (χ is a second moment, so a single value
+per channel is a valid statistic; no even-batch or buffer-size coupling), no
+host synchronisation (no ``.item()``: step-dependent choices are
+``torch.where`` on tensors), and every piece of state is a tensor passed in and
+updated in place, so a checkpointed module resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._checks import check_eps, check_floating, check_param, resolve_backend
+from ._normalize import channel_shape
+from ._stats import acc_dtype, mean_square, reduced_count, rstd
+
+__all__ = ["moving_average_batch_norm", "check_mabn_options"]
+
+_LAYER = "moving_average_batch_norm"
+
+
+def check_mabn_options(
+    layer: str,
+    window: int,
+    warmup_iters: int,
+    r_clip: float,
+    momentum: float | None,
+) -> None:
+    """Validate MABN's hyper-parameters with messages that say how to fix them."""
+    if int(window) < 1:
+        raise ValueError(
+            f"{layer}: window must be >= 1 (the number of recent steps in the moving "
+            f"averages), got {window}. window=1 uses the current batch only; the paper "
+            "uses 16."
+        )
+    if int(warmup_iters) < 0:
+        raise ValueError(
+            f"{layer}: warmup_iters must be >= 0 (steps of plain mean-free BN before "
+            f"the moving averages and renormalization start), got {warmup_iters}."
+        )
+    if not r_clip >= 1.0:
+        raise ValueError(
+            f"{layer}: r_clip must be >= 1 (r is clipped to [1/r_clip, r_clip]), got "
+            f"{r_clip}. r_clip=1 turns renormalization off; the paper uses 5."
+        )
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"{layer}: momentum must be in [0, 1] (the weight of the new statistic in "
+            f"running_var) or None (cumulative average), got {momentum}."
+        )
+
+
+class _MABNFunction(torch.autograd.Function):
+    """``y = γ·r·x·s + β`` with MABN's moving-average backward.
+
+    Saves only ``x`` and per-channel vectors; ``x̂ = x·s`` is recomputed in
+    backward. The ψ window is a buffer handed over on ``ctx`` (not saved for
+    backward), written in backward at the slot of the forward's step.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,  # (N, C, *S)
+        weight: Tensor | None,  # (C,)
+        bias: Tensor | None,  # (C,)
+        s: Tensor,  # (C,) 1/sqrt(χ + ε), accumulation dtype
+        r: Tensor,  # (C,) renormalization ratio, accumulation dtype
+        psi_window: Tensor,  # (m, C)
+        psi_filled: Tensor,  # () long
+        slot: Tensor,  # (1,) long: this step's slot in the window
+        use_window: Tensor,  # () bool: past warm-up
+    ) -> Tensor:
+        acc = s.dtype
+        shape = channel_shape(x)
+        a = s * r if weight is None else s * r * weight.to(acc)
+        xa = x.to(acc)
+        if bias is None:
+            y = xa * a.reshape(shape)
+        else:
+            y = torch.addcmul(bias.to(acc).reshape(shape), xa, a.reshape(shape))
+        ctx.save_for_backward(x, weight, s, r)
+        ctx.has_bias = bias is not None
+        ctx.psi_window, ctx.psi_filled = psi_window, psi_filled
+        ctx.slot, ctx.use_window = slot, use_window
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, s, r = ctx.saved_tensors
+        acc = s.dtype
+        shape = channel_shape(x)
+        dims = (0, *range(2, x.dim()))
+        n = reduced_count(x, dims)
+        dya = dy.to(acc)
+        xa = x.to(acc)
+        gamma = torch.ones_like(s) if weight is None else weight.to(acc)
+        # Σ dy·x and Σ dy per channel are the only reductions over the input:
+        # ψ_B = E[g·x̂] = γ·r·s·E[dy·x], ∂L/∂γ = r·s·Σ dy·x.
+        sum_dy_x = (dya * xa).sum(dim=dims)
+        psi_b = gamma * r * s * sum_dy_x / n
+        with torch.no_grad():
+            window = ctx.psi_window
+            window.index_copy_(0, ctx.slot, psi_b.reshape(1, -1).to(window.dtype))
+            ctx.psi_filled.add_(1).clamp_(max=window.shape[0])
+            psi_sma = window.sum(dim=0).to(acc) / ctx.psi_filled.to(acc)
+        psi = torch.where(ctx.use_window, psi_sma, psi_b)
+        # ∂L/∂x = s·(g − x̂·ψ) = (γ·r·s)·dy − (s²·ψ)·x
+        dx = None
+        if ctx.needs_input_grad[0]:
+            a = (gamma * r * s).reshape(shape)
+            b = (s * s * psi).reshape(shape)
+            dx = (dya * a - xa * b).to(x.dtype)
+        dweight = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = (r * s * sum_dy_x).to(weight.dtype)
+        dbias = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dya.sum(dim=dims).to(dy.dtype)
+        return dx, dweight, dbias, None, None, None, None, None, None
+
+
+def _check_state(
+    c: int,
+    chi_window: Tensor | None,
+    psi_window: Tensor | None,
+    psi_filled: Tensor | None,
+    num_batches_tracked: Tensor | None,
+) -> int:
+    if (
+        chi_window is None
+        or psi_window is None
+        or psi_filled is None
+        or num_batches_tracked is None
+    ):
+        raise ValueError(
+            f"{_LAYER}: training=True needs the state tensors chi_window, psi_window, "
+            "psi_filled and num_batches_tracked (the moving-average windows and step "
+            "counters, updated in place); normlab.nn.MovingAverageBatchNorm2d holds them "
+            "for you. Pass training=False to normalize with running_var only."
+        )
+    if chi_window.dim() != 2 or chi_window.shape[1] != c or chi_window.shape[0] < 1:
+        raise ValueError(
+            f"{_LAYER}: chi_window must have shape (window, C) = (m, {c}) with m >= 1, "
+            f"got {tuple(chi_window.shape)}."
+        )
+    if psi_window.shape != chi_window.shape:
+        raise ValueError(
+            f"{_LAYER}: psi_window has shape {tuple(psi_window.shape)}, expected the "
+            f"shape of chi_window {tuple(chi_window.shape)}."
+        )
+    for name, t in (("psi_filled", psi_filled), ("num_batches_tracked", num_batches_tracked)):
+        if t.dim() != 0 or t.dtype != torch.long:
+            raise ValueError(
+                f"{_LAYER}: {name} must be a 0-d long tensor (a step counter), got shape "
+                f"{tuple(t.shape)} and dtype {t.dtype}."
+            )
+    return chi_window.shape[0]
+
+
+def moving_average_batch_norm(
+    input: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    chi_window: Tensor | None = None,
+    psi_window: Tensor | None = None,
+    psi_filled: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    warmup_iters: int = 100,
+    r_clip: float = 5.0,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Moving Average Batch Normalization over (N, \*spatial) per channel.
+
+    .. math:: y = \gamma\, r\, \frac{x}{\sqrt{\chi_{SMA} + \epsilon}} + \beta,
+              \qquad \chi = \mathrm{E}[x^2]
+
+    Training: normalizes by the simple moving average of the batch second
+    moment over the last ``m`` steps and back-propagates with the moving average
+    of ``ψ = E[g·x̂]`` (see the module docstring of
+    :mod:`normlab.functional.moving_average_batch_norm` for the full algorithm,
+    the warm-up and the renormalization ratio ``r``). Eval: ``x / sqrt(running_var
+    + ε)``, ``running_var`` being the EMA of ``χ``.
+
+    Pure: it holds no state. The state tensors are passed in and updated in
+    place, as :func:`torch.nn.functional.batch_norm` updates its running
+    statistics: in forward ``chi_window[t % m]``, ``running_var`` and
+    ``num_batches_tracked`` (``t``, incremented); in backward ``psi_window[t % m]``
+    and ``psi_filled``. Nothing synchronises with the host.
+
+    Any batch size works: ``N·prod(spatial) ≥ 1`` values per channel is enough,
+    since ``χ`` is a second moment, not a variance. The mean is *not*
+    subtracted: put a :class:`normlab.nn.CenteredConv2d` before this layer.
+
+    Args:
+        input: (N, C) or (N, C, \*spatial), floating point.
+        running_var: (C,) EMA of ``χ``; read in eval, updated in training.
+        weight, bias: (C,) or None.
+        training: use (and update) the moving averages.
+        momentum: weight of the new statistic in ``running_var``; None for the
+            cumulative average ``1/(t + 1)``.
+        eps: added to ``χ`` inside the square root, > 0.
+        chi_window, psi_window: (m, C) ring buffers of the last ``m`` batch
+            ``χ`` and ``ψ`` (``m`` = the window); required in training.
+        psi_filled: () long, how many ``psi_window`` slots hold a value.
+        num_batches_tracked: () long, training steps taken so far (``t``).
+        warmup_iters: steps of plain mean-free BN (batch ``χ``, ``ψ``, ``r = 1``).
+        r_clip: ``r`` is clipped to ``[1/r_clip, r_clip]`` after warm-up (>= 1).
+        backend: "auto" | "torch" | "triton".
+
+    Returns:
+        Tensor of the input's shape and dtype.
+    """
+    check_floating(_LAYER, input)
+    check_eps(_LAYER, eps)
+    if input.dim() < 2:
+        raise ValueError(
+            f"{_LAYER}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
+            f"{tuple(input.shape)}."
+        )
+    resolve_backend(_LAYER, backend, input)
+    c = input.shape[1]
+    for name, p in (("weight", weight), ("bias", bias), ("running_var", running_var)):
+        check_param(_LAYER, name, p, (c,))
+    dims = (0, *range(2, input.dim()))
+    if reduced_count(input, dims) < 1:
+        raise ValueError(
+            f"{_LAYER}: input of shape {tuple(input.shape)} has no values per channel; "
+            "MABN needs at least one (N >= 1 and every spatial size >= 1)."
+        )
+    acc = acc_dtype(input.dtype)
+    shape = channel_shape(input)
+    if not training:
+        scale = rstd(running_var.to(acc), eps)
+        if weight is not None:
+            scale = scale * weight.to(acc)
+        y = input.to(acc) * scale.reshape(shape)
+        if bias is not None:
+            y = y + bias.to(acc).reshape(shape)
+        return y.to(input.dtype)
+
+    m = _check_state(c, chi_window, psi_window, psi_filled, num_batches_tracked)
+    check_mabn_options(_LAYER, m, warmup_iters, r_clip, momentum)
+    assert chi_window is not None and psi_window is not None  # narrowed by _check_state
+    assert psi_filled is not None and num_batches_tracked is not None
+    with torch.no_grad():
+        t = num_batches_tracked
+        slot = torch.remainder(t, m).reshape(1)
+        chi_b = mean_square(input.detach(), dims).reshape(1, c)
+        chi_window.index_copy_(0, slot, chi_b.to(chi_window.dtype))
+        filled = torch.clamp(t + 1, max=m).to(acc)
+        chi_sma = chi_window.sum(dim=0).to(acc) / filled
+        in_warmup = t < warmup_iters
+        # The stored (buffer-dtype) value of this batch, so a reload sees the same χ.
+        chi_now = chi_window.index_select(0, slot).reshape(c).to(acc)
+        chi = torch.where(in_warmup, chi_now, chi_sma)
+        s = rstd(chi, eps)
+        ema = running_var.to(acc)
+        ratio = torch.sqrt(chi + eps) / torch.sqrt(ema.clamp_min(0) + eps)
+        r = torch.where(in_warmup, torch.ones_like(ratio), ratio.clamp(1.0 / r_clip, r_clip))
+        if momentum is None:
+            factor = 1.0 / (t + 1).to(acc)
+        else:
+            factor = torch.full((), momentum, dtype=acc, device=input.device)
+        new_ema = ema * (1 - factor) + chi * factor
+        running_var.copy_(new_ema.to(running_var.dtype))
+        num_batches_tracked.add_(1)
+    return _MABNFunction.apply(input, weight, bias, s, r, psi_window, psi_filled, slot, ~in_warmup)

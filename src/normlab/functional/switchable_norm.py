@@ -1,0 +1,190 @@
+"""Switchable normalization (Luo et al., 2018, arXiv 1806.10779)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import (
+    check_batch_count,
+    check_eps,
+    check_floating,
+    check_param,
+    resolve_backend,
+)
+from ._stats import acc_dtype, centered, centered_moments, mix_group_moments, pivot, rstd
+from .batch_norm import update_running_stats
+
+__all__ = ["switchable_norm", "switchable_norm_components"]
+
+
+def switchable_norm_components(rank: int, using_bn: bool = True) -> tuple[str, ...]:
+    """The normalizers mixed for an input of ``rank`` dims, in the order of the logits.
+
+    ``("in", "ln", "bn")`` for (N, C, \\*spatial) input, ``("ln", "bn")`` for (N, C)
+    (an instance of one value has no statistics); without ``"bn"`` when ``using_bn=False``.
+    """
+    names = ("in", "ln", "bn") if rank >= 3 else ("ln", "bn")
+    return names if using_bn else names[:-1]
+
+
+def switchable_norm(
+    input: Tensor,
+    mean_weight: Tensor,
+    var_weight: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    using_bn: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Switchable normalization: a learned mix of IN, LN and BN statistics.
+
+    .. math::
+        y = \gamma\,\frac{x - \sum_k w_k \mu_k}{\sqrt{\sum_k w'_k \sigma^2_k + \epsilon}} + \beta,
+        \qquad w = \mathrm{softmax}(\lambda),\; w' = \mathrm{softmax}(\lambda')
+
+    with k over IN (per sample and channel, over \*spatial), LN (per sample, over
+    C and \*spatial) and BN (per channel, over N and \*spatial). For (N, C) input
+    only LN and BN are mixed.
+
+    **Statistics.** One reduction over ``x`` gives the per-(n, c) biased moments
+    of ``x`` minus a per-(n, c) pivot (one sample of the group, see
+    :mod:`normlab.functional._stats`); the LN and BN moments are then the *exact*
+    moments of the union of those groups (law of total variance,
+    :func:`~normlab.functional._stats.mix_group_moments`). Unlike the paper's
+    code, nothing divides by ``count − 1``, so H·W = 1 is fine (the IN variance
+    is 0). Every mean is kept relative to the pivot, so fp32 data with mean 1e4
+    and std 1e-2 keep their digits. One more pass normalizes.
+
+    **BN branch.** With ``training=True`` it uses the batch moments and, where
+    ``running_mean`` / ``running_var`` are given, updates them in place with
+    torch's convention: ``running = (1 − momentum)·running + momentum·batch``
+    with the *unbiased* batch variance (n/(n − 1), n = N·\*spatial). The paper's
+    code writes the reverse (``running = m·running + (1 − m)·batch``, m = 0.9 or
+    0.997): its m is our ``1 − momentum``. With ``training=False`` the BN moments
+    are the running statistics, while IN and LN stay per sample.
+
+    Args:
+        input: (N, C) or (N, C, \*spatial), floating point.
+        mean_weight, var_weight: importance *logits* λ, λ' (softmaxed here), shape
+            (K,) in the order of :func:`switchable_norm_components`: (IN, LN, BN)
+            for rank >= 3, (LN, BN) for rank 2; (IN, LN) / (LN,) with
+            ``using_bn=False``.
+        weight, bias: per-channel γ, β of shape (C,), or None.
+        running_mean, running_var: (C,) BN running statistics, or None.
+        training: BN branch from batch statistics (True) or running ones (False).
+        momentum: weight of the new batch statistic in the running average.
+        eps: added to the mixed variance inside the square root, > 0.
+        using_bn: mix in the BN statistics at all.
+        backend: "auto" | "torch" | "triton".
+
+    Returns:
+        Tensor of the input's shape and dtype (statistics in fp32 for half input).
+
+    Example::
+
+        >>> x = torch.randn(2, 8, 5, 5)
+        >>> logits = torch.zeros(3)  # uniform mixture of IN, LN, BN
+        >>> y = normlab.functional.switchable_norm(x, logits, logits)
+    """
+    layer = "switchable_norm"
+    check_floating(layer, input)
+    check_eps(layer, eps)
+    if input.dim() < 2:
+        raise ValueError(
+            f"{layer}: expected an (N, C) or (N, C, *spatial) input, got shape "
+            f"{tuple(input.shape)}."
+        )
+    resolve_backend(layer, backend, input)
+    n, c = input.shape[:2]
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        check_param(layer, name, p, (c,))
+    names = switchable_norm_components(input.dim(), using_bn)
+    for name, logits in (("mean_weight", mean_weight), ("var_weight", var_weight)):
+        if tuple(logits.shape) != (len(names),):
+            raise ValueError(
+                f"{layer}: {name} has shape {tuple(logits.shape)}, expected ({len(names)},): "
+                f"one logit per normalizer ({', '.join(n.upper() for n in names)}) for a "
+                f"{input.dim()}-D input with using_bn={using_bn}."
+            )
+        check_floating(f"{layer} ({name})", logits)
+    if not using_bn and (running_mean is not None or running_var is not None):
+        raise ValueError(
+            f"{layer}: running statistics belong to the BN branch, but using_bn=False; "
+            "pass running_mean=None and running_var=None, or set using_bn=True."
+        )
+    if using_bn and not training and (running_mean is None or running_var is None):
+        raise ValueError(
+            f"{layer}: training=False takes the BN statistics from running_mean and "
+            "running_var, which were not given; pass them, or training=True to use the "
+            "batch statistics."
+        )
+
+    # (N, C) is treated as (N, C, 1): per-(n, c) "instances" of one value.
+    x = input if input.dim() > 2 else input.unsqueeze(-1)
+    spatial = tuple(range(2, x.dim()))
+    hw = x.numel() // max(n * c, 1)
+    bn_from_batch = using_bn and training
+    if bn_from_batch:
+        check_batch_count(layer, input, n * hw)
+
+    acc = acc_dtype(x.dtype)
+    shift = pivot(x, spatial).to(acc)  # (N, C, 1...), detached
+    xc = centered(x, shift)
+    # The one reduction pass: biased moments of x − shift per (n, c). A zero shift
+    # keeps the returned mean relative to the pivot instead of adding it back.
+    inst = centered_moments(xc, spatial, torch.zeros((), dtype=acc, device=x.device))
+    mu_in, var_in = inst.mean, inst.var
+
+    # Each union's mean is taken relative to one pivot of the union (the first
+    # channel's for LN, the first sample's for BN); differences of nearby pivots are
+    # exact, so the group means stay accurate. Every mean below is "minus shift".
+    d_ln = shift - shift[:, :1]
+    mu_ln, var_ln = mix_group_moments(mu_in + d_ln, var_in, (1,))
+    means = {"in": mu_in, "ln": mu_ln - d_ln}
+    variances = {"in": var_in, "ln": var_ln}
+    if using_bn:
+        stat_shape = [1, c] + [1] * len(spatial)
+        if bn_from_batch:
+            d_bn = shift - shift[:1]
+            mu_bn, var_bn = mix_group_moments(mu_in + d_bn, var_in, (0,))
+            means["bn"] = mu_bn - d_bn
+            variances["bn"] = var_bn
+            if running_mean is not None or running_var is not None:
+                with torch.no_grad():
+                    count = n * hw
+                    batch_mean = mu_bn + shift[:1]
+                    unbiased = var_bn * (count / (count - 1))
+                    update_running_stats(running_mean, running_var, batch_mean, unbiased, momentum)
+        else:
+            assert running_mean is not None and running_var is not None
+            means["bn"] = running_mean.to(acc).reshape(stat_shape) - shift
+            variances["bn"] = running_var.to(acc).reshape(stat_shape)
+
+    wm = torch.softmax(mean_weight.to(acc), 0)
+    wv = torch.softmax(var_weight.to(acc), 0)
+    mean = sum(wm[k] * means[name] for k, name in enumerate(names))
+    var = sum(wv[k] * variances[name] for k, name in enumerate(names))
+
+    scale = rstd(var, eps)  # (N, C, 1...)
+    param_shape = [1, c] + [1] * len(spatial)
+    if weight is not None:
+        scale = scale * weight.to(acc).reshape(param_shape)
+    xn = xc - mean
+    if bias is not None:
+        y = torch.addcmul(bias.to(acc).reshape(param_shape), xn, scale)
+    else:
+        y = xn * scale
+    y = y.to(input.dtype)
+    return y if input.dim() > 2 else y.squeeze(-1)

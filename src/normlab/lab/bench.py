@@ -1,0 +1,190 @@
+"""Speed and memory of normlab's layers against torch.nn, measured in the same run.
+
+Library code returning records; ``benchmarks/`` scripts and the CLI print and
+store them. On CPU each repetition times normlab and torch back to back
+(interleaved), so background load hits both alike and the ratio stays
+meaningful. Memory is the number of bytes autograd saves for backward
+(exact, via ``saved_tensors_hooks``): the activation memory a layer adds to
+training. Forward+backward time is wall-clock, median and p20/p80.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .. import nn as nnl
+
+__all__ = ["BenchRecord", "LAYER_PAIRS", "bench_layers", "write_csv", "provenance"]
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    layer: str
+    shape: str
+    dtype: str
+    device: str
+    provider: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    ratio_vs_torch: float
+    saved_bytes: int
+    reps: int
+
+
+# name -> (normlab factory, torch factory); factories take C.
+LAYER_PAIRS: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], nn.Module]]] = {
+    "BatchNorm2d": (nnl.BatchNorm2d, nn.BatchNorm2d),
+    "GroupNorm(32)": (lambda c: nnl.GroupNorm(32, c), lambda c: nn.GroupNorm(32, c)),
+    "InstanceNorm2d": (
+        lambda c: nnl.InstanceNorm2d(c, affine=True),
+        lambda c: nn.InstanceNorm2d(c, affine=True),
+    ),
+    "LocalResponseNorm(5)": (lambda c: nnl.LocalResponseNorm(5), lambda c: nn.LocalResponseNorm(5)),
+    "BatchNorm2d eval": (lambda c: nnl.BatchNorm2d(c).eval(), lambda c: nn.BatchNorm2d(c).eval()),
+}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _fwd_bwd(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+    y = m(x)
+    if y.requires_grad:
+        y.backward(dy)
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+
+
+def _saved_bytes(m: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of ``m(x)``."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x)
+    return total
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def bench_layers(
+    shapes: list[tuple[int, ...]],
+    layers: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    reps: int = 20,
+    warmup: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchRecord]:
+    """Forward+backward of each layer on each shape, normlab vs torch.nn."""
+    records: list[BenchRecord] = []
+    for shape in shapes:
+        c = shape[1]
+        pairs = dict(LAYER_PAIRS)
+        pairs["LayerNorm[C,H,W]"] = (
+            lambda _c, s=shape: nnl.LayerNorm(list(s[1:])),
+            lambda _c, s=shape: nn.LayerNorm(list(s[1:])),
+        )
+        for name in layers or list(pairs):
+            if name not in pairs:
+                raise KeyError(f"unknown layer {name!r}; known: {', '.join(pairs)}")
+            ours_f, torch_f = pairs[name]
+            mods = {
+                "normlab": ours_f(c).to(device=device, dtype=dtype),
+                "torch": torch_f(c).to(device=device, dtype=dtype),
+            }
+            g = torch.Generator().manual_seed(0)
+            inputs = [
+                (3.0 + 2.0 * torch.randn(shape, generator=g)).to(device=device, dtype=dtype)
+                for _ in range(2)
+            ]
+            dy = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+            xs = [x.requires_grad_(True) for x in inputs]
+
+            times: dict[str, list[float]] = {k: [] for k in mods}
+            for i in range(warmup + reps):
+                for prov, m in mods.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    _fwd_bwd(m, xs[i % len(xs)], dy)
+                    _sync(device)
+                    if i >= warmup:
+                        times[prov].append((time.perf_counter() - t0) * 1e3)
+            torch_median = statistics.median(times["torch"])
+            for prov, m in mods.items():
+                med = statistics.median(times[prov])
+                rec = BenchRecord(
+                    layer=name,
+                    shape="x".join(map(str, shape)),
+                    dtype=str(dtype).replace("torch.", ""),
+                    device=device,
+                    provider=prov,
+                    median_ms=med,
+                    p20_ms=_percentile(times[prov], 0.2),
+                    p80_ms=_percentile(times[prov], 0.8),
+                    ratio_vs_torch=med / torch_median,
+                    saved_bytes=_saved_bytes(m, xs[0]),
+                    reps=reps,
+                )
+                records.append(rec)
+                if progress is not None:
+                    progress(f"{name} {rec.shape} {prov}: {med:.2f} ms ({rec.ratio_vs_torch:.2f}x)")
+    return records
+
+
+def provenance() -> dict[str, str]:
+    """Versions, machine and git revision for the results file."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except OSError:
+        rev = ""
+    return {
+        "normlab": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+        "git": rev or "unknown",
+    }
+
+
+def write_csv(records: list[BenchRecord], path: str | Path, command: str) -> Path:
+    """Write records as CSV, headed by comment lines with the command and provenance."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = [f.name for f in fields(BenchRecord)]
+    lines = [f"# command: {command}"]
+    lines += [f"# {k}: {v}" for k, v in provenance().items()]
+    lines.append(",".join(cols))
+    for r in records:
+        d = asdict(r)
+        lines.append(
+            ",".join(f"{d[c]:.4f}" if isinstance(d[c], float) else str(d[c]) for c in cols)
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,222 @@
+"""EvoNormB0_2d and EvoNormS0_2d (Liu et al., NeurIPS 2020)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as NF
+from ..functional._checks import (
+    check_batch_count,
+    check_channels,
+    check_eps,
+    check_floating,
+    check_groups,
+    check_rank,
+)
+from ..functional._stats import reduced_count
+
+__all__ = ["EvoNormB0_2d", "EvoNormS0_2d"]
+
+
+def _check_num_features(name: str, num_features: int) -> int:
+    if int(num_features) <= 0:
+        raise ValueError(f"{name}: num_features must be >= 1, got {num_features}.")
+    return int(num_features)
+
+
+def _check_input(module: nn.Module, x: Tensor) -> None:
+    name = type(module).__name__
+    check_floating(name, x)
+    check_rank(name, x, (4,), "(N, C, H, W)")
+    check_channels(name, x, module.num_features)  # type: ignore[arg-type]
+
+
+class EvoNormB0_2d(nn.Module):
+    r"""EvoNorm-B0 (Liu et al., "Evolving Normalization-Activation Layers", NeurIPS 2020).
+
+    .. math:: y = \frac{x}{\max\!\big(\sqrt{\sigma^2_{B,c} + \epsilon},\;
+              v_c x + \sqrt{\sigma^2_{I,n,c} + \epsilon}\big)}\,\gamma_c + \beta_c
+
+    A normalization and activation in one layer; no mean is subtracted. ``σ²_B``
+    is the biased variance over (N, H, W) per channel in training and
+    ``running_var`` in eval; ``σ²_I`` is the biased variance over (H, W) of each
+    (sample, channel), always from the input. ``running_var`` follows torch's
+    BatchNorm convention: updated inside ``forward`` with the *unbiased* batch
+    variance, ``running = (1 − momentum)·running + momentum·batch``,
+    ``momentum=None`` the cumulative average over ``num_batches_tracked``. With
+    ``track_running_stats=False`` the batch variance is used in eval too. There is
+    no ``running_mean`` (B0 never uses a mean).
+
+    Args:
+        num_features: C.
+        eps: added to both variances, > 0.
+        momentum: weight of the new batch variance, or None.
+        affine: learn γ (``weight``, init 1) and β (``bias``, init 0).
+        track_running_stats: keep ``running_var`` and ``num_batches_tracked``.
+
+    Parameters: ``v`` (C,), initialised to 1.
+
+    Shape: (N, C, H, W); training needs N·H·W > 1.
+
+    Example::
+
+        >>> layer = normlab.nn.EvoNormB0_2d(16)
+        >>> y = layer(torch.randn(4, 16, 8, 8))
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.num_features = _check_num_features(name, num_features)
+        check_eps(name, eps)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                f"{name}: momentum must be in [0, 1] (the weight of the new batch statistic) "
+                f"or None (cumulative average), got {momentum}."
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        c = self.num_features
+        self.v = nn.Parameter(torch.empty(c, **factory))
+        if affine:
+            self.weight = nn.Parameter(torch.empty(c, **factory))
+            self.bias = nn.Parameter(torch.empty(c, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_var", torch.ones(c, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_var.fill_(1)  # type: ignore[union-attr]
+            self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.ones_(self.v)
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_input(self, input)
+        use_batch = self.training or not self.track_running_stats
+        factor = 0.0
+        if use_batch:
+            # Refuse a one-value batch before num_batches_tracked moves.
+            check_batch_count(type(self).__name__, input, reduced_count(input, (0, 2, 3)))
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            factor = (
+                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            )
+        return NF.evonorm_b0(
+            input,
+            self.running_var,
+            self.v,
+            self.weight,
+            self.bias,
+            use_batch,
+            factor,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+
+class EvoNormS0_2d(nn.Module):
+    r"""EvoNorm-S0 (Liu et al., "Evolving Normalization-Activation Layers", NeurIPS 2020).
+
+    .. math:: y = \frac{x\,\operatorname{sigmoid}(v_c x)}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}}
+              \,\gamma_c + \beta_c
+
+    A swish divided by the group standard deviation: ``σ²`` is the biased
+    variance over (C/G, H, W) of each (sample, group), as in GroupNorm. No mean
+    is subtracted from ``x``. Batch-independent: the same in train and eval,
+    exact at batch 1. Groups are chosen like GroupNorm's (G must divide C;
+    ``normlab.registry.create_norm("evonorm_s0", C)`` picks 32 or the largest
+    divisor below it).
+
+    Args:
+        num_features: C.
+        groups: G, must divide C (the paper: 32).
+        eps: added to the group variance, > 0.
+        affine: learn γ (``weight``, init 1) and β (``bias``, init 0).
+
+    Parameters: ``v`` (C,), initialised to 1.
+
+    Shape: (N, C, H, W), any memory format.
+
+    Example::
+
+        >>> layer = normlab.nn.EvoNormS0_2d(64, groups=32)
+        >>> y = layer(torch.randn(2, 64, 8, 8))
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        groups: int = 32,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.num_features = _check_num_features(name, num_features)
+        check_groups(name, self.num_features, groups)
+        check_eps(name, eps)
+        factory = {"device": device, "dtype": dtype}
+        self.groups = int(groups)
+        self.eps = float(eps)
+        self.affine = affine
+        c = self.num_features
+        self.v = nn.Parameter(torch.empty(c, **factory))
+        if affine:
+            self.weight = nn.Parameter(torch.empty(c, **factory))
+            self.bias = nn.Parameter(torch.empty(c, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.v)
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_input(self, input)
+        return NF.evonorm_s0(input, self.groups, self.v, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, groups={self.groups}, eps={self.eps}, affine={self.affine}"

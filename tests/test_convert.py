@@ -1,0 +1,273 @@
+"""Model surgery: convert_norms, freeze_bn / unfreeze_bn, fuse_conv_bn on a ResNet-style model."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import normlab.nn as nnl
+from _models import inputs, make_model
+from conftest import assert_close
+from normlab.convert import (
+    convert_norms,
+    freeze_bn,
+    fuse_conv_bn,
+    is_batch_norm,
+    is_frozen_batch_norm,
+    unfreeze_bn,
+)
+from normlab.registry import group_norm
+
+N_BN = 8  # distinct BatchNorm modules in TinyResNet (one of them registered twice)
+
+
+def bn_paths(model):
+    return [p for p, m in model.named_modules() if is_batch_norm(m)]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d's layout and math, without importing torchvision."""
+
+    def __init__(self, n: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- convert_norms
+
+
+def test_convert_to_gn_replaces_every_bn_and_reports_it():
+    model = make_model()
+    model.stages[1].body[1].train(False)
+    gamma = model.stem[1].weight.detach().clone()
+    model.stem[1].weight.requires_grad_(False)
+    model, report = convert_norms(model, "gn")
+    assert bn_paths(model) == []
+    assert len(report) == N_BN
+    # the shared BN became ONE GroupNorm, registered in both places
+    assert model.refine[0][1] is model.refine[1][1]
+    shared = next(r for r in report.replacements if r.path == "refine.0.1")
+    assert shared.aliases == ("refine.1.1",)
+    stem = next(r for r in report.replacements if r.path == "stem.1")
+    assert stem.old_type == "torch.nn.modules.batchnorm.BatchNorm2d"
+    assert stem.new_type == "normlab.nn.group_norm.GroupNorm"
+    assert stem.details["num_groups"] == 8 and "32 does not divide" in stem.details["groups_reason"]
+    # γ, dtype, training flag and requires_grad carried
+    gn = model.stem[1]
+    assert_close(gn.weight, gamma)
+    assert gn.weight.dtype == torch.float64 and not gn.weight.requires_grad
+    assert model.stages[1].body[1].training is False and model.stem[1].training is True
+    assert "refine.0.1 (also refine.1.1)" in str(report)
+    # BatchNorm1d(16) -> GroupNorm(16, 16) on (N, C) input normalizes single values
+    assert any("head.fc.1" in w and "1 channel per group" in w for w in report.warnings)
+    assert report.to_dict()["replacements"][0]["path"] == "stem.1"
+
+
+def test_gn_uses_32_groups_when_possible():
+    model = make_model(width=32)
+    model, report = convert_norms(model, "gn")
+    assert {r.details["num_groups"] for r in report.replacements} == {32}
+    assert {r.details["groups_reason"] for r in report.replacements} == {"32 divides C"}
+
+
+def test_converted_model_trains():
+    model, report = convert_norms(make_model(dtype=torch.float32, width=32), "gn")
+    assert report.warnings == []
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, target = inputs(8, dtype=torch.float32), torch.arange(8) % 5
+    before = copy.deepcopy(model.state_dict())
+    losses = []
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert not torch.equal(before["stem.1.weight"], model.state_dict()["stem.1.weight"])
+
+
+def test_convert_to_normlab_bn_keeps_outputs():
+    model = make_model().eval()
+    x = inputs()
+    want = model(x)
+    converted, report = convert_norms(copy.deepcopy(model), "bn")
+    assert type(converted.stem[1]) is nnl.BatchNorm2d
+    assert type(converted.head["fc"][1]) is nnl.BatchNorm1d  # rank matched
+    assert all(r.details.get("running_stats") == "copied" for r in report.replacements)
+    assert_close(converted(x), want)
+    # and back to torch's classes through a class target
+    back, _ = convert_norms(converted, nn.BatchNorm2d)
+    assert type(back.head["fc"][1]) is nn.BatchNorm1d
+    assert_close(back(x), want)
+
+
+def test_convert_to_frozen_equals_eval_bn():
+    model = make_model().eval()
+    x = inputs()
+    frozen, _ = convert_norms(copy.deepcopy(model), "frozen_bn")
+    assert type(frozen.head["fc"][1]) is nnl.FrozenBatchNorm1d
+    assert_close(frozen(x), model(x))
+
+
+def test_convert_with_partial_and_eps():
+    model = make_model()
+    model.stem[1].eps = 1e-3
+    model, report = convert_norms(model, functools.partial(group_norm, num_groups=2))
+    assert model.stem[1].num_groups == 2
+    assert report.replacements[0].details["groups_reason"] == "as given"
+    assert model.stem[1].eps == 1e-3
+
+
+def test_convert_syncbn_and_root_bn():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.SyncBatchNorm(8))
+    model, report = convert_norms(model, "gn")
+    assert type(model[1]) is nnl.GroupNorm and len(report) == 1
+    root, report = convert_norms(nn.BatchNorm2d(4), "in")
+    assert type(root) is nnl.InstanceNorm2d and report.replacements[0].path == ""
+
+
+def test_model_without_bn_gives_a_warning_not_a_crash():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4))
+    same, report = convert_norms(model, "gn")
+    assert same is model and len(report) == 0
+    assert "no BatchNorm" in report.warnings[0]
+
+
+def test_unknown_target_and_failing_target():
+    with pytest.raises(KeyError, match="known names"):
+        convert_norms(make_model(), "nope")
+    with pytest.raises(ValueError, match="stem.1"):
+        convert_norms(make_model(), "gn", num_groups=3)  # 3 does not divide 8
+
+
+# ----------------------------------------------------------------------------- freeze / unfreeze
+
+
+def test_freeze_is_exact_and_survives_train():
+    model = make_model().eval()
+    x = inputs()
+    want = model(x)
+    frozen = freeze_bn(copy.deepcopy(model))
+    assert bn_paths(frozen) == []
+    assert type(frozen.stem[1]) is nnl.FrozenBatchNorm2d
+    assert type(frozen.head["fc"][1]) is nnl.FrozenBatchNorm1d
+    assert frozen.refine[0][1] is frozen.refine[1][1]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(frozen.stem[1], name), getattr(model.stem[1], name))
+    assert_close(frozen(x), want)
+    frozen.train()
+    state = copy.deepcopy(frozen.state_dict())
+    assert_close(frozen(x), want)  # still uses the running statistics
+    for k, v in frozen.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert not any("stem.1" in n for n, _ in frozen.named_parameters())
+
+
+def test_freeze_refuses_bn_without_running_stats():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        freeze_bn(model)
+    assert type(model[1]) is nn.BatchNorm2d
+
+
+def test_unfreeze_round_trip():
+    model = make_model().eval()
+    x = inputs()
+    thawed = unfreeze_bn(freeze_bn(copy.deepcopy(model)))
+    assert type(thawed.stem[1]) is nnl.BatchNorm2d
+    assert type(thawed.head["fc"][1]) is nnl.BatchNorm1d
+    assert isinstance(thawed.stem[1].weight, nn.Parameter)
+    assert int(thawed.stem[1].num_batches_tracked) == 0
+    assert_close(thawed(x), model(x))
+
+
+def test_torchvision_style_frozen_bn_is_accepted():
+    layer = FrozenBatchNorm2d(4)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        layer.weight.uniform_(0.5, 1.5)
+    assert is_frozen_batch_norm(layer)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), layer).double()
+    x = inputs(2)
+    want = model(x)
+    thawed = unfreeze_bn(copy.deepcopy(model)).eval()
+    assert type(thawed[1]) is nnl.BatchNorm2d
+    assert_close(thawed(x), want)
+    fused = fuse_conv_bn(copy.deepcopy(model))
+    assert isinstance(fused[1], nn.Identity)
+    assert_close(fused(x), want)
+
+
+# ----------------------------------------------------------------------------- fusion
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_model_equals_original_in_eval(dtype):
+    model = make_model(dtype=dtype).eval()
+    x = inputs(dtype=dtype)
+    want = model(x)
+    fused = fuse_conv_bn(copy.deepcopy(model), check_inputs=x)
+    assert bn_paths(fused) == []  # every BN here follows a conv or linear in a Sequential
+    assert isinstance(fused.stem[1], nn.Identity)
+    assert fused.stem[0].bias is not None  # the bias-free conv got one
+    assert isinstance(fused.head["fc"][1], nn.Identity)  # Linear + BatchNorm1d
+    assert_close(fused(x), want, dtype=dtype)
+
+
+def test_fuse_frozen_model_and_conv3d():
+    model = freeze_bn(make_model()).train()  # frozen layers fuse whatever the mode
+    x = inputs()
+    want = model(x)
+    assert_close(fuse_conv_bn(model)(x), want)
+    net = nn.Sequential(nn.Conv3d(2, 3, 2, bias=False), nn.BatchNorm3d(3)).double()
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2)
+    net.eval()
+    x3 = torch.randn(2, 2, 3, 3, 3, dtype=torch.float64)
+    want = net(x3)
+    assert_close(fuse_conv_bn(net)(x3), want)
+
+
+def test_fuse_refuses_training_bn():
+    model = make_model().train()
+    with pytest.raises(ValueError, match="training mode.*model.eval"):
+        fuse_conv_bn(model)
+    assert type(model.stem[1]) is nn.BatchNorm2d  # untouched
+
+
+def test_fuse_refuses_shared_conv():
+    conv = nn.Conv2d(3, 4, 1)
+    model = nn.Sequential(nn.Sequential(conv, nn.BatchNorm2d(4)), nn.Sequential(conv)).eval()
+    with pytest.raises(ValueError, match="registered in 2 places"):
+        fuse_conv_bn(model)
+
+
+def test_fuse_refuses_bn_without_running_stats():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match="no running statistics"):
+        fuse_conv_bn(model)
+
+
+def test_fuse_check_inputs_mismatch_restores_the_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
+    model[2].train()  # random outputs: the check must fail
+    with pytest.raises(RuntimeError, match="restored"):
+        fuse_conv_bn(model, check_inputs=torch.randn(2, 3, 4, 4))
+    assert type(model[1]) is nn.BatchNorm2d and model[0].bias is not None
