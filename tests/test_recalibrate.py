@@ -10,7 +10,7 @@ from torch import nn
 
 import normlab.nn as nnl
 from _models import inputs, make_model
-from conftest import assert_close
+from conftest import assert_close, offcenter
 from normlab.recalibrate import recalibrate, recalibration_kind
 
 SIZES = (3, 1, 5, 2)  # uneven on purpose, including a batch of one
@@ -200,3 +200,25 @@ def test_fp32_buffers_and_warnings():
         recalibrate(branchy, [torch.randn(4, 3)], forward_fn=lambda m, b: m["used"](b))
     with pytest.warns(RuntimeWarning, match="no layer with running statistics"):
         recalibrate(nn.Linear(3, 3), [torch.randn(2, 3)])
+
+
+def test_small_batch_family_layers_are_recalibrated():
+    """BRN and EvoNorm B0 keep BN-style statistics; MABN keeps E[x²] in running_var."""
+
+    layers = [nnl.BatchRenorm2d(3), nnl.EvoNormB0_2d(3), nnl.MovingAverageBatchNorm2d(3)]
+    batches = [offcenter(n, 3, 4, 2, seed=s) for s, n in enumerate((2, 5, 3))]
+    data = torch.cat(batches)
+    for layer in layers:
+        layer = layer.to(torch.float64)
+        layer.num_batches_tracked.fill_(7)
+        recalibrate(layer, batches)
+        flat = data.transpose(0, 1).reshape(3, -1)
+        if isinstance(layer, nnl.MovingAverageBatchNorm2d):
+            assert_close(layer.running_var, flat.square().mean(1))
+        else:
+            assert_close(layer.running_var, flat.var(1, correction=1))
+            if getattr(layer, "running_mean", None) is not None:
+                assert_close(layer.running_mean, flat.mean(1))
+        # BRN's and MABN's schedules run on the step count: recalibration keeps it.
+        keeps_step = isinstance(layer, (nnl.BatchRenorm2d, nnl.MovingAverageBatchNorm2d))
+        assert int(layer.num_batches_tracked) == (7 if keeps_step else 3)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from . import nn as nnl
+from .distributed import WORLD, is_sync_layer
 from .nn.batch_norm import _FrozenBatchNorm
 from .recalibrate import _feed
 from .registry import get_norm_layer
@@ -254,6 +255,8 @@ def _copy_into(new: nn.Module, name: str, value: Tensor | None, channels: int) -
 def convert_norms(
     model: nn.Module,
     to: str | type | Callable[..., nn.Module],
+    *,
+    sync: bool | Any = False,
     **kwargs: Any,
 ) -> tuple[nn.Module, ConversionReport]:
     """Replace every BatchNorm in ``model`` by another norm layer.
@@ -276,6 +279,11 @@ def convert_norms(
         model: any module; modified in place (the returned model is the same
             object unless ``model`` itself is a BatchNorm).
         to: registry name, class or factory.
+        sync: True (the default group) or a ``torch.distributed.ProcessGroup``:
+            the new layers compute their batch statistics over every process
+            (``process_group`` set, see :mod:`normlab.distributed`); the target
+            must then be a batch-statistics layer (BatchNorm, SwitchableNorm,
+            MovingAverageBatchNorm, BatchRenorm, EvoNormB0).
         **kwargs: passed to the factory.
 
     Returns:
@@ -343,6 +351,17 @@ def convert_norms(
                 "input each group holds a single value and the output is the constant β. "
                 "Pass num_groups= a smaller divisor (e.g. 1, LayerNorm-like) for these layers."
             )
+        if sync is not False:
+            if not is_sync_layer(new):
+                raise ValueError(
+                    f"convert_norms: sync=True asks for cross-process batch statistics, but "
+                    f"the target {type(new).__name__} does not use batch statistics; drop "
+                    "sync=True, or pick a batch-statistics target ('bn', 'sn', 'mabn', "
+                    "'brn', 'evonorm_b0')."
+                )
+            group = WORLD if sync is True else sync
+            new.process_group = group
+            details["sync"] = group if isinstance(group, str) else type(group).__name__
         new.train(old.training)
         return new, details
 

@@ -35,7 +35,9 @@ The protocol: which layers are recalibrated
     The statistics are taken from the layer's first positional input, channels
     on dim 1, and written into whichever of ``running_mean`` / ``running_var``
     exist (shape (C,)); ``num_batches_tracked`` (if present) is set to the number
-    of batches. Kinds:
+    of batches, except in classes that set ``_step_counter = True`` because a
+    schedule runs on it (BatchRenorm, MovingAverageBatchNorm): those keep it.
+    Kinds:
 
     ``"batch_mean_var"``
         statistics over all dims but 1 (N and spatial): ``running_mean`` the
@@ -325,7 +327,9 @@ def recalibrate(
                     )
                 writes.append((buf, value))
         nbt = getattr(m, "num_batches_tracked", None)
-        if isinstance(nbt, Tensor):
+        # Layers whose schedule runs on num_batches_tracked (BRN's r/d relaxation,
+        # MABN's warm-up and windows) keep their step count.
+        if isinstance(nbt, Tensor) and not getattr(type(m), "_step_counter", False):
             counters.append(nbt)
     with torch.no_grad():
         for buf, value in writes:

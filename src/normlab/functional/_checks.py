@@ -74,6 +74,31 @@ def check_batch_count(layer: str, x: Tensor, count: int, what: str = "channel") 
         )
 
 
+def host_checks_allowed(t: Tensor) -> bool:
+    """Whether a check may read ``t``'s *value* on the host (``bool(t > 0)``).
+
+    Only for a CPU tensor in plain eager code: on a device it is a host sync;
+    under ``torch.compile`` a data-dependent branch breaks the graph; under a
+    ``torch.func`` transform (vmap, grad) the value of a batched tensor cannot be
+    read. Value checks are then skipped; the modules guarantee valid values by
+    construction.
+    """
+    return (
+        t.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def refuse_under_transforms(layer: str, why: str, instead: str) -> None:
+    """Raise a clear error for a path that cannot run under ``torch.func`` transforms."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f"{layer}: cannot run under torch.func transforms (vmap, grad, jacrev, ...) "
+            f"because {why}. {instead}"
+        )
+
+
 def divisors_up_to(n: int, limit: int) -> list[int]:
     return [d for d in range(min(n, limit), 0, -1) if n % d == 0]
 

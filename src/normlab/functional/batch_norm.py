@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..distributed import (
+    check_global_count,
+    local_moments,
+    resolve_process_group,
+    safe_pivot,
+    sync_moments,
+)
 from ._checks import (
     check_batch_count,
     check_eps,
@@ -14,13 +23,30 @@ from ._checks import (
     resolve_backend,
 )
 from ._normalize import affine_normalize
-from ._stats import acc_dtype, centered, pivot, reduced_count
+from ._stats import acc_dtype, centered, pivot, reduced_count, rstd
 
-__all__ = ["batch_norm", "frozen_batch_norm", "update_running_stats"]
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["batch_norm", "frozen_batch_norm", "snapshot", "update_running_stats"]
 
 
 def _cast(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if p is None else p.to(dtype)
+
+
+def snapshot(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Copies of buffers that are about to be updated in place, for values needed later.
+
+    Under ``torch.compile``, AOTAutograd's min-cut partitioner may *recompute* a
+    cheap read of a buffer in the backward pass instead of saving it; if forward
+    has meanwhile updated that buffer in place, the backward sees the new
+    contents and the gradient is silently wrong (pytorch/pytorch PR #197039).
+    ``torch.stack`` is not on the partitioner's recompute allowlist, so the
+    snapshot is saved. In eager mode it is one small copy per call.
+    """
+    both = torch.stack([t.detach() for t in tensors])
+    return tuple(both.unbind(0))
 
 
 def update_running_stats(
@@ -51,6 +77,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     backend: str = "auto",
+    process_group: ProcessGroup | str | None = None,
 ) -> Tensor:
     r"""Batch normalization over (N, \*spatial) per channel.
 
@@ -74,6 +101,9 @@ def batch_norm(
         momentum: weight of the new batch statistic in the running average.
         eps: added to the variance inside the square root, > 0.
         backend: "auto" | "torch" | "triton".
+        process_group: with ``training=True``, compute the batch statistics over
+            every process of this group (None: this process only; ``"world"``:
+            the default group); see :mod:`normlab.distributed`.
 
     Returns:
         Tensor of the input's shape, dtype and memory format.
@@ -104,6 +134,11 @@ def batch_norm(
         return affine_normalize(input, running_mean, running_var, weight, bias, eps)
 
     dims = (0, *range(2, input.dim()))
+    group = resolve_process_group(process_group)
+    if group is not None:
+        return _synced_batch_norm(
+            input, running_mean, running_var, weight, bias, momentum, eps, group
+        )
     check_batch_count(layer, input, reduced_count(input, dims))
     acc = acc_dtype(input.dtype)
     shift = pivot(input, dims).to(acc)
@@ -121,6 +156,37 @@ def batch_norm(
     y = F.batch_norm(xc, batch_mean_c, batch_var, w, b, True, 1.0, eps)
     batch_mean = batch_mean_c + shift.reshape(-1)
     update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum)
+    return y.to(input.dtype)
+
+
+def _synced_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    group: ProcessGroup,
+) -> Tensor:
+    """Training-mode batch_norm with statistics over every rank of ``group``."""
+    dims = (0, *range(2, input.dim()))
+    acc = acc_dtype(input.dtype)
+    shape = [1] * input.dim()
+    shape[1] = input.shape[1]
+    shift = safe_pivot(input, dims).to(acc)
+    xc = centered(input, shift)
+    mean_c, var, count = local_moments(xc, dims)
+    g = sync_moments(mean_c, var, count, shift, group)
+    check_global_count("batch_norm", input.shape, count, g.count)
+    scale = rstd(g.var, eps)
+    if weight is not None:
+        scale = scale * weight.to(acc).reshape(shape)
+    y = (xc - g.mean) * scale
+    if bias is not None:
+        y = y + bias.to(acc).reshape(shape)
+    unbiased = g.var.detach() * (g.count / (g.count - 1)).to(acc)
+    update_running_stats(running_mean, running_var, g.mean_abs, unbiased, momentum)
     return y.to(input.dtype)
 
 

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from ._checks import check_batch_count, check_eps, check_floating, check_param, resolve_backend
+from ..distributed import (
+    check_global_count,
+    local_moments,
+    resolve_process_group,
+    safe_pivot,
+    sync_moments,
+)
+from ._checks import (
+    check_batch_count,
+    check_eps,
+    check_floating,
+    check_param,
+    host_checks_allowed,
+    resolve_backend,
+)
 from ._normalize import affine_normalize, channel_shape
 from ._stats import acc_dtype, centered, centered_moments, pivot, reduced_count
-from .batch_norm import update_running_stats
+from .batch_norm import snapshot, update_running_stats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["batch_renorm", "batch_renorm_limits"]
 
@@ -19,7 +38,7 @@ def _check_limit(layer: str, name: str, value: float | Tensor, low: float) -> No
             raise ValueError(
                 f"{layer}: {name} must be a float or a 0-d tensor, got shape {tuple(value.shape)}."
             )
-        if value.device.type != "cpu":  # no host sync for a device tensor
+        if not host_checks_allowed(value):  # device, torch.compile or torch.func
             return
         value = float(value)
     if not value >= low:
@@ -42,6 +61,7 @@ def batch_renorm(
     d_max: float | Tensor = 5.0,
     *,
     backend: str = "auto",
+    process_group: ProcessGroup | str | None = None,
 ) -> Tensor:
     r"""Batch Renormalization: batch statistics corrected towards the running ones.
 
@@ -74,6 +94,9 @@ def batch_renorm(
         r_max: >= 1, float or 0-d tensor (e.g. from :func:`batch_renorm_limits`).
         d_max: >= 0, float or 0-d tensor.
         backend: "auto" | "torch" | "triton".
+        process_group: with ``training=True``, compute the batch statistics over
+            every process of this group (None: this process only; ``"world"``:
+            the default group); see :mod:`normlab.distributed`.
 
     Returns:
         Tensor of the input's shape and dtype.
@@ -106,19 +129,29 @@ def batch_renorm(
     _check_limit(layer, "d_max", d_max, 0.0)
 
     dims = (0, *range(2, input.dim()))
-    check_batch_count(layer, input, reduced_count(input, dims))
+    group = resolve_process_group(process_group)
+    if group is None:
+        check_batch_count(layer, input, reduced_count(input, dims))
     acc = acc_dtype(input.dtype)
     shape = channel_shape(input)
-    shift = pivot(input, dims).to(acc)
+    shift = (pivot if group is None else safe_pivot)(input, dims).to(acc)
     xc = centered(input, shift)
-    # zero shift: m.mean is the mean of the shifted data, kept exact (adding the
-    # pivot back in fp32 would round it to the ulp of the raw values)
-    m = centered_moments(xc, dims, torch.zeros_like(shift))
-    mean_c = m.mean  # μ_B − pivot, carries BatchNorm's gradient
-    sigma_b = torch.sqrt(m.var + eps)  # (1, C, 1, ...), carries BatchNorm's gradient
+    if group is None:
+        # zero shift: m.mean is the mean of the shifted data, kept exact (adding the
+        # pivot back in fp32 would round it to the ulp of the raw values)
+        m = centered_moments(xc, dims, torch.zeros_like(shift))
+        mean_c, batch_var_b, n = m.mean, m.var, m.count
+        batch_mean = mean_c + shift
+    else:  # moments of every rank's batch (one all_gather; one all_reduce in backward)
+        local_mean, local_var, local_count = local_moments(xc, dims)
+        g = sync_moments(local_mean, local_var, local_count, shift, group)
+        check_global_count(layer, input.shape, local_count, g.count)
+        mean_c, batch_var_b, n = g.mean, g.var, g.count
+        batch_mean = g.mean_abs
+    # mean_c: μ_B − pivot, carries BatchNorm's gradient
+    sigma_b = torch.sqrt(batch_var_b + eps)  # (1, C, 1, ...), carries BatchNorm's gradient
     with torch.no_grad():
-        rm = running_mean.to(acc).reshape(shape)
-        rv = running_var.to(acc).reshape(shape)
+        rm, rv = (t.to(acc).reshape(shape) for t in snapshot(running_mean, running_var))
         sigma = torch.sqrt(rv.clamp_min(0) + eps)
         r_hi = r_max.to(acc) if isinstance(r_max, Tensor) else torch.tensor(r_max, dtype=acc)
         d_hi = d_max.to(acc) if isinstance(d_max, Tensor) else torch.tensor(d_max, dtype=acc)
@@ -136,9 +169,8 @@ def batch_renorm(
     if bias is not None:
         offset = offset + bias.to(acc).reshape(shape)
     y = (xc - mean_c) * scale + offset
-    n = m.count
-    batch_var = m.var * (n / (n - 1))
-    update_running_stats(running_mean, running_var, mean_c + shift, batch_var, momentum)
+    batch_var = batch_var_b * (n / (n - 1))
+    update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum)
     return y.to(input.dtype)
 
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
+from ..distributed import (
+    check_global_count,
+    local_moments,
+    resolve_process_group,
+    safe_pivot,
+    sync_moments,
+)
 from ._checks import (
     check_batch_count,
     check_eps,
@@ -24,6 +33,9 @@ from ._stats import (
 )
 from .batch_norm import update_running_stats
 from .group_norm import group_pivot
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["evonorm_b0", "evonorm_s0"]
 
@@ -58,6 +70,7 @@ def evonorm_b0(
     eps: float = 1e-5,
     *,
     backend: str = "auto",
+    process_group: ProcessGroup | str | None = None,
 ) -> Tensor:
     r"""EvoNorm-B0: a batch-dependent norm-activation layer.
 
@@ -80,6 +93,9 @@ def evonorm_b0(
         training: batch variance (and update ``running_var``) or running variance.
         momentum: weight of the new batch variance in the running average.
         eps: > 0, added to both variances.
+        process_group: with ``training=True``, ``σ²_B`` is the variance over every
+            process of this group (None: this process only; ``"world"``: the
+            default group); see :mod:`normlab.distributed`.
     """
     layer = "evonorm_b0"
     _check_input(layer, input, eps, backend)
@@ -91,7 +107,18 @@ def evonorm_b0(
     acc = acc_dtype(input.dtype)
     shape = channel_shape(input)
     spatial = tuple(range(2, input.dim()))
-    if training:
+    group = resolve_process_group(process_group) if training else None
+    if group is not None:  # one all_gather here, one all_reduce in backward
+        dims = (0, *spatial)
+        shift = safe_pivot(input, dims).to(acc)
+        local_mean, local_var, local_count = local_moments(centered(input, shift), dims)
+        g = sync_moments(local_mean, local_var, local_count, shift, group)
+        check_global_count(layer, input.shape, local_count, g.count)
+        batch_var = g.var
+        if running_var is not None:
+            unbiased = g.var.detach() * (g.count / (g.count - 1)).to(acc)
+            update_running_stats(None, running_var, g.mean_abs, unbiased, momentum)
+    elif training:
         dims = (0, *spatial)
         check_batch_count(layer, input, reduced_count(input, dims))
         mb = moments(input, dims)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_eps, check_floating, check_param, resolve_backend
+from ._checks import (
+    check_eps,
+    check_floating,
+    check_param,
+    host_checks_allowed,
+    resolve_backend,
+)
 from ._normalize import channel_shape
 from ._stats import acc_dtype, mean_square
 
@@ -34,8 +40,9 @@ def _abs_eps(layer: str, eps: float | Tensor, dtype: torch.dtype) -> float | Ten
             f"{tuple(eps.shape)}."
         )
     # A CPU tensor is checked for free; a device tensor is not (that would be a host
-    # sync every step). The modules guarantee a positive eps by construction.
-    if eps.device.type == "cpu" and not bool(eps.detach().abs().reshape(()) > 0):
+    # sync every step), nor is one under torch.compile or torch.func (see
+    # host_checks_allowed). The modules guarantee a positive eps by construction.
+    if host_checks_allowed(eps) and not bool(eps.detach().abs().reshape(()) > 0):
         raise ValueError(
             f"{layer}: eps must be nonzero (|eps| is added to ν²), got {eps.detach()}. With "
             "eps = 0 an all-zero channel gives 0/0 = NaN; use e.g. eps=1e-6."

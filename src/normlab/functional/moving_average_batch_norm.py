@@ -50,15 +50,26 @@ updated in place, so a checkpointed module resumes bit-identically.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_eps, check_floating, check_param, resolve_backend
+from ..distributed import all_reduce_sum, resolve_process_group, sync_moments
+from ._checks import (
+    check_eps,
+    check_floating,
+    check_param,
+    refuse_under_transforms,
+    resolve_backend,
+)
 from ._normalize import channel_shape
 from ._stats import acc_dtype, mean_square, reduced_count, rstd
+from .batch_norm import snapshot
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["moving_average_batch_norm", "check_mabn_options"]
 
@@ -116,6 +127,8 @@ class _MABNFunction(torch.autograd.Function):
         psi_filled: Tensor,  # () long
         slot: Tensor,  # (1,) long: this step's slot in the window
         use_window: Tensor,  # () bool: past warm-up
+        group: ProcessGroup | None = None,  # sync ψ over this group
+        total: Tensor | None = None,  # () values per channel over the group
     ) -> Tensor:
         acc = s.dtype
         shape = channel_shape(x)
@@ -129,6 +142,7 @@ class _MABNFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.psi_window, ctx.psi_filled = psi_window, psi_filled
         ctx.slot, ctx.use_window = slot, use_window
+        ctx.group, ctx.total = group, total
         return y.to(x.dtype)
 
     @staticmethod
@@ -145,7 +159,10 @@ class _MABNFunction(torch.autograd.Function):
         # Σ dy·x and Σ dy per channel are the only reductions over the input:
         # ψ_B = E[g·x̂] = γ·r·s·E[dy·x], ∂L/∂γ = r·s·Σ dy·x.
         sum_dy_x = (dya * xa).sum(dim=dims)
-        psi_b = gamma * r * s * sum_dy_x / n
+        if ctx.group is None:
+            psi_b = gamma * r * s * sum_dy_x / n
+        else:  # ψ of the global batch: the one backward all_reduce
+            psi_b = gamma * r * s * all_reduce_sum(sum_dy_x, ctx.group) / ctx.total.to(acc)
         with torch.no_grad():
             window = ctx.psi_window
             window.index_copy_(0, ctx.slot, psi_b.reshape(1, -1).to(window.dtype))
@@ -164,7 +181,7 @@ class _MABNFunction(torch.autograd.Function):
         dbias = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dya.sum(dim=dims).to(dy.dtype)
-        return dx, dweight, dbias, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None
 
 
 def _check_state(
@@ -221,6 +238,7 @@ def moving_average_batch_norm(
     warmup_iters: int = 100,
     r_clip: float = 5.0,
     backend: str = "auto",
+    process_group: ProcessGroup | str | None = None,
 ) -> Tensor:
     r"""Moving Average Batch Normalization over (N, \*spatial) per channel.
 
@@ -259,6 +277,10 @@ def moving_average_batch_norm(
         warmup_iters: steps of plain mean-free BN (batch ``χ``, ``ψ``, ``r = 1``).
         r_clip: ``r`` is clipped to ``[1/r_clip, r_clip]`` after warm-up (>= 1).
         backend: "auto" | "torch" | "triton".
+        process_group: with ``training=True``, ``χ_B`` and ``ψ_B`` are those of
+            every process of this group (one all_gather in forward, one
+            all_reduce in backward; None: this process only; ``"world"``: the
+            default group); see :mod:`normlab.distributed`.
 
     Returns:
         Tensor of the input's shape and dtype.
@@ -275,7 +297,8 @@ def moving_average_batch_norm(
     for name, p in (("weight", weight), ("bias", bias), ("running_var", running_var)):
         check_param(_LAYER, name, p, (c,))
     dims = (0, *range(2, input.dim()))
-    if reduced_count(input, dims) < 1:
+    group = resolve_process_group(process_group) if training else None
+    if group is None and reduced_count(input, dims) < 1:
         raise ValueError(
             f"{_LAYER}: input of shape {tuple(input.shape)} has no values per channel; "
             "MABN needs at least one (N >= 1 and every spatial size >= 1)."
@@ -291,6 +314,14 @@ def moving_average_batch_norm(
             y = y + bias.to(acc).reshape(shape)
         return y.to(input.dtype)
 
+    refuse_under_transforms(
+        _LAYER + " (training)",
+        "its backward writes the ψ moving-average window in place (a stateful "
+        "autograd.Function that functorch cannot batch or differentiate twice)",
+        "Use training=False / .eval() (running_var only), train the layer without the "
+        "transform, or use a batch-independent norm (GroupNorm, FilterResponseNorm) "
+        "for per-sample gradients and model ensembles.",
+    )
     m = _check_state(c, chi_window, psi_window, psi_filled, num_batches_tracked)
     check_mabn_options(_LAYER, m, warmup_iters, r_clip, momentum)
     assert chi_window is not None and psi_window is not None  # narrowed by _check_state
@@ -298,7 +329,22 @@ def moving_average_batch_norm(
     with torch.no_grad():
         t = num_batches_tracked
         slot = torch.remainder(t, m).reshape(1)
-        chi_b = mean_square(input.detach(), dims).reshape(1, c)
+        if group is None:
+            chi_b = mean_square(input.detach(), dims).reshape(1, c)
+            total = None
+        else:  # χ of the global batch: a count-weighted mean over ranks
+            local_count = reduced_count(input, dims)
+            xa = input.detach().to(acc)
+            chi_local = (xa * xa).sum(dim=dims, keepdim=True) / max(local_count, 1)
+            zero = torch.zeros_like(chi_local)
+            g = sync_moments(chi_local, zero, local_count, zero, group)
+            total = g.count
+            if local_count < 1 and int(total) < 1:
+                raise ValueError(
+                    f"{_LAYER}: no process of the group has a value per channel (this "
+                    f"rank's input has shape {tuple(input.shape)}); MABN needs at least one."
+                )
+            chi_b = g.mean_abs.reshape(1, c)
         chi_window.index_copy_(0, slot, chi_b.to(chi_window.dtype))
         filled = torch.clamp(t + 1, max=m).to(acc)
         chi_sma = chi_window.sum(dim=0).to(acc) / filled
@@ -307,7 +353,10 @@ def moving_average_batch_norm(
         chi_now = chi_window.index_select(0, slot).reshape(c).to(acc)
         chi = torch.where(in_warmup, chi_now, chi_sma)
         s = rstd(chi, eps)
-        ema = running_var.to(acc)
+        # A snapshot, not a read: running_var is updated below and r is needed in
+        # backward (see batch_norm.snapshot).
+        (ema,) = snapshot(running_var)
+        ema = ema.to(acc)
         ratio = torch.sqrt(chi + eps) / torch.sqrt(ema.clamp_min(0) + eps)
         r = torch.where(in_warmup, torch.ones_like(ratio), ratio.clamp(1.0 / r_clip, r_clip))
         if momentum is None:
@@ -317,4 +366,6 @@ def moving_average_batch_norm(
         new_ema = ema * (1 - factor) + chi * factor
         running_var.copy_(new_ema.to(running_var.dtype))
         num_batches_tracked.add_(1)
-    return _MABNFunction.apply(input, weight, bias, s, r, psi_window, psi_filled, slot, ~in_warmup)
+    return _MABNFunction.apply(
+        input, weight, bias, s, r, psi_window, psi_filled, slot, ~in_warmup, group, total
+    )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
+from ..distributed import check_global_count, resolve_process_group, sync_moments
 from ._checks import (
     check_batch_count,
     check_eps,
@@ -12,8 +15,19 @@ from ._checks import (
     check_param,
     resolve_backend,
 )
-from ._stats import acc_dtype, centered, centered_moments, mix_group_moments, pivot, rstd
+from ._stats import (
+    acc_dtype,
+    centered,
+    centered_moments,
+    mix_group_moments,
+    pivot,
+    reduced_count,
+    rstd,
+)
 from .batch_norm import update_running_stats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["switchable_norm", "switchable_norm_components"]
 
@@ -42,6 +56,7 @@ def switchable_norm(
     eps: float = 1e-5,
     using_bn: bool = True,
     backend: str = "auto",
+    process_group: ProcessGroup | str | None = None,
 ) -> Tensor:
     r"""Switchable normalization: a learned mix of IN, LN and BN statistics.
 
@@ -83,6 +98,10 @@ def switchable_norm(
         eps: added to the mixed variance inside the square root, > 0.
         using_bn: mix in the BN statistics at all.
         backend: "auto" | "torch" | "triton".
+        process_group: with ``training=True``, the BN branch's moments are those
+            of every process of this group (None: this process only; ``"world"``:
+            the default group); IN and LN stay per sample. See
+            :mod:`normlab.distributed`.
 
     Returns:
         Tensor of the input's shape and dtype (statistics in fp32 for half input).
@@ -136,7 +155,10 @@ def switchable_norm(
     spatial = tuple(range(2, x.dim()))
     hw = x.numel() // max(n * c, 1)
     bn_from_batch = using_bn and training
-    if bn_from_batch:
+    group = resolve_process_group(process_group) if bn_from_batch else None
+    if group is not None:
+        hw = reduced_count(x, tuple(range(2, x.dim())))  # also right for N = 0
+    elif bn_from_batch:
         check_batch_count(layer, input, n * hw)
 
     acc = acc_dtype(x.dtype)
@@ -156,7 +178,22 @@ def switchable_norm(
     variances = {"in": var_in, "ln": var_ln}
     if using_bn:
         stat_shape = [1, c] + [1] * len(spatial)
-        if bn_from_batch:
+        if bn_from_batch and group is not None:
+            # This rank's BN moments relative to its first sample's pivot (zeros for
+            # an empty rank), merged over the group; mean relative to that pivot.
+            shift_bn = shift[:1] if n > 0 else torch.zeros(stat_shape, dtype=acc, device=x.device)
+            d_bn = shift - shift_bn
+            if n > 0:
+                mu_bn, var_bn = mix_group_moments(mu_in + d_bn, var_in, (0,))
+            else:
+                mu_bn = var_bn = mu_in.sum(0, keepdim=True)  # zeros, still in the graph
+            g = sync_moments(mu_bn, var_bn, n * hw, shift_bn, group)
+            check_global_count(layer, input.shape, n * hw, g.count)
+            means["bn"] = g.mean - d_bn
+            variances["bn"] = g.var
+            unbiased = g.var.detach() * (g.count / (g.count - 1)).to(acc)
+            update_running_stats(running_mean, running_var, g.mean_abs, unbiased, momentum)
+        elif bn_from_batch:
             d_bn = shift - shift[:1]
             mu_bn, var_bn = mix_group_moments(mu_in + d_bn, var_in, (0,))
             means["bn"] = mu_bn - d_bn

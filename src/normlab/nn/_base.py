@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional._checks import check_channels, check_eps, check_floating, check_rank
+from ..functional._checks import (
+    check_channels,
+    check_eps,
+    check_floating,
+    check_rank,
+    refuse_under_transforms,
+)
 
 
 class _NormBase(nn.Module):
@@ -100,6 +106,13 @@ class _NormBase(nn.Module):
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
             if self.momentum is None:
+                refuse_under_transforms(
+                    type(self).__name__,
+                    "momentum=None reads num_batches_tracked on the host (a cumulative "
+                    "average 1/num_batches_tracked)",
+                    "Build the layer with a float momentum (e.g. momentum=0.1), or call "
+                    ".eval() to use the running statistics.",
+                )
                 factor = 1.0 / float(self.num_batches_tracked)
         return factor
 

@@ -45,6 +45,10 @@ class _BatchNorm(_NormBase):
         affine: learn γ (``weight``) and β (``bias``).
         track_running_stats: keep ``running_mean``, ``running_var``,
             ``num_batches_tracked``.
+        process_group: in training, compute the batch statistics over every
+            process of this group: None (default) for no sync, ``"world"`` for the
+            default group, or a ``torch.distributed.ProcessGroup``. A no-op on a
+            single process; see :mod:`normlab.distributed`.
 
     Example::
 
@@ -64,8 +68,10 @@ class _BatchNorm(_NormBase):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
@@ -81,6 +87,7 @@ class _BatchNorm(_NormBase):
             use_batch_stats,
             factor,
             self.eps,
+            process_group=self.process_group if self.training else None,
         )
 
 

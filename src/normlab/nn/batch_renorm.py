@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from .. import functional as NF
+from ..distributed import sync_active
 from ..functional._checks import check_batch_count
 from ..functional._stats import reduced_count
 from ._base import _NormBase
@@ -53,6 +54,10 @@ class _BatchRenorm(_NormBase):
         d_max: final d limit, >= 0.
         warmup_iters: training batches of plain BatchNorm.
         r_max_rampup_iters, d_max_rampup_iters: length of each linear ramp.
+        process_group: in training, compute the batch statistics over every
+            process of this group: None (default) for no sync, ``"world"`` for the
+            default group, or a ``torch.distributed.ProcessGroup``. A no-op on a
+            single process; see :mod:`normlab.distributed`.
 
     Shape: 1d (N, C) or (N, C, L); 2d (N, C, H, W); 3d (N, C, D, H, W).
 
@@ -62,6 +67,9 @@ class _BatchRenorm(_NormBase):
         ...                                d_max_rampup_iters=5000)
         >>> y = brn(torch.randn(4, 16, 8, 8))
     """
+
+    _recalibrate_kind = "batch_mean_var"  # see normlab.recalibrate
+    _step_counter = True  # num_batches_tracked drives the schedule
 
     def __init__(
         self,
@@ -76,8 +84,10 @@ class _BatchRenorm(_NormBase):
         d_max_rampup_iters: int = 20000,
         device: Any = None,
         dtype: Any = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.process_group = process_group
         name = type(self).__name__
         if not r_max >= 1.0:
             raise ValueError(
@@ -130,7 +140,8 @@ class _BatchRenorm(_NormBase):
             )
         # Refuse a one-value batch before num_batches_tracked moves.
         dims = (0, *range(2, input.dim()))
-        check_batch_count(type(self).__name__, input, reduced_count(input, dims))
+        if not sync_active(self.process_group):  # synced: the global count is checked
+            check_batch_count(type(self).__name__, input, reduced_count(input, dims))
         r_max, d_max = self.renorm_limits()
         factor = self._momentum_factor()
         return NF.batch_renorm(
@@ -144,6 +155,7 @@ class _BatchRenorm(_NormBase):
             self.eps,
             r_max,
             d_max,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
+from ..distributed import sync_active
 from ..functional._checks import (
     check_batch_count,
     check_channels,
@@ -56,6 +57,10 @@ class EvoNormB0_2d(nn.Module):
         momentum: weight of the new batch variance, or None.
         affine: learn γ (``weight``, init 1) and β (``bias``, init 0).
         track_running_stats: keep ``running_var`` and ``num_batches_tracked``.
+        process_group: in training, compute the batch variance over every
+            process of this group: None (default) for no sync, ``"world"`` for the
+            default group, or a ``torch.distributed.ProcessGroup``. A no-op on a
+            single process; see :mod:`normlab.distributed`.
 
     Parameters: ``v`` (C,), initialised to 1.
 
@@ -67,6 +72,8 @@ class EvoNormB0_2d(nn.Module):
         >>> y = layer(torch.randn(4, 16, 8, 8))
     """
 
+    _recalibrate_kind = "batch_mean_var"  # running_var only; see normlab.recalibrate
+
     def __init__(
         self,
         num_features: int,
@@ -76,11 +83,13 @@ class EvoNormB0_2d(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         self.num_features = _check_num_features(name, num_features)
         check_eps(name, eps)
+        self.process_group = process_group
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(
                 f"{name}: momentum must be in [0, 1] (the weight of the new batch statistic) "
@@ -125,7 +134,8 @@ class EvoNormB0_2d(nn.Module):
         _check_input(self, input)
         use_batch = self.training or not self.track_running_stats
         factor = 0.0
-        if use_batch:
+        group = self.process_group if self.training else None
+        if use_batch and not sync_active(group):  # synced: the global count is checked
             # Refuse a one-value batch before num_batches_tracked moves.
             check_batch_count(type(self).__name__, input, reduced_count(input, (0, 2, 3)))
         if self.training and self.track_running_stats:
@@ -142,6 +152,7 @@ class EvoNormB0_2d(nn.Module):
             use_batch,
             factor,
             self.eps,
+            process_group=group,
         )
 
     def extra_repr(self) -> str:

@@ -67,6 +67,10 @@ class _MovingAverageBatchNorm(_NormBase):
         r_clip: after warm-up ``r`` is clipped to ``[1/r_clip, r_clip]`` (>= 1;
             the paper: 5). ``r_clip=1`` turns renormalization off.
         affine: learn γ (``weight``) and β (``bias``).
+        process_group: in training, compute χ (forward) and ψ (backward) over
+            every process of this group: None (default) for no sync, ``"world"``
+            for the default group, or a ``torch.distributed.ProcessGroup``. A
+            no-op on a single process; see :mod:`normlab.distributed`.
 
     Shape:
         Input (N, C) or (N, C, L) for 1d, (N, C, H, W) for 2d, (N, C, D, H, W)
@@ -82,6 +86,10 @@ class _MovingAverageBatchNorm(_NormBase):
         >>> y = block(torch.randn(2, 3, 32, 32))
     """
 
+    # running_var holds the EMA of chi = E[x^2]; see normlab.recalibrate
+    _recalibrate_kind = "batch_second_moment"
+    _step_counter = True  # num_batches_tracked drives the schedule
+
     def __init__(
         self,
         num_features: int,
@@ -93,6 +101,7 @@ class _MovingAverageBatchNorm(_NormBase):
         affine: bool = True,
         device: Any = None,
         dtype: Any = None,
+        process_group: Any = None,
     ) -> None:
         name = type(self).__name__
         check_mabn_options(name, window, warmup_iters, r_clip, momentum)
@@ -103,6 +112,7 @@ class _MovingAverageBatchNorm(_NormBase):
         self.window = int(window)
         self.warmup_iters = int(warmup_iters)
         self.r_clip = float(r_clip)
+        self.process_group = process_group
         factory = {"device": device, "dtype": dtype}
         del self.running_mean
         self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -139,6 +149,7 @@ class _MovingAverageBatchNorm(_NormBase):
             num_batches_tracked=self.num_batches_tracked,
             warmup_iters=self.warmup_iters,
             r_clip=self.r_clip,
+            process_group=self.process_group if self.training else None,
         )
 
     def extra_repr(self) -> str:

@@ -55,6 +55,10 @@ class _SwitchableNorm(_NormBase):
         affine: learn γ (``weight``) and β (``bias``).
         track_running_stats: keep ``running_mean``, ``running_var``,
             ``num_batches_tracked`` for eval (ignored with ``using_bn=False``).
+        process_group: in training, compute the BN branch's statistics over every
+            process of this group: None (default) for no sync, ``"world"`` for the
+            default group, or a ``torch.distributed.ProcessGroup``. A no-op on a
+            single process; see :mod:`normlab.distributed`.
 
     Shape:
         Input and output: (N, C) for 1d, (N, C, H, W) for 2d, (N, C, D, H, W) for 3d.
@@ -82,6 +86,7 @@ class _SwitchableNorm(_NormBase):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        process_group: Any = None,
     ) -> None:
         # Read by reset_parameters, which the base constructor calls.
         self.using_bn = bool(using_bn)
@@ -98,6 +103,7 @@ class _SwitchableNorm(_NormBase):
         k = len(switchable_norm_components(self._rank, self.using_bn))
         self.mean_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
         self.var_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
+        self.process_group = process_group
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -128,6 +134,7 @@ class _SwitchableNorm(_NormBase):
             momentum=factor,
             eps=self.eps,
             using_bn=self.using_bn,
+            process_group=self.process_group if self.training else None,
         )
 
     def extra_repr(self) -> str:

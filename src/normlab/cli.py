@@ -1,0 +1,214 @@
+"""Command line: parse arguments, call the library, print. Nothing else lives here.
+
+Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_run_<name>(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .lab.train import RunRecord
+
+__all__ = ["main"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 2,4,8, got {text!r}"
+        ) from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    """``3`` means seeds 0, 1, 2; ``0,5,7`` names them."""
+    values = _int_list(text)
+    if len(values) == 1 and "," not in text:
+        if values[0] < 1:
+            raise argparse.ArgumentTypeError(f"--seeds needs >= 1 seed, got {text!r}")
+        return list(range(values[0]))
+    return values
+
+
+def _print_table(records: Sequence[RunRecord]) -> None:
+    from .lab.report import markdown_table, summarize
+
+    print("\n".join(markdown_table(summarize(records))))
+
+
+def _add_report_outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="normlab-report", help="report folder (default: %(default)s)")
+    p.add_argument("--json", type=Path, help="also write the summary as JSON to this path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+
+
+def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
+    from .lab.sweep import DEFAULT_BATCH_SIZES
+    from .lab.train import RunConfig
+
+    p = subparsers.add_parser(
+        "sweep",
+        help="train norms × batch sizes × seeds and report test error",
+        description="Train a small ResNet for every norm × batch size × seed, store each "
+        "finished run in SQLite (rerun to resume), and write a report.",
+    )
+    p.add_argument(
+        "--norms",
+        type=_name_list,
+        help="comma-separated norm names "
+        "(default: bn, gn and the small-batch family present: frn, sn, mabn, brn)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=list(DEFAULT_BATCH_SIZES),
+        help="comma-separated batch sizes (default: 2,4,8,16,32)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=[0, 1, 2],
+        help="number of seeds, or comma-separated seeds (default: 3)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=RunConfig.epochs,
+        help="epochs at every batch size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=RunConfig.base_lr,
+        help="learning rate at batch 32; scaled linearly (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data",
+        help="a .npz with x, y or a folder of class sub-folders "
+        "(default: the embedded Animal-MNIST)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=RunConfig.image_size,
+        help="images are resized to this square size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-train",
+        type=int,
+        default=RunConfig.max_train,
+        help="training subset size; 0 = all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--db",
+        default="normlab-sweep.db",
+        help="SQLite run store; rerun with the same --db to resume (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="parallel worker processes (default: %(default)s)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    _add_report_outputs(p)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .lab.report import summarize, write_json, write_report
+    from .lab.sweep import SweepConfig, default_norms, run_sweep
+
+    config = SweepConfig(
+        norms=args.norms or default_norms(),
+        batch_sizes=args.batch_sizes,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        base_lr=args.lr,
+        data=args.data,
+        image_size=args.image_size,
+        max_train=args.max_train or None,
+        device=args.device,
+    )
+    # Validate every run's config before any training starts.
+    config.runs()
+    try:
+        result = run_sweep(config, args.db, workers=args.workers, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; finished runs are stored in {args.db}. Rerun the same command "
+            "to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    if not result.records:
+        return 0
+    files = write_report(result.records, args.out)
+    if args.json:
+        write_json(summarize(result.records), args.json)
+    if not args.quiet:
+        _print_table(result.records)
+        print(
+            f"\n{result.new_runs} new run(s), {result.skipped_runs} already stored; "
+            f"{result.wall_time:.0f} s. Store: {result.db}. Report: {files.markdown}"
+        )
+    return 0
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="re-render the report of a sweep store",
+        description="Re-render the table, plot and Markdown report from a run store.",
+    )
+    p.add_argument("db", help="SQLite run store written by `normlab sweep`")
+    _add_report_outputs(p)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .lab.report import summarize, write_json, write_report
+    from .lab.store import RunStore
+
+    with RunStore(args.db, create=False) as store:
+        records = store.records()
+    if not records:
+        print(f"{args.db}: the store holds no runs yet; run `normlab sweep`", file=sys.stderr)
+        return 1
+    files = write_report(records, args.out)
+    if args.json:
+        write_json(summarize(records), args.json)
+    if not args.quiet:
+        _print_table(records)
+        print(f"\nReport: {files.markdown}")
+    return 0
+
+
+_COMMANDS = {"sweep": _run_sweep, "report": _run_report}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normlab", description="normlab command line")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_sweep(subparsers)
+    _add_report(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``normlab``; returns the exit status."""
+    from .lab.data import DataError
+    from .lab.store import StoreError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (DataError, StoreError, ValueError, KeyError) as e:
+        print(f"normlab {args.command}: error: {e}", file=sys.stderr)
+        return 2

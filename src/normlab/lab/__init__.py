@@ -1,0 +1,37 @@
+"""The lab: how each norm behaves as the batch shrinks, as library code returning records.
+
+``sweep.run_sweep`` trains the grid norms × batch sizes × seeds (``train.train_run`` per
+run), ``store.RunStore`` keeps every finished run in SQLite, and ``report`` turns the
+stored runs into a table with spread, Welch tests, a plot and a Markdown report.
+"""
+
+from .data import DataError, ImageData, Split, load_images, split_data
+from .models import build_model
+from .report import ReportFiles, summarize, write_json, write_report
+from .store import RunStore, StoreError
+from .sweep import SweepConfig, SweepResult, default_norms, merge_shards, run_sweep
+from .train import EpochStats, RunConfig, RunRecord, train_run
+
+__all__ = [
+    "DataError",
+    "EpochStats",
+    "ImageData",
+    "ReportFiles",
+    "RunConfig",
+    "RunRecord",
+    "RunStore",
+    "Split",
+    "StoreError",
+    "SweepConfig",
+    "SweepResult",
+    "build_model",
+    "default_norms",
+    "load_images",
+    "merge_shards",
+    "run_sweep",
+    "split_data",
+    "summarize",
+    "train_run",
+    "write_json",
+    "write_report",
+]

@@ -1,0 +1,285 @@
+"""From stored runs to answers: a table with spread, Welch tests, a plot, a Markdown report.
+
+- :func:`summarize`: mean ± std and 95% CI (Student t) of test error per norm × batch.
+- :func:`key_comparisons`: Welch's t-test of each norm's smallest vs largest batch, and
+  of every norm vs the first one at each batch size, with the smallest difference the
+  seeds can resolve.
+- :func:`plot_errors`: error vs batch size (log-2 axis), one line per norm, ± std bars.
+- :func:`write_report`: ``report.md`` + ``sweep.png`` + ``summary.json`` in a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .stats import WelchResult, mean_ci, welch_test
+from .train import RunRecord
+
+__all__ = [
+    "Cell",
+    "Comparison",
+    "ReportFiles",
+    "key_comparisons",
+    "markdown_table",
+    "plot_errors",
+    "render_markdown",
+    "summarize",
+    "summary_dicts",
+    "write_json",
+    "write_report",
+]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """All seeds of one norm × batch size."""
+
+    norm: str
+    batch_size: int
+    errors: tuple[float, ...]
+    mean: float
+    std: float
+    ci95: float
+
+    @property
+    def n(self) -> int:
+        return len(self.errors)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: Cell
+    b: Cell
+    test: WelchResult
+
+
+def _norm_order(records: Sequence[RunRecord]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in records:
+        seen.setdefault(r.config.norm, None)
+    names = list(seen)
+    head = [n for n in ("bn", "bn+recal", "gn") if n in seen]
+    return head + [n for n in names if n not in head]
+
+
+def summarize(records: Sequence[RunRecord]) -> list[Cell]:
+    """One :class:`Cell` per norm × batch size, norms in report order, batches ascending."""
+    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in records:
+        groups[(r.config.norm, r.config.batch_size)].append(r.final_error)
+    cells = []
+    for norm in _norm_order(records):
+        for bs in sorted(b for (n, b) in groups if n == norm):
+            errs = groups[(norm, bs)]
+            m, s, ci = mean_ci(errs)
+            cells.append(Cell(norm, bs, tuple(errs), m, s, ci))
+    return cells
+
+
+def summary_dicts(cells: Sequence[Cell]) -> list[dict[str, object]]:
+    """The JSON summary: ``{norm, batch_size, mean_error, std_error, n_seeds}`` (percent)."""
+    return [
+        {
+            "norm": c.norm,
+            "batch_size": c.batch_size,
+            "mean_error": round(c.mean, 4),
+            "std_error": None if math.isnan(c.std) else round(c.std, 4),
+            "n_seeds": c.n,
+        }
+        for c in cells
+    ]
+
+
+def write_json(cells: Sequence[Cell], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary_dicts(cells), indent=2) + "\n")
+    return path
+
+
+def key_comparisons(cells: Sequence[Cell]) -> list[Comparison]:
+    """Smallest vs largest batch per norm; each norm vs the first norm at every batch."""
+    by_norm: dict[str, list[Cell]] = defaultdict(list)
+    for c in cells:
+        by_norm[c.norm].append(c)
+    out = []
+    for row in by_norm.values():
+        lo, hi = row[0], row[-1]
+        if lo is not hi and lo.n > 1 and hi.n > 1:
+            out.append(Comparison(lo, hi, welch_test(lo.errors, hi.errors)))
+    norms = list(by_norm)
+    if len(norms) > 1:
+        ref = {c.batch_size: c for c in by_norm[norms[0]]}
+        for norm in norms[1:]:
+            for c in by_norm[norm]:
+                r = ref.get(c.batch_size)
+                if r is not None and r.n > 1 and c.n > 1:
+                    out.append(Comparison(c, r, welch_test(c.errors, r.errors)))
+    return out
+
+
+def plot_errors(cells: Sequence[Cell], path: str | Path, title: str | None = None) -> Path:
+    """PNG of test error vs batch size (log-2 axis), one line per norm, ± std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    by_norm: dict[str, list[Cell]] = defaultdict(list)
+    for c in cells:
+        by_norm[c.norm].append(c)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    try:
+        for norm, row in by_norm.items():
+            xs = [c.batch_size for c in row]
+            ys = [c.mean for c in row]
+            es = [0.0 if math.isnan(c.std) else c.std for c in row]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm.upper())
+        sizes = sorted({c.batch_size for c in cells})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size (images per step)")
+        ax.set_ylabel("test error (%), mean ± std over seeds")
+        ax.set_title(title or "Test error vs batch size")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    return "–" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def markdown_table(cells: Sequence[Cell]) -> list[str]:
+    """Lines of a Markdown table: one row per norm, one column per batch size."""
+    sizes = sorted({c.batch_size for c in cells})
+    grid = {(c.norm, c.batch_size): c for c in cells}
+    norms = list(dict.fromkeys(c.norm for c in cells))
+    lines = [
+        "| norm | " + " | ".join(f"batch {s}" for s in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for n in norms:
+        row = []
+        for s in sizes:
+            c = grid.get((n, s))
+            row.append("" if c is None else f"{_fmt(c.mean)} ± {_fmt(c.std)}")
+        lines.append(f"| {n.upper()} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _ci_table(cells: Sequence[Cell]) -> list[str]:
+    lines = ["| norm | batch | seeds | mean | std | 95% CI |", "|---|---|---|---|---|---|"]
+    for c in cells:
+        ci = "–" if math.isnan(c.ci95) else f"[{c.mean - c.ci95:.1f}, {c.mean + c.ci95:.1f}]"
+        std = _fmt(c.std, 2)
+        lines.append(f"| {c.norm.upper()} | {c.batch_size} | {c.n} | {c.mean:.2f} | {std} | {ci} |")
+    return lines
+
+
+def _comparison_lines(comps: Sequence[Comparison]) -> list[str]:
+    lines = [
+        "| A | B | A − B (points) | t | df | p | smallest resolvable |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k in comps:
+        t = k.test
+        lines.append(
+            f"| {k.a.norm.upper()} @ {k.a.batch_size} | {k.b.norm.upper()} @ {k.b.batch_size} "
+            f"| {t.diff:+.1f} | {t.t:.2f} | {t.df:.1f} | {t.p_value:.3g} | {t.resolvable:.1f} |"
+        )
+    return lines
+
+
+def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
+    r = records[0]
+    c = r.config
+    sizes = sorted({x.config.batch_size for x in records})
+    values = ", ".join(f"{b}: {b * r.final_map**2}" for b in sizes)
+    wall = sum(x.wall_time for x in records)
+    return [
+        f"- Data: {c.data or 'embedded Animal-MNIST'} at {c.image_size}×{c.image_size}, "
+        f"{r.num_train} training / {r.num_test} test images (fixed stratified split).",
+        f"- Model: ResNet, one stage per width {list(c.widths)}, {c.blocks} basic block(s) "
+        f"per stage, last stage at {r.final_map}×{r.final_map}.",
+        f"- SGD momentum 0.9, weight decay {c.weight_decay}, lr = {c.base_lr} × batch / 32, "
+        f"{c.warmup_epochs} epoch(s) linear warm-up then cosine, {c.epochs} epochs at every "
+        "batch size; test error in eval mode (BN: running statistics).",
+        f"- Values behind each batch statistic at the deepest BN layers (N × H × W): {values}.",
+        f"- {len(records)} runs, {wall:.0f} s of training in total (sum over runs).",
+        "- Versions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(r.versions.items()) if k != "platform")
+        + f"; {r.versions.get('platform', '')}; device {c.device}.",
+    ]
+
+
+def render_markdown(
+    records: Sequence[RunRecord], *, plot_name: str | None = "sweep.png", title: str = ""
+) -> str:
+    """The report as Markdown (embeds ``plot_name`` relative to the report's folder)."""
+    if not records:
+        raise ValueError("no runs to report; run `normlab sweep` first")
+    cells = summarize(records)
+    comps = key_comparisons(cells)
+    out = [f"# {title or 'normlab sweep: test error vs batch size'}", ""]
+    if plot_name:
+        out += [f"![test error vs batch size]({plot_name})", ""]
+    out += ["## Test error (%), mean ± std over seeds", "", *markdown_table(cells), ""]
+    diverged = [x for x in records if x.diverged]
+    if diverged:
+        out += [
+            f"{len(diverged)} run(s) diverged (non-finite loss) and count with the error "
+            "they had when they stopped: "
+            + ", ".join(
+                f"{x.config.norm}@{x.config.batch_size}/seed {x.config.seed}" for x in diverged
+            ),
+            "",
+        ]
+    out += ["## Spread: 95% confidence intervals (Student t)", "", *_ci_table(cells), ""]
+    if comps:
+        out += [
+            "## Is it luck? Welch's t-test",
+            "",
+            "Two-sided Welch t-test on the per-seed errors. *Smallest resolvable* is the "
+            "difference that would reach p < 0.05 with these spreads and seed counts; "
+            "differences below it are within run-to-run noise.",
+            "",
+            *_comparison_lines(comps),
+            "",
+        ]
+    out += ["## Protocol", "", *_protocol_lines(records), ""]
+    return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    plot: Path
+    json: Path
+
+
+def write_report(records: Sequence[RunRecord], out_dir: str | Path) -> ReportFiles:
+    """Write ``report.md``, ``sweep.png`` and ``summary.json`` into ``out_dir``."""
+    if not records:
+        raise ValueError("no runs to report; run `normlab sweep` first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = summarize(records)
+    png = plot_errors(cells, out / "sweep.png")
+    md = out / "report.md"
+    md.write_text(render_markdown(records, plot_name=png.name))
+    js = write_json(cells, out / "summary.json")
+    return ReportFiles(md, png, js)

@@ -1,0 +1,272 @@
+"""One training run of the lab: config in, :class:`RunRecord` out.
+
+Protocol (the same for every norm and batch size, after the Group Normalization paper):
+SGD with momentum 0.9 and weight decay 5e-4; learning rate ``base_lr · batch / 32``
+(linear scaling); linear warm-up over the first ``warmup_epochs`` epochs, then cosine
+decay to zero, stepped per iteration; the same number of epochs at every batch size;
+the last incomplete batch of an epoch is dropped (a batch of 1 would break BN). The test
+error is measured in eval mode, so BN uses its running statistics. ``bn+recal`` trains
+as BN and recomputes the running statistics over the training set
+(:func:`normlab.recalibrate.recalibrate`) before every evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Split, load_split
+from .models import build_model, final_spatial_size, resolve_norm
+
+__all__ = ["EpochStats", "RunConfig", "RunRecord", "train_run", "versions"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one run; its :meth:`key` identifies it in the store."""
+
+    norm: str
+    batch_size: int
+    seed: int
+    epochs: int = 4
+    base_lr: float = 0.1
+    warmup_epochs: float = 0.5
+    weight_decay: float = 5e-4
+    data: str | None = None
+    image_size: int = 16
+    max_train: int | None = 1500
+    widths: tuple[int, ...] = (16, 32, 64, 128, 128)
+    blocks: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        resolve_norm(self.norm)
+        if self.batch_size < 2:
+            raise ValueError(
+                f"batch_size must be >= 2, got {self.batch_size}: batch statistics need at "
+                "least two samples"
+            )
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.base_lr <= 0:
+            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "widths" in kw:
+            kw["widths"] = tuple(kw["widths"])
+        return cls(**kw)
+
+    def key(self) -> str:
+        """Stable identity of the run: a hash of every field except the device.
+
+        The device does not change what is measured, so a sweep started on CPU resumes
+        on GPU without repeating finished runs.
+        """
+        d = self.to_dict()
+        d.pop("device")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_error: float
+    test_error: float
+    lr: float
+
+
+@dataclass
+class RunRecord:
+    """The outcome of one run: config, per-epoch curves, final test error (%), provenance."""
+
+    config: RunConfig
+    epochs: list[EpochStats]
+    final_error: float
+    wall_time: float
+    diverged: bool
+    num_train: int
+    num_test: int
+    final_map: int
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.config.key()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
+        d = dict(d)
+        d["config"] = RunConfig.from_dict(d["config"])
+        d["epochs"] = [EpochStats(**e) for e in d["epochs"]]
+        return cls(**d)
+
+
+def versions() -> dict[str, str]:
+    """Provenance of a run: library versions, Python, platform."""
+    from .. import __version__
+
+    return {
+        "normlab": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+    }
+
+
+def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def _error(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: str) -> float:
+    model.eval()
+    wrong = 0
+    for i in range(0, len(x), 500):
+        logits = model(x[i : i + 500].to(device))
+        wrong += int((logits.argmax(1).cpu() != y[i : i + 500]).sum())
+    return 100.0 * wrong / len(x)
+
+
+def _recalibrate(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device: str) -> None:
+    try:
+        from ..recalibrate import recalibrate
+    except ImportError as e:
+        raise RuntimeError(
+            "norm 'bn+recal' needs normlab.recalibrate.recalibrate, which this installation "
+            "lacks; update normlab or drop 'bn+recal' from --norms"
+        ) from e
+    batches = [
+        x[i : i + batch_size].to(device) for i in range(0, len(x) - batch_size + 1, batch_size)
+    ]
+    recalibrate(model, batches)
+
+
+def train_run(
+    config: RunConfig,
+    *,
+    split: Split | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> RunRecord:
+    """Train and evaluate one model; ``on_epoch`` is called after every epoch."""
+    start = time.perf_counter()
+    if split is None:
+        split = load_split(config.data, config.image_size, config.max_train)
+    n = len(split.x_train)
+    if n < config.batch_size:
+        raise ValueError(
+            f"batch_size {config.batch_size} exceeds the {n} training images; "
+            "use a smaller batch or more data"
+        )
+    device = config.device
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.norm,
+        in_channels=split.in_channels,
+        num_classes=split.num_classes,
+        widths=config.widths,
+        blocks=config.blocks,
+    ).to(device)
+    recal = config.norm.lower().replace("-", "_") == "bn+recal"
+    params_decay = [p for p in model.parameters() if p.ndim > 1]
+    params_plain = [p for p in model.parameters() if p.ndim <= 1]
+    peak = config.base_lr * config.batch_size / 32
+    opt = torch.optim.SGD(
+        [
+            {"params": params_decay, "weight_decay": config.weight_decay},
+            {"params": params_plain, "weight_decay": 0.0},
+        ],
+        lr=peak,
+        momentum=0.9,
+    )
+    steps_per_epoch = n // config.batch_size
+    total = steps_per_epoch * config.epochs
+    warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
+    gen = torch.Generator().manual_seed(config.seed)
+    x_train, y_train = split.x_train, split.y_train
+    history: list[EpochStats] = []
+    diverged = False
+    step = 0
+    for epoch in range(config.epochs):
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        loss_sum, wrong = 0.0, 0
+        for b in range(steps_per_epoch):
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+            lr = _lr_at(step, total, warmup, peak)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            wrong += int((logits.detach().argmax(1) != yb).sum())
+        seen = max(1, steps_per_epoch * config.batch_size)
+        if recal and not diverged:
+            _recalibrate(model, x_train, config.batch_size, device)
+        last = diverged or epoch == config.epochs - 1
+        # Intermediate epochs: a fixed 500-image slice of the test set (a curve, cheaply);
+        # the final error: the whole test set.
+        n_eval = len(split.x_test) if last else min(len(split.x_test), 500)
+        stats = EpochStats(
+            epoch=epoch + 1,
+            train_loss=loss_sum / seen if not diverged else float("nan"),
+            train_error=100.0 * wrong / seen,
+            test_error=_error(model, split.x_test[:n_eval], split.y_test[:n_eval], device),
+            lr=lr,
+        )
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+        if diverged:
+            break
+    return RunRecord(
+        config=config,
+        epochs=history,
+        final_error=history[-1].test_error,
+        wall_time=time.perf_counter() - start,
+        diverged=diverged,
+        num_train=n,
+        num_test=len(split.x_test),
+        final_map=final_spatial_size(config.image_size, len(config.widths)),
+        versions=versions(),
+    )

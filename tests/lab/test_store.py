@@ -1,0 +1,60 @@
+"""The SQLite run store: round trip, duplicates, corrupt and foreign files."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from normlab.lab.store import RunStore, StoreError
+from normlab.lab.train import EpochStats, RunConfig, RunRecord
+
+
+def _record(seed: int = 0) -> RunRecord:
+    cfg = RunConfig(norm="bn", batch_size=4, seed=seed, epochs=1)
+    return RunRecord(cfg, [EpochStats(1, 1.0, 50.0, 40.0, 0.01)], 40.0, 1.5, False, 10, 5, 1)
+
+
+def test_round_trip_and_duplicates(tmp_path):
+    db = tmp_path / "runs.db"
+    with RunStore(db) as store:
+        assert store.add(_record(0)) is True
+        assert store.add(_record(0)) is False
+        assert store.add(_record(1)) is True
+    with RunStore(db, create=False) as store:
+        records = store.records()
+        assert len(store) == 2 and store.keys() == {r.key for r in records}
+    assert records[0] == _record(0)
+
+
+def test_corrupt_file(tmp_path):
+    db = tmp_path / "bad.db"
+    db.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="not a readable SQLite database"):
+        RunStore(db)
+
+
+def test_foreign_sqlite(tmp_path):
+    db = tmp_path / "other.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE users (id INTEGER)")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="not a normlab run store"):
+        RunStore(db)
+
+
+def test_newer_schema(tmp_path):
+    db = tmp_path / "new.db"
+    RunStore(db).close()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE normlab_meta SET value = '99' WHERE name = 'schema_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        RunStore(db)
+
+
+def test_missing_store_for_report(tmp_path):
+    with pytest.raises(StoreError, match="no such run store"):
+        RunStore(tmp_path / "none.db", create=False)

@@ -1,0 +1,141 @@
+"""Tiny sweeps: store + table + PNG, resume after an interruption, sharding, bad arguments."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import matplotlib.image as mpimg
+import pytest
+
+from normlab.lab.report import summarize, write_report
+from normlab.lab.store import RunStore
+from normlab.lab.sweep import SweepConfig, default_norms, merge_shards, run_sweep
+from normlab.lab.train import RunConfig, train_run
+
+
+def test_tiny_sweep_store_table_png(tmp_path, tiny_kwargs):
+    cfg = SweepConfig(norms=("bn", "gn"), batch_sizes=(2, 4), **tiny_kwargs)
+    result = run_sweep(cfg, tmp_path / "runs.db", workers=1, progress=False)
+    assert result.new_runs == 4 and result.skipped_runs == 0
+    assert len(result.records) == 4
+    rec = result.records[0]
+    assert len(rec.epochs) == 1 and 0.0 <= rec.final_error <= 100.0
+    assert rec.versions["torch"] and rec.wall_time > 0
+    cells = summarize(result.records)
+    assert [(c.norm, c.batch_size, c.n) for c in cells] == [
+        ("bn", 2, 1),
+        ("bn", 4, 1),
+        ("gn", 2, 1),
+        ("gn", 4, 1),
+    ]
+    files = write_report(result.records, tmp_path / "report")
+    png = files.plot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert mpimg.imread(files.plot).ndim == 3
+    md = files.markdown.read_text()
+    assert "![test error vs batch size](sweep.png)" in md and "| BN |" in md
+    summary = json.loads(files.json.read_text())
+    assert summary[0].keys() == {"norm", "batch_size", "mean_error", "std_error", "n_seeds"}
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupt_then_resume(tmp_path, tiny_kwargs):
+    cfg = SweepConfig(norms=("bn", "gn"), batch_sizes=(2, 4), **tiny_kwargs)
+    db = tmp_path / "runs.db"
+
+    def stop_after_first(_record):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        run_sweep(cfg, db, workers=1, progress=False, on_record=stop_after_first)
+    with RunStore(db) as store:
+        assert len(store) == 1  # the finished run was committed before the interruption
+    again = run_sweep(cfg, db, workers=1, progress=False)
+    assert again.skipped_runs == 1 and again.new_runs == 3
+    # Simulate a kill that lost a row: it is rerun, nothing is duplicated.
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM runs WHERE rowid = (SELECT MIN(rowid) FROM runs)")
+    con.commit()
+    con.close()
+    third = run_sweep(cfg, db, workers=1, progress=False)
+    assert third.new_runs == 1 and third.skipped_runs == 3
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT norm, batch_size, seed, COUNT(*) FROM runs GROUP BY key").fetchall()
+    con.close()
+    assert len(rows) == 4 and all(r[3] == 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_parallel_workers(tmp_path, tiny_kwargs):
+    cfg = SweepConfig(norms=("bn", "gn"), batch_sizes=(2, 4), **tiny_kwargs)
+    result = run_sweep(cfg, tmp_path / "runs.db", workers=2, progress=False)
+    assert result.new_runs == 4 and len(result.records) == 4
+    serial = run_sweep(cfg, tmp_path / "serial.db", workers=1, progress=False)
+    # Same seeds, same runs: the worker processes reproduce the in-process results.
+    assert {r.key: r.final_error for r in result.records} == {
+        r.key: r.final_error for r in serial.records
+    }
+
+
+def test_simulated_ranks_merge(tmp_path, tiny_kwargs):
+    cfg = SweepConfig(norms=("bn", "gn"), batch_sizes=(2, 4), **tiny_kwargs)
+    db = tmp_path / "runs.db"
+    r1 = run_sweep(cfg, db, workers=1, progress=False, rank=1, world_size=2)
+    assert len(r1.records) == 2 and r1.db.name == "runs.db.rank1"
+    r0 = run_sweep(cfg, db, workers=1, progress=False, rank=0, world_size=2)
+    assert r0.new_runs == 2 and len(r0.records) == 4 and r0.db == db
+    assert merge_shards(db, 2) == 0  # merging again adds nothing
+
+
+def test_default_norms_follow_registry():
+    names = default_norms()
+    assert names[:2] == ["bn", "gn"]
+    assert set(names[2:]) <= {"frn", "sn", "mabn", "brn"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(norms=("bn", "nope")), "unknown norm 'nope'"),
+        (dict(batch_sizes=(0, 4)), "batch size 0"),
+        (dict(batch_sizes=(1,)), "batch size 1"),
+        (dict(norms=()), "norms is empty"),
+        (dict(seeds=()), "seeds is empty"),
+        (dict(seeds=(1, 1)), "duplicates"),
+        (dict(device="cuda:0"), None),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    import torch
+
+    if "device" in kwargs:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        match = "no CUDA GPU"
+    with pytest.raises(ValueError, match=match):
+        SweepConfig(**kwargs)
+
+
+def test_batch_larger_than_data(tiny_npz):
+    cfg = RunConfig(
+        "bn", 64, 0, epochs=1, data=str(tiny_npz), image_size=8, max_train=None, widths=(8,)
+    )
+    with pytest.raises(ValueError, match="exceeds the"):
+        train_run(cfg)
+
+
+def test_recal_variant_needs_recalibrate(tiny_npz):
+    cfg = RunConfig(
+        "bn+recal", 4, 0, epochs=1, data=str(tiny_npz), image_size=8, max_train=None, widths=(8,)
+    )
+    try:
+        import normlab.recalibrate  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="normlab.recalibrate"):
+            train_run(cfg)
+    else:
+        assert 0.0 <= train_run(cfg).final_error <= 100.0
