@@ -189,7 +189,116 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"sweep": _run_sweep, "report": _run_report}
+def _add_check(subparsers: argparse._SubParsersAction) -> None:
+    subparsers.add_parser(
+        "check",
+        help="list every layer and verify it against its float64 reference",
+        description="Build every catalogue layer in float64 with random parameters, run "
+        "forward and backward on fresh off-center data and compare with normlab.reference.",
+    )
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from .selfcheck import run_checks
+
+    results = run_checks()
+    print(f"{'layer':52} {'family':10} {'max |dy|':>10} {'max |dgrad|':>12}  result")
+    for r in results:
+        verdict = "ok" if r.ok else "FAIL"
+        print(
+            f"{r.name:52} {r.family:10} {r.max_abs_err_y:10.2e} {r.max_abs_err_grads:12.2e}"
+            f"  {verdict}"
+        )
+    failed = [r for r in results if not r.ok]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _add_doctor(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "doctor",
+        help="find BatchNorm pitfalls in a model",
+        description="Load a model from 'path/to/file.py:factory' (or 'package.module:factory'; "
+        "the factory takes no arguments and returns (model, example_inputs)), run it once "
+        "with hooks and report findings with severity, module, explanation and fix.",
+    )
+    p.add_argument("target", help="path/to/file.py:factory or package.module:factory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--expect-eval",
+        action="store_true",
+        help="say that you are evaluating: flags layers still in training mode",
+    )
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from .doctor import DoctorTargetError, diagnose, load_factory
+
+    try:
+        model, inputs = load_factory(args.target)
+    except DoctorTargetError as e:
+        print(f"normlab doctor: cannot load {args.target} ({e.part}): {e}", file=sys.stderr)
+        return 2
+    report = diagnose(model, inputs, expect_eval=True if args.expect_eval else None)
+    print(report.to_json() if args.json else report.to_table())
+    return 0 if report.ok else 1
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time normlab's layers against torch.nn (forward+backward, saved memory)",
+        description="Forward+backward median/p20/p80 time and bytes saved for backward, "
+        "normlab vs torch.nn, interleaved in one run; optionally written as CSV.",
+    )
+    p.add_argument(
+        "--shape",
+        type=_int_list,
+        action="append",
+        help="input shape N,C,H,W (repeatable; default: 8,64,56,56 and 2,256,32,32)",
+    )
+    p.add_argument("--layers", type=_name_list, help="comma-separated layer names")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--csv", type=Path, help="write the records to this CSV")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .lab.bench import bench_layers, write_csv
+
+    shapes = [tuple(s) for s in (args.shape or [[8, 64, 56, 56], [2, 256, 32, 32]])]
+    records = bench_layers(
+        shapes,
+        layers=args.layers,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+        reps=args.reps,
+    )
+    print(
+        f"{'layer':22} {'shape':14} {'provider':8} {'median ms':>10} {'p20':>8} {'p80':>8} "
+        f"{'ratio':>6} {'saved MiB':>9}"
+    )
+    for r in records:
+        print(
+            f"{r.layer:22} {r.shape:14} {r.provider:8} {r.median_ms:10.3f} {r.p20_ms:8.3f} "
+            f"{r.p80_ms:8.3f} {r.ratio_vs_torch:6.2f} {r.saved_bytes / 2**20:9.2f}"
+        )
+    if args.csv:
+        write_csv(records, args.csv, "normlab " + " ".join(args.argv))
+        print(f"wrote {args.csv}")
+    return 0
+
+
+_COMMANDS = {
+    "sweep": _run_sweep,
+    "report": _run_report,
+    "check": _run_check,
+    "doctor": _run_doctor,
+    "bench": _run_bench,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_sweep(subparsers)
     _add_report(subparsers)
+    _add_check(subparsers)
+    _add_doctor(subparsers)
+    _add_bench(subparsers)
     return parser
 
 
@@ -207,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _COMMANDS[args.command](args)
     except (DataError, StoreError, ValueError, KeyError) as e:
