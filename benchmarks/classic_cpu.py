@@ -1,6 +1,10 @@
-"""Forward+backward time and saved-activation memory of the classic layers vs torch.nn.
+"""Forward+backward time and saved-activation memory of normlab's layers vs torch.
 
-Usage:  python benchmarks/classic_cpu.py [--reps 20] [--out benchmarks/results/...csv]
+Usage:  python benchmarks/classic_cpu.py [--family classic|small-batch] [--reps 20]
+        [--out benchmarks/results/...csv]
+classic: each layer vs its torch.nn twin. small-batch: SN, FRN+TLU, MABN, BRN,
+EvoNorm B0/S0 vs a plain autograd composite of the same math and vs
+torch.nn.BatchNorm2d on the same tensor.
 Prints a table (median ms, p20/p80, ratio normlab/torch measured in the same run)
 and writes the CSV with the command and provenance.
 """
@@ -12,7 +16,7 @@ import sys
 
 import torch
 
-from normlab.lab.bench import bench_layers, write_csv
+from normlab.lab.bench import SMALL_BATCH_LAYERS, bench_layers, write_csv
 
 SHAPES = [(8, 64, 56, 56), (2, 256, 32, 32)]
 
@@ -22,9 +26,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--family", default="classic", choices=["classic", "small-batch"])
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    records = bench_layers(SHAPES, dtype=dtype, reps=args.reps, progress=print)
+    layers = list(SMALL_BATCH_LAYERS) if args.family == "small-batch" else None
+    records = bench_layers(SHAPES, layers=layers, dtype=dtype, reps=args.reps, progress=print)
     print(
         f"\n{'layer':22} {'shape':14} {'provider':8} {'median':>9} {'p20':>8} {'p80':>8} "
         f"{'ratio':>6} {'saved MB':>9}"
@@ -35,7 +41,7 @@ def main() -> None:
             f"{r.p80_ms:8.2f} {r.ratio_vs_torch:6.2f} {r.saved_bytes / 2**20:9.1f}"
         )
     out = args.out or (
-        f"benchmarks/results/classic_fwdbwd_{args.dtype}_cpu_torch{torch.__version__.split('+')[0]}.csv"
+        f"benchmarks/results/{args.family}_fwdbwd_{args.dtype}_cpu_torch{torch.__version__.split('+')[0]}.csv"
     )
     cmd = "python " + " ".join(sys.argv)
     print("wrote", write_csv(records, out, cmd))

@@ -37,6 +37,21 @@ def assert_close(actual, expected, dtype=torch.float64, **kw) -> None:
     torch.testing.assert_close(a.to(torch.float64), e.to(torch.float64), **tol)
 
 
+def numeric_grad(loss, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central differences of ``loss()`` with respect to every element of ``a`` (in place)."""
+    grad = np.zeros_like(a)
+    flat, gflat = a.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        plus = loss()
+        flat[i] = old - h
+        minus = loss()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * h)
+    return grad
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import normlab.functional as NF
-from conftest import assert_close, np64, offcenter
+from conftest import assert_close, np64, numeric_grad, offcenter
 from normlab import nn as nnl
 from normlab import reference as R
 from normlab.reference._common import standardize
@@ -20,20 +20,6 @@ from normlab.registry import create_norm
 MODULES = {2: nnl.BatchRenorm1d, 3: nnl.BatchRenorm1d, 4: nnl.BatchRenorm2d, 5: nnl.BatchRenorm3d}
 SHAPES = [(4, 3), (2, 3, 5), (2, 3, 4, 5), (1, 3, 2, 2), (3, 3, 1, 1), (2, 3, 2, 3, 2)]
 FIXED = dict(warmup_iters=0, r_max_rampup_iters=0, d_max_rampup_iters=0)
-
-
-def numeric_grad(loss, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        plus = loss()
-        flat[i] = old - h
-        minus = loss()
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 def running(c: int, seed: int = 0, spread: float = 1.0):

@@ -11,27 +11,13 @@ import torch
 from torch import nn
 
 import normlab.functional as NF
-from conftest import assert_close, np64, offcenter
+from conftest import assert_close, np64, numeric_grad, offcenter
 from normlab import nn as nnl
 from normlab import reference as R
 from normlab.registry import create_norm
 
 SHAPES = [(2, 3, 5), (2, 3, 4, 5), (1, 3, 1, 1), (2, 3, 2, 3, 2), (3, 5, 7, 3)]
 MODULES = {3: nnl.FilterResponseNorm1d, 4: nnl.FilterResponseNorm2d, 5: nnl.FilterResponseNorm3d}
-
-
-def numeric_grad(loss, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        plus = loss()
-        flat[i] = old - h
-        minus = loss()
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 def params(c: int, seed: int = 0):

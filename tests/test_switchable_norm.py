@@ -14,7 +14,7 @@ from torch import nn
 
 import normlab.functional as NF
 import normlab.nn as nnl
-from conftest import assert_close, np64, offcenter
+from conftest import assert_close, np64, numeric_grad, offcenter
 from normlab import reference as R
 from normlab.registry import create_norm
 
@@ -84,20 +84,6 @@ def ref_forward(case: Case, x, lm, lv, w, b, rm, rv):
 
 
 # --------------------------------------------------------------------------- the reference
-
-
-def numeric_grad(loss, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        plus = loss()
-        flat[i] = old - h
-        minus = loss()
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -66,7 +66,7 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
         "--norms",
         type=_name_list,
         help="comma-separated norm names "
-        "(default: bn, gn and the small-batch family present: frn, sn, mabn, brn)",
+        "(default: bn,gn; 'all' = bn, gn and the small-batch family frn, sn, mabn, brn)",
     )
     p.add_argument(
         "--batch-sizes",
@@ -123,10 +123,10 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from .lab.report import summarize, write_json, write_report
-    from .lab.sweep import SweepConfig, default_norms, run_sweep
+    from .lab.sweep import SweepConfig, default_norms, expand_norms, run_sweep
 
     config = SweepConfig(
-        norms=args.norms or default_norms(),
+        norms=expand_norms(args.norms) if args.norms else default_norms(),
         batch_sizes=args.batch_sizes,
         seeds=args.seeds,
         epochs=args.epochs,

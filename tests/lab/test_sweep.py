@@ -10,7 +10,7 @@ import pytest
 
 from normlab.lab.report import summarize, write_report
 from normlab.lab.store import RunStore
-from normlab.lab.sweep import SweepConfig, default_norms, merge_shards, run_sweep
+from normlab.lab.sweep import SweepConfig, default_norms, expand_norms, merge_shards, run_sweep
 from normlab.lab.train import RunConfig, train_run
 
 
@@ -91,10 +91,18 @@ def test_simulated_ranks_merge(tmp_path, tiny_kwargs):
     assert merge_shards(db, 2) == 0  # merging again adds nothing
 
 
-def test_default_norms_follow_registry():
-    names = default_norms()
-    assert names[:2] == ["bn", "gn"]
-    assert set(names[2:]) <= {"frn", "sn", "mabn", "brn"}
+def test_default_norms_and_all():
+    assert default_norms() == ["bn", "gn"]
+    assert expand_norms(["all"]) == ["bn", "gn", "frn", "sn", "mabn", "brn"]
+    assert expand_norms(["gn", "all", "bn+recal"]) == [
+        "gn",
+        "bn",
+        "frn",
+        "sn",
+        "mabn",
+        "brn",
+        "bn+recal",
+    ]
 
 
 @pytest.mark.parametrize(

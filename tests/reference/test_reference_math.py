@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import numeric_grad
 from normlab import reference as R
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "src" / "normlab" / "reference"
@@ -23,21 +24,6 @@ REFERENCE_DIR = Path(__file__).resolve().parents[2] / "src" / "normlab" / "refer
 
 def off_center(rng: np.random.Generator, shape) -> np.ndarray:
     return 3.0 + 2.0 * rng.standard_normal(shape)
-
-
-def numeric_grad(loss: Callable[[], float], a: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Central differences of ``loss()`` with respect to every element of ``a`` (in place)."""
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        plus = loss()
-        flat[i] = old - h
-        minus = loss()
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 def assert_grad_close(analytic: np.ndarray, numeric: np.ndarray, name: str) -> None:

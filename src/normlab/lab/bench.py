@@ -23,8 +23,17 @@ from torch import nn
 
 from .. import __version__
 from .. import nn as nnl
+from ..registry import create_norm
+from .composites import COMPOSITES
 
-__all__ = ["BenchRecord", "LAYER_PAIRS", "bench_layers", "write_csv", "provenance"]
+__all__ = [
+    "BenchRecord",
+    "LAYER_PAIRS",
+    "SMALL_BATCH_LAYERS",
+    "bench_layers",
+    "write_csv",
+    "provenance",
+]
 
 
 @dataclass(frozen=True)
@@ -42,16 +51,38 @@ class BenchRecord:
     reps: int
 
 
-# name -> (normlab factory, torch factory); factories take C.
-LAYER_PAIRS: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], nn.Module]]] = {
-    "BatchNorm2d": (nnl.BatchNorm2d, nn.BatchNorm2d),
-    "GroupNorm(32)": (lambda c: nnl.GroupNorm(32, c), lambda c: nn.GroupNorm(32, c)),
-    "InstanceNorm2d": (
-        lambda c: nnl.InstanceNorm2d(c, affine=True),
-        lambda c: nn.InstanceNorm2d(c, affine=True),
-    ),
-    "LocalResponseNorm(5)": (lambda c: nnl.LocalResponseNorm(5), lambda c: nn.LocalResponseNorm(5)),
-    "BatchNorm2d eval": (lambda c: nnl.BatchNorm2d(c).eval(), lambda c: nn.BatchNorm2d(c).eval()),
+Factory = Callable[[int], nn.Module]
+
+# name -> {provider: factory(C)}. "torch" is the baseline every ratio refers to: the
+# torch.nn twin where torch has the layer, else torch.nn.BatchNorm2d on the same
+# tensor; "composite" is the plain autograd version of the same math.
+LAYER_PAIRS: dict[str, dict[str, Factory]] = {
+    "BatchNorm2d": {"normlab": nnl.BatchNorm2d, "torch": nn.BatchNorm2d},
+    "GroupNorm(32)": {
+        "normlab": lambda c: nnl.GroupNorm(32, c),
+        "torch": lambda c: nn.GroupNorm(32, c),
+    },
+    "InstanceNorm2d": {
+        "normlab": lambda c: nnl.InstanceNorm2d(c, affine=True),
+        "torch": lambda c: nn.InstanceNorm2d(c, affine=True),
+    },
+    "LocalResponseNorm(5)": {
+        "normlab": lambda c: nnl.LocalResponseNorm(5),
+        "torch": lambda c: nn.LocalResponseNorm(5),
+    },
+    "BatchNorm2d eval": {
+        "normlab": lambda c: nnl.BatchNorm2d(c).eval(),
+        "torch": lambda c: nn.BatchNorm2d(c).eval(),
+    },
+}
+
+SMALL_BATCH_LAYERS: dict[str, dict[str, Factory]] = {
+    name: {
+        "normlab": lambda c, n=name: create_norm(n, c),
+        "composite": COMPOSITES[name],
+        "torch": nn.BatchNorm2d,
+    }
+    for name in ("sn", "frn", "mabn", "brn", "evonorm_b0", "evonorm_s0")
 }
 
 
@@ -96,23 +127,23 @@ def bench_layers(
     warmup: int = 3,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRecord]:
-    """Forward+backward of each layer on each shape, normlab vs torch.nn."""
+    """Forward+backward of each layer on each shape, every provider timed back to back.
+
+    ``layers`` defaults to the classic layers; names of :data:`SMALL_BATCH_LAYERS`
+    (``"sn"``, ``"frn"``, ...) add normlab vs its composite vs torch BatchNorm2d.
+    """
     records: list[BenchRecord] = []
     for shape in shapes:
         c = shape[1]
-        pairs = dict(LAYER_PAIRS)
-        pairs["LayerNorm[C,H,W]"] = (
-            lambda _c, s=shape: nnl.LayerNorm(list(s[1:])),
-            lambda _c, s=shape: nn.LayerNorm(list(s[1:])),
-        )
-        for name in layers or list(pairs):
+        pairs = {**LAYER_PAIRS, **SMALL_BATCH_LAYERS}
+        pairs["LayerNorm[C,H,W]"] = {
+            "normlab": lambda _c, s=shape: nnl.LayerNorm(list(s[1:])),
+            "torch": lambda _c, s=shape: nn.LayerNorm(list(s[1:])),
+        }
+        for name in layers or [*LAYER_PAIRS, "LayerNorm[C,H,W]"]:
             if name not in pairs:
                 raise KeyError(f"unknown layer {name!r}; known: {', '.join(pairs)}")
-            ours_f, torch_f = pairs[name]
-            mods = {
-                "normlab": ours_f(c).to(device=device, dtype=dtype),
-                "torch": torch_f(c).to(device=device, dtype=dtype),
-            }
+            mods = {prov: f(c).to(device=device, dtype=dtype) for prov, f in pairs[name].items()}
             g = torch.Generator().manual_seed(0)
             inputs = [
                 (3.0 + 2.0 * torch.randn(shape, generator=g)).to(device=device, dtype=dtype)

@@ -49,6 +49,10 @@ def _norm(name: str, channels: int) -> nn.Module:
         # The paper's G = 32, but at least 4 channels per group in the narrow early stages
         # (at 16 channels G = 32 would make GN an InstanceNorm).
         return create_norm("gn", channels, num_groups=auto_groups(channels, min(32, channels // 4)))
+    if name == "frn":
+        # The FRN paper: on 1×1 maps x/sqrt(x² + ε) is nearly sign(x) unless ε is
+        # learned; our last stage is 1×1, so the lab always learns it.
+        return create_norm("frn", channels, learnable_eps=True)
     return create_norm(name, channels)
 
 
