@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import normlab.nn as nnl
-from conftest import assert_close, offcenter
+from _testing import assert_close, offcenter
 from normlab import functional as NF
 from normlab import reference as R
 from normlab.selfcheck import randomize

@@ -11,7 +11,7 @@ from torch import nn
 
 import normlab.nn as nnl
 from _models import inputs, make_model
-from conftest import assert_close
+from _testing import assert_close
 from normlab.convert import (
     convert_norms,
     freeze_bn,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import assert_close, offcenter
+from _testing import assert_close, offcenter
 from normlab import nn as nnl
 from normlab.convert import convert_norms
 from normlab.distributed import (

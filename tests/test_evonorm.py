@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import normlab.functional as NF
-from conftest import assert_close, np64, numeric_grad, offcenter
+from _testing import assert_close, np64, numeric_grad, offcenter
 from normlab import nn as nnl
 from normlab import reference as R
 from normlab.registry import create_norm

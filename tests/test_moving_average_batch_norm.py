@@ -11,7 +11,7 @@ import torch
 
 import normlab.functional as NF
 import normlab.nn as nnl
-from conftest import assert_close, np64, offcenter
+from _testing import assert_close, np64, offcenter
 from normlab import reference as R
 from normlab.registry import NORM_LAYERS, create_norm
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import normlab.nn as nnl
 from _models import inputs, make_model
-from conftest import assert_close, offcenter
+from _testing import assert_close, offcenter
 from normlab.recalibrate import recalibrate, recalibration_kind
 
 SIZES = (3, 1, 5, 2)  # uneven on purpose, including a batch of one

@@ -14,7 +14,7 @@ from torch import nn
 
 import normlab.functional as NF
 import normlab.nn as nnl
-from conftest import assert_close, np64, numeric_grad, offcenter
+from _testing import assert_close, np64, numeric_grad, offcenter
 from normlab import reference as R
 from normlab.registry import create_norm
 

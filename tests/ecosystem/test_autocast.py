@@ -16,7 +16,7 @@ import torch
 from _eco_cases import CASES, make_input
 
 import normlab.nn as nnl
-from conftest import assert_close
+from _testing import assert_close
 
 CONVS = (nnl.WSConv2d, nnl.CenteredConv2d)
 

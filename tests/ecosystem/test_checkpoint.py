@@ -8,7 +8,7 @@ from _eco_cases import CASES, make_input
 from torch import nn
 
 import normlab.nn as nnl
-from conftest import assert_close
+from _testing import assert_close
 from normlab.selfcheck import randomize
 
 

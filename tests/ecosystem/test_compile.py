@@ -18,7 +18,7 @@ from _eco_cases import BY_NAME, CASES, make_input
 from torch import nn
 from torch._dynamo.utils import counters
 
-from conftest import assert_close
+from _testing import assert_close
 
 pytestmark = [
     pytest.mark.slow,

@@ -8,7 +8,7 @@ from _eco_cases import BY_NAME, CASES, make_input
 from torch.func import functional_call, stack_module_state, vmap
 
 import normlab.nn as nnl
-from conftest import assert_close
+from _testing import assert_close
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

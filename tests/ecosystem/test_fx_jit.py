@@ -15,7 +15,7 @@ import pytest
 import torch
 from _eco_cases import CASES, make_input
 
-from conftest import assert_close
+from _testing import assert_close
 
 pytestmark = [
     # TorchScript warns that it is deprecated (torch's own warning, not normlab's).

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import numeric_grad
+from _testing import numeric_grad
 from normlab import reference as R
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "src" / "normlab" / "reference"
