@@ -6,6 +6,7 @@ Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_run_<name>(args) -> i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,6 +119,13 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=2, help="parallel worker processes (default: %(default)s)"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument(
+        "--per-rank-batch",
+        action="store_true",
+        help="under torchrun: train each run data-parallel over all ranks, batch sizes per "
+        "rank (BN sees the per-rank batch, bn+sync the global one; default norms: "
+        "bn,bn+sync,gn). Without it torchrun shards whole runs over the ranks.",
+    )
     _add_report_outputs(p)
 
 
@@ -126,7 +134,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from .lab.sweep import SweepConfig, default_norms, expand_norms, run_sweep
 
     config = SweepConfig(
-        norms=expand_norms(args.norms) if args.norms else default_norms(),
+        norms=expand_norms(args.norms) if args.norms else default_norms(args.per_rank_batch),
         batch_sizes=args.batch_sizes,
         seeds=args.seeds,
         epochs=args.epochs,
@@ -135,6 +143,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         max_train=args.max_train or None,
         device=args.device,
+        per_rank_batch=args.per_rank_batch,
     )
     # Validate every run's config before any training starts.
     config.runs()
@@ -147,8 +156,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    if not result.records:
-        return 0
+    if not result.records or os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 alone reports (it holds the merged store)
     files = write_report(result.records, args.out)
     if args.json:
         write_json(summarize(result.records), args.json)

@@ -11,6 +11,11 @@ per BN statistic). What governs BN's small-batch penalty is the number of values
 each batch statistic at the deepest norm layers, N × H × W: :func:`final_spatial_size`
 gives H = W so that reports can say it.
 
+Lab names may carry a suffix: ``"bn+recal"`` (BN whose running statistics the trainer
+recomputes before evaluation) and ``"<norm>+sync"`` for a batch-statistics layer (``bn``,
+``sn``, ``mabn``, ``brn``, ``evonorm_b0``) whose statistics are synchronized over the
+default process group (:func:`normlab.distributed.convert_sync`; a no-op on one process).
+
 Norm ``"mabn"`` is meant to follow a weight-centralized conv: when ``normlab.nn`` has
 ``CenteredConv2d``, the convs that feed a MABN layer use it (otherwise plain convs).
 """
@@ -24,24 +29,41 @@ from torch import nn
 
 from ..registry import NORM_LAYERS, auto_groups, create_norm
 
-__all__ = ["ResNet", "build_model", "final_spatial_size", "resolve_norm"]
+__all__ = ["ResNet", "build_model", "final_spatial_size", "is_synced", "resolve_norm"]
 
 #: Lab-only variants: ``name -> registry layer``. ``bn+recal`` trains exactly like BN;
 #: the trainer recalibrates its running statistics before evaluation.
 VARIANTS = {"bn+recal": "bn"}
+#: Registry names whose layers take ``process_group`` and so have a ``+sync`` variant.
+SYNCABLE = ("bn", "sn", "mabn", "brn", "evonorm_b0")
+
+
+def _known_names() -> list[str]:
+    return sorted(set(NORM_LAYERS) | set(VARIANTS) | {f"{n}+sync" for n in SYNCABLE})
 
 
 def resolve_norm(name: str) -> str:
-    """Registry name behind a lab norm name (``"bn+recal"`` -> ``"bn"``); validates it."""
+    """Registry name behind a lab norm name (``"bn+recal"``, ``"bn+sync"`` -> ``"bn"``)."""
     key = name.lower().replace("-", "_")
     base = VARIANTS.get(key, key)
+    if base.endswith("+sync"):
+        base = base[: -len("+sync")]
+        if base not in SYNCABLE:
+            raise ValueError(
+                f"norm {name!r}: '+sync' applies to layers with batch statistics "
+                f"({', '.join(SYNCABLE)}); {base!r} has none to synchronize"
+            )
     if base not in NORM_LAYERS:
-        known = sorted(set(NORM_LAYERS) | set(VARIANTS))
         raise ValueError(
             f"unknown norm {name!r}: not in normlab.registry.NORM_LAYERS. "
-            f"Known names: {', '.join(known)}"
+            f"Known names: {', '.join(_known_names())}"
         )
     return base
+
+
+def is_synced(name: str) -> bool:
+    """True for a ``"<norm>+sync"`` lab name."""
+    return name.lower().replace("-", "_").endswith("+sync")
 
 
 def _norm(name: str, channels: int) -> nn.Module:
@@ -134,11 +156,19 @@ def build_model(
     widths: Sequence[int] = (16, 32, 64, 128, 128),
     blocks: int = 1,
 ) -> ResNet:
-    """The lab's ResNet with every norm layer built by ``create_norm(resolve_norm(norm), C)``."""
-    return ResNet(
+    """The lab's ResNet with every norm layer built by ``create_norm(resolve_norm(norm), C)``.
+
+    A ``"+sync"`` name gets its layers synchronized over the default process group.
+    """
+    model = ResNet(
         resolve_norm(norm),
         in_channels=in_channels,
         num_classes=num_classes,
         widths=widths,
         blocks=blocks,
     )
+    if is_synced(norm):
+        from ..distributed import convert_sync
+
+        convert_sync(model, "world")
+    return model

@@ -58,10 +58,15 @@ class Comparison:
     test: WelchResult
 
 
+def _label(r: RunRecord) -> str:
+    """A run's norm as reported: data-parallel runs name their rank count (``bn×2``)."""
+    return r.config.norm if r.config.ranks == 1 else f"{r.config.norm}×{r.config.ranks}"
+
+
 def _norm_order(records: Sequence[RunRecord]) -> list[str]:
     seen: dict[str, None] = {}
     for r in records:
-        seen.setdefault(r.config.norm, None)
+        seen.setdefault(_label(r), None)
     names = list(seen)
     head = [n for n in ("bn", "bn+recal", "gn") if n in seen]
     return head + [n for n in names if n not in head]
@@ -71,7 +76,7 @@ def summarize(records: Sequence[RunRecord]) -> list[Cell]:
     """One :class:`Cell` per norm × batch size, norms in report order, batches ascending."""
     groups: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in records:
-        groups[(r.config.norm, r.config.batch_size)].append(r.final_error)
+        groups[(_label(r), r.config.batch_size)].append(r.final_error)
     cells = []
     for norm in _norm_order(records):
         for bs in sorted(b for (n, b) in groups if n == norm):
@@ -219,10 +224,22 @@ def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
         f"{c.warmup_epochs} epoch(s) linear warm-up then cosine, {c.epochs} epochs at every "
         "batch size; test error in eval mode (BN: running statistics).",
         f"- Values behind each batch statistic at the deepest BN layers (N × H × W): {values}.",
+        *_ranks_lines(records),
         f"- {len(records)} runs, {wall:.0f} s of training in total (sum over runs).",
         "- Versions: "
         + ", ".join(f"{k} {v}" for k, v in sorted(r.versions.items()) if k != "platform")
         + f"; {r.versions.get('platform', '')}; device {c.device}.",
+    ]
+
+
+def _ranks_lines(records: Sequence[RunRecord]) -> list[str]:
+    ranks = sorted({x.config.ranks for x in records if x.config.ranks > 1})
+    if not ranks:
+        return []
+    return [
+        f"- Data-parallel runs (norm×K: K ∈ {ranks} ranks, DDP): the batch size is per rank, "
+        "the lr scales with the global batch K × batch; a plain norm uses per-rank "
+        "statistics, a +sync norm global-batch ones."
     ]
 
 

@@ -8,6 +8,11 @@ the only writer of the store and commits each run the moment it arrives.
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) rank r takes the runs whose
 index i in the plan has ``i % world_size == r`` and stores them in its own shard
 ``DB.rank<r>``; after a barrier rank 0 merges every shard into ``DB``.
+
+With ``per_rank_batch=True`` under ``torchrun`` the ranks instead train every run
+*together*, data-parallel (:func:`normlab.lab.train.train_model`): a batch size in the grid
+is the per-rank batch, so plain BN sees ``b`` images per statistic while ``bn+sync``
+sees the global ``K·b``; rank 0 alone writes the store.
 """
 
 from __future__ import annotations
@@ -45,13 +50,14 @@ DEFAULT_BATCH_SIZES = (2, 4, 8, 16, 32)
 SMALL_BATCH_FAMILY = ("frn", "sn", "mabn", "brn")
 
 
-def default_norms() -> list[str]:
+def default_norms(per_rank_batch: bool = False) -> list[str]:
     """BN and GN: the pair that fits the 10-minute budget on a 2-core CPU.
 
     The whole small-batch family costs about 4× more (SN and MABN steps are about
     twice as slow as BN's); ask for it with ``--norms all`` (see :func:`expand_norms`).
+    With ``per_rank_batch``: BN with per-rank statistics, BN synced over the ranks, GN.
     """
-    return ["bn", "gn"]
+    return ["bn", "bn+sync", "gn"] if per_rank_batch else ["bn", "gn"]
 
 
 def expand_norms(names: Sequence[str]) -> list[str]:
@@ -80,6 +86,7 @@ class SweepConfig:
     widths: tuple[int, ...] = RunConfig.widths
     blocks: int = RunConfig.blocks
     device: str = "cpu"
+    per_rank_batch: bool = False
 
     def __post_init__(self) -> None:
         if not self.norms:
@@ -107,8 +114,11 @@ class SweepConfig:
         return plan_runs(self)
 
 
-def plan_runs(config: SweepConfig) -> list[RunConfig]:
-    """Every run of the grid, most expensive (smallest batch) first, for load balance."""
+def plan_runs(config: SweepConfig, ranks: int = 1) -> list[RunConfig]:
+    """Every run of the grid, most expensive (smallest batch) first, for load balance.
+
+    ``ranks`` > 1 plans data-parallel runs over that many ranks (per-rank batch sizes).
+    """
     runs = [
         RunConfig(
             norm=n,
@@ -121,6 +131,7 @@ def plan_runs(config: SweepConfig) -> list[RunConfig]:
             max_train=config.max_train,
             widths=tuple(config.widths),
             blocks=config.blocks,
+            ranks=ranks,
             device=config.device,
         )
         for b in sorted(config.batch_sizes)
@@ -227,6 +238,8 @@ def run_sweep(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     db = Path(db)
+    if config.per_rank_batch and world_size > 1:
+        return _run_data_parallel(config, db, progress, on_record, rank, world_size)
     start = time.perf_counter()
     planned = plan_runs(config)
     mine = [r for i, r in enumerate(planned) if i % world_size == rank]
@@ -324,6 +337,74 @@ def _execute(
         progress_q.close()
         progress_q.join_thread()
     return len(pending)
+
+
+# -- torchrun: data-parallel runs (--per-rank-batch) ----------------------------------------
+
+
+def _run_data_parallel(
+    config: SweepConfig,
+    db: Path,
+    progress: bool,
+    on_record: Callable[[RunRecord], None] | None,
+    rank: int,
+    world_size: int,
+) -> SweepResult:
+    """Every rank trains every pending run together; rank 0 stores them."""
+    import torch.distributed as dist
+
+    start = time.perf_counter()
+    device = _device_for_rank(config.device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if dist.get_world_size() != world_size:
+        raise RuntimeError(
+            f"the process group has {dist.get_world_size()} ranks, the sweep was told {world_size}"
+        )
+    try:
+        planned = [
+            RunConfig.from_dict({**r.to_dict(), "device": device})
+            for r in plan_runs(config, ranks=world_size)
+        ]
+        # Rank 0 owns the store and decides what is pending; the others follow.
+        pending_idx: list[Any] = [None]
+        if rank == 0:
+            with RunStore(db) as store:
+                done = store.keys()
+            pending_idx = [[i for i, r in enumerate(planned) if r.key() not in done]]
+        dist.broadcast_object_list(pending_idx, src=0)
+        pending = [planned[i] for i in pending_idx[0]]
+        bar = _Progress(sum(r.epochs for r in pending), len(pending), progress and rank == 0)
+        ran: list[RunRecord] = []
+        store = RunStore(db) if rank == 0 else None
+        try:
+            for run in pending:
+                record = train_run(run, on_epoch=lambda _: bar.epoch())
+                ran.append(record)
+                bar.run_done()
+                if store is not None:
+                    store.add(record)  # committed now: a kill loses no finished run
+                    if on_record is not None:
+                        on_record(record)
+        finally:
+            bar.close()
+            if store is not None:
+                store.close()
+        dist.barrier()
+    finally:
+        if created:
+            dist.destroy_process_group()
+    records = ran
+    if rank == 0:
+        keys = {r.key() for r in planned}
+        with RunStore(db) as store:
+            records = [r for r in store.records() if r.key in keys]
+    return SweepResult(
+        records, len(pending), len(planned) - len(pending), time.perf_counter() - start, db
+    )
 
 
 # -- torchrun sharding ---------------------------------------------------------------------

@@ -8,6 +8,15 @@ the last incomplete batch of an epoch is dropped (a batch of 1 would break BN). 
 error is measured in eval mode, so BN uses its running statistics. ``bn+recal`` trains
 as BN and recomputes the running statistics over the training set
 (:func:`normlab.recalibrate.recalibrate`) before every evaluation.
+
+Data-parallel runs (``ranks`` > 1, inside an initialized :mod:`torch.distributed` group of
+that size, e.g. under ``torchrun``): ``batch_size`` is the *per-rank* batch. Every rank
+draws the same shuffled order, takes its own slice of each global batch of
+``ranks · batch_size`` images, and the gradients are averaged by
+``DistributedDataParallel``, so the optimizer sees the global batch: the learning rate
+scales with the global batch and an epoch has ``n // (ranks · batch_size)`` steps. A
+plain norm (``bn``) normalizes with per-rank statistics, a ``+sync`` one (``bn+sync``)
+with global-batch statistics.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import torch.nn.functional as F
 from .data import Split, load_split
 from .models import build_model, final_spatial_size, resolve_norm
 
-__all__ = ["EpochStats", "RunConfig", "RunRecord", "train_run", "versions"]
+__all__ = ["EpochStats", "RunConfig", "RunRecord", "train_model", "train_run", "versions"]
 
 
 @dataclass(frozen=True)
@@ -51,10 +60,13 @@ class RunConfig:
     max_train: int | None = 1500
     widths: tuple[int, ...] = (16, 32, 64, 128, 128)
     blocks: int = 1
+    ranks: int = 1
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         resolve_norm(self.norm)
+        if self.ranks < 1:
+            raise ValueError(f"ranks must be >= 1, got {self.ranks}")
         if self.batch_size < 2:
             raise ValueError(
                 f"batch_size must be >= 2, got {self.batch_size}: batch statistics need at "
@@ -89,6 +101,8 @@ class RunConfig:
         """
         d = self.to_dict()
         d.pop("device")
+        if d["ranks"] == 1:
+            d.pop("ranks")  # single-process runs keep the keys they had before ranks existed
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -177,21 +191,44 @@ def _recalibrate(model: torch.nn.Module, x: torch.Tensor, batch_size: int, devic
     recalibrate(model, batches)
 
 
-def train_run(
+def _check_world(config: RunConfig) -> int:
+    """This process's rank for a data-parallel run; a clear error if the group is wrong."""
+    import torch.distributed as dist
+
+    if config.ranks == 1:
+        return 0
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"run {config.norm} at batch {config.batch_size} is data-parallel over "
+            f"{config.ranks} ranks but torch.distributed is not initialized; launch with "
+            f"`torchrun --nproc-per-node {config.ranks} -m normlab sweep --per-rank-batch ...`"
+        )
+    if dist.get_world_size() != config.ranks:
+        raise RuntimeError(
+            f"run {config.norm} at batch {config.batch_size} was planned for {config.ranks} "
+            f"ranks but the process group has {dist.get_world_size()}; rerun with "
+            f"--nproc-per-node {config.ranks}"
+        )
+    return dist.get_rank()
+
+
+def train_model(
     config: RunConfig,
-    *,
-    split: Split | None = None,
+    split: Split,
     on_epoch: Callable[[EpochStats], None] | None = None,
-) -> RunRecord:
-    """Train and evaluate one model; ``on_epoch`` is called after every epoch."""
-    start = time.perf_counter()
-    if split is None:
-        split = load_split(config.data, config.image_size, config.max_train)
+) -> tuple[torch.nn.Module, list[EpochStats], bool]:
+    """Train one model by the protocol; returns ``(model, per-epoch stats, diverged)``.
+
+    For ``config.ranks > 1`` every rank of the initialized process group calls this with
+    the same config and data; the returned model is this rank's replica (unwrapped).
+    """
+    rank = _check_world(config)
     n = len(split.x_train)
-    if n < config.batch_size:
+    global_batch = config.batch_size * config.ranks
+    if n < global_batch:
         raise ValueError(
-            f"batch_size {config.batch_size} exceeds the {n} training images; "
-            "use a smaller batch or more data"
+            f"batch_size {config.batch_size} × {config.ranks} rank(s) exceeds the {n} training "
+            "images; use a smaller batch or more data"
         )
     device = config.device
     torch.manual_seed(config.seed)
@@ -202,10 +239,19 @@ def train_run(
         widths=config.widths,
         blocks=config.blocks,
     ).to(device)
+    net: torch.nn.Module = model
+    if config.ranks > 1:
+        # Same seed on every rank: identical initial weights; DDP also broadcasts rank
+        # 0's, and (its default) rank 0's buffers before each forward, so plain BN's
+        # running statistics are rank 0's per-rank estimates, as in usual DDP training.
+        net = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+        )
     recal = config.norm.lower().replace("-", "_") == "bn+recal"
     params_decay = [p for p in model.parameters() if p.ndim > 1]
     params_plain = [p for p in model.parameters() if p.ndim <= 1]
-    peak = config.base_lr * config.batch_size / 32
+    peak = config.base_lr * global_batch / 32
     opt = torch.optim.SGD(
         [
             {"params": params_decay, "weight_decay": config.weight_decay},
@@ -214,36 +260,42 @@ def train_run(
         lr=peak,
         momentum=0.9,
     )
-    steps_per_epoch = n // config.batch_size
+    steps_per_epoch = n // global_batch
     total = steps_per_epoch * config.epochs
     warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(config.seed)
     x_train, y_train = split.x_train, split.y_train
+    lo, hi = rank * config.batch_size, (rank + 1) * config.batch_size
     history: list[EpochStats] = []
     diverged = False
     step = 0
+    lr = peak
     for epoch in range(config.epochs):
-        model.train()
+        net.train()
         order = torch.randperm(n, generator=gen)
         loss_sum, wrong = 0.0, 0
         for b in range(steps_per_epoch):
-            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            idx = order[b * global_batch : (b + 1) * global_batch][lo:hi]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
             lr = _lr_at(step, total, warmup, peak)
             for g in opt.param_groups:
                 g["lr"] = lr
-            logits = model(xb)
+            logits = net(xb)
             loss = F.cross_entropy(logits, yb)
             if not torch.isfinite(loss):
                 diverged = True
-                break
+                if config.ranks == 1:
+                    break
+                # Data-parallel: the other ranks are about to all-reduce gradients, so
+                # finish the epoch with them; _reduce_epoch stops every rank together.
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             loss_sum += float(loss.detach()) * len(idx)
             wrong += int((logits.detach().argmax(1) != yb).sum())
-        seen = max(1, steps_per_epoch * config.batch_size)
+        loss_sum, wrong, diverged = _reduce_epoch(config, loss_sum, wrong, diverged)
+        seen = max(1, steps_per_epoch * global_batch)
         if recal and not diverged:
             _recalibrate(model, x_train, config.batch_size, device)
         last = diverged or epoch == config.epochs - 1
@@ -262,13 +314,42 @@ def train_run(
             on_epoch(stats)
         if diverged:
             break
+    return model, history, diverged
+
+
+def _reduce_epoch(
+    config: RunConfig, loss_sum: float, wrong: int, diverged: bool
+) -> tuple[float, int, bool]:
+    """Sum an epoch's loss and mistakes over ranks; one diverged rank stops them all."""
+    if config.ranks == 1:
+        return loss_sum, wrong, diverged
+    import torch.distributed as dist
+
+    t = torch.tensor([loss_sum, float(wrong), float(diverged)], dtype=torch.float64)
+    if config.device.startswith("cuda"):
+        t = t.to(config.device)
+    dist.all_reduce(t)
+    return float(t[0]), int(t[1]), bool(t[2] > 0)
+
+
+def train_run(
+    config: RunConfig,
+    *,
+    split: Split | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> RunRecord:
+    """Train and evaluate one model; ``on_epoch`` is called after every epoch."""
+    start = time.perf_counter()
+    if split is None:
+        split = load_split(config.data, config.image_size, config.max_train)
+    _, history, diverged = train_model(config, split, on_epoch)
     return RunRecord(
         config=config,
         epochs=history,
         final_error=history[-1].test_error,
         wall_time=time.perf_counter() - start,
         diverged=diverged,
-        num_train=n,
+        num_train=len(split.x_train),
         num_test=len(split.x_test),
         final_map=final_spatial_size(config.image_size, len(config.widths)),
         versions=versions(),
