@@ -22,17 +22,11 @@ from ._checks import (
     check_param,
     resolve_backend,
 )
+from ._evonorm_autograd import b0_apply, b0_normalize, s0_apply, s0_composite
+from ._frn_autograd import eager_kernels_allowed
 from ._normalize import channel_shape
-from ._stats import (
-    acc_dtype,
-    centered,
-    centered_moments,
-    mix_group_moments,
-    moments,
-    reduced_count,
-)
+from ._stats import acc_dtype, centered, moments, reduced_count
 from .batch_norm import update_running_stats
-from .group_norm import group_pivot
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -49,14 +43,6 @@ def _check_input(layer: str, x: Tensor, eps: float, backend: str) -> None:
             f"shape {tuple(x.shape)}."
         )
     resolve_backend(layer, backend, x)
-
-
-def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
-    if weight is not None:
-        y = y * weight.to(y.dtype).reshape(shape)
-    if bias is not None:
-        y = y + bias.to(y.dtype).reshape(shape)
-    return y
 
 
 def evonorm_b0(
@@ -104,10 +90,17 @@ def evonorm_b0(
         check_param(layer, name, p, (c,))
     if v is None:
         raise ValueError(f"{layer}: v (shape ({c},)) is required.")
+    group = resolve_process_group(process_group) if training else None
+    if group is None and _eager(input, v, weight, bias, running_var):
+        # Eager: an autograd.Function that saves only the input (see _evonorm_autograd).
+        if training:
+            check_batch_count(layer, input, reduced_count(input, (0, *range(2, input.dim()))))
+        elif running_var is None:
+            _missing_running_var(layer)
+        return b0_apply(input, running_var, v, weight, bias, training, momentum, eps)
     acc = acc_dtype(input.dtype)
     shape = channel_shape(input)
     spatial = tuple(range(2, input.dim()))
-    group = resolve_process_group(process_group) if training else None
     if group is not None:  # one all_gather here, one all_reduce in backward
         dims = (0, *spatial)
         shift = safe_pivot(input, dims).to(acc)
@@ -128,17 +121,24 @@ def evonorm_b0(
             update_running_stats(None, running_var, mb.mean, mb.var * (n / (n - 1)), momentum)
     else:
         if running_var is None:
-            raise ValueError(
-                f"{layer}: training=False needs running_var; pass training=True to use the "
-                "batch variance."
-            )
+            _missing_running_var(layer)
         batch_var = running_var.to(acc).reshape(shape)
-    instance_var = moments(input, spatial).var
-    xa = input.to(acc)
     batch_std = torch.sqrt(batch_var.clamp_min(0) + eps)
-    inst = v.to(acc).reshape(shape) * xa + torch.sqrt(instance_var + eps)
-    den = torch.where(inst > batch_std, inst, batch_std)
-    return _affine(xa / den, weight, bias, shape).to(input.dtype)
+    return b0_normalize(input, batch_std, v, weight, bias, eps)
+
+
+def _eager(input: Tensor, *params: Tensor | None) -> bool:
+    """The eager kernels, unless a buffer asks for a gradient (only the composite gives one)."""
+    return eager_kernels_allowed(input, *params) and not any(
+        p is not None and p.requires_grad for p in params[3:]
+    )
+
+
+def _missing_running_var(layer: str) -> None:
+    raise ValueError(
+        f"{layer}: training=False needs running_var; pass training=True to use the "
+        "batch variance."
+    )
 
 
 def evonorm_s0(
@@ -170,27 +170,13 @@ def evonorm_s0(
     """
     layer = "evonorm_s0"
     _check_input(layer, input, eps, backend)
-    n, c = input.shape[:2]
+    c = input.shape[1]
     check_groups(layer, c, num_groups)
     for name, p in (("v", v), ("weight", weight), ("bias", bias)):
         check_param(layer, name, p, (c,))
     if v is None:
         raise ValueError(f"{layer}: v (shape ({c},)) is required.")
-    acc = acc_dtype(input.dtype)
-    shape = channel_shape(input)
-    # Per-(n, c) moments around one shared pivot per (n, group): the shifted means
-    # (m.mean − m.shift) then mix without the cancellation of raw means on
-    # off-center data.
-    shift = group_pivot(input, num_groups).to(acc)
-    xc = centered(input, shift)
-    # zero shift: ``mean`` stays the mean of the shifted data (adding the pivot back
-    # in fp32 would round it to the ulp of the raw values)
-    m = centered_moments(xc, tuple(range(2, input.dim())), torch.zeros_like(shift))
-    mean = m.mean.reshape(n, num_groups, c // num_groups)
-    var = m.var.reshape(n, num_groups, c // num_groups)
-    _, group_var = mix_group_moments(mean, var, (2,))  # (N, G, 1)
-    rstd = torch.rsqrt(group_var + eps).repeat_interleave(c // num_groups, dim=1)
-    rstd = rstd.reshape(n, c, *([1] * (input.dim() - 2)))
-    xa = input.to(acc)
-    y = xa * torch.sigmoid(v.to(acc).reshape(shape) * xa) * rstd
-    return _affine(y, weight, bias, shape).to(input.dtype)
+    if eager_kernels_allowed(input, v, weight, bias):
+        # Eager: an autograd.Function that saves only the input (see _evonorm_autograd).
+        return s0_apply(input, num_groups, v, weight, bias, eps)
+    return s0_composite(input, num_groups, v, weight, bias, eps)

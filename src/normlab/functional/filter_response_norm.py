@@ -12,8 +12,9 @@ from ._checks import (
     host_checks_allowed,
     resolve_backend,
 )
+from ._frn_autograd import frn_apply
 from ._normalize import channel_shape
-from ._stats import acc_dtype, mean_square
+from ._stats import acc_dtype
 
 __all__ = ["filter_response_norm", "frn_tlu", "tlu"]
 
@@ -65,20 +66,9 @@ def _frn(
     check_param(layer, "weight", weight, (c,))
     check_param(layer, "bias", bias, (c,))
     check_param(layer, "tau", tau, (c,))
-    acc = acc_dtype(input.dtype)
-    e = _abs_eps(layer, eps, acc)
-    shape = channel_shape(input)
-    # ν² is a mean of squares by definition (no mean subtraction): fp32 for half input.
-    nu2 = mean_square(input, range(2, input.dim()))
-    scale = torch.rsqrt(nu2 + e)
-    if weight is not None:
-        scale = scale * weight.to(acc).reshape(shape)
-    y = input.to(acc) * scale
-    if bias is not None:
-        y = y + bias.to(acc).reshape(shape)
-    if tau is not None:
-        y = _threshold(y, tau.to(acc).reshape(shape))
-    return y.to(input.dtype)
+    e = _abs_eps(layer, eps, acc_dtype(input.dtype))
+    # Eager training: an autograd.Function that saves only the input (see _frn_autograd).
+    return frn_apply(input, weight, bias, tau, e)
 
 
 def _threshold(x: Tensor, tau: Tensor) -> Tensor:

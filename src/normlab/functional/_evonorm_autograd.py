@@ -1,0 +1,463 @@
+r"""EvoNorm-B0 and EvoNorm-S0: eager kernels, their launchers and their autograd.Functions.
+
+As for Filter Response Norm (see :mod:`normlab.functional._frn_autograd`, which
+also owns the path selection): the Functions save **only x** plus
+per-(sample, channel) vectors, recompute the rest in backward with a
+hand-derived gradient, and write every full-tensor step into a buffer they own.
+The plain differentiable composites (:func:`b0_normalize`, :func:`s0_composite`)
+run under ``torch.compile``/``torch.func``/TorchScript tracing, for distributed
+statistics, and for double backward (recomputed and differentiated).
+
+**Statistics.** ``torch.var_mean`` (Welford, used by ``_stats.moments``) costs
+about twenty elementwise passes on CPU, so the kernels use the *corrected
+two-pass* algorithm per (n, c) over the spatial dims (:func:`split_moments`)::
+
+    m0 = mean(x)                 (rounded: only a shift)
+    d  = x − m0                  (exact where x is near m0, Sterbenz)
+    md = mean(d),  var = max(mean(d²) − md², 0)
+
+The mean stays split as ``m0 + md`` (never rounded back to one number), so
+the group/batch variances are exact mixtures of those moments
+(:func:`normlab.functional._stats.mix_group_moments`, the law of total
+variance) around a pivot, and ``x − mean`` in backward is ``(x − m0) − md``:
+accurate on off-center data (mean 1e4, std 1e-2) in fp32.
+
+**EvoNorm-B0.** With σ_B (per c) and σ_I (per (n, c)) the batch and instance
+stds (``sqrt(var + ε)``)::
+
+    i   = v·x + σ_I,   inst = [i > σ_B],   den = max(i, σ_B)   (ties: batch side)
+    y   = γ·x/den + β
+
+Backward, with ``t = dy/den``, ``w = dy·x/den²`` and ``wm = w·inst``
+(``∂L/∂den = −γ·w``)::
+
+    ∂L/∂β = Σ dy,   ∂L/∂γ = Σ t·x,   ∂L/∂v = −γ Σ wm·x
+    ∂L/∂σ_I = −γ Σ_s wm,               K_I = ∂L/∂σ_I / (σ_I·S)
+    ∂L/∂σ_B = −γ Σ_{n,s} (w − wm),      K_B = ∂L/∂σ_B / (σ_B·N·S)   (training only)
+    ∂L/∂x = γ·t − γ·v·wm + K_I·(x − μ_I) + K_B·(x − μ_B)
+          = γ·t − γ·v·wm + (K_I + K_B)·(x − μ_I) + K_B·(μ_I − μ_B)
+
+(``∂σ/∂x = (x − μ)/(σ·count)`` for a biased variance.) In eval σ_B is the
+running one and carries no gradient.
+
+**EvoNorm-S0.** With ``s = sigmoid(v·x)``, ``f = x·s`` and r = 1/σ_g per
+(n, group) over ``M = C/G·S`` values::
+
+    y = γ·r·f + β
+    ∂f/∂x = s + v·x·s(1 − s) = silu'(v·x),   ∂f/∂v = x²·s(1 − s)
+
+    A     = Σ_s dy·f  (per (n, c)),   ∂L/∂r_g = Σ_{c∈g} γ_c·A
+    k     = −r³·∂L/∂r_g / M          (∂L/∂var_g = −½r³·∂L/∂r_g, ∂var/∂x = 2(x − μ_g)/M)
+    ∂L/∂x = γ·r·dy·silu'(v·x) + k·(x − μ_g)
+    ∂L/∂γ = Σ_n r·A,   ∂L/∂v = Σ_n γ·r·Σ_s dy·x²·s(1 − s),   ∂L/∂β = Σ dy
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._frn_autograd import _composite_grads, _p, autograd_needed, sum_of_squares
+from ._normalize import channel_shape
+from ._stats import acc_dtype, centered, centered_moments, mix_group_moments, moments
+from .batch_norm import update_running_stats
+from .group_norm import group_pivot
+
+__all__ = [
+    "split_moments",
+    "b0_normalize",
+    "b0_apply",
+    "s0_composite",
+    "s0_apply",
+]
+
+
+def split_moments(xa: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m0, md, var)`` of ``xa`` over ``dims`` (kept): mean ``m0 + md``, biased variance.
+
+    The corrected two-pass algorithm (see the module doc); four cheap passes
+    instead of ``var_mean``'s Welford loop. ``xa`` in the accumulation dtype.
+    """
+    dims = tuple(dims)
+    count = 1
+    for d in dims:
+        count *= xa.shape[d]
+    m0 = xa.mean(dim=dims, keepdim=True)
+    d = xa - m0
+    md = d.sum(dim=dims, keepdim=True).div_(count)
+    var = sum_of_squares(d, dims).div_(count).sub_(md * md).clamp_min_(0)
+    return m0, md, var
+
+
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    return y
+
+
+# ------------------------------------------------------------------------------ B0
+
+
+def b0_normalize(
+    x: Tensor,
+    batch_std: Tensor,
+    v: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """The plain differentiable B0 given ``batch_std`` = sqrt(σ²_B + ε), (1, C, 1, ...)."""
+    acc = acc_dtype(x.dtype)
+    shape = channel_shape(x)
+    instance_var = moments(x, tuple(range(2, x.dim()))).var
+    xa = x.to(acc)
+    inst = v.to(acc).reshape(shape) * xa + torch.sqrt(instance_var + eps)
+    den = torch.where(inst > batch_std, inst, batch_std)
+    return _affine(xa / den, weight, bias, shape).to(x.dtype)
+
+
+def _b0_composite(
+    x: Tensor,
+    v: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_std: Tensor | None,
+) -> Tensor:
+    """B0 from ``x`` alone (training: batch variance of ``x``) for double backward."""
+    if running_std is None:
+        batch_var = moments(x, (0, *range(2, x.dim()))).var
+        running_std = torch.sqrt(batch_var + eps)
+    return b0_normalize(x, running_std, v, weight, bias, eps)
+
+
+def _b0_fwd(
+    x: Tensor,  # (N, C, *S)
+    v: Tensor,  # (C,)
+    weight: Tensor | None,  # (C,)
+    bias: Tensor | None,  # (C,)
+    sig_i: Tensor,  # (N, C, 1, ...) instance std, accumulation dtype
+    sig_b: Tensor,  # (1, C, 1, ...) batch (or running) std
+) -> Tensor:
+    acc = sig_i.dtype
+    shape = channel_shape(x)
+    xa = x.to(acc)
+    den = xa * _p(v, acc, shape)
+    # max(i, σ_B): the composite's where(i > σ_B, i, σ_B) (σ_B > 0, so only a NaN differs)
+    den.add_(sig_i).clamp_min_(sig_b)
+    y = torch.div(xa, den, out=den)
+    if weight is not None:
+        y.mul_(_p(weight, acc, shape))
+    if bias is not None:
+        y.add_(_p(bias, acc, shape))
+    return y.to(x.dtype)
+
+
+def _b0_bwd(
+    dy: Tensor,  # (N, C, *S)
+    x: Tensor,  # (N, C, *S)
+    v: Tensor,  # (C,)
+    weight: Tensor | None,  # (C,)
+    bias: Tensor | None,  # (C,)
+    sig_i: Tensor,  # (N, C, 1, ...) instance std
+    sig_b: Tensor,  # (1, C, 1, ...) batch or running std
+    m0: Tensor,  # (N, C, 1, ...) instance mean = m0 + md
+    md: Tensor,  # (N, C, 1, ...)
+    dmu: Tensor | None,  # (N, C, 1, ...) μ_I − μ_B (training) or None (eval)
+    needs: Sequence[bool],  # needs_input_grad of (x, v, weight, bias)
+) -> tuple[Tensor | None, ...]:
+    acc = sig_i.dtype
+    shape = channel_shape(x)
+    dims = tuple(range(2, x.dim()))
+    all_dims = (0, *dims)
+    xa = x.to(acc)
+    dya = dy.to(acc)
+    vb = _p(v, acc, shape)
+    gamma = _p(weight, acc, shape)
+    i = xa * vb
+    i.add_(sig_i)
+    den = torch.clamp_min(i, sig_b)
+    z = i.sub_(sig_b)  # > 0 exactly where the forward took the instance side
+    rden = den.reciprocal_()
+    t = dya * rden  # dy/den
+    u = t * xa  # dy·x/den
+    dweight = dbias = dv = None
+    if weight is not None and needs[2]:
+        dweight = u.sum(dim=all_dims).to(weight.dtype)
+    if bias is not None and needs[3]:
+        dbias = dya.sum(dim=all_dims).to(bias.dtype)
+    w = u.mul_(rden)  # dy·x/den²; ∂L/∂den = −γ·w
+    sum_w = w.sum(dim=all_dims, keepdim=True) if dmu is not None else None
+    wm = torch.ops.aten.threshold_backward.grad_input(w, z, 0, grad_input=z)
+    swm = wm.sum(dim=dims, keepdim=True)
+    neg_g = -1.0 if gamma is None else -gamma
+    if needs[1]:
+        dv = (neg_g * torch.mul(wm, xa, out=w).sum(dim=all_dims, keepdim=True)).reshape(-1)
+        dv = dv.to(v.dtype)
+    dx = None
+    if needs[0]:
+        k = neg_g * swm / (sig_i * _count(x, dims))  # K_I
+        shift = -k * md
+        if sum_w is not None and dmu is not None:
+            k_b = neg_g * (sum_w - swm.sum(dim=0, keepdim=True)) / (sig_b * _count(x, all_dims))
+            k = k + k_b
+            shift = -k * md + k_b * dmu
+        dx = t if gamma is None else t.mul_(gamma)
+        dx.addcmul_(wm, neg_g * vb)
+        dx.addcmul_(torch.sub(xa, m0, out=w), k).add_(shift)
+        dx = dx.to(x.dtype)
+    return dx, dv, dweight, dbias
+
+
+def _count(x: Tensor, dims: Sequence[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return n
+
+
+class _EvoNormB0Function(torch.autograd.Function):
+    """B0 that saves ``x`` and per-(n, c) statistics only; gradient in the module doc."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,  # (N, C, *S)
+        v: Tensor,  # (C,)
+        weight: Tensor | None,  # (C,)
+        bias: Tensor | None,  # (C,)
+        sig_i: Tensor,  # (N, C, 1, ...) sqrt(σ²_I + ε)
+        sig_b: Tensor,  # (1, C, 1, ...) sqrt(σ²_B + ε) (or of running_var)
+        m0: Tensor,  # (N, C, 1, ...) instance mean = m0 + md
+        md: Tensor,  # (N, C, 1, ...)
+        dmu: Tensor | None,  # (N, C, 1, ...) μ_I − μ_B in training, None in eval
+        eps: float,
+    ) -> Tensor:
+        ctx.save_for_backward(x, v, weight, bias, sig_i, sig_b, m0, md, dmu)
+        ctx.eps = eps
+        return _b0_fwd(x, v, weight, bias, sig_i, sig_b)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, v, weight, bias, sig_i, sig_b, m0, md, dmu = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite
+            running_std = None if dmu is not None else sig_b
+
+            def b0(x: Tensor, v: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+                return _b0_composite(x, v, w, b, ctx.eps, running_std)
+
+            grads = _composite_grads(needs, dy, b0, x, v, weight, bias)
+        else:
+            grads = _b0_bwd(dy, x, v, weight, bias, sig_i, sig_b, m0, md, dmu, needs)
+        return (*grads, None, None, None, None, None, None)
+
+
+def b0_apply(
+    x: Tensor,
+    running_var: Tensor | None,
+    v: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """Eager B0 on validated inputs (statistics of this process only).
+
+    Training updates ``running_var`` in place (unbiased batch variance, torch's
+    momentum convention), as the composite does.
+    """
+    acc = acc_dtype(x.dtype)
+    shape = channel_shape(x)
+    spatial = tuple(range(2, x.dim()))
+    with torch.no_grad():
+        m0, md, var_i = split_moments(x.detach().to(acc), spatial)
+        sig_i = torch.sqrt(var_i + eps)
+        dmu = None
+        if training:
+            # Instance means relative to sample 0's m0 (exact differences of nearby
+            # values), mixed exactly into the batch moments.
+            rel = (m0 - m0[:1]).add_(md)
+            mean_b, var_b = mix_group_moments(rel, var_i, (0,))
+            dmu = rel - mean_b
+            if running_var is not None:
+                n = _count(x, (0, *spatial))
+                update_running_stats(None, running_var, mean_b, var_b * (n / (n - 1)), momentum)
+        else:
+            assert running_var is not None  # checked by the caller
+            var_b = running_var.to(acc).reshape(shape)
+        sig_b = torch.sqrt(var_b.clamp_min(0) + eps)
+    if autograd_needed(x, v, weight, bias):
+        return _EvoNormB0Function.apply(x, v, weight, bias, sig_i, sig_b, m0, md, dmu, eps)
+    return _b0_fwd(x, v, weight, bias, sig_i, sig_b)
+
+
+# ------------------------------------------------------------------------------ S0
+
+
+def s0_composite(
+    x: Tensor,
+    num_groups: int,
+    v: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """The plain differentiable S0 (see :func:`normlab.functional.evonorm_s0`)."""
+    n, c = x.shape[:2]
+    acc = acc_dtype(x.dtype)
+    shape = channel_shape(x)
+    # Per-(n, c) moments around one shared pivot per (n, group): the shifted means
+    # (m.mean − m.shift) then mix without the cancellation of raw means on
+    # off-center data.
+    shift = group_pivot(x, num_groups).to(acc)
+    xc = centered(x, shift)
+    # zero shift: ``mean`` stays the mean of the shifted data (adding the pivot back
+    # in fp32 would round it to the ulp of the raw values)
+    m = centered_moments(xc, tuple(range(2, x.dim())), torch.zeros_like(shift))
+    mean = m.mean.reshape(n, num_groups, c // num_groups)
+    var = m.var.reshape(n, num_groups, c // num_groups)
+    _, group_var = mix_group_moments(mean, var, (2,))  # (N, G, 1)
+    rstd = torch.rsqrt(group_var + eps).repeat_interleave(c // num_groups, dim=1)
+    rstd = rstd.reshape(n, c, *([1] * (x.dim() - 2)))
+    xa = x.to(acc)
+    y = xa * torch.sigmoid(v.to(acc).reshape(shape) * xa) * rstd
+    return _affine(y, weight, bias, shape).to(x.dtype)
+
+
+def _s0_fwd(
+    x: Tensor,  # (N, C, *S)
+    v: Tensor,  # (C,)
+    weight: Tensor | None,  # (C,)
+    bias: Tensor | None,  # (C,)
+    r: Tensor,  # (N, C, 1, ...) 1/sqrt(σ²_g + ε) of each channel's group
+) -> Tensor:
+    acc = r.dtype
+    shape = channel_shape(x)
+    xa = x.to(acc)
+    f = (xa * _p(v, acc, shape)).sigmoid_().mul_(xa)
+    f.mul_(r if weight is None else r * _p(weight, acc, shape))
+    if bias is not None:
+        f.add_(_p(bias, acc, shape))
+    return f.to(x.dtype)
+
+
+def _s0_bwd(
+    dy: Tensor,  # (N, C, *S)
+    x: Tensor,  # (N, C, *S)
+    v: Tensor,  # (C,)
+    weight: Tensor | None,  # (C,)
+    bias: Tensor | None,  # (C,)
+    r: Tensor,  # (N, C, 1, ...) group 1/std
+    pivot: Tensor,  # (N, C, 1, ...) group mean = pivot + mean_rel
+    mean_rel: Tensor,  # (N, C, 1, ...)
+    num_groups: int,
+    needs: Sequence[bool],  # needs_input_grad of (x, v, weight, bias)
+) -> tuple[Tensor | None, ...]:
+    acc = r.dtype
+    shape = channel_shape(x)
+    dims = tuple(range(2, x.dim()))
+    all_dims = (0, *dims)
+    n, c = x.shape[:2]
+    xa = x.to(acc)
+    dya = dy.to(acc)
+    vb = _p(v, acc, shape)
+    gamma = _p(weight, acc, shape)
+    s = (xa * vb).sigmoid_()
+    p = torch.ops.aten.sigmoid_backward(dya, s)  # dy·s(1 − s)
+    w = s.mul_(dya)  # dy·s
+    buf = w * xa  # dy·f
+    a = buf.sum(dim=dims, keepdim=True)  # (N, C, 1, ...)
+    xp = p.mul_(xa)  # dy·x·s(1 − s)
+    dv = dweight = dbias = dx = None
+    gr = r if gamma is None else gamma * r
+    if needs[1]:
+        b = torch.mul(xp, xa, out=buf).sum(dim=dims, keepdim=True)
+        dv = (gr * b).sum(dim=0).reshape(-1).to(v.dtype)
+    if weight is not None and needs[2]:
+        dweight = (r * a).sum(dim=0).reshape(-1).to(weight.dtype)
+    if bias is not None and needs[3]:
+        dbias = dya.sum(dim=all_dims).to(bias.dtype)
+    if needs[0]:
+        ga = a if gamma is None else gamma * a
+        cpg = c // num_groups
+        dr = ga.reshape(n, num_groups, cpg).sum(dim=2, keepdim=True).expand(n, num_groups, cpg)
+        k = dr.reshape(a.shape) * r.pow(3) * (-1.0 / (cpg * _count(x, dims)))
+        dx = w.addcmul_(xp, vb).mul_(gr)  # γ·r·dy·silu'(v·x)
+        dx.addcmul_(torch.sub(xa, pivot, out=buf), k).sub_(k * mean_rel)
+        dx = dx.to(x.dtype)
+    return dx, dv, dweight, dbias
+
+
+class _EvoNormS0Function(torch.autograd.Function):
+    """S0 that saves ``x`` and per-(n, c) statistics only; gradient in the module doc."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,  # (N, C, *S)
+        v: Tensor,  # (C,)
+        weight: Tensor | None,  # (C,)
+        bias: Tensor | None,  # (C,)
+        r: Tensor,  # (N, C, 1, ...) group 1/std
+        pivot: Tensor,  # (N, C, 1, ...) group mean = pivot + mean_rel
+        mean_rel: Tensor,  # (N, C, 1, ...)
+        num_groups: int,
+        eps: float,
+    ) -> Tensor:
+        ctx.save_for_backward(x, v, weight, bias, r, pivot, mean_rel)
+        ctx.num_groups, ctx.eps = num_groups, eps
+        return _s0_fwd(x, v, weight, bias, r)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, v, weight, bias, r, pivot, mean_rel = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite
+
+            def s0(x: Tensor, v: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+                return s0_composite(x, ctx.num_groups, v, w, b, ctx.eps)
+
+            grads = _composite_grads(needs, dy, s0, x, v, weight, bias)
+        else:
+            grads = _s0_bwd(dy, x, v, weight, bias, r, pivot, mean_rel, ctx.num_groups, needs)
+        return (*grads, None, None, None, None, None)
+
+
+def s0_apply(
+    x: Tensor,
+    num_groups: int,
+    v: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Eager S0 on validated inputs."""
+    n, c = x.shape[:2]
+    cpg = c // num_groups
+    acc = acc_dtype(x.dtype)
+    ones = [1] * (x.dim() - 2)
+    with torch.no_grad():
+        m0, md, var = split_moments(x.detach().to(acc), tuple(range(2, x.dim())))
+        m0 = m0.reshape(n, num_groups, cpg)
+        # Channel means relative to the group's first channel's m0 (exact
+        # differences of nearby values), mixed exactly into the group moments.
+        pivot = m0[:, :, :1]
+        rel = (m0 - pivot).add_(md.reshape(n, num_groups, cpg))
+        mean_rel, group_var = mix_group_moments(rel, var.reshape(n, num_groups, cpg), (2,))
+
+        def per_channel(t: Tensor) -> Tensor:  # (N, G, 1) -> (N, C, 1, ...)
+            return t.expand(n, num_groups, cpg).reshape(n, c, *ones)
+
+        r = per_channel(torch.rsqrt(group_var + eps))
+    if autograd_needed(x, v, weight, bias):
+        return _EvoNormS0Function.apply(
+            x, v, weight, bias, r, per_channel(pivot), per_channel(mean_rel), num_groups, eps
+        )
+    return _s0_fwd(x, v, weight, bias, r)

@@ -1,0 +1,264 @@
+r"""Filter Response Norm (+TLU): eager kernels, their launcher and one autograd.Function.
+
+Training memory and time on CPU are dominated by full-tensor passes and by what
+autograd keeps. The plain autograd composite (:func:`frn_composite`) keeps
+``x``, ``x·scale``, the TLU mask and more (about 3x the input); the Function
+here keeps **only x** plus per-(sample, channel) vectors, and recomputes the
+rest in backward with a hand-derived gradient. Every full-tensor step is one
+vectorized ATen pass writing into a buffer it owns (``mul_``/``add_``/
+``clamp_min_``; ``threshold_backward`` for the TLU mask), never ``where`` with a
+boolean mask (two passes and a mask allocation) nor ``addcmul`` with two
+broadcast operands (which falls off the vectorized loop).
+
+Forward, per (n, c), with ``S`` = the spatial size and the statistics in the
+accumulation dtype (fp32 for half inputs)::
+
+    ν²  = Σ_s x² / S
+    r   = 1 / sqrt(ν² + |ε|)                       saved, (N, C, 1, ...)
+    a   = γ·r
+    z   = a·x + β
+    y   = max(z, τ)                                (τ optional: FRN alone is y = z)
+
+Backward, with ``m = [z > τ]`` recomputed from ``x`` (ties go to τ)::
+
+    g   = dy·m                                     (∂L/∂z)
+    P   = Σ_s g·x                                  (N, C)
+    ∂L/∂x = a·g − (a·r²·P / S)·x                   (∂r/∂x_s = −r³·x_s / S)
+    ∂L/∂γ = Σ_n r·P,   ∂L/∂β = Σ_{n,s} g,   ∂L/∂τ = Σ_{n,s} dy − ∂L/∂β
+    ∂L/∂ε = −½ Σ_{n,c} a·r²·P                      (ε here is the |ε| passed in)
+
+Which path runs (:func:`frn_apply`): the Function when autograd needs it in
+eager mode; the forward kernel alone under no_grad; the composite under
+``torch.compile``/``torch.export``, ``torch.func`` transforms, TorchScript
+tracing and tensor subclasses, where plain differentiable ops are what those
+tools understand (inductor fuses the composite anyway). A backward run with
+``create_graph=True`` (double backward) recomputes the composite and
+differentiates it, so higher-order gradients stay exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._normalize import channel_shape
+from ._stats import acc_dtype, mean_square, reduced_count
+
+__all__ = [
+    "eager_kernels_allowed",
+    "autograd_needed",
+    "frn_apply",
+    "frn_composite",
+    "sum_of_squares",
+]
+
+
+def eager_kernels_allowed(*tensors: Tensor | None) -> bool:
+    """Whether the in-place eager kernels may run instead of the plain composite.
+
+    Not under ``torch.compile``/``torch.export`` (dynamo traces the composite
+    and fuses it), ``torch.func`` transforms (vmap/grad batch or differentiate
+    the composite), TorchScript tracing, or for tensor subclasses with
+    ``__torch_function__`` (DTensor & co. dispatch the composite's ops).
+    """
+    present = [t for t in tensors if t is not None]
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.overrides.has_torch_function(present)
+    )
+
+
+def autograd_needed(*tensors: Tensor | float | None) -> bool:
+    """Whether autograd records this call (grad mode on and some input requires grad)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in tensors
+    )
+
+
+def sum_of_squares(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """``Σ x²`` over ``dims`` (kept), one read of ``x`` and no temporary.
+
+    ``vector_norm`` reduces contiguous memory in one vectorized pass; on other
+    layouts (channels_last) its reduction is slow, and ``(x·x).sum`` is faster.
+    """
+    if x.is_contiguous():
+        return torch.linalg.vector_norm(x, 2, dim=tuple(dims), keepdim=True).square_()
+    return (x * x).sum(dim=tuple(dims), keepdim=True)
+
+
+def _p(t: Tensor | None, acc: torch.dtype, shape: list[int]) -> Tensor | None:
+    """A (C,) parameter as a broadcastable (1, C, 1, ...) tensor in the accumulation dtype."""
+    return None if t is None else t.to(acc).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- composite
+
+
+def frn_composite(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    tau: Tensor | None,
+    eps: float | Tensor,
+) -> Tensor:
+    """The plain differentiable FRN (+TLU): used where the kernels are not (see module doc)."""
+    acc = acc_dtype(x.dtype)
+    shape = channel_shape(x)
+    # ν² is a mean of squares by definition (no mean subtraction): fp32 for half input.
+    nu2 = mean_square(x, range(2, x.dim()))
+    scale = torch.rsqrt(nu2 + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc).reshape(shape)
+    y = x.to(acc) * scale
+    if bias is not None:
+        y = y + bias.to(acc).reshape(shape)
+    if tau is not None:
+        # where(), not maximum(): maximum splits the gradient half/half at ties, the
+        # TLU's subgradient is dy to x where x > τ and dy to τ elsewhere.
+        t = tau.to(acc).reshape(shape)
+        y = torch.where(y > t, y, t)
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------- kernels
+
+
+def _frn_fwd(
+    x: Tensor,  # (N, C, *S)
+    weight: Tensor | None,  # (C,)
+    bias: Tensor | None,  # (C,)
+    tau: Tensor | None,  # (C,)
+    eps: float | Tensor,  # float or () tensor, the |ε| added to ν²
+) -> tuple[Tensor, Tensor]:
+    """``(y, r)``: the output in ``x``'s dtype and ``r = 1/sqrt(ν² + ε)``, (N, C, 1, ...)."""
+    acc = acc_dtype(x.dtype)
+    shape = channel_shape(x)
+    dims = tuple(range(2, x.dim()))
+    xa = x.to(acc)
+    r = torch.rsqrt(sum_of_squares(xa, dims).div_(reduced_count(x, dims)).add_(eps))
+    a = r if weight is None else r * _p(weight, acc, shape)
+    # 1 to 3 in-place passes on a fresh buffer (the half-input copy, or x·a).
+    y = xa.mul_(a) if xa is not x else xa * a
+    if bias is not None:
+        y.add_(_p(bias, acc, shape))
+    if tau is not None:
+        # max(z, τ): the value of the composite's where(z > τ, z, τ) for every
+        # number (a NaN propagates here instead of becoming τ).
+        y.clamp_min_(_p(tau, acc, shape))
+    return y.to(x.dtype), r
+
+
+def _frn_bwd(
+    dy: Tensor,  # (N, C, *S)
+    x: Tensor,  # (N, C, *S)
+    weight: Tensor | None,  # (C,)
+    bias: Tensor | None,  # (C,)
+    tau: Tensor | None,  # (C,)
+    r: Tensor,  # (N, C, 1, ...) 1/sqrt(ν² + ε), accumulation dtype
+    needs: Sequence[bool],  # needs_input_grad of (x, weight, bias, tau, eps)
+) -> tuple[Tensor | None, ...]:
+    acc = r.dtype
+    shape = channel_shape(x)
+    dims = tuple(range(2, x.dim()))
+    all_dims = (0, *dims)
+    xa = x.to(acc)
+    dya = dy.to(acc)
+    gamma = _p(weight, acc, shape)
+    a = r if gamma is None else r * gamma
+    if tau is not None:
+        # z − τ recomputed exactly as in forward; its sign is exact, so the mask
+        # z > τ equals the forward's (ties: the gradient goes to τ).
+        z = xa * a
+        if bias is not None:
+            z.add_(_p(bias, acc, shape))
+        z.sub_(_p(tau, acc, shape))
+        g = torch.ops.aten.threshold_backward.grad_input(dya, z, 0, grad_input=z)
+    else:
+        g = dya
+    # P = Σ_s g·x per (n, c); the product buffer is reused for ∂L/∂x.
+    buf = g * xa
+    p = buf.sum(dim=dims, keepdim=True)
+    dx = dweight = dbias = dtau = deps = None
+    if needs[0]:
+        dx = torch.mul(xa, a * r * r * p * (-1.0 / reduced_count(x, dims)), out=buf)
+        dx = dx.addcmul_(g, a).to(x.dtype)
+    if weight is not None and needs[1]:
+        dweight = (r * p).sum(dim=0).reshape(-1).to(weight.dtype)
+    if (bias is not None and needs[2]) or (tau is not None and needs[3]):
+        sum_g = g.sum(dim=all_dims)
+        if bias is not None and needs[2]:
+            dbias = sum_g.to(bias.dtype)
+        if tau is not None and needs[3]:
+            dtau = (dya.sum(dim=all_dims) - sum_g).to(tau.dtype)
+    if needs[4]:
+        deps = (a * r * r * p).sum().mul_(-0.5)
+    return dx, dweight, dbias, dtau, deps
+
+
+class _FRNFunction(torch.autograd.Function):
+    """FRN (+TLU) that saves ``x`` and ``r`` (N, C) only; gradient derived in the module doc."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,  # (N, C, *S)
+        weight: Tensor | None,  # (C,)
+        bias: Tensor | None,  # (C,)
+        tau: Tensor | None,  # (C,)
+        eps: float | Tensor,  # float or () tensor (a learnable ε keeps its gradient)
+    ) -> Tensor:
+        y, r = _frn_fwd(x, weight, bias, tau, eps)
+        eps_t = eps if isinstance(eps, Tensor) else None
+        ctx.save_for_backward(x, weight, bias, tau, eps_t, r)
+        ctx.eps = None if eps_t is not None else eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, tau, eps_t, r = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite
+            eps = eps_t if eps_t is not None else ctx.eps
+            return _composite_grads(
+                ctx.needs_input_grad, dy, frn_composite, x, weight, bias, tau, eps
+            )
+        return _frn_bwd(dy, x, weight, bias, tau, r, ctx.needs_input_grad)
+
+
+def _composite_grads(needs: Sequence[bool], dy: Tensor, fn: Any, *inputs: Any) -> tuple:
+    """Gradients of ``fn(*inputs)`` for double backward: recompute, then differentiate.
+
+    Called from a backward with ``create_graph=True``; the saved inputs carry their
+    autograd history, so the returned gradients are differentiable again.
+    """
+    with torch.enable_grad():
+        out = fn(*inputs)
+    wrt = [i for i, t in enumerate(inputs) if needs[i] and isinstance(t, Tensor)]
+    grads = torch.autograd.grad(
+        out, [inputs[i] for i in wrt], dy, create_graph=True, allow_unused=True
+    )
+    result: list[Tensor | None] = [None] * len(needs)
+    for i, gi in zip(wrt, grads, strict=True):
+        result[i] = gi
+    return tuple(result)
+
+
+def frn_apply(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    tau: Tensor | None,
+    eps: float | Tensor,
+) -> Tensor:
+    """Run FRN (+TLU) on validated inputs with the best path for the context."""
+    eps_t = eps if isinstance(eps, Tensor) else None
+    if not eager_kernels_allowed(x, weight, bias, tau, eps_t):
+        return frn_composite(x, weight, bias, tau, eps)
+    if autograd_needed(x, weight, bias, tau, eps_t):
+        return _FRNFunction.apply(x, weight, bias, tau, eps)
+    return _frn_fwd(x, weight, bias, tau, eps)[0]
