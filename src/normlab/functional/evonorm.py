@@ -136,8 +136,7 @@ def _eager(input: Tensor, *params: Tensor | None) -> bool:
 
 def _missing_running_var(layer: str) -> None:
     raise ValueError(
-        f"{layer}: training=False needs running_var; pass training=True to use the "
-        "batch variance."
+        f"{layer}: training=False needs running_var; pass training=True to use the batch variance."
     )
 
 
