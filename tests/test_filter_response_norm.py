@@ -375,3 +375,180 @@ def test_short_training_drives_loss_down():
         torch.set_num_threads(threads)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+# ------------------------------------------------- the autograd.Function (hand-written backward)
+#
+# In eager mode with autograd on, FRN runs _FRNFunction: it saves only x (and
+# per-(n, c) vectors) and computes the gradient by hand. These cases check that
+# gradient against the float64 reference for every option, on fresh off-center data.
+
+FAST_CASES = {  # name: (shape, affine, tlu, eps kind, channels_last)
+    "2d": ((3, 5, 4, 6), True, True, "learnable", False),
+    "2d-channels-last": ((2, 5, 3, 7), True, True, "learnable", True),
+    "2d-no-affine": ((2, 4, 3, 5), False, True, "float", False),
+    "2d-no-tlu": ((2, 4, 3, 5), True, False, "learnable", False),
+    "plain": ((2, 4, 7), False, False, "buffer", False),
+    "1d": ((3, 2, 9), True, True, "float", False),
+    "3d": ((2, 3, 2, 3, 4), True, True, "learnable", False),
+    "N=1": ((1, 6, 5, 3), True, True, "learnable", False),
+    "spatial-1": ((5, 3, 1, 1), True, True, "learnable", False),
+}
+
+
+def _fast_inputs(shape, affine, tlu, eps_kind, channels_last, seed):
+    c = shape[1]
+    x = offcenter(*shape, seed=seed)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = params(c, seed=seed) if affine else (None, None)
+    eps_value = -2e-3 if eps_kind == "learnable" else 1e-3  # |eps| is used: the sign is free
+    tau = median_tau(x, w, b, eps_value) if tlu else None
+    for t in (w, b, tau):
+        if t is not None:
+            t.requires_grad_()
+    eps = {
+        "learnable": torch.tensor(eps_value, dtype=torch.float64, requires_grad=True),
+        "buffer": torch.tensor(eps_value, dtype=torch.float64),
+        "float": eps_value,
+    }[eps_kind]
+    return x, w, b, tau, eps, eps_value
+
+
+def _frn_call(x, w, b, tau, eps):
+    return NF.filter_response_norm(x, w, b, eps) if tau is None else NF.frn_tlu(x, w, b, tau, eps)
+
+
+@pytest.mark.parametrize("name", list(FAST_CASES))
+def test_fast_function_matches_reference(name):
+    shape, affine, tlu, eps_kind, channels_last = FAST_CASES[name]
+    x, w, b, tau, eps, eps_value = _fast_inputs(*FAST_CASES[name], seed=20)
+    y = _frn_call(x, w, b, tau, eps)
+    assert type(y.grad_fn).__name__ == "_FRNFunctionBackward"
+    dy = offcenter(*shape, seed=21, loc=0.0, scale=1.0)
+    y.backward(dy)
+    y_ref, cache = R.filter_response_norm_forward(
+        np64(x), np64(w), np64(b), eps=eps_value, tau=np64(tau)
+    )
+    g = R.filter_response_norm_backward(np64(dy), cache)
+    assert_close(y, y_ref)
+    assert_close(x.grad, g["dx"])
+    if affine:
+        assert_close(w.grad, g["dweight"])
+        assert_close(b.grad, g["dbias"])
+    if tlu:
+        assert_close(tau.grad, g["dtau"])
+    if eps_kind == "learnable":
+        assert_close(eps.grad, g["deps"])
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["2d", "2d-no-affine", "2d-no-tlu", "plain", "spatial-1"])
+def test_fast_function_gradcheck_and_double_backward(name):
+    _, affine, tlu, eps_kind, channels_last = FAST_CASES[name]
+    shape = (2, 3, 1, 1) if name == "spatial-1" else (2, 3, 3, 2)
+    x, w, b, tau, eps, _ = _fast_inputs(shape, affine, tlu, eps_kind, channels_last, seed=22)
+    present = [t for t in (w, b, tau) if t is not None]
+    tensors = (x, *present, *([eps] if isinstance(eps, torch.Tensor) else []))
+
+    def f(x, *rest):
+        it = iter(rest)
+        ww, bb = (next(it), next(it)) if affine else (None, None)
+        tt = next(it) if tlu else None
+        ee = next(it) if isinstance(eps, torch.Tensor) else eps
+        return _frn_call(x, ww, bb, tt, ee)
+
+    assert type(f(*tensors).grad_fn).__name__ == "_FRNFunctionBackward"
+    assert torch.autograd.gradcheck(f, tensors)
+    # create_graph=True differentiates the recomputed composite: exact second order
+    assert torch.autograd.gradgradcheck(f, tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fast_function_half_input_fp32_statistics(dtype):
+    shape = (2, 4, 6, 5)
+    x = offcenter(*shape, seed=23).to(dtype).requires_grad_()
+    w, b = (t.float().requires_grad_() for t in params(4, seed=23))
+    tau = median_tau(x, w, b, 1e-3).float().requires_grad_()
+    eps = torch.tensor(1e-3, requires_grad=True)
+    y = NF.frn_tlu(x, w, b, tau, eps)
+    assert type(y.grad_fn).__name__ == "_FRNFunctionBackward" and y.dtype == dtype
+    dy = offcenter(*shape, seed=24, loc=0.0, scale=1.0).to(dtype)
+    y.backward(dy)
+    assert x.grad.dtype == dtype and w.grad.dtype == tau.grad.dtype == torch.float32
+    # the reference sees the same (rounded) input and dy, in float64
+    y_ref, cache = R.filter_response_norm_forward(
+        np64(x), np64(w), np64(b), eps=1e-3, tau=np64(tau)
+    )
+    g = R.filter_response_norm_backward(np64(dy), cache)
+    assert_close(y, y_ref, dtype)
+    assert_close(x.grad, g["dx"], dtype, atol=2e-2 if dtype == torch.bfloat16 else 4e-3)
+    # parameter gradients are fp32 sums over fp32 statistics: far tighter than half
+    for got, key in ((w.grad, "dweight"), (b.grad, "dbias"), (tau.grad, "dtau")):
+        assert_close(got, g[key], torch.float32, rtol=1e-4, atol=1e-4)
+    assert_close(eps.grad, g["deps"], torch.float32, rtol=1e-4, atol=1e-4)
+
+
+def test_tlu_ties_send_the_gradient_to_tau_in_the_fast_function():
+    # Constant channels at N=1: every z of a channel equals the FRN output, which we
+    # use as τ, so every element is a tie (z == τ exactly): all of dy goes to τ.
+    x = torch.tensor([1.5, -0.25, 3.0], dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 2, 3)
+    x = x.contiguous().requires_grad_()
+    w, b = (t.requires_grad_() for t in params(3, seed=25))
+    with torch.no_grad():
+        tau = NF.filter_response_norm(x, w, b, 1e-3)[0, :, 0, 0].clone()
+    tau.requires_grad_()
+    y = NF.frn_tlu(x, w, b, tau, 1e-3)
+    assert type(y.grad_fn).__name__ == "_FRNFunctionBackward"
+    dy = offcenter(1, 3, 2, 3, seed=26, loc=0.0, scale=1.0)
+    y.backward(dy)
+    assert torch.equal(y.detach(), tau.detach().view(1, 3, 1, 1).expand_as(y))
+    assert torch.equal(tau.grad, dy.sum(dim=(0, 2, 3)))
+    assert not x.grad.any() and not w.grad.any() and not b.grad.any()
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward (as normlab.lab.bench measures them)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("learnable_eps", [False, True])
+def test_fast_function_saves_only_the_input(dtype, learnable_eps):
+    n, c = 4, 8
+    m = nnl.FilterResponseNorm2d(c, learnable_eps=learnable_eps)
+    x = offcenter(n, c, 16, 16, dtype=dtype, seed=27).requires_grad_()
+    x_bytes = x.numel() * x.element_size()
+    small = 8 * (n * c + c + 1) * 4  # a few fp32 per-(n, c) / per-channel vectors
+    saved = _saved_bytes(lambda: m(x))
+    assert x_bytes <= saved <= x_bytes + small, (saved, x_bytes)
+    # The plain composite keeps full-size intermediates: the bound above catches it.
+    from normlab.functional._frn_autograd import frn_composite
+
+    composite = _saved_bytes(lambda: frn_composite(x, m.weight, m.bias, m.tau, m.effective_eps()))
+    assert composite > x_bytes + small
+
+
+def test_paths_agree_no_grad_and_torch_func():
+    x, w, b, tau, eps, _ = _fast_inputs((2, 3, 4, 5), True, True, "buffer", False, seed=28)
+    y = NF.frn_tlu(x, w, b, tau, eps)
+    with torch.no_grad():  # the forward kernel alone: the same numbers
+        assert torch.equal(NF.frn_tlu(x, w, b, tau, eps), y.detach())
+    (dx,) = torch.autograd.grad(y.sum(), x)
+
+    def loss(x):  # torch.func runs the plain composite
+        return NF.frn_tlu(x, w.detach(), b.detach(), tau.detach(), eps).sum()
+
+    assert_close(torch.func.grad(loss)(x.detach()), dx)
+    assert_close(torch.func.vmap(lambda xi: NF.frn_tlu(xi[None], w, b, tau, eps)[0])(x), y)

@@ -147,15 +147,25 @@ def _b0_fwd(
     acc = sig_i.dtype
     shape = channel_shape(x)
     xa = x.to(acc)
-    den = xa * _p(v, acc, shape)
-    # max(i, σ_B): the composite's where(i > σ_B, i, σ_B) (σ_B > 0, so only a NaN differs)
-    den.add_(sig_i).clamp_min_(sig_b)
+    rb = sig_b.reciprocal()
+    den = _b0_den(xa, v, sig_i, rb)
     y = torch.div(xa, den, out=den)
-    if weight is not None:
-        y.mul_(_p(weight, acc, shape))
+    y.mul_(rb if weight is None else rb * _p(weight, acc, shape))
     if bias is not None:
         y.add_(_p(bias, acc, shape))
     return y.to(x.dtype)
+
+
+def _b0_den(xa: Tensor, v: Tensor, sig_i: Tensor, rb: Tensor) -> Tensor:
+    """``den/σ_B = max(v·x/σ_B + σ_I/σ_B, 1)`` in a fresh buffer.
+
+    In units of σ_B the max is a clamp at the scalar 1 (one fast pass), and in
+    backward the instance side is exactly ``den/σ_B > 1`` (ties: batch side), a
+    scalar threshold: no mask tensor, no per-channel comparison. The composite's
+    where(i > σ_B, i, σ_B) gives the same value (only a NaN differs: it propagates).
+    """
+    den = xa * _p(v, xa.dtype, channel_shape(xa)).mul(rb)
+    return den.add_(sig_i * rb).clamp_min_(1.0)
 
 
 def _b0_bwd(
@@ -171,44 +181,45 @@ def _b0_bwd(
     dmu: Tensor | None,  # (N, C, 1, ...) μ_I − μ_B (training) or None (eval)
     needs: Sequence[bool],  # needs_input_grad of (x, v, weight, bias)
 ) -> tuple[Tensor | None, ...]:
+    # The module doc's formulas with den = σ_B·e (e = _b0_den): t = rb·(dy/e) and
+    # w = rb²·(dy·x/e²), rb = 1/σ_B; the per-channel factors are applied to the
+    # (N, C) sums and to the coefficients, not to full tensors.
     acc = sig_i.dtype
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
     all_dims = (0, *dims)
     xa = x.to(acc)
     dya = dy.to(acc)
-    vb = _p(v, acc, shape)
-    gamma = _p(weight, acc, shape)
-    i = xa * vb
-    i.add_(sig_i)
-    den = torch.clamp_min(i, sig_b)
-    z = i.sub_(sig_b)  # > 0 exactly where the forward took the instance side
-    rden = den.reciprocal_()
-    t = dya * rden  # dy/den
-    u = t * xa  # dy·x/den
+    rb = sig_b.reciprocal()
+    g_rb = rb if weight is None else rb * _p(weight, acc, shape)  # γ·rb
+    neg_g = -g_rb * rb  # −γ·rb²
+    e = _b0_den(xa, v, sig_i, rb)
+    t = torch.div(dya, e)  # dy/e
+    u = t * xa  # dy·x/e
     dweight = dbias = dv = None
     if weight is not None and needs[2]:
-        dweight = u.sum(dim=all_dims).to(weight.dtype)
+        dweight = (rb * u.sum(dim=all_dims, keepdim=True)).reshape(-1).to(weight.dtype)
     if bias is not None and needs[3]:
         dbias = dya.sum(dim=all_dims).to(bias.dtype)
-    w = u.mul_(rden)  # dy·x/den²; ∂L/∂den = −γ·w
+    w = u.div_(e)  # dy·x/e²; ∂L/∂den = −γ·rb²·w
     sum_w = w.sum(dim=all_dims, keepdim=True) if dmu is not None else None
-    wm = torch.ops.aten.threshold_backward.grad_input(w, z, 0, grad_input=z)
+    wm = torch.ops.aten.threshold_backward.grad_input(w, e, 1.0, grad_input=e)  # w·inst
     swm = wm.sum(dim=dims, keepdim=True)
-    neg_g = -1.0 if gamma is None else -gamma
     if needs[1]:
         dv = (neg_g * torch.mul(wm, xa, out=w).sum(dim=all_dims, keepdim=True)).reshape(-1)
         dv = dv.to(v.dtype)
     dx = None
     if needs[0]:
-        k = neg_g * swm / (sig_i * _count(x, dims))  # K_I
+        k = neg_g * swm / (sig_i * _count(x, dims))  # K_I = ∂L/∂σ_I / (σ_I·S)
         shift = -k * md
         if sum_w is not None and dmu is not None:
-            k_b = neg_g * (sum_w - swm.sum(dim=0, keepdim=True)) / (sig_b * _count(x, all_dims))
+            dsig_b = neg_g * (sum_w - swm.sum(dim=0, keepdim=True))
+            k_b = dsig_b / (sig_b * _count(x, all_dims))
             k = k + k_b
             shift = -k * md + k_b * dmu
-        dx = t if gamma is None else t.mul_(gamma)
-        dx.addcmul_(wm, neg_g * vb)
+        # γ·t − γ·v·wm + K·((x − m0) − md) + K_B·(μ_I − μ_B)
+        dx = t.mul_(g_rb)
+        dx.addcmul_(wm, neg_g * _p(v, acc, shape))
         dx.addcmul_(torch.sub(xa, m0, out=w), k).add_(shift)
         dx = dx.to(x.dtype)
     return dx, dv, dweight, dbias
