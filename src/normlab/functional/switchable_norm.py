@@ -15,6 +15,7 @@ from ._checks import (
     check_param,
     resolve_backend,
 )
+from ._sn_autograd import SwitchableNormFunction, fast_path_available
 from ._stats import (
     acc_dtype,
     centered,
@@ -150,12 +151,67 @@ def switchable_norm(
             "batch statistics."
         )
 
+    bn_from_batch = using_bn and training
+    group = resolve_process_group(process_group) if bn_from_batch else None
+    if group is None and bn_from_batch:
+        check_batch_count(layer, input, input.numel() // max(c, 1))
+    if group is not None or not fast_path_available(input):
+        return _switchable_norm_autograd(
+            input, mean_weight, var_weight, weight, bias, running_mean, running_var,
+            training, momentum, eps, using_bn, group,
+        )  # fmt: skip
+
+    # The fused Function (one statistics pass, one apply pass, hand-derived
+    # backward; see normlab.functional._sn_autograd). (N, C) is treated as
+    # (N, C, 1): per-(n, c) "instances" of one value.
+    x = input if input.dim() > 2 else input.unsqueeze(-1)
+    bn_mode = ("batch" if training else "running") if using_bn else "none"
+
+    def recompute(x, mean_weight, var_weight, weight, bias, running_mean, running_var):
+        # The plain autograd graph of the same call, for a double backward.
+        y = _switchable_norm_autograd(
+            x if input.dim() > 2 else x.squeeze(-1), mean_weight, var_weight, weight, bias,
+            running_mean, running_var, training, 0.0, eps, using_bn, None,
+        )  # fmt: skip
+        return y if input.dim() > 2 else y.unsqueeze(-1)
+
+    y = SwitchableNormFunction.apply(
+        x, mean_weight, var_weight, weight, bias,
+        running_mean if bn_from_batch or bn_mode == "running" else None,
+        running_var if bn_from_batch or bn_mode == "running" else None,
+        names, bn_mode, momentum, eps, recompute,
+    )  # fmt: skip
+    return y if input.dim() > 2 else y.squeeze(-1)
+
+
+def _switchable_norm_autograd(
+    input: Tensor,
+    mean_weight: Tensor,
+    var_weight: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    using_bn: bool,
+    group: ProcessGroup | None,
+) -> Tensor:
+    """:func:`switchable_norm` in plain autograd ops, for inputs already validated.
+
+    The path for ``torch.compile``/export/``torch.func``, for a synchronised BN
+    branch (``group``), and the graph that a double backward through the fused
+    Function differentiates. Same statistics, same mixing, same values.
+    """
+    layer = "switchable_norm"
+    n, c = input.shape[:2]
+    names = switchable_norm_components(input.dim(), using_bn)
     # (N, C) is treated as (N, C, 1): per-(n, c) "instances" of one value.
     x = input if input.dim() > 2 else input.unsqueeze(-1)
     spatial = tuple(range(2, x.dim()))
     hw = x.numel() // max(n * c, 1)
     bn_from_batch = using_bn and training
-    group = resolve_process_group(process_group) if bn_from_batch else None
     if group is not None:
         hw = reduced_count(x, tuple(range(2, x.dim())))  # also right for N = 0
     elif bn_from_batch:

@@ -1,0 +1,364 @@
+r"""Switchable Norm as one autograd.Function: fused passes, a hand-derived backward.
+
+The plain autograd form of :func:`normlab.functional.switchable_norm` records
+some forty full-size ops and saves several full-size tensors. Here the input
+is touched by
+
+* forward: ``u = x − pivot`` (the one full-size buffer, which becomes the
+  output), one reduction pass giving ``Σu`` and ``Σu²`` per (n, c), and the
+  in-place apply ``y = u·A + B``;
+* backward: one reduction pass giving ``Σdy`` and ``Σdy·u`` per (n, c), then
+  ``u`` again, turned in place into ``dx = u·P + Q + A·dy``;
+
+and only ``x`` plus (N, C)-sized statistics are saved. Everything between
+the reductions and the apply works on (N, C) matrices: the softmax mixing of
+the IN, LN and BN moments and, in backward, its hand-derived adjoint.
+
+Notation, per group (n, c) of ``L`` values (the spatial dims)::
+
+    s      pivot x[n, c, 0, ...]                  (an element of x, exact)
+    u      x − s
+    μ, v   mean and biased variance of u          (μ relative to the pivot)
+    M, V   mixed mean (relative to s) and mixed variance
+    r      (max(V, 0) + ε)^(−1/2),   A = γ·r
+    y      (u − M)·A + β  =  u·A + (β − M·A)
+
+The mixing follows :func:`normlab.functional.switchable_norm`'s plain path
+term for term (same pivots, same group formulas), so the two agree to rounding.
+
+The helpers :func:`sums`, :func:`shifted_moments` and :func:`apply_dx` serve
+Batch Renormalization's Function as well (per channel instead of per (n, c)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as _fwad
+from torch import Tensor
+
+from ._stats import acc_dtype, centered, pivot, rstd
+from .batch_norm import update_running_stats
+
+__all__ = [
+    "SwitchableNormFunction",
+    "apply_dx",
+    "fast_path_available",
+    "recompute_grads",
+    "shifted_moments",
+    "sums",
+]
+
+# μ²/v above which the shifted one-pass variance Σu²/L − μ² would cancel more
+# than ~6 of fp32's 24 bits; such groups (a pivot far out in its group's tail)
+# are recomputed with a two-pass variance. Gaussian data never get there.
+_SHIFT_LIMIT = 64.0
+
+
+def fast_path_available(x: Tensor) -> bool:
+    """Whether the fused autograd.Functions may run on ``x``.
+
+    Not under ``torch.compile`` / ``torch.export`` (the compiler fuses the
+    plain ops itself, and the exporters need them), ``torch.jit.trace``,
+    ``torch.func`` transforms or forward-mode AD (the Functions define no
+    vmap or jvp rule), nor for an empty input. Those take the plain autograd
+    path, which computes the same values.
+    """
+    return (
+        x.numel() > 0
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch._C._are_functorch_transforms_active()
+        and _fwad._current_level < 0
+    )
+
+
+def sums(
+    dy: Tensor, x: Tensor, shift: Tensor | None, per_sample: bool
+) -> tuple[Tensor, Tensor]:
+    """``Σ dy`` and ``Σ dy·(x − shift)`` per (n, c) or per channel, as (N or 1, C) matrices.
+
+    ``shift`` holds one value per group, (N, C, 1...) for ``per_sample`` (sums
+    over the spatial dims) or (1, C, 1...) (sums over N and the spatial dims);
+    None is a zero shift, so ``sums(u, u, None, ...)`` gives ``Σu`` and ``Σu²``.
+
+    For fp32/fp64 (NCHW-contiguous, for per-(n, c) sums) this is torch's
+    batch-norm backward reduction: with ``mean = shift`` and ``invstd = 1`` its
+    ``grad_weight`` is ``Σ dy·(x − shift)`` and its ``grad_bias`` is ``Σ dy``,
+    both from one pass over ``dy`` and ``x``, accumulated in ``x``'s dtype and
+    without a full-size temporary (on CPU a fresh full-size buffer can cost
+    more in page faults than the pass itself). ``shift`` is exact in ``x``'s
+    dtype (a pivot is an element of ``x``), so ``x − shift`` rounds as
+    :func:`~normlab.functional._stats.centered` does. Other dtypes and
+    layouts: ``dy·(x − shift)`` as a temporary, reduced in the accumulation dtype.
+    """
+    acc = acc_dtype(x.dtype)
+    n, c = x.shape[:2]
+    rows = n if per_sample else 1
+    native = dy.dtype == x.dtype == acc and (shift is None or shift.dtype == acc)
+    if native and per_sample:
+        native = x.is_contiguous() and dy.is_contiguous()
+    if not native:
+        dims = tuple(range(2, x.dim())) if per_sample else (0, *range(2, x.dim()))
+        s0 = dy.sum(dims, dtype=acc)
+        s1 = (dy * (x if shift is None else centered(x, shift))).sum(dims, dtype=acc)
+        return s0.reshape(rows, c), s1.reshape(rows, c)
+    if per_sample:  # (N, C, *S) as a batch of one with N·C channels
+        x, dy = x.view(1, n * c, -1), dy.view(1, n * c, -1)
+    mean = x.new_zeros(rows * c) if shift is None else shift.reshape(-1)
+    _, s1, s0 = torch.ops.aten.native_batch_norm_backward(
+        dy, x, None, None, None, mean, torch.ones_like(mean), True, 0.0, [False, True, True]
+    )
+    return s0.reshape(rows, c), s1.reshape(rows, c)
+
+
+def shifted_moments(u: Tensor, per_sample: bool) -> tuple[Tensor, Tensor, int]:
+    """Mean and biased variance of ``u = x − pivot`` per (n, c) or per channel.
+
+    One pass, :func:`sums` of ``u²`` and ``u``, then
+    ``v = Σu²/L − μ²``: the *shifted* one-pass formula of
+    ``shared/design/NUMERICS.md`` rule 2. ``u`` is centred on an element of
+    its own group, so ``μ`` is a few standard deviations at most and the
+    subtraction keeps fp32 accuracy; where ``μ² > 64·v`` (the pivot sits far
+    out in its group's tail) the variance is recomputed with a two-pass
+    reduction. Variance clamped at 0.
+
+    Returns (N or 1, C) matrices (mean relative to the shift, variance) in
+    the accumulation dtype, and the count ``L`` per group.
+    """
+    dims = tuple(range(2, u.dim())) if per_sample else (0, *range(2, u.dim()))
+    count = math.prod(u.shape[d] for d in dims)
+    s0, s1 = sums(u, u, None, per_sample)
+    mean = s0 / count
+    var = s1 / count - mean * mean
+    if bool((mean * mean > _SHIFT_LIMIT * var).any()):
+        var = torch.var(u, dims, correction=0).reshape(var.shape)
+    return mean, var.clamp_min(0), count
+
+
+def apply_dx(u: Tensor, dy: Tensor, a: Tensor, p: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
+    """``dx = u·p + q + a·dy`` written into ``u`` (consumed), returned in ``dtype``.
+
+    ``a``, ``p``, ``q`` broadcast against ``u``. Three in-place passes, each
+    with a single broadcast operand, which keeps every one on torch's
+    vectorized CPU loop (``addcmul`` with two broadcast operands is not).
+    """
+    return u.mul_(p).add_(q).addcmul_(dy, a).to(dtype)
+
+
+def recompute_grads(
+    ctx: Any, dy: Tensor, inputs: tuple[Tensor | None, ...], *args: Any
+) -> tuple[Tensor | None, ...]:
+    """Gradients of the plain autograd graph, recomputed from the saved inputs.
+
+    For a backward that records a graph (``create_graph=True``, as in double
+    backward or ``gradgradcheck``): ``ctx.recompute(*inputs, *args)`` rebuilds
+    the forward in plain ops, so the returned gradients are differentiable
+    functions of the inputs and of ``dy``, exactly as without the Function.
+    """
+    needs = ctx.needs_input_grad[: len(inputs)]
+    with torch.enable_grad():
+        y = ctx.recompute(*inputs, *args)
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def _mix_forward(
+    mu: Tensor,
+    var: Tensor,
+    shift: Tensor,
+    wm: Tensor,
+    wv: Tensor,
+    names: tuple[str, ...],
+    bn_mode: str,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+) -> dict[str, Tensor]:
+    """The (N, C)-sized forward: IN/LN/BN moments from the per-(n, c) ones, and their mix.
+
+    ``bn_mode``: "batch" (BN moments of this batch), "running" (BN moments
+    from the running statistics) or "none". Each union's moments are those of
+    its groups by the law of total variance (exact group variances, as
+    :func:`~normlab.functional._stats.mix_group_moments`): for LN, over the C
+    groups of a sample, ``μ_LN = mean_c μ̃``, ``v_LN = mean_c(v + (μ̃ − μ_LN)²)``,
+    with ``μ̃ = μ + (s − s[:, 0])`` the group means relative to one pivot of
+    the union (differences of nearby pivots are exact); for BN the same over N.
+    Every mean is then expressed relative to its group's own pivot ``s``.
+    """
+    d_ln = shift - shift[:, :1]
+    dev_ln = mu + d_ln  # μ̃
+    mu_ln = dev_ln.mean(1, keepdim=True)
+    dev_ln = dev_ln - mu_ln  # μ̃ − μ_LN
+    var_ln = (var + dev_ln * dev_ln).mean(1, keepdim=True)  # (N, 1), ≥ 0
+    means = {"in": mu, "ln": mu_ln - d_ln}
+    variances = {"in": var, "ln": var_ln}
+    out = {"dev_ln": dev_ln}
+    if bn_mode == "batch":
+        d_bn = shift - shift[:1]
+        dev_bn = mu + d_bn
+        mu_bn = dev_bn.mean(0, keepdim=True)
+        dev_bn = dev_bn - mu_bn
+        var_bn = (var + dev_bn * dev_bn).mean(0, keepdim=True)  # (1, C)
+        means["bn"], variances["bn"] = mu_bn - d_bn, var_bn
+        out.update(dev_bn=dev_bn, batch_mean=mu_bn + shift[:1], batch_var=var_bn)
+    elif bn_mode == "running":
+        assert running_mean is not None and running_var is not None
+        means["bn"] = running_mean.to(mu.dtype).reshape(1, -1) - shift
+        variances["bn"] = running_var.to(mu.dtype).reshape(1, -1)
+    # One (K, N, C) stack per moment: the mix is one product and one sum, and
+    # backward reuses the stack for the logit gradients.
+    stack_m = torch.stack(torch.broadcast_tensors(*(means[k] for k in names)))
+    stack_v = torch.stack(torch.broadcast_tensors(*(variances[k] for k in names)))
+    out.update(stack_m=stack_m, stack_v=stack_v)
+    out["M"] = (wm.reshape(-1, 1, 1) * stack_m).sum(0)
+    out["V"] = (wv.reshape(-1, 1, 1) * stack_v).sum(0)
+    return out
+
+
+def _mix_backward(
+    d_mean: Tensor,
+    d_var: Tensor,
+    saved: dict[str, Tensor],
+    names: tuple[str, ...],
+    bn_mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Adjoint of :func:`_mix_forward`: (dM, dV) → (dμ, dv, dλ, dλ'), all (N, C) or (K,).
+
+    With ``w = softmax(λ)``, ``M = Σₖ wₖ mₖ`` and ``V = Σₖ w'ₖ vₖ``:
+
+    * logits (softmax backward, written around M so nothing large cancels):
+      ``dλₖ = wₖ · Σ_{n,c} dM·(mₖ − M)``, ``dλ'ₖ = w'ₖ · Σ_{n,c} dV·(vₖ − V)``;
+    * IN (``m = μ``, ``v = v``): ``dμ += w_IN·dM``, ``dv += w'_IN·dV``;
+    * LN, with ``G = w_LN·Σ_c dM`` and ``H = w'_LN·Σ_c dV`` per sample:
+      ``dμ += G/C + 2H·(μ̃ − μ_LN)/C`` and ``dv += H/C`` (the path through
+      ``μ_LN`` inside ``v_LN`` vanishes, as ``Σ_c (μ̃ − μ_LN) = 0``);
+    * BN from the batch: the same over N (sums over n, divide by N);
+    * BN from running statistics: constants, nothing flows to μ or v.
+    """
+    wm, wv = saved["wm"], saved["wv"]
+    d_lm = wm * (d_mean * (saved["stack_m"] - saved["M"])).sum((1, 2))
+    d_lv = wv * (d_var * (saved["stack_v"] - saved["V"])).sum((1, 2))
+    n, c = d_mean.shape
+    k = {name: i for i, name in enumerate(names)}
+    g = d_mean.sum(1, keepdim=True) * (wm[k["ln"]] / c)
+    h = d_var.sum(1, keepdim=True) * (wv[k["ln"]] / c)
+    d_mu = g + 2.0 * h * saved["dev_ln"]
+    d_v = h
+    if "in" in k:
+        d_mu = d_mu + wm[k["in"]] * d_mean
+        d_v = d_v + wv[k["in"]] * d_var
+    if bn_mode == "batch":
+        g = d_mean.sum(0, keepdim=True) * (wm[k["bn"]] / n)
+        h = d_var.sum(0, keepdim=True) * (wv[k["bn"]] / n)
+        d_mu = d_mu + g + 2.0 * h * saved["dev_bn"]
+        d_v = d_v + h
+    return d_mu, d_v, d_lm, d_lv
+
+
+def _against(t: Tensor, x: Tensor) -> Tensor:
+    """An (N or 1, C or 1) matrix as a view that broadcasts against (N, C, *S) ``x``."""
+    return t.view(*t.shape, *([1] * (x.dim() - 2)))
+
+
+class SwitchableNormFunction(torch.autograd.Function):
+    """``y = (x − M)·γ/sqrt(V + ε) + β`` with IN/LN/BN moments mixed by softmax weights.
+
+    Saves ``x`` and (N, C)-sized tensors only. A backward with
+    ``create_graph=True`` differentiates the plain graph instead
+    (:func:`recompute_grads`), so higher derivatives stay exact.
+    """
+
+    # (N, C)-sized results of forward that backward reads, in save order.
+    _SAVED = ("shift_x", "mu", "r", "a", "M", "V", "wm", "wv", "stack_m", "stack_v",
+              "dev_ln", "dev_bn")  # fmt: skip
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,  # (N, C, *S), at least one spatial dim; (N, C) input arrives as (N, C, 1)
+        mean_weight: Tensor,  # (K,) logits λ
+        var_weight: Tensor,  # (K,) logits λ'
+        weight: Tensor | None,  # (C,) γ
+        bias: Tensor | None,  # (C,) β
+        running_mean: Tensor | None,  # (C,): updated in place ("batch") or read ("running")
+        running_var: Tensor | None,  # (C,)
+        names: tuple[str, ...],  # the mixed normalizers, in logit order
+        bn_mode: str,  # "batch" | "running" | "none"
+        momentum: float,
+        eps: float,
+        recompute: Any,  # (x, λ, λ', γ, β, running_mean, running_var) -> y in plain ops
+    ) -> Tensor:
+        n, c = x.shape[:2]
+        shift_x = pivot(x, range(2, x.dim()))  # (N, C, 1...): elements of x
+        u = centered(x, shift_x)  # the one full-size buffer (accumulation dtype); becomes y
+        acc = u.dtype
+        shift = shift_x.to(acc).reshape(n, c)
+        mu, var, count = shifted_moments(u, per_sample=True)  # (N, C)
+        wm = torch.softmax(mean_weight.to(acc), 0)
+        wv = torch.softmax(var_weight.to(acc), 0)
+        mix = _mix_forward(mu, var, shift, wm, wv, names, bn_mode, running_mean, running_var)
+        if bn_mode == "batch" and (running_mean is not None or running_var is not None):
+            total = n * count
+            unbiased = mix["batch_var"] * (total / (total - 1))
+            update_running_stats(running_mean, running_var, mix["batch_mean"], unbiased, momentum)
+        r = rstd(mix["V"], eps)  # (N, C)
+        a = r if weight is None else r * weight.to(acc)
+        b = -mix["M"] * a if bias is None else bias.to(acc) - mix["M"] * a
+        y = u.mul_(_against(a, x)).add_(_against(b, x))  # (u − M)·A + β: u and M small
+
+        # The eval-mode BN branch's running statistics as they were: only a
+        # double backward (the recompute) reads them.
+        frozen = [None, None]
+        if bn_mode == "running":
+            assert running_mean is not None and running_var is not None
+            frozen = [running_mean.detach().clone(), running_var.detach().clone()]
+        small = dict(shift_x=shift_x, mu=mu, r=r, a=a, wm=wm, wv=wv, **mix)
+        ctx.save_for_backward(
+            x, mean_weight, var_weight, weight, bias, *frozen,
+            *(small.get(key) for key in SwitchableNormFunction._SAVED),
+        )  # fmt: skip
+        ctx.names, ctx.bn_mode, ctx.count, ctx.recompute = names, bn_mode, count, recompute
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        inputs = saved[:5]
+        x, mean_weight, var_weight, weight, bias = inputs
+        tail = (None,) * 7
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain graph
+            return recompute_grads(ctx, dy, inputs, saved[5], saved[6]) + tail
+        s = dict(zip(SwitchableNormFunction._SAVED, saved[7:], strict=True))
+        needs = ctx.needs_input_grad
+        s0, s1 = sums(dy, x, s["shift_x"], per_sample=True)  # Σdy, Σdy·u: (N, C)
+
+        # y = (u − M)·A + β with A = γ·r, r = (max(V, 0) + ε)^(−1/2):
+        #   h = Σ dy·(u − M) = Σdy·u − M·Σdy                  (= ∂L/∂A)
+        #   ∂L/∂β = Σ_n Σdy,   ∂L/∂γ = Σ_n h·r,   ∂L/∂M = −A·Σdy,
+        #   ∂L/∂V = h·γ·(−½ r³) where V ≥ 0 (clamp_min lets V = 0 through), else 0.
+        r, a = s["r"], s["a"]
+        h = s1 - s["M"] * s0
+        d_w = (h * r).sum(0).to(weight.dtype) if weight is not None and needs[3] else None
+        d_b = s0.sum(0).to(bias.dtype) if bias is not None and needs[4] else None
+        if not (needs[0] or needs[1] or needs[2]):
+            return (None, None, None, d_w, d_b) + tail
+        hg = h if weight is None else h * weight.to(h.dtype)
+        d_var = (-0.5 * hg * r * r * r).masked_fill_(s["V"] < 0, 0.0)
+        d_mean = -a * s0
+        d_mu, d_v, d_lm, d_lv = _mix_backward(d_mean, d_var, s, ctx.names, ctx.bn_mode)
+        dx = None
+        if needs[0]:
+            # μ = Σu/L and v = Σu²/L − μ² give ∂μ/∂x = 1/L and ∂v/∂x = 2(u − μ)/L:
+            #   dx = A·dy + (2·dv/L)·(u − μ) + dμ/L = u·P + Q + A·dy,
+            #   P = 2·dv/L,  Q = dμ/L − P·μ.
+            count = ctx.count
+            p = d_v * (2.0 / count)
+            q = d_mu / count - p * s["mu"]
+            u = centered(x, s["shift_x"])
+            dx = apply_dx(u, dy, *(_against(t, x) for t in (a, p, q)), x.dtype)
+        d_lm = d_lm.to(mean_weight.dtype) if needs[1] else None
+        d_lv = d_lv.to(var_weight.dtype) if needs[2] else None
+        return (dx, d_lm, d_lv, d_w, d_b) + tail
