@@ -75,9 +75,7 @@ def fast_path_available(x: Tensor) -> bool:
     )
 
 
-def sums(
-    dy: Tensor, x: Tensor, shift: Tensor | None, per_sample: bool
-) -> tuple[Tensor, Tensor]:
+def sums(dy: Tensor, x: Tensor, shift: Tensor | None, per_sample: bool) -> tuple[Tensor, Tensor]:
     """``Σ dy`` and ``Σ dy·(x − shift)`` per (n, c) or per channel, as (N or 1, C) matrices.
 
     ``shift`` holds one value per group, (N, C, 1...) for ``per_sample`` (sums

@@ -14,6 +14,7 @@ from ..distributed import (
     safe_pivot,
     sync_moments,
 )
+from ._brn_autograd import BatchRenormFunction
 from ._checks import (
     check_batch_count,
     check_eps,
@@ -23,6 +24,7 @@ from ._checks import (
     resolve_backend,
 )
 from ._normalize import affine_normalize, channel_shape
+from ._sn_autograd import fast_path_available
 from ._stats import acc_dtype, centered, centered_moments, pivot, reduced_count
 from .batch_norm import snapshot, update_running_stats
 
@@ -132,6 +134,45 @@ def batch_renorm(
     group = resolve_process_group(process_group)
     if group is None:
         check_batch_count(layer, input, reduced_count(input, dims))
+    if group is not None or not fast_path_available(input):
+        return _batch_renorm_autograd(
+            input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max, group
+        )
+
+    def recompute(x, weight, bias, running_mean, running_var):
+        # The plain graph, for a double backward, from copies of the running
+        # statistics that r and d were computed from (its update goes to the copies).
+        return _batch_renorm_autograd(
+            x, running_mean.clone(), running_var.clone(), weight, bias, 0.0, eps, r_max, d_max,
+            None,
+        )  # fmt: skip
+
+    # The fused Function (see normlab.functional._brn_autograd).
+    return BatchRenormFunction.apply(
+        input, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, recompute
+    )
+
+
+def _batch_renorm_autograd(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+    group: ProcessGroup | None,
+) -> Tensor:
+    """Training-mode :func:`batch_renorm` in plain autograd ops, for validated inputs.
+
+    The path for ``torch.compile``/export/``torch.func``, for statistics synced
+    over ``group``, and the graph that a double backward through the fused
+    Function differentiates. Same statistics, same values.
+    """
+    layer = "batch_renorm"
+    dims = (0, *range(2, input.dim()))
     acc = acc_dtype(input.dtype)
     shape = channel_shape(input)
     shift = (pivot if group is None else safe_pivot)(input, dims).to(acc)

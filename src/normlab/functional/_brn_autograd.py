@@ -1,0 +1,126 @@
+r"""Batch Renormalization's training step as one autograd.Function.
+
+Per channel, over the ``n = N·L`` values of (N, \*spatial)::
+
+    s        pivot x[0, c, 0, ...]            (an element of x, exact)
+    u        x − s
+    μ, σ²    mean (relative to s) and biased variance of u
+    σ_B      sqrt(σ² + ε),   σ = sqrt(running_var + ε)
+    r, d     clip(σ_B/σ, 1/r_max, r_max),  clip((μ + s − running_mean)/σ, ±d_max)
+    x̂        (u − μ)/σ_B
+    y        γ·(r·x̂ + d) + β  =  u·A + B,   A = γ·r/σ_B,  B = γ·(d − μ·r/σ_B) + β
+
+``r`` and ``d`` carry no gradient, so the backward is BatchNorm's with the
+weight ``γ·r``:
+
+    ∂L/∂β = Σdy,   ∂L/∂γ = r·Σdy·x̂ + d·Σdy,
+    ∂L/∂x = (γ·r/σ_B)·(dy − Σdy/n − x̂·Σ(dy·x̂)/n)
+
+with ``Σdy·x̂ = (Σdy·u − μ·Σdy)/σ_B``. As a map of ``u`` that is
+``dx = A·dy + P·u + Q`` with ``P = −A·Σ(dy·x̂)/(n·σ_B)`` and
+``Q = −A·Σdy/n − P·μ``.
+
+Passes over the input: forward ``u = x − s`` (the one full-size buffer, which
+becomes y), one reduction (``Σu``, ``Σu²``) and the in-place apply; backward
+one reduction (``Σdy``, ``Σdy·u``, straight from ``x``) and ``u`` again, turned
+in place into ``dx``. Saved: ``x`` and per-channel vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._sn_autograd import _against, apply_dx, recompute_grads, shifted_moments, sums
+from ._stats import centered, pivot
+from .batch_norm import update_running_stats
+
+__all__ = ["BatchRenormFunction"]
+
+
+def _limit(value: float | Tensor, acc: torch.dtype, device: torch.device) -> Tensor:
+    """``r_max`` / ``d_max`` as a 0-d tensor of the accumulation dtype on the input's device."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=acc).reshape(())
+    return torch.tensor(value, dtype=acc, device=device)
+
+
+class BatchRenormFunction(torch.autograd.Function):
+    """Training-mode ``y = γ·(r·(x − μ_B)/σ_B + d) + β`` with r, d held constant in backward.
+
+    Updates ``running_mean`` / ``running_var`` in place after r and d are
+    computed from their previous values. Saves ``x`` and (C,)-sized tensors
+    only. A backward with ``create_graph=True`` differentiates the plain
+    graph instead (:func:`~normlab.functional._sn_autograd.recompute_grads`).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,  # (N, C, *S)
+        weight: Tensor | None,  # (C,) γ
+        bias: Tensor | None,  # (C,) β
+        running_mean: Tensor,  # (C,) read, then updated in place
+        running_var: Tensor,  # (C,)
+        momentum: float,
+        eps: float,
+        r_max: float | Tensor,
+        d_max: float | Tensor,
+        recompute: Any,  # (x, γ, β, running_mean, running_var) -> y in plain ops, no update
+    ) -> Tensor:
+        shift_x = pivot(x, (0, *range(2, x.dim())))  # (1, C, 1...): elements of x
+        u = centered(x, shift_x)  # the one full-size buffer (accumulation dtype); becomes y
+        acc = u.dtype
+        mean, var, count = shifted_moments(u, per_sample=False)  # (1, C); mean rel. to s
+        shift = shift_x.to(acc).reshape(1, -1)
+        sigma_b = torch.sqrt(var + eps)
+        # r and d from the running statistics *before* this step's update.
+        rm = running_mean.detach().to(acc).reshape(1, -1)
+        rv = running_var.detach().to(acc).reshape(1, -1)
+        sigma = torch.sqrt(rv.clamp_min(0) + eps)
+        r_hi, d_hi = _limit(r_max, acc, x.device), _limit(d_max, acc, x.device)
+        r = torch.clamp(sigma_b / sigma, min=1.0 / r_hi, max=r_hi)
+        # μ_B − μ as (mean of the shifted data) + (shift − μ): both small differences.
+        d = torch.clamp((mean + (shift - rm)) / sigma, min=-d_hi, max=d_hi)
+        g = r if weight is None else r * weight.to(acc)  # γ·r
+        a = g / sigma_b
+        b = d if weight is None else d * weight.to(acc)
+        if bias is not None:
+            b = b + bias.to(acc)
+        b = b - mean * a
+        y = u.mul_(_against(a, x)).add_(_against(b, x))  # (u − μ)·A + γd + β
+
+        frozen = (rm.reshape(-1).clone(), rv.reshape(-1).clone())  # for a recompute
+        update_running_stats(
+            running_mean, running_var, mean + shift, var * (count / (count - 1)), momentum
+        )
+        ctx.save_for_backward(x, weight, bias, *frozen, shift_x, mean, sigma_b, r, d)
+        ctx.count, ctx.recompute = count, recompute
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, rm, rv, shift_x, mean, sigma_b, r, d = ctx.saved_tensors
+        tail = (None,) * 7
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain graph
+            return recompute_grads(ctx, dy, (x, weight, bias), rm, rv) + tail
+        needs = ctx.needs_input_grad
+        n = ctx.count
+        s0, s1 = sums(dy, x, shift_x, per_sample=False)  # Σdy, Σdy·u: (1, C)
+        dot = (s1 - mean * s0) / sigma_b  # Σ dy·x̂
+        d_w = (
+            (r * dot + d * s0).reshape(-1).to(weight.dtype)
+            if weight is not None and needs[1]
+            else None
+        )
+        d_b = s0.reshape(-1).to(bias.dtype) if bias is not None and needs[2] else None
+        dx = None
+        if needs[0]:
+            a = (r if weight is None else r * weight.to(r.dtype)) / sigma_b
+            p = -a * dot / (n * sigma_b)
+            q = -a * s0 / n - p * mean
+            u = centered(x, shift_x)
+            dx = apply_dx(u, dy, *(_against(t, x) for t in (a, p, q)), x.dtype)
+        return (dx, d_w, d_b) + tail
