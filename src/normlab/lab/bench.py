@@ -14,9 +14,10 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -183,8 +184,10 @@ def bench_layers(
     return records
 
 
-def provenance() -> dict[str, str]:
-    """Versions, machine and git revision for the results file."""
+def provenance(device: str = "cpu") -> dict[str, str]:
+    """Versions, machine, GPU and git revision for the results file."""
+    from importlib import metadata
+
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -195,22 +198,34 @@ def provenance() -> dict[str, str]:
         ).stdout.strip()
     except OSError:
         rev = ""
-    return {
+    try:
+        triton = metadata.version("triton")  # the version only: triton is not imported
+    except metadata.PackageNotFoundError:
+        triton = "not installed"
+    out = {
         "normlab": __version__,
         "torch": torch.__version__,
+        "triton": triton,
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "git": rev or "unknown",
     }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        out["cuda"] = str(torch.version.cuda)
+    return out
 
 
-def write_csv(records: list[BenchRecord], path: str | Path, command: str) -> Path:
-    """Write records as CSV, headed by comment lines with the command and provenance."""
+def write_csv(records: Sequence[Any], path: str | Path, command: str) -> Path:
+    """Write records (dataclasses of one type) as CSV, headed by the command and provenance."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = [f.name for f in fields(BenchRecord)]
+    if not records:
+        raise ValueError("no records to write")
+    cols = [f.name for f in fields(records[0])]
+    device = str(getattr(records[0], "device", "cpu"))
     lines = [f"# command: {command}"]
-    lines += [f"# {k}: {v}" for k, v in provenance().items()]
+    lines += [f"# {k}: {v}" for k, v in provenance(device).items()]
     lines.append(",".join(cols))
     for r in records:
         d = asdict(r)
