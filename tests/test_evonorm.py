@@ -352,3 +352,252 @@ def test_short_training_drives_loss_down(kind):
     assert all(np.isfinite(losses))
     first = float(np.mean(losses[:2]))
     assert final < 0.1 * first, (first, final)
+
+
+# ------------------------------------------------- the autograd.Functions (hand-written backward)
+#
+# In eager mode with autograd on, B0 and S0 run autograd.Functions that save only x
+# (and per-(n, c) statistics) and compute the gradient by hand. These cases check
+# that gradient against the float64 reference for every option, on fresh
+# off-center data.
+
+B0_CASES = {  # name: (shape, affine, training, channels_last)
+    "2d-train": ((4, 5, 3, 4), True, True, False),
+    "2d-eval": ((3, 5, 3, 4), True, False, False),
+    "2d-train-channels-last": ((3, 5, 4, 3), True, True, True),
+    "2d-eval-channels-last": ((3, 5, 4, 3), True, False, True),
+    "no-affine-train": ((3, 4, 3, 3), False, True, False),
+    "1d-train": ((4, 3, 7), True, True, False),
+    "3d-train": ((2, 3, 2, 3, 2), True, True, False),
+    "N=1-train": ((1, 4, 3, 5), True, True, False),
+    "spatial-1-train": ((6, 3, 1, 1), True, True, False),
+    "N=1-spatial-1-eval": ((1, 3, 1, 1), True, False, False),
+}
+
+S0_CASES = {  # name: (shape, groups, affine, channels_last)
+    "2d-g2": ((3, 6, 4, 5), 2, True, False),
+    "2d-g1": ((2, 4, 3, 3), 1, True, False),
+    "2d-gC": ((2, 4, 3, 3), 4, True, False),
+    "channels-last": ((2, 6, 3, 5), 3, True, True),
+    "no-affine": ((2, 4, 3, 3), 2, False, False),
+    "1d": ((3, 4, 7), 2, True, False),
+    "3d": ((2, 4, 2, 3, 2), 2, True, False),
+    "N=1": ((1, 6, 4, 3), 3, True, False),
+    "spatial-1": ((3, 6, 1, 1), 2, True, False),
+    "spatial-1-gC": ((2, 4, 1, 1), 4, True, False),
+}
+
+
+def _leaves(c: int, affine: bool, seed: int, dtype=torch.float64):
+    w, b, v = (t.to(dtype).requires_grad_() for t in params(c, seed))
+    return (w, b, v) if affine else (None, None, v)
+
+
+def _input(shape, channels_last: bool, seed: int, dtype=torch.float64):
+    x = offcenter(*shape, seed=seed, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def _running_var(c: int) -> torch.Tensor:
+    return 4.0 * torch.exp(torch.linspace(-1, 1, c, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", list(B0_CASES))
+def test_b0_fast_function_matches_reference(name):
+    shape, affine, training, channels_last = B0_CASES[name]
+    c = shape[1]
+    x = _input(shape, channels_last, seed=30)
+    w, b, v = _leaves(c, affine, seed=30)
+    rv0 = _running_var(c)
+    rv = rv0.clone()
+    y = NF.evonorm_b0(x, rv, v, w, b, training, 0.1, 1e-3)
+    assert type(y.grad_fn).__name__ == "_EvoNormB0FunctionBackward"
+    dy = offcenter(*shape, seed=31, loc=0.0, scale=1.0)
+    y.backward(dy)
+    y_ref, cache = R.evonorm_b0_forward(
+        np64(x), np64(v), np64(w), np64(b), running_var=np64(rv0), training=training, eps=1e-3
+    )
+    g = R.evonorm_b0_backward(np64(dy), cache)
+    assert_close(y, y_ref)
+    assert_close(x.grad, g["dx"])
+    assert_close(v.grad, g["dv"])
+    if affine:
+        assert_close(w.grad, g["dweight"])
+        assert_close(b.grad, g["dbias"])
+    if training:
+        _, new_rv, _ = R.batch_norm_update_running(np64(x), np.zeros(c), np64(rv0))
+        assert_close(rv, new_rv)
+    else:
+        assert torch.equal(rv, rv0)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_b0_fast_cases_use_both_sides_of_the_max():
+    sides = []
+    for shape, affine, training, _ in B0_CASES.values():
+        x = offcenter(*shape, seed=30)
+        w, b, v = _leaves(shape[1], affine, seed=30)
+        _, cache = R.evonorm_b0_forward(
+            np64(x), np64(v), running_var=np64(_running_var(shape[1])), training=training, eps=1e-3
+        )
+        sides.append(cache["inst"].mean())
+    assert 0.2 < np.mean(sides) < 0.8
+
+
+@pytest.mark.parametrize("name", list(S0_CASES))
+def test_s0_fast_function_matches_reference(name):
+    shape, groups, affine, channels_last = S0_CASES[name]
+    x = _input(shape, channels_last, seed=32)
+    w, b, v = _leaves(shape[1], affine, seed=32)
+    y = NF.evonorm_s0(x, groups, v, w, b, 1e-3)
+    assert type(y.grad_fn).__name__ == "_EvoNormS0FunctionBackward"
+    dy = offcenter(*shape, seed=33, loc=0.0, scale=1.0)
+    y.backward(dy)
+    y_ref, cache = R.evonorm_s0_forward(np64(x), groups, np64(v), np64(w), np64(b), eps=1e-3)
+    g = R.evonorm_s0_backward(np64(dy), cache)
+    assert_close(y, y_ref)
+    assert_close(x.grad, g["dx"])
+    assert_close(v.grad, g["dv"])
+    if affine:
+        assert_close(w.grad, g["dweight"])
+        assert_close(b.grad, g["dbias"])
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kind", ["b0-train", "b0-eval", "s0", "s0-no-affine"])
+def test_fast_functions_gradcheck_and_double_backward(kind):
+    x = offcenter(2, 4, 2, 2, seed=34).requires_grad_()
+    w, b, v = _leaves(4, kind != "s0-no-affine", seed=34)
+    rv = torch.full((4,), 3.0, dtype=torch.float64)
+    if kind.startswith("b0"):
+        training = kind == "b0-train"
+
+        def f(x, v, w, b):
+            return NF.evonorm_b0(x, None if training else rv, v, w, b, training, 0.1, 1e-3)
+
+        inputs, name = (x, v, w, b), "_EvoNormB0FunctionBackward"
+    elif kind == "s0":
+
+        def f(x, v, w, b):
+            return NF.evonorm_s0(x, 2, v, w, b, 1e-3)
+
+        inputs, name = (x, v, w, b), "_EvoNormS0FunctionBackward"
+    else:
+
+        def f(x, v):
+            return NF.evonorm_s0(x, 2, v, None, None, 1e-3)
+
+        inputs, name = (x, v), "_EvoNormS0FunctionBackward"
+    assert type(f(*inputs).grad_fn).__name__ == name
+    assert torch.autograd.gradcheck(f, inputs)
+    # create_graph=True differentiates the recomputed composite: exact second order
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["b0", "s0"])
+def test_fast_functions_half_input_fp32_statistics(kind, dtype):
+    shape = (3, 4, 5, 6)
+    x = offcenter(*shape, seed=35).to(dtype).requires_grad_()
+    w, b, v = _leaves(4, True, seed=35, dtype=torch.float32)
+    if kind == "b0":
+        y = NF.evonorm_b0(x, None, v, w, b, True, 0.1, 1e-3)
+        ref = R.evonorm_b0_forward(np64(x), np64(v), np64(w), np64(b), eps=1e-3)
+        backward = R.evonorm_b0_backward
+    else:
+        y = NF.evonorm_s0(x, 2, v, w, b, 1e-3)
+        ref = R.evonorm_s0_forward(np64(x), 2, np64(v), np64(w), np64(b), eps=1e-3)
+        backward = R.evonorm_s0_backward
+    assert "Function" in type(y.grad_fn).__name__ and y.dtype == dtype
+    dy = offcenter(*shape, seed=36, loc=0.0, scale=1.0).to(dtype)
+    y.backward(dy)
+    assert x.grad.dtype == dtype and w.grad.dtype == v.grad.dtype == torch.float32
+    # the reference sees the same (rounded) input and dy, in float64
+    y_ref, cache = ref
+    g = backward(np64(dy), cache)
+    assert_close(y, y_ref, dtype)
+    assert_close(x.grad, g["dx"], dtype, atol=2e-2 if dtype == torch.bfloat16 else 4e-3)
+    # parameter gradients are fp32 sums over fp32 statistics: far tighter than half
+    for got, key in ((w.grad, "dweight"), (b.grad, "dbias"), (v.grad, "dv")):
+        assert_close(got, g[key], torch.float32, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_functions_off_center_fp32_gradients():
+    """Mean 1e4, std 1e-2 in fp32: statistics and x − mean stay accurate in backward."""
+    g = torch.Generator().manual_seed(37)
+    x64 = 1e4 + 1e-2 * torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    x = x64.float().requires_grad_()
+    dy = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64).float()
+    v = torch.tensor([1e-4, -1e-4, 2e-4, 0.0], requires_grad=True)
+    for kind in ("b0", "s0"):
+        x.grad = v.grad = None
+        if kind == "b0":
+            y = NF.evonorm_b0(x, None, v, training=True, eps=1e-8)
+            y_ref, cache = R.evonorm_b0_forward(np64(x), np64(v), eps=1e-8)
+            grads = R.evonorm_b0_backward(np64(dy), cache)
+        else:
+            y = NF.evonorm_s0(x, 2, v, eps=1e-8)
+            y_ref, cache = R.evonorm_s0_forward(np64(x), 2, np64(v), eps=1e-8)
+            grads = R.evonorm_s0_backward(np64(dy), cache)
+        y.backward(dy)
+        assert_close(y, y_ref, torch.float32)
+        scale = np.abs(grads["dx"]).max()
+        assert_close(x.grad, grads["dx"], torch.float32, rtol=1e-4, atol=1e-4 * scale)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward (as normlab.lab.bench measures them)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["b0-train", "b0-eval", "s0"])
+def test_fast_functions_save_only_the_input(kind, dtype):
+    from normlab.functional._evonorm_autograd import b0_normalize, s0_composite
+
+    n, c = 4, 8
+    m = nnl.EvoNormS0_2d(c, groups=4) if kind == "s0" else nnl.EvoNormB0_2d(c)
+    m.train(kind != "b0-eval")
+    x = offcenter(n, c, 16, 16, dtype=dtype, seed=38).requires_grad_()
+    x_bytes = x.numel() * x.element_size()
+    small = 8 * (n * c + c) * 4  # a few fp32 per-(n, c) / per-channel vectors
+    saved = _saved_bytes(lambda: m(x))
+    assert x_bytes <= saved <= x_bytes + small, (saved, x_bytes)
+    # The plain composites keep full-size intermediates: the bound above catches them.
+    if kind == "s0":
+        composite = _saved_bytes(lambda: s0_composite(x, 4, m.v, m.weight, m.bias, 1e-5))
+    else:
+        std = torch.ones(1, c, 1, 1)
+        composite = _saved_bytes(lambda: b0_normalize(x, std, m.v, m.weight, m.bias, 1e-5))
+    assert composite > x_bytes + small
+
+
+def test_paths_agree_no_grad_and_torch_func():
+    x = offcenter(3, 4, 3, 5, seed=39).requires_grad_()
+    w, b, v = _leaves(4, True, seed=39)
+    rv = _running_var(4)
+    for f in (
+        lambda x: NF.evonorm_s0(x, 2, v, w, b, 1e-3),
+        lambda x: NF.evonorm_b0(x, rv, v, w, b, False, 0.1, 1e-3),
+        lambda x: NF.evonorm_b0(x, None, v, w, b, True, 0.1, 1e-3),
+    ):
+        y = f(x)
+        assert "Function" in type(y.grad_fn).__name__
+        with torch.no_grad():  # the forward kernel alone: the same numbers
+            assert torch.equal(f(x), y.detach())
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        # torch.func runs the plain composite
+        assert_close(torch.func.grad(lambda x, f=f: f(x).sum())(x.detach()), dx)
