@@ -115,13 +115,76 @@ def check_groups(layer: str, num_channels: int, num_groups: int) -> None:
         )
 
 
+# Ops whose functional calls normlab.kernels when resolve_backend answers "triton".
+# An op joins this set in the same change that wires its functional to the kernel.
+TRITON_OPS = frozenset({"group_norm", "batch_norm (eval)", "frozen_batch_norm"})
+
+# Why an op without dispatch has none, for the error message.
+_NO_TRITON = {
+    "batch_norm": "only eval mode (training=False: running statistics) has a Triton kernel",
+    "filter_response_norm": (
+        "the fused kernel exists as normlab.kernels.fused_filter_response_norm but this "
+        "function does not dispatch to it yet; call it directly"
+    ),
+    "frn_tlu": (
+        "the fused kernel exists as normlab.kernels.fused_filter_response_norm(..., tau=) "
+        "but this function does not dispatch to it yet; call it directly"
+    ),
+    "switchable_norm": (
+        "the fused kernels exist as normlab.kernels.fused_switchable_norm but this function "
+        "does not dispatch to them yet; call it directly"
+    ),
+}
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def resolve_backend(op: str, backend: str, x: Tensor) -> str:
-    """Pick the implementation. Only the PyTorch path exists in this version."""
+    """Pick the implementation of ``op`` for input ``x``: ``"torch"`` or ``"triton"``.
+
+    * ``"torch"``: always the PyTorch path.
+    * ``"auto"``: the Triton kernels when ``x`` is a CUDA tensor, ``op`` has them
+      (:data:`TRITON_OPS`), triton imports, the dtype is supported, and the call is
+      neither traced by ``torch.compile`` (inductor fuses the torch path itself) nor
+      under a ``torch.func`` transform. Otherwise torch; CPU input is always torch,
+      even with ``TRITON_INTERPRET=1`` (the interpreter is for tests), and then
+      triton is not even imported.
+    * ``"triton"``: the kernels, on a CUDA tensor or (for tests) a CPU tensor under
+      Triton's interpreter; a RuntimeError that names what is missing otherwise.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}.")
-    if backend == "triton":
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if (
+            not x.is_cuda
+            or op not in TRITON_OPS
+            or x.dtype not in _KERNEL_DTYPES
+            or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+        ):
+            return "torch"
+        from .. import kernels
+
+        return "triton" if kernels.available() else "torch"
+    if op not in TRITON_OPS:
+        why = _NO_TRITON.get(op, "normlab ships no Triton kernel for it")
         raise RuntimeError(
-            f"{op}: backend='triton' was requested but this version of normlab ships no "
-            "Triton kernel for it; use backend='auto' or backend='torch'."
+            f"{op}: backend='triton' was requested, but {why}. Use backend='auto' or "
+            "backend='torch'."
         )
-    return "torch"
+    from .. import kernels
+
+    missing = kernels.missing(x)
+    if missing is not None:
+        raise RuntimeError(
+            f"{op}: backend='triton' was requested, but {missing}. Or use backend='auto' "
+            "(Triton on CUDA when it can, torch otherwise) or backend='torch'."
+        )
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f"{op}: backend='triton' cannot run under torch.func transforms (vmap, grad, "
+            "...): its autograd.Function has no vmap rule. Use backend='torch' there."
+        )
+    return "triton"

@@ -24,6 +24,7 @@ from ._checks import (
 )
 from ._normalize import affine_normalize
 from ._stats import acc_dtype, centered, pivot, reduced_count, rstd
+from .group_norm import activation, check_act
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -100,7 +101,9 @@ def batch_norm(
         training: use batch statistics (and update the running ones).
         momentum: weight of the new batch statistic in the running average.
         eps: added to the variance inside the square root, > 0.
-        backend: "auto" | "torch" | "triton".
+        backend: "auto" | "torch" | "triton". With ``training=False`` the Triton
+            kernel of :mod:`normlab.kernels` (one pass) is used for CUDA input under
+            "auto"; training mode is always torch ("triton" raises).
         process_group: with ``training=True``, compute the batch statistics over
             every process of this group (None: this process only; ``"world"``:
             the default group); see :mod:`normlab.distributed`.
@@ -116,7 +119,8 @@ def batch_norm(
             f"{layer}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
             f"{tuple(input.shape)}."
         )
-    resolve_backend(layer, backend, input)
+    # Only eval mode (fixed statistics: one elementwise pass) has a Triton kernel.
+    impl = resolve_backend(layer if training else "batch_norm (eval)", backend, input)
     c = input.shape[1]
     for name, p in (
         ("weight", weight),
@@ -131,6 +135,10 @@ def batch_norm(
                 f"{layer}: training=False needs running_mean and running_var; pass "
                 "training=True to normalize with batch statistics."
             )
+        if impl == "triton":
+            from ..kernels import fused_frozen_batch_norm
+
+            return fused_frozen_batch_norm(input, weight, bias, running_mean, running_var, eps)
         return affine_normalize(input, running_mean, running_var, weight, bias, eps)
 
     dims = (0, *range(2, input.dim()))
@@ -197,18 +205,29 @@ def frozen_batch_norm(
     running_mean: Tensor,
     running_var: Tensor,
     eps: float = 1e-5,
+    *,
+    act: str | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     r"""BatchNorm with fixed statistics and fixed affine:
-    :math:`y = (x - \mu)\,\gamma/\sqrt{\sigma^2 + \epsilon} + \beta`.
+    :math:`y = \mathrm{act}((x - \mu)\,\gamma/\sqrt{\sigma^2 + \epsilon} + \beta)`.
 
     The gradient flows to ``input`` only when weight and bias are buffers
     (as in :class:`normlab.nn.FrozenBatchNorm2d`).
+
+    Args:
+        act: None, ``"silu"`` or ``"relu"``, applied after the affine map (fused into
+            the kernel on the Triton backend).
+        backend: "auto" (the one-pass Triton kernel of :mod:`normlab.kernels` for CUDA
+            input when triton imports), "torch" or "triton".
     """
     layer = "frozen_batch_norm"
     check_floating(layer, input)
     check_eps(layer, eps)
+    check_act(layer, act)
     if input.dim() < 2:
         raise ValueError(f"{layer}: expected (N, C, *spatial), got shape {tuple(input.shape)}.")
+    impl = resolve_backend(layer, backend, input)
     c = input.shape[1]
     for name, p in (
         ("weight", weight),
@@ -217,4 +236,9 @@ def frozen_batch_norm(
         ("running_var", running_var),
     ):
         check_param(layer, name, p, (c,))
-    return affine_normalize(input, running_mean, running_var, weight, bias, eps)
+    if impl == "triton":
+        from ..kernels import fused_frozen_batch_norm
+
+        return fused_frozen_batch_norm(input, weight, bias, running_mean, running_var, eps, act=act)
+    y = affine_normalize(input, running_mean, running_var, weight, bias, eps)
+    return y if act is None else activation(y, act)

@@ -8,7 +8,26 @@ from torch import Tensor
 from ._checks import check_eps, check_floating, check_groups, check_param, resolve_backend
 from ._stats import acc_dtype, centered
 
-__all__ = ["group_norm", "group_pivot"]
+__all__ = ["activation", "check_act", "group_norm", "group_pivot"]
+
+ACTIVATIONS = (None, "silu", "relu")
+
+
+def check_act(layer: str, act: str | None) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(
+            f"{layer}: act must be one of {ACTIVATIONS} (the activations fused into the "
+            f"norm's kernel), got {act!r}; apply any other activation after the layer."
+        )
+
+
+def activation(y: Tensor, act: str | None) -> Tensor:
+    """``act(y)`` for an ``act`` that passed :func:`check_act` (torch path)."""
+    if act == "silu":
+        return F.silu(y)
+    if act == "relu":
+        return F.relu(y)
+    return y
 
 
 def group_pivot(x: Tensor, num_groups: int) -> Tensor:
@@ -29,6 +48,7 @@ def group_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     *,
+    act: str | None = None,
     backend: str = "auto",
 ) -> Tensor:
     r"""Group normalization: statistics over (C/G, \*spatial) per (sample, group).
@@ -38,13 +58,18 @@ def group_norm(
 
     ``num_groups=1`` is LayerNorm over (C, \*spatial); ``num_groups=C`` is
     InstanceNorm. Independent of the batch size. Signature of
-    :func:`torch.nn.functional.group_norm`, plus ``backend``.
+    :func:`torch.nn.functional.group_norm`, plus ``act`` and ``backend``.
 
     Args:
         input: (N, C, \*spatial) with 0 to 3 spatial dims, any memory format.
         num_groups: G, must divide C.
         weight, bias: per-channel (C,) or None.
         eps: > 0, added to the variance.
+        act: None, ``"silu"`` or ``"relu"``, applied after the affine map (in the
+            same kernel on the Triton backend; in fp32 before the cast to the input
+            dtype on either backend).
+        backend: ``"auto"`` (the Triton kernels of :mod:`normlab.kernels` for CUDA
+            input when triton imports, torch otherwise), ``"torch"`` or ``"triton"``.
     """
     layer = "GroupNorm"
     check_floating(layer, input)
@@ -53,13 +78,18 @@ def group_norm(
         raise ValueError(
             f"{layer}: expected an (N, C, *spatial) input, got shape {tuple(input.shape)}."
         )
-    resolve_backend("group_norm", backend, input)
+    check_act(layer, act)
+    impl = resolve_backend("group_norm", backend, input)
     c = input.shape[1]
     check_groups(layer, c, num_groups)
     check_param(layer, "weight", weight, (c,))
     check_param(layer, "bias", bias, (c,))
+    if impl == "triton":
+        from ..kernels import fused_group_norm
+
+        return fused_group_norm(input, num_groups, weight, bias, eps, act=act)
     acc = acc_dtype(input.dtype)
     xc = centered(input, group_pivot(input, num_groups))
     w = None if weight is None else weight.to(acc)
     b = None if bias is None else bias.to(acc)
-    return F.group_norm(xc, num_groups, w, b, eps).to(input.dtype)
+    return activation(F.group_norm(xc, num_groups, w, b, eps), act).to(input.dtype)

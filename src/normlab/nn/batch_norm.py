@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..functional._checks import check_channels, check_eps, check_floating, check_rank
+from ..functional._checks import BACKENDS, check_channels, check_eps, check_floating, check_rank
+from ..functional.group_norm import check_act
 from ._base import _NormBase
 
 __all__ = [
@@ -124,19 +125,34 @@ class _FrozenBatchNorm(nn.Module):
     Args:
         num_features: C.
         eps: added to the variance, > 0.
+        act: None, ``"silu"`` or ``"relu"``: an activation applied after the affine
+            map (fused into the one-pass kernel on the Triton backend).
+        backend: ``"auto"`` (the Triton kernel for CUDA input when triton imports),
+            ``"torch"`` or ``"triton"``; see :func:`normlab.functional.frozen_batch_norm`.
     """
 
     _ranks: tuple[int, ...] = ()
     _layout: str = ""
 
     def __init__(
-        self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: Any = None,
+        dtype: Any = None,
+        act: str | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         name = type(self).__name__
         if int(num_features) <= 0:
             raise ValueError(f"{name}: num_features must be >= 1, got {num_features}.")
         check_eps(name, eps)
+        check_act(name, act)
+        if backend not in BACKENDS:
+            raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}.")
+        self.act = act
+        self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.num_features = int(num_features)
         self.eps = float(eps)
@@ -159,11 +175,23 @@ class _FrozenBatchNorm(nn.Module):
         check_rank(name, input, self._ranks, self._layout)
         check_channels(name, input, self.num_features)
         return NF.frozen_batch_norm(
-            input, self.weight, self.bias, self.running_mean, self.running_var, self.eps
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.eps,
+            act=self.act,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        s = f"{self.num_features}, eps={self.eps}"
+        if self.act is not None:
+            s += f", act={self.act!r}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
 
     def _load_from_state_dict(
         self,

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..functional._checks import check_channels, check_eps, check_groups, check_rank
+from ..functional._checks import BACKENDS, check_channels, check_eps, check_groups, check_rank
+from ..functional.group_norm import check_act
 
 __all__ = ["GroupNorm"]
 
@@ -29,6 +30,12 @@ class GroupNorm(nn.Module):
         num_channels: C.
         eps: added to the variance, > 0.
         affine: learn per-channel γ (``weight``) and β (``bias``).
+        act: None, ``"silu"`` or ``"relu"``: an activation applied after the affine
+            map, fused into the kernel on the Triton backend (GroupNorm + SiLU is the
+            diffusion-UNet block).
+        backend: ``"auto"`` (fused Triton kernels for CUDA input when triton imports,
+            torch otherwise), ``"torch"`` or ``"triton"``; see
+            :func:`normlab.functional.group_norm`.
 
     Shape: (N, C) or (N, C, \*spatial) with up to 3 spatial dims; any memory format.
 
@@ -46,10 +53,17 @@ class GroupNorm(nn.Module):
         affine: bool = True,
         device: Any = None,
         dtype: Any = None,
+        act: str | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         check_groups("GroupNorm", num_channels, num_groups)
         check_eps("GroupNorm", eps)
+        check_act("GroupNorm", act)
+        if backend not in BACKENDS:
+            raise ValueError(f"GroupNorm: backend must be one of {BACKENDS}, got {backend!r}.")
+        self.act = act
+        self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.num_groups = int(num_groups)
         self.num_channels = int(num_channels)
@@ -71,7 +85,20 @@ class GroupNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         check_rank("GroupNorm", input, (2, 3, 4, 5), "(N, C, *spatial)")
         check_channels("GroupNorm", input, self.num_channels)
-        return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return NF.group_norm(
+            input,
+            self.num_groups,
+            self.weight,
+            self.bias,
+            self.eps,
+            act=self.act,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        s = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        if self.act is not None:
+            s += f", act={self.act!r}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s

@@ -1,0 +1,232 @@
+"""Helpers shared by the kernel files: (N, C, S) views by strides, tile sizes,
+allocation (poisonable for tests), activations, the partial-row reduction.
+
+Every kernel sees its tensor as (N, C, S), S the flattened spatial dims, addressed
+as ``n·stride_n + c·stride_c + s·stride_s``. That covers NCHW-contiguous
+(stride_s = 1) and channels_last (stride_c = 1) without a copy; only a tensor whose
+spatial dims cannot be flattened by strides (a transposed H/W, say) is copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Activation codes passed to the kernels as a constexpr.
+_ACT_CODES = {None: 0, "silu": 1, "relu": 2}
+
+# Elements of one program's tile. 2048 keeps 16 fp32 values per thread at 4 warps.
+# Chosen from the layout alone (no timing was possible when it was written): the
+# first thing to tune on a GPU.
+TILE = 2048
+# Under the interpreter every tile operation costs the same Python overhead whatever
+# its size, so tiles are big (one tile per program at test shapes); tests lower this
+# to run the multi-tile loops, their tail masks and the split paths.
+INTERPRET_TILE = 4096
+
+_POISON = False
+
+
+@contextlib.contextmanager
+def poisoned() -> Iterator[None]:
+    """Fill every buffer the kernels allocate with NaN (tests: a value that a kernel
+    forgot to write then cannot pass for a right one)."""
+    global _POISON
+    old, _POISON = _POISON, True
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def empty_like(t: Tensor) -> Tensor:
+    """Same shape, dtype and strides as ``t`` (a dense ``t``: any memory format)."""
+    out = torch.empty_like(t)
+    if _POISON:
+        out.fill_(float("nan"))
+    return out
+
+
+def act_code(act: str | None) -> int:
+    if act not in _ACT_CODES:
+        raise ValueError(
+            f"act must be one of {tuple(_ACT_CODES)}, got {act!r}; apply other activations "
+            "after the norm."
+        )
+    return _ACT_CODES[act]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype (NUMERICS rule 1): fp64 for fp64, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def check_dtype(name: str, x: Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(
+            f"{name}: the Triton kernels take float16, bfloat16, float32 or float64 input, "
+            f"got {x.dtype}; convert it or use backend='torch'."
+        )
+
+
+def _flat_spatial_stride(t: Tensor) -> int | None:
+    """The stride of the flattened spatial dims of ``t`` (N, C, *S), or None when the
+    spatial dims cannot be flattened without a copy."""
+    dims = [d for d in range(2, t.dim()) if t.shape[d] != 1]
+    if not dims:
+        return 1
+    for a, b in zip(dims, dims[1:], strict=False):
+        if t.stride(a) != t.stride(b) * t.shape[b]:
+            return None
+    return t.stride(dims[-1])
+
+
+def ncs(t: Tensor) -> tuple[Tensor, int, int, int]:
+    """``(t', stride_n, stride_c, stride_s)`` for ``t`` seen as (N, C, S).
+
+    ``t'`` is ``t`` itself unless its spatial dims cannot be flattened by strides;
+    then it is a contiguous copy.
+    """
+    ss = _flat_spatial_stride(t)
+    if ss is None:
+        t = t.contiguous()
+        ss = _flat_spatial_stride(t)
+        assert ss is not None
+    return t, t.stride(0), t.stride(1), ss
+
+
+def spatial_size(t: Tensor) -> int:
+    s = 1
+    for d in t.shape[2:]:
+        s *= d
+    return s
+
+
+def channels_fastest(sc: int, ss: int, s_len: int) -> bool:
+    """Whether channels are the contiguous axis (channels_last), so tiles run along C."""
+    return sc == 1 and (ss != 1 or s_len == 1)
+
+
+def tile_size(device: torch.device) -> int:
+    return TILE if device.type == "cuda" else INTERPRET_TILE
+
+
+def tile(c_len: int, s_len: int, c_fast: bool, size: int) -> tuple[int, int]:
+    """``(BLOCK_C, BLOCK_S)``: powers of two with product <= ``size``, the contiguous
+    axis filled first (coalesced loads on either layout)."""
+    p2c, p2s = triton.next_power_of_2(max(c_len, 1)), triton.next_power_of_2(max(s_len, 1))
+    if c_fast:
+        bc = min(p2c, size)
+        return bc, min(p2s, max(1, size // bc))
+    bs = min(p2s, size)
+    return min(p2c, max(1, size // bs)), bs
+
+
+def num_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs keep the device busy: 2 per SM on CUDA. Under the
+    interpreter a pretend count of 4, so that tiny test shapes exercise the split
+    code paths."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def split_spatial(rows: int, s_len: int, block_s: int, device: torch.device) -> tuple[int, int]:
+    """Split S into chunks (multiples of ``block_s``) over several programs when
+    ``rows`` programs alone would leave the device idle; returns ``(splits, chunk)``."""
+    want = max(1, -(-target_programs(device) // max(rows, 1)))
+    blocks = triton.cdiv(s_len, block_s)
+    per = triton.cdiv(blocks, min(want, blocks))
+    chunk = per * block_s
+    return triton.cdiv(s_len, chunk), chunk
+
+
+@triton.jit
+def apply_act(z, ACT: tl.constexpr):
+    """``act(z)``: 0 identity, 1 SiLU, 2 ReLU."""
+    if ACT == 1:
+        z = z * tl.sigmoid(z)
+    elif ACT == 2:
+        z = tl.where(z > 0, z, 0.0)
+    return z
+
+
+@triton.jit
+def act_backward(dy, z, ACT: tl.constexpr):
+    """``dy · act'(z)``. ReLU: gradient 0 at z = 0, as torch."""
+    if ACT == 1:
+        sig = tl.sigmoid(z)
+        dy = dy * (sig * (1.0 + z * (1.0 - sig)))
+    elif ACT == 2:
+        dy = tl.where(z > 0, dy, 0.0)
+    return dy
+
+
+@triton.jit
+def sum_rows(
+    PART,  # (K, P, C) partial per-channel sums, ACC dtype
+    OUT,  # (K, C) their sums over P, OUT's dtype
+    P,
+    C,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Body of the ``*_dwdb`` phase kernels: plane ``k = program_id(1)``,
+    ``OUT[k, c] = Σ_p PART[k, p, c]`` in ACC, for the columns of ``program_id(0)``."""
+    k = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rows = tl.arange(0, BLOCK_P)
+    plane = PART + k * P * C
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        r = p0 + rows
+        m = (r < P)[:, None] & cmask[None, :]
+        acc += tl.load(plane + r[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
+    tl.store(OUT + k * C + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)
+
+
+def sum_partials(kernel: Any, part: Tensor) -> Tensor:
+    """(K, P, C) partial sums -> (K, C) sums, in ``part``'s dtype (fp32/fp64), with
+    ``kernel`` (a phase kernel whose body is :func:`sum_rows`).
+
+    The deterministic replacement for atomics: each program of a backward kernel
+    writes its own row of per-channel sums, this kernel adds the rows.
+    """
+    k, p, c = part.shape
+    out = empty((k, c), part.dtype, part.device)
+    size = tile_size(part.device)
+    block_c = min(triton.next_power_of_2(c), 128, size)
+    block_p = min(triton.next_power_of_2(p), max(1, size // block_c))
+    kernel[(triton.cdiv(c, block_c), k)](
+        part,
+        out,
+        p,
+        c,
+        ACC=tl_acc(part.dtype),
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,166 @@
+"""Backend dispatch: "torch" and "triton" agree through the functional ops and the
+modules, "auto" keeps CPU input on torch, errors say what is missing and the fix,
+and importing normlab never imports triton."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _kernel_cases import DEVICE, check, make_param, make_x, requires_kernels
+
+import normlab.functional as NF
+import normlab.nn as nnl
+from normlab import kernels
+from normlab.functional._checks import resolve_backend
+
+requires_kernels()
+
+
+def _grads(fn, x, params):
+    y = fn(x)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+    return (y, *torch.autograd.grad(y, [x, *params], dy.to(y.device)))
+
+
+@pytest.mark.parametrize("act", [None, "silu"])
+@pytest.mark.parametrize("fmt", ["nchw", "cl"])
+def test_group_norm_torch_and_triton_agree(act, fmt):
+    x = make_x((2, 6, 5, 3), torch.float32, fmt)
+    w, b = make_param(6, torch.float32, 1), make_param(6, torch.float32, 2, loc=0.0)
+    out = {
+        be: _grads(lambda t, be=be: NF.group_norm(t, 3, w, b, act=act, backend=be), x, [w, b])
+        for be in ("torch", "triton")
+    }
+    for a, e, name in zip(out["triton"], out["torch"], ("y", "dx", "dw", "db"), strict=True):
+        check(a, e, torch.float32, name)
+
+
+def test_group_norm_module_backend_and_act():
+    torch.manual_seed(0)
+    ref = nnl.GroupNorm(2, 4, act="relu", backend="torch").to(DEVICE)
+    tri = nnl.GroupNorm(2, 4, act="relu", backend="triton").to(DEVICE)
+    with torch.no_grad():
+        for m in (ref, tri):
+            m.weight.copy_(torch.linspace(0.5, 2.0, 4))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, 4))
+    x = make_x((2, 4, 3, 3), torch.float32, "cl")
+    check(tri(x), ref(x), torch.float32, "y")
+    assert "act='relu'" in repr(tri) and "backend='triton'" in repr(tri)
+    assert "backend" not in repr(nnl.GroupNorm(2, 4))
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "cl"])
+def test_eval_batch_norm_and_frozen_bn_torch_and_triton_agree(fmt):
+    x = make_x((3, 5, 4, 3), torch.float32, fmt)
+    w, b = make_param(5, torch.float32, 1), make_param(5, torch.float32, 2, loc=0.0)
+    rm = make_param(5, torch.float32, 3, loc=3.0, grad=False)
+    rv = make_param(5, torch.float32, 4, loc=4.0, grad=False)
+    for fn in (
+        lambda t, be: NF.batch_norm(t, rm, rv, w, b, False, backend=be),
+        lambda t, be: NF.frozen_batch_norm(t, w, b, rm, rv, act="silu", backend=be),
+    ):
+        got = _grads(lambda t, fn=fn: fn(t, "triton"), x, [w, b])
+        want = _grads(lambda t, fn=fn: fn(t, "torch"), x, [w, b])
+        for a, e, name in zip(got, want, ("y", "dx", "dw", "db"), strict=True):
+            check(a, e, torch.float32, name)
+
+
+def test_frozen_bn_module_backend():
+    m = nnl.FrozenBatchNorm2d(4, backend="triton", act="relu")
+    t = nnl.FrozenBatchNorm2d(4, act="relu")
+    with torch.no_grad():
+        for mod in (m, t):
+            mod.running_mean.copy_(torch.arange(4.0))
+            mod.weight.copy_(torch.linspace(-1.0, 2.0, 4))
+    x = make_x((2, 4, 3, 3), torch.float32, "cl").detach()
+    check(m(x), t(x), torch.float32, "y")
+
+
+def test_auto_keeps_cpu_input_on_torch(monkeypatch):
+    """Even with the interpreter on, "auto" never sends a CPU tensor to the kernels."""
+    x = torch.randn(2, 4, 3)
+    assert resolve_backend("group_norm", "auto", x) == "torch"
+    assert resolve_backend("frozen_batch_norm", "auto", x) == "torch"
+
+    def boom(*a, **k):
+        raise AssertionError("auto called the Triton kernel for a CPU tensor")
+
+    monkeypatch.setattr(kernels, "fused_group_norm", boom)
+    monkeypatch.setattr(kernels, "fused_frozen_batch_norm", boom)
+    NF.group_norm(x, 2)
+    NF.frozen_batch_norm(x, torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4))
+    nnl.GroupNorm(2, 4)(x)
+    nnl.BatchNorm1d(4).eval()(x)
+
+
+def test_auto_picks_triton_for_cuda_input_only_when_it_can(monkeypatch):
+    """The decision itself, with a stand-in for a CUDA tensor."""
+    cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.float16)
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    assert resolve_backend("group_norm", "auto", cuda_x) == "triton"
+    assert resolve_backend("batch_norm (eval)", "auto", cuda_x) == "triton"
+    assert resolve_backend("batch_norm", "auto", cuda_x) == "torch"  # training: no kernel
+    assert resolve_backend("layer_norm", "auto", cuda_x) == "torch"
+    int_x = SimpleNamespace(is_cuda=True, dtype=torch.float8_e4m3fn)
+    assert resolve_backend("group_norm", "auto", int_x) == "torch"
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert resolve_backend("group_norm", "auto", cuda_x) == "torch"
+
+
+def test_triton_without_triton_installed_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(kernels, "_triton_importable", lambda: False)
+    assert not kernels.available()
+    with pytest.raises(RuntimeError, match=r"pip install 'normlab\[triton\]'"):
+        NF.group_norm(torch.randn(2, 4, 3), 2, backend="triton")
+    # "auto" still works: torch.
+    NF.group_norm(torch.randn(2, 4, 3), 2, backend="auto")
+
+
+def test_triton_on_cpu_without_the_interpreter_says_so(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA") as e:
+        NF.group_norm(torch.randn(2, 4, 3), 2, backend="triton")
+    assert "TRITON_INTERPRET=1" in str(e.value)
+
+
+def test_triton_for_ops_without_dispatch_is_a_clear_error():
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(RuntimeError, match="only eval mode"):
+        NF.batch_norm(x, torch.zeros(4), torch.ones(4), training=True, backend="triton")
+    with pytest.raises(RuntimeError, match="fused_filter_response_norm"):
+        resolve_backend("filter_response_norm", "triton", x)
+    with pytest.raises(RuntimeError, match="fused_switchable_norm"):
+        resolve_backend("switchable_norm", "triton", x)
+    with pytest.raises(RuntimeError, match="no Triton kernel"):
+        resolve_backend("layer_norm", "triton", x)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("group_norm", "cuda", x)
+
+
+def test_triton_under_vmap_is_a_clear_error():
+    x = torch.randn(3, 2, 4, 3)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.vmap(lambda t: NF.group_norm(t, 2, backend="triton"))(x)
+
+
+def test_act_is_validated_on_both_backends():
+    for be in ("torch", "triton"):
+        with pytest.raises(ValueError, match="act must be one of"):
+            NF.group_norm(torch.randn(2, 4, 3), 2, act="gelu", backend=be)
+    with pytest.raises(ValueError, match="act must be one of"):
+        nnl.FrozenBatchNorm2d(4, act="tanh")
+
+
+def test_importing_normlab_does_not_import_triton():
+    code = (
+        "import sys, torch, normlab, normlab.nn, normlab.functional as NF, normlab.kernels\n"
+        "normlab.kernels.interpreting()\n"
+        "NF.group_norm(torch.randn(2, 4, 3), 2)\n"
+        "normlab.nn.FrozenBatchNorm2d(4)(torch.randn(1, 4, 2, 2))\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
