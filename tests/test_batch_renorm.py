@@ -161,6 +161,179 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
+# ------------------------------------------------------------ the fused autograd.Function
+#
+# Training-mode NF.batch_renorm runs a hand-written autograd.Function
+# (normlab.functional._brn_autograd) in eager mode and the plain autograd graph
+# under torch.compile, torch.func, tracing and for a double backward.
+
+
+def _fused(y: torch.Tensor) -> bool:
+    return type(y.grad_fn).__name__.startswith("BatchRenormFunction")
+
+
+def _run(x, rm, rv, w, b, r_max, d_max, momentum=0.3):
+    return NF.batch_renorm(x, rm, rv, w, b, True, momentum, 1e-5, r_max, d_max)
+
+
+FUSED_SHAPES = [(5, 4), (3, 4, 7), (2, 4, 3, 5), (1, 4, 3, 3), (6, 4, 1, 1), (2, 4, 2, 3, 2)]
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+@pytest.mark.parametrize("limits", [(1.3, 0.4), (1.0, 0.0), (50.0, 50.0)], ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_fused_function_matches_reference_on_fresh_data(shape, limits, affine, seed):
+    """r and d clipped in some channels and not in others, or never (wide limits)."""
+    c = shape[1]
+    x = offcenter(*shape, seed=seed).requires_grad_()
+    rm, rv = running(c, seed=seed, spread=1.5)
+    w, b = (t.requires_grad_() for t in params(c, seed)) if affine else (None, None)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = _run(x, rm, rv, w, b, *limits)
+    assert _fused(y)
+    wn, bn = (np64(w), np64(b)) if affine else (None, None)
+    y_ref, cache = R.batch_renorm_forward(
+        np64(x), wn, bn, running_mean=np64(rm0), running_var=np64(rv0),
+        r_max=limits[0], d_max=limits[1],
+    )  # fmt: skip
+    assert_close(y, y_ref)
+    dy = offcenter(*shape, seed=seed + 10, loc=0.5, scale=1.0)
+    leaves = [x] + ([w, b] if affine else [])
+    grads = torch.autograd.grad(y, leaves, dy)
+    g = R.batch_renorm_backward(np64(dy), cache)
+    for key, got in zip(("dx", "dweight", "dbias"), grads, strict=False):
+        assert_close(got, g[key], msg=key)
+    new_rm, new_rv, _ = R.batch_renorm_update_running(np64(x), np64(rm0), np64(rv0), momentum=0.3)
+    assert_close(rm, new_rm)
+    assert_close(rv, new_rv)
+
+
+def test_reference_cases_do_clip_some_channels_and_not_others():
+    """The table above exercises both sides of each clip (else it would not test them)."""
+    x = offcenter(2, 4, 3, 5, seed=7)
+    rm, rv = running(4, seed=7, spread=1.5)
+    _, cache = R.batch_renorm_forward(
+        np64(x), running_mean=np64(rm), running_var=np64(rv), r_max=1.3, d_max=0.4
+    )
+    r, d = cache["r"].reshape(-1), cache["d"].reshape(-1)
+    assert (np.abs(np.log(r)) < np.log(1.3) - 1e-9).any() and np.isclose(
+        np.abs(np.log(r)), np.log(1.3)
+    ).any()
+    assert (np.abs(d) < 0.4 - 1e-9).any() and np.isclose(np.abs(d), 0.4).any()
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+def test_fused_function_equals_plain_autograd_path(shape):
+    from normlab.functional.batch_renorm import _batch_renorm_autograd
+
+    c = shape[1]
+    outs = []
+    for fused in (True, False):
+        x = offcenter(*shape, seed=9).requires_grad_()
+        rm, rv = running(c, seed=9, spread=1.5)
+        w, b = (t.requires_grad_() for t in params(c, 9))
+        if fused:
+            y = _run(x, rm, rv, w, b, 1.3, 0.4, momentum=0.1)
+        else:
+            y = _batch_renorm_autograd(x, rm, rv, w, b, 0.1, 1e-5, 1.3, 0.4, None)
+        assert _fused(y) == fused
+        dy = offcenter(*shape, seed=10, loc=0.0, scale=1.0)
+        outs.append([y, *torch.autograd.grad(y, (x, w, b), dy), rm, rv])
+    for a, e in zip(*outs, strict=True):
+        assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(5, 2), (3, 2, 4), (2, 2, 2, 1, 2)], ids=str)
+def test_gradcheck_fused_function_with_saturated_clips(shape):
+    """With r and d clipped (running statistics far away) the stopped gradient is exact."""
+    c = shape[1]
+    x = offcenter(*shape, seed=11).requires_grad_()
+    w, b = (t.requires_grad_() for t in params(c, 11))
+    rm, rv = torch.full((c,), -100.0, dtype=torch.float64), torch.full((c,), 100.0)
+
+    def f(x, w, b):
+        y = NF.batch_renorm(x, rm, rv, w, b, True, 0.0, 1e-5, 1.5, 0.5)
+        assert _fused(y)
+        return y
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def _saved_bytes(fn) -> tuple[int, int]:
+    """(total bytes, largest tensor) that autograd saves for backward while running ``fn``."""
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes), max(sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saves_only_the_input_and_per_channel_vectors(dtype):
+    from normlab.functional.batch_renorm import _batch_renorm_autograd
+
+    c = 8
+    m = nnl.BatchRenorm2d(c, r_max=2.0, d_max=1.0, **FIXED)
+    x = offcenter(4, c, 16, 16, seed=12, dtype=dtype).requires_grad_()
+    total, largest = _saved_bytes(lambda: m(x))
+    assert largest == x.numel() * x.element_size()  # x itself, no fp32 copy, no y or x̂
+    assert total - largest <= 10 * c * 4 + 64 * 8
+    args = (m.running_mean.clone(), m.running_var.clone(), m.weight, m.bias, 0.1, 1e-5, 2.0, 1.0)
+    plain, _ = _saved_bytes(lambda: _batch_renorm_autograd(x, *args, None))
+    assert plain > 2 * x.numel() * x.element_size()  # the plain graph: this test tells them apart
+
+
+def test_fused_backward_accurate_on_ct_like_data():
+    """fp32 data of mean 1e4, std 1e-2: gradients keep fp32 accuracy (pivot shift)."""
+    shape, c = (4, 3, 5, 5), 3
+    x64 = offcenter(*shape, seed=13, loc=1e4, scale=1e-2).float().double()
+    dy = offcenter(*shape, seed=14, loc=0.0, scale=1.0)
+    rm64 = torch.tensor([1e4, 1e4 + 0.005, 1e4 - 0.02]).double()  # exact in fp32
+    rv64 = torch.tensor([1e-4, 4e-4, 0.5e-4]).float().double()
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        x = x64.to(dtype).requires_grad_()
+        w, b = (t.to(dtype).requires_grad_() for t in params(c, 13))
+        y = NF.batch_renorm(x, rm64.to(dtype), rv64.to(dtype), w, b, True, 0.1, 1e-8, 1.5, 0.5)
+        results.append([y, *torch.autograd.grad(y, (x, w, b), dy.to(dtype))])
+    for a, e in zip(*results, strict=True):
+        assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.detach().abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_fused_gradients(dtype):
+    c = 4
+    x_half = offcenter(4, c, 5, 3, dtype=dtype, seed=15)
+    dy = offcenter(4, c, 5, 3, seed=16, loc=0.0, scale=1.0, dtype=dtype)
+    outs = []
+    for x in (x_half, x_half.double()):
+        x = x.detach().requires_grad_()
+        w, b = (t.to(torch.float32 if x.dtype != torch.float64 else x.dtype) for t in params(c, 15))
+        w.requires_grad_()
+        rm, rv = (t.to(w.dtype) for t in running(c, seed=15))
+        y = NF.batch_renorm(x, rm, rv, w, b, True, 0.1, 1e-5, 1.5, 0.5)
+        assert y.dtype == x.dtype
+        outs.append([y, *torch.autograd.grad(y, (x, w), dy.to(x.dtype))])
+    for a, e in zip(*outs, strict=True):
+        assert_close(a, e, dtype, atol=2e-2 * max(1.0, float(e.detach().abs().max())))
+
+
+def test_a_wrong_backward_is_caught(monkeypatch):
+    """The reference comparison can fail: a backward that forgets the mean term of BN."""
+    import normlab.functional._brn_autograd as fused
+
+    real = fused.apply_dx
+    monkeypatch.setattr(fused, "apply_dx", lambda u, dy, a, p, q, dt: real(u, dy, a, p, q * 0, dt))
+    with pytest.raises(AssertionError):
+        test_fused_function_matches_reference_on_fresh_data((2, 4, 3, 5), (1.3, 0.4), True, 7)
+
+
 # ------------------------------------------------------------------ equals BatchNorm
 
 

@@ -31,6 +31,7 @@ class Case:
     using_bn: bool = True
     affine: bool = True
     bias: bool = True
+    last_gamma: bool = False  # γ initialised to 0 (the residual-branch trick)
 
     @property
     def k(self) -> int:
@@ -62,6 +63,8 @@ def make_inputs(case: Case, seed: int | None = None):
     lm, lv = rng.standard_normal(case.k), rng.standard_normal(case.k)
     c = case.shape[1]
     w = 1.0 + 0.5 * rng.standard_normal(c) if case.affine else None
+    if w is not None and case.last_gamma:
+        w = np.zeros(c)
     b = rng.standard_normal(c) if case.affine and case.bias else None
     rm = rv = None
     if case.using_bn and not case.training:
@@ -206,6 +209,220 @@ def test_running_stats_update_matches_reference(shape, momentum) -> None:
     em, ev, _ = R.batch_norm_update_running(np64(x), np.zeros(c), np.ones(c), momentum=momentum)
     assert_close(rm, em)
     assert_close(rv, ev)
+
+
+# ------------------------------------------------------------ the fused autograd.Function
+#
+# NF.switchable_norm runs a hand-written autograd.Function (normlab.functional.
+# _sn_autograd) in eager mode and the plain autograd graph under torch.compile,
+# torch.func, tracing and for a double backward. These tests check that the
+# fused path is the one taken, and compare it with the float64 reference and
+# with the plain path, on fresh random off-center data, for every option.
+
+FUSED_CASES = CASES + [
+    Case("last-gamma", (3, 4, 3, 2), last_gamma=True),
+    Case("last-gamma-eval", (2, 4, 3, 2), training=False, last_gamma=True),
+    Case("rank3-eval", (3, 5, 4), training=False),
+    Case("rank5-no-bn", (2, 3, 2, 2, 3), using_bn=False),
+    Case("rank5-no-affine-eval", (2, 3, 2, 1, 2), training=False, affine=False),
+    Case("rank2-no-affine", (6, 4), affine=False),
+    Case("rank2-weight-only-eval", (3, 4), training=False, bias=False),
+    Case("hw1-no-bn", (3, 4, 1, 1), using_bn=False),
+    Case("N1-hw1-no-bn", (1, 3, 1, 1), using_bn=False),
+    Case("odd-sizes", (5, 7, 3, 5)),
+]
+
+
+def _fused(y: torch.Tensor) -> bool:
+    """Whether ``y`` came out of the fused Function (through the squeeze of an (N, C) input)."""
+    fn = y.grad_fn
+    if type(fn).__name__.startswith("SqueezeBackward"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__.startswith("SwitchableNormFunction")
+
+
+@pytest.mark.parametrize("seed", [101, 202])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.id)
+def test_fused_function_matches_reference_on_fresh_data(case: Case, seed: int) -> None:
+    arrays = make_inputs(case, seed=seed)
+    x, lm, lv, w, b, rm, rv = (None if a is None else torch.tensor(a) for a in arrays)
+    leaves = [t.requires_grad_() for t in (x, lm, lv, w, b) if t is not None]
+    if case.using_bn and case.training:  # the BN branch also updates running statistics
+        rm, rv = torch.zeros(case.shape[1], dtype=x.dtype), torch.ones(case.shape[1], dtype=x.dtype)
+    y = run_functional(case, x, lm, lv, w, b, rm, rv, momentum=0.3)
+    assert _fused(y), type(y.grad_fn).__name__
+    ref_arrays = arrays[:5] + ((None, None) if case.training else arrays[5:])
+    y_ref, cache = ref_forward(case, *ref_arrays)
+    assert_close(y, y_ref)
+    dy = offcenter(*case.shape, seed=seed + 1, loc=0.5, scale=1.0)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref = R.switchable_norm_backward(np64(dy), cache)
+    keys = [k for k, t in zip(("dx", "dmean_weight", "dvar_weight", "dweight", "dbias"),
+                              (x, lm, lv, w, b), strict=True) if t is not None]  # fmt: skip
+    for key, g in zip(keys, grads, strict=True):
+        assert_close(g, ref[key], msg=key)
+    if case.using_bn and case.training:
+        em, ev, _ = R.batch_norm_update_running(
+            np64(x), np.zeros(case.shape[1]), np.ones(case.shape[1]), momentum=0.3
+        )
+        assert_close(rm, em)
+        assert_close(rv, ev)
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.id)
+def test_fused_function_equals_plain_autograd_path(case: Case) -> None:
+    """Same values as the plain graph the compiler/functorch path uses, to rounding."""
+    from normlab.functional.switchable_norm import _switchable_norm_autograd
+
+    arrays = make_inputs(case, seed=303)
+    outs = []
+    for fused in (True, False):
+        x, lm, lv, w, b, rm, rv = (None if a is None else torch.tensor(a) for a in arrays)
+        leaves = [t.requires_grad_() for t in (x, lm, lv, w, b) if t is not None]
+        args = (x, lm, lv, w, b, rm, rv, case.training, 0.1, 1e-5, case.using_bn, None)
+        y = run_functional(case, *args[:7]) if fused else _switchable_norm_autograd(*args)
+        assert _fused(y) == fused
+        dy = offcenter(*case.shape, seed=7, loc=0.0, scale=1.0)
+        outs.append([y, *torch.autograd.grad(y, leaves, dy)])
+    for a, e in zip(*outs, strict=True):
+        assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("gc-rank3", (2, 3, 4)),
+        Case("gc-rank5-eval", (2, 2, 2, 1, 2), training=False),
+        Case("gc-hw1", (3, 2, 1, 1)),
+        Case("gc-no-affine", (2, 3, 2, 2), affine=False),
+        Case("gc-last-gamma", (2, 3, 2, 2), last_gamma=True),
+        Case("gc-rank2-eval-no-bn", (3, 4), using_bn=False, training=False),
+    ],
+    ids=lambda c: c.id,
+)
+def test_gradcheck_fused_function(case: Case) -> None:
+    """First derivatives of every input (logits included) by the hand-written backward."""
+    _, (x, lm, lv, w, b, rm, rv) = torch_inputs(case)
+    inputs = tuple(t for t in (x, lm, lv, w, b) if t is not None)
+
+    def fn(*args):
+        it = iter(args)
+        x_, lm_, lv_ = next(it), next(it), next(it)
+        w_ = next(it) if w is not None else None
+        b_ = next(it) if b is not None else None
+        y = run_functional(case, x_, lm_, lv_, w_, b_, rm, rv)
+        assert _fused(y)
+        return y
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def _saved_bytes(fn) -> tuple[int, int]:
+    """(total bytes, largest tensor) that autograd saves for backward while running ``fn``."""
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes), max(sizes)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saves_only_the_input_and_per_sample_channel_statistics(training, dtype) -> None:
+    from normlab.functional.switchable_norm import _switchable_norm_autograd
+
+    n, c = 4, 8
+    x = offcenter(n, c, 16, 16, seed=40, dtype=dtype).requires_grad_()
+    m = nnl.SwitchableNorm2d(c).train(training)
+    total, largest = _saved_bytes(lambda: m(x))
+    assert largest == x.numel() * x.element_size()  # x itself, nothing bigger, no fp32 copy
+    small = total - largest
+    assert small <= 20 * n * c * 4 + 64 * 8, small  # ~a dozen (N, C) fp32 matrices
+    # The plain graph saves several full-size tensors: this test tells them apart.
+    args = (m.mean_weight, m.var_weight, m.weight, m.bias, m.running_mean.clone(),
+            m.running_var.clone(), training, 0.1, 1e-5, True, None)  # fmt: skip
+    plain, _ = _saved_bytes(lambda: _switchable_norm_autograd(x, *args))
+    assert plain > 2 * x.numel() * x.element_size()
+
+
+def test_fused_backward_accurate_on_ct_like_data() -> None:
+    """fp32 data of mean 1e4 and std 1e-2: the gradients keep fp32 accuracy (pivot shift)."""
+    shape, c = (4, 6, 7, 5), 6
+    x64 = offcenter(*shape, seed=41, loc=1e4, scale=1e-2).float().double()
+    dy = offcenter(*shape, seed=42, loc=0.0, scale=1.0)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        x = x64.to(dtype).requires_grad_()
+        lm = torch.tensor([0.3, -0.2, 0.1], dtype=dtype, requires_grad=True)
+        lv = torch.tensor([-0.1, 0.4, 0.2], dtype=dtype, requires_grad=True)
+        w = torch.linspace(0.5, 1.5, c, dtype=dtype, requires_grad=True)
+        y = NF.switchable_norm(x, lm, lv, w, running_mean=torch.zeros(c, dtype=dtype),
+                               running_var=torch.ones(c, dtype=dtype))  # fmt: skip
+        results.append([y, *torch.autograd.grad(y, (x, lm, lv, w), dy.to(dtype))])
+    assert results[1][0].abs().max() > 0.5  # O(1) output: not flattened by eps
+    for a, e in zip(*results, strict=True):
+        assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.detach().abs().max()))
+
+
+def test_outlier_pivot_keeps_the_variance_exact() -> None:
+    """The pivot is the first element of each group; an outlier there must not cancel digits."""
+    x = offcenter(3, 4, 6, 6, seed=43, loc=0.0, scale=1.0)
+    x[:, :, 0, 0] = 3e3  # the pivot, 3000 std away from the rest of its group
+    y64 = NF.switchable_norm(x, torch.zeros(3, dtype=x.dtype), torch.zeros(3, dtype=x.dtype))
+    x32 = x.float().requires_grad_()
+    y32 = NF.switchable_norm(x32, torch.zeros(3), torch.zeros(3))
+    assert _fused(y32)
+    assert_close(y32, y64, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_input_fused_gradients(dtype, training) -> None:
+    """Half input, fp32 statistics: values and gradients match fp64 on the same rounded input."""
+    c = 5
+    x_half = offcenter(3, c, 4, 6, seed=44, dtype=dtype)
+    dy = offcenter(3, c, 4, 6, seed=45, loc=0.0, scale=1.0, dtype=dtype)
+    outs = []
+    for x in (x_half, x_half.double()):
+        x = x.detach().requires_grad_()
+        m = nnl.SwitchableNorm2d(c, dtype=torch.float64 if x.dtype == torch.float64 else None)
+        with torch.no_grad():
+            m.mean_weight.copy_(torch.tensor([0.2, -0.1, 0.4]))
+            m.var_weight.copy_(torch.tensor([-0.3, 0.1, 0.2]))
+            m.weight.copy_(torch.linspace(0.5, 1.5, c))
+            m.running_mean.fill_(3.0)
+            m.running_var.fill_(4.0)
+        y = m.train(training)(x)
+        assert y.dtype == x.dtype
+        outs.append(
+            [y, *torch.autograd.grad(y, (x, m.mean_weight, m.var_weight, m.weight), dy.to(x.dtype))]
+        )
+    for a, e in zip(*outs, strict=True):
+        assert_close(a, e, dtype, atol=2e-2 * max(1.0, float(e.detach().abs().max())))
+
+
+def test_a_wrong_backward_is_caught(monkeypatch) -> None:
+    """The comparison above can fail: drop the LN variance term of the mixing adjoint."""
+    import normlab.functional._sn_autograd as fused
+
+    real = fused._mix_backward
+
+    def wrong(d_mean, d_var, saved, names, bn_mode):
+        d_mu, d_v, d_lm, d_lv = real(d_mean, d_var, saved, names, bn_mode)
+        return (
+            d_mu - 2.0 * d_var.sum(1, keepdim=True) / d_var.shape[1] * saved["dev_ln"],
+            d_v,
+            d_lm,
+            d_lv,
+        )
+
+    monkeypatch.setattr(fused, "_mix_backward", wrong)
+    with pytest.raises(AssertionError):
+        test_fused_function_matches_reference_on_fresh_data(Case("wrong", (3, 4, 2, 3)), 101)
 
 
 # --------------------------------------------------------------------------- one-hot = BN / IN / LN
