@@ -75,21 +75,30 @@ __all__ = [
 ]
 
 
-def split_moments(xa: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+def split_moments(
+    xa: Tensor, dims: Sequence[int], workspace: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(m0, md, var)`` of ``xa`` over ``dims`` (kept): mean ``m0 + md``, biased variance.
 
     The corrected two-pass algorithm (see the module doc); four cheap passes
     instead of ``var_mean``'s Welford loop. ``xa`` in the accumulation dtype.
+    ``x − m0`` is written into ``workspace`` (a full-size buffer the caller
+    reuses afterwards, e.g. for the output) instead of a fresh allocation.
     """
     dims = tuple(dims)
-    count = 1
-    for d in dims:
-        count *= xa.shape[d]
+    count = _count(xa, dims)
     m0 = xa.mean(dim=dims, keepdim=True)
-    d = xa - m0
+    d = xa - m0 if workspace is None else torch.sub(xa, m0, out=workspace)
     md = d.sum(dim=dims, keepdim=True).div_(count)
-    var = sum_of_squares(d, dims).div_(count).sub_(md * md).clamp_min_(0)
+    var = sum_of_squares(d, dims, out=d).div_(count).sub_(md * md).clamp_min_(0)
     return m0, md, var
+
+
+def _count(x: Tensor, dims: Sequence[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return n
 
 
 def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
@@ -136,36 +145,63 @@ def _b0_composite(
     return b0_normalize(x, running_std, v, weight, bias, eps)
 
 
-def _b0_fwd(
+def _b0_forward(
     x: Tensor,  # (N, C, *S)
     v: Tensor,  # (C,)
     weight: Tensor | None,  # (C,)
     bias: Tensor | None,  # (C,)
-    sig_i: Tensor,  # (N, C, 1, ...) instance std, accumulation dtype
-    sig_b: Tensor,  # (1, C, 1, ...) batch (or running) std
-) -> Tensor:
-    acc = sig_i.dtype
+    running_var: Tensor | None,  # (C,) read in eval, updated in training
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, ...]:
+    """``(y, sig_i, sig_b, m0, md, dmu)``: the output and what backward needs.
+
+    One full-size allocation: the statistics' workspace becomes the output.
+    Training updates ``running_var`` in place (unbiased batch variance, torch's
+    momentum convention), as the composite does.
+    """
+    acc = acc_dtype(x.dtype)
     shape = channel_shape(x)
+    spatial = tuple(range(2, x.dim()))
     xa = x.to(acc)
+    buf = torch.empty_like(xa)
+    m0, md, var_i = split_moments(xa, spatial, workspace=buf)
+    sig_i = torch.sqrt(var_i + eps)  # (N, C, 1, ...)
+    dmu = None
+    if training:
+        # Instance means relative to sample 0's m0 (exact differences of nearby
+        # values), mixed exactly into the batch moments.
+        rel = (m0 - m0[:1]).add_(md)
+        mean_b, var_b = mix_group_moments(rel, var_i, (0,))
+        dmu = rel - mean_b  # μ_I − μ_B
+        if running_var is not None:
+            n = _count(x, (0, *spatial))
+            update_running_stats(None, running_var, mean_b, var_b * (n / (n - 1)), momentum)
+    else:
+        assert running_var is not None  # checked by the caller
+        var_b = running_var.to(acc).reshape(shape)
+    sig_b = torch.sqrt(var_b.clamp_min(0) + eps)  # (1, C, 1, ...)
     rb = sig_b.reciprocal()
-    den = _b0_den(xa, v, sig_i, rb)
-    y = torch.div(xa, den, out=den)
+    y = _b0_den(xa, v, sig_i, rb, out=buf)
+    y = torch.div(xa, y, out=y)
     y.mul_(rb if weight is None else rb * _p(weight, acc, shape))
     if bias is not None:
         y.add_(_p(bias, acc, shape))
-    return y.to(x.dtype)
+    return y.to(x.dtype), sig_i, sig_b, m0, md, dmu
 
 
-def _b0_den(xa: Tensor, v: Tensor, sig_i: Tensor, rb: Tensor) -> Tensor:
-    """``den/σ_B = max(v·x/σ_B + σ_I/σ_B, 1)`` in a fresh buffer.
+def _b0_den(xa: Tensor, v: Tensor, sig_i: Tensor, rb: Tensor, out: Tensor | None = None) -> Tensor:
+    """``e = den/σ_B = max(v·x/σ_B + σ_I/σ_B, 1)`` (in ``out``, or a fresh buffer).
 
     In units of σ_B the max is a clamp at the scalar 1 (one fast pass), and in
-    backward the instance side is exactly ``den/σ_B > 1`` (ties: batch side), a
-    scalar threshold: no mask tensor, no per-channel comparison. The composite's
+    backward the instance side is exactly ``e > 1`` (ties: batch side), a scalar
+    threshold: no mask tensor, no per-channel comparison. The composite's
     where(i > σ_B, i, σ_B) gives the same value (only a NaN differs: it propagates).
     """
-    den = xa * _p(v, xa.dtype, channel_shape(xa)).mul(rb)
-    return den.add_(sig_i * rb).clamp_min_(1.0)
+    vb = _p(v, xa.dtype, channel_shape(xa)).mul(rb)
+    e = xa * vb if out is None else torch.mul(xa, vb, out=out)
+    return e.add_(sig_i * rb).clamp_min_(1.0)
 
 
 def _b0_bwd(
@@ -183,7 +219,8 @@ def _b0_bwd(
 ) -> tuple[Tensor | None, ...]:
     # The module doc's formulas with den = σ_B·e (e = _b0_den): t = rb·(dy/e) and
     # w = rb²·(dy·x/e²), rb = 1/σ_B; the per-channel factors are applied to the
-    # (N, C) sums and to the coefficients, not to full tensors.
+    # (N, C) sums and to the coefficients, not to full tensors. Two full-size
+    # buffers: e (which becomes ∂L/∂x) and buf.
     acc = sig_i.dtype
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
@@ -192,44 +229,34 @@ def _b0_bwd(
     dya = dy.to(acc)
     rb = sig_b.reciprocal()
     g_rb = rb if weight is None else rb * _p(weight, acc, shape)  # γ·rb
-    neg_g = -g_rb * rb  # −γ·rb²
+    neg_g = -g_rb * rb  # −γ·rb²: ∂L/∂den = neg_g·w
     e = _b0_den(xa, v, sig_i, rb)
-    t = torch.div(dya, e)  # dy/e
-    u = t * xa  # dy·x/e
-    dweight = dbias = dv = None
+    buf = dya * xa
+    u = buf.div_(e)  # dy·x/e
+    dweight = dbias = dv = dx = None
     if weight is not None and needs[2]:
         dweight = (rb * u.sum(dim=all_dims, keepdim=True)).reshape(-1).to(weight.dtype)
     if bias is not None and needs[3]:
         dbias = dya.sum(dim=all_dims).to(bias.dtype)
-    w = u.div_(e)  # dy·x/e²; ∂L/∂den = −γ·rb²·w
+    w = u.div_(e)  # dy·x/e²
     sum_w = w.sum(dim=all_dims, keepdim=True) if dmu is not None else None
-    wm = torch.ops.aten.threshold_backward.grad_input(w, e, 1.0, grad_input=e)  # w·inst
+    wm = torch.ops.aten.threshold_backward.grad_input(w, e, 1.0, grad_input=w)  # w·inst
     swm = wm.sum(dim=dims, keepdim=True)
-    if needs[1]:
-        dv = (neg_g * torch.mul(wm, xa, out=w).sum(dim=all_dims, keepdim=True)).reshape(-1)
-        dv = dv.to(v.dtype)
-    dx = None
     if needs[0]:
+        # γ·t − γ·v·wm, then + K·((x − m0) − md) + K_B·(μ_I − μ_B) below
+        dx = torch.div(dya, e, out=e).mul_(g_rb).addcmul_(wm, neg_g * _p(v, acc, shape))
+    if needs[1]:
+        dv = (neg_g * wm.mul_(xa).sum(dim=all_dims, keepdim=True)).reshape(-1).to(v.dtype)
+    if dx is not None:
         k = neg_g * swm / (sig_i * _count(x, dims))  # K_I = ∂L/∂σ_I / (σ_I·S)
         shift = -k * md
         if sum_w is not None and dmu is not None:
-            dsig_b = neg_g * (sum_w - swm.sum(dim=0, keepdim=True))
-            k_b = dsig_b / (sig_b * _count(x, all_dims))
+            k_b = neg_g * (sum_w - swm.sum(dim=0, keepdim=True)) / (sig_b * _count(x, all_dims))
             k = k + k_b
             shift = -k * md + k_b * dmu
-        # γ·t − γ·v·wm + K·((x − m0) − md) + K_B·(μ_I − μ_B)
-        dx = t.mul_(g_rb)
-        dx.addcmul_(wm, neg_g * _p(v, acc, shape))
-        dx.addcmul_(torch.sub(xa, m0, out=w), k).add_(shift)
+        dx.addcmul_(torch.sub(xa, m0, out=buf), k).add_(shift)
         dx = dx.to(x.dtype)
     return dx, dv, dweight, dbias
-
-
-def _count(x: Tensor, dims: Sequence[int]) -> int:
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    return n
 
 
 class _EvoNormB0Function(torch.autograd.Function):
@@ -242,16 +269,17 @@ class _EvoNormB0Function(torch.autograd.Function):
         v: Tensor,  # (C,)
         weight: Tensor | None,  # (C,)
         bias: Tensor | None,  # (C,)
-        sig_i: Tensor,  # (N, C, 1, ...) sqrt(σ²_I + ε)
-        sig_b: Tensor,  # (1, C, 1, ...) sqrt(σ²_B + ε) (or of running_var)
-        m0: Tensor,  # (N, C, 1, ...) instance mean = m0 + md
-        md: Tensor,  # (N, C, 1, ...)
-        dmu: Tensor | None,  # (N, C, 1, ...) μ_I − μ_B in training, None in eval
+        running_var: Tensor | None,  # (C,) buffer: read in eval, updated in training
+        training: bool,
+        momentum: float,
         eps: float,
     ) -> Tensor:
+        y, sig_i, sig_b, m0, md, dmu = _b0_forward(
+            x, v, weight, bias, running_var, training, momentum, eps
+        )
         ctx.save_for_backward(x, v, weight, bias, sig_i, sig_b, m0, md, dmu)
         ctx.eps = eps
-        return _b0_fwd(x, v, weight, bias, sig_i, sig_b)
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -266,7 +294,7 @@ class _EvoNormB0Function(torch.autograd.Function):
             grads = _composite_grads(needs, dy, b0, x, v, weight, bias)
         else:
             grads = _b0_bwd(dy, x, v, weight, bias, sig_i, sig_b, m0, md, dmu, needs)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def b0_apply(
@@ -279,34 +307,11 @@ def b0_apply(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """Eager B0 on validated inputs (statistics of this process only).
-
-    Training updates ``running_var`` in place (unbiased batch variance, torch's
-    momentum convention), as the composite does.
-    """
-    acc = acc_dtype(x.dtype)
-    shape = channel_shape(x)
-    spatial = tuple(range(2, x.dim()))
-    with torch.no_grad():
-        m0, md, var_i = split_moments(x.detach().to(acc), spatial)
-        sig_i = torch.sqrt(var_i + eps)
-        dmu = None
-        if training:
-            # Instance means relative to sample 0's m0 (exact differences of nearby
-            # values), mixed exactly into the batch moments.
-            rel = (m0 - m0[:1]).add_(md)
-            mean_b, var_b = mix_group_moments(rel, var_i, (0,))
-            dmu = rel - mean_b
-            if running_var is not None:
-                n = _count(x, (0, *spatial))
-                update_running_stats(None, running_var, mean_b, var_b * (n / (n - 1)), momentum)
-        else:
-            assert running_var is not None  # checked by the caller
-            var_b = running_var.to(acc).reshape(shape)
-        sig_b = torch.sqrt(var_b.clamp_min(0) + eps)
+    """Eager B0 on validated inputs (statistics of this process only)."""
     if autograd_needed(x, v, weight, bias):
-        return _EvoNormB0Function.apply(x, v, weight, bias, sig_i, sig_b, m0, md, dmu, eps)
-    return _b0_fwd(x, v, weight, bias, sig_i, sig_b)
+        return _EvoNormB0Function.apply(x, v, weight, bias, running_var, training, momentum, eps)
+    with torch.no_grad():
+        return _b0_forward(x, v, weight, bias, running_var, training, momentum, eps)[0]
 
 
 # ------------------------------------------------------------------------------ S0
@@ -342,21 +347,42 @@ def s0_composite(
     return _affine(y, weight, bias, shape).to(x.dtype)
 
 
-def _s0_fwd(
+def _s0_forward(
     x: Tensor,  # (N, C, *S)
+    num_groups: int,
     v: Tensor,  # (C,)
     weight: Tensor | None,  # (C,)
     bias: Tensor | None,  # (C,)
-    r: Tensor,  # (N, C, 1, ...) 1/sqrt(σ²_g + ε) of each channel's group
-) -> Tensor:
-    acc = r.dtype
+    eps: float,
+) -> tuple[Tensor, ...]:
+    """``(y, r, pivot, mean_rel)``, the last three (N, C, 1, ...): 1/σ_g and μ_g = pivot + mean_rel.
+
+    One full-size allocation: the statistics' workspace becomes the output.
+    """
+    n, c = x.shape[:2]
+    cpg = c // num_groups
+    acc = acc_dtype(x.dtype)
     shape = channel_shape(x)
+    ones = [1] * (x.dim() - 2)
     xa = x.to(acc)
-    f = (xa * _p(v, acc, shape)).sigmoid_().mul_(xa)
+    buf = torch.empty_like(xa)
+    m0, md, var = split_moments(xa, tuple(range(2, x.dim())), workspace=buf)
+    m0 = m0.reshape(n, num_groups, cpg)
+    # Channel means relative to the group's first channel's m0 (exact differences
+    # of nearby values), mixed exactly into the group moments.
+    pivot = m0[:, :, :1]
+    rel = (m0 - pivot).add_(md.reshape(n, num_groups, cpg))
+    mean_rel, group_var = mix_group_moments(rel, var.reshape(n, num_groups, cpg), (2,))
+
+    def per_channel(t: Tensor) -> Tensor:  # (N, G, 1) -> (N, C, 1, ...)
+        return t.expand(n, num_groups, cpg).reshape(n, c, *ones)
+
+    r = per_channel(torch.rsqrt(group_var + eps))
+    f = torch.mul(xa, _p(v, acc, shape), out=buf).sigmoid_().mul_(xa)
     f.mul_(r if weight is None else r * _p(weight, acc, shape))
     if bias is not None:
         f.add_(_p(bias, acc, shape))
-    return f.to(x.dtype)
+    return f.to(x.dtype), r, per_channel(pivot), per_channel(mean_rel)
 
 
 def _s0_bwd(
@@ -371,6 +397,7 @@ def _s0_bwd(
     num_groups: int,
     needs: Sequence[bool],  # needs_input_grad of (x, v, weight, bias)
 ) -> tuple[Tensor | None, ...]:
+    # Two full-size buffers: s (which becomes ∂L/∂x) and buf.
     acc = r.dtype
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
@@ -380,27 +407,28 @@ def _s0_bwd(
     dya = dy.to(acc)
     vb = _p(v, acc, shape)
     gamma = _p(weight, acc, shape)
+    gr = r if gamma is None else gamma * r
     s = (xa * vb).sigmoid_()
-    p = torch.ops.aten.sigmoid_backward(dya, s)  # dy·s(1 − s)
+    buf = torch.mul(s, xa).mul_(dya)  # dy·f
+    a = buf.sum(dim=dims, keepdim=True)  # A, (N, C, 1, ...)
+    p = torch.ops.aten.sigmoid_backward.grad_input(dya, s, grad_input=buf)  # dy·s(1 − s)
     w = s.mul_(dya)  # dy·s
-    buf = w * xa  # dy·f
-    a = buf.sum(dim=dims, keepdim=True)  # (N, C, 1, ...)
     xp = p.mul_(xa)  # dy·x·s(1 − s)
     dv = dweight = dbias = dx = None
-    gr = r if gamma is None else gamma * r
+    if needs[0]:
+        dx = w.addcmul_(xp, vb).mul_(gr)  # γ·r·dy·silu'(v·x)
     if needs[1]:
-        b = torch.mul(xp, xa, out=buf).sum(dim=dims, keepdim=True)
+        b = xp.mul_(xa).sum(dim=dims, keepdim=True)  # Σ_s dy·x²·s(1 − s)
         dv = (gr * b).sum(dim=0).reshape(-1).to(v.dtype)
     if weight is not None and needs[2]:
         dweight = (r * a).sum(dim=0).reshape(-1).to(weight.dtype)
     if bias is not None and needs[3]:
         dbias = dya.sum(dim=all_dims).to(bias.dtype)
-    if needs[0]:
+    if dx is not None:
         ga = a if gamma is None else gamma * a
         cpg = c // num_groups
         dr = ga.reshape(n, num_groups, cpg).sum(dim=2, keepdim=True).expand(n, num_groups, cpg)
         k = dr.reshape(a.shape) * r.pow(3) * (-1.0 / (cpg * _count(x, dims)))
-        dx = w.addcmul_(xp, vb).mul_(gr)  # γ·r·dy·silu'(v·x)
         dx.addcmul_(torch.sub(xa, pivot, out=buf), k).sub_(k * mean_rel)
         dx = dx.to(x.dtype)
     return dx, dv, dweight, dbias
@@ -416,15 +444,13 @@ class _EvoNormS0Function(torch.autograd.Function):
         v: Tensor,  # (C,)
         weight: Tensor | None,  # (C,)
         bias: Tensor | None,  # (C,)
-        r: Tensor,  # (N, C, 1, ...) group 1/std
-        pivot: Tensor,  # (N, C, 1, ...) group mean = pivot + mean_rel
-        mean_rel: Tensor,  # (N, C, 1, ...)
         num_groups: int,
         eps: float,
     ) -> Tensor:
+        y, r, pivot, mean_rel = _s0_forward(x, num_groups, v, weight, bias, eps)
         ctx.save_for_backward(x, v, weight, bias, r, pivot, mean_rel)
         ctx.num_groups, ctx.eps = num_groups, eps
-        return _s0_fwd(x, v, weight, bias, r)
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -438,7 +464,7 @@ class _EvoNormS0Function(torch.autograd.Function):
             grads = _composite_grads(needs, dy, s0, x, v, weight, bias)
         else:
             grads = _s0_bwd(dy, x, v, weight, bias, r, pivot, mean_rel, ctx.num_groups, needs)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None)
 
 
 def s0_apply(
@@ -450,25 +476,7 @@ def s0_apply(
     eps: float,
 ) -> Tensor:
     """Eager S0 on validated inputs."""
-    n, c = x.shape[:2]
-    cpg = c // num_groups
-    acc = acc_dtype(x.dtype)
-    ones = [1] * (x.dim() - 2)
-    with torch.no_grad():
-        m0, md, var = split_moments(x.detach().to(acc), tuple(range(2, x.dim())))
-        m0 = m0.reshape(n, num_groups, cpg)
-        # Channel means relative to the group's first channel's m0 (exact
-        # differences of nearby values), mixed exactly into the group moments.
-        pivot = m0[:, :, :1]
-        rel = (m0 - pivot).add_(md.reshape(n, num_groups, cpg))
-        mean_rel, group_var = mix_group_moments(rel, var.reshape(n, num_groups, cpg), (2,))
-
-        def per_channel(t: Tensor) -> Tensor:  # (N, G, 1) -> (N, C, 1, ...)
-            return t.expand(n, num_groups, cpg).reshape(n, c, *ones)
-
-        r = per_channel(torch.rsqrt(group_var + eps))
     if autograd_needed(x, v, weight, bias):
-        return _EvoNormS0Function.apply(
-            x, v, weight, bias, r, per_channel(pivot), per_channel(mean_rel), num_groups, eps
-        )
-    return _s0_fwd(x, v, weight, bias, r)
+        return _EvoNormS0Function.apply(x, v, weight, bias, num_groups, eps)
+    with torch.no_grad():
+        return _s0_forward(x, num_groups, v, weight, bias, eps)[0]

@@ -81,15 +81,18 @@ def autograd_needed(*tensors: Tensor | float | None) -> bool:
     )
 
 
-def sum_of_squares(x: Tensor, dims: Sequence[int]) -> Tensor:
-    """``Σ x²`` over ``dims`` (kept), one read of ``x`` and no temporary.
+def sum_of_squares(x: Tensor, dims: Sequence[int], out: Tensor | None = None) -> Tensor:
+    """``Σ x²`` over ``dims`` (kept), one read of ``x``.
 
-    ``vector_norm`` reduces contiguous memory in one vectorized pass; on other
-    layouts (channels_last) its reduction is slow, and ``(x·x).sum`` is faster.
+    ``vector_norm`` reduces contiguous memory in one vectorized pass without a
+    temporary; on other layouts (channels_last) its reduction is slow, and
+    ``x·x`` (written into ``out`` when given, which may be ``x`` itself) then a
+    sum is faster.
     """
     if x.is_contiguous():
         return torch.linalg.vector_norm(x, 2, dim=tuple(dims), keepdim=True).square_()
-    return (x * x).sum(dim=tuple(dims), keepdim=True)
+    sq = x * x if out is None else torch.mul(x, x, out=out)
+    return sq.sum(dim=tuple(dims), keepdim=True)
 
 
 def _p(t: Tensor | None, acc: torch.dtype, shape: list[int]) -> Tensor | None:
@@ -141,10 +144,12 @@ def _frn_fwd(
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
     xa = x.to(acc)
-    r = torch.rsqrt(sum_of_squares(xa, dims).div_(reduced_count(x, dims)).add_(eps))
+    # One full-size allocation: the output (the half-input copy is reused for it).
+    y = xa if xa is not x else torch.empty_like(xa)
+    ss = sum_of_squares(xa, dims, out=None if y is xa else y)
+    r = torch.rsqrt(ss.div_(reduced_count(x, dims)).add_(eps))
     a = r if weight is None else r * _p(weight, acc, shape)
-    # 1 to 3 in-place passes on a fresh buffer (the half-input copy, or x·a).
-    y = xa.mul_(a) if xa is not x else xa * a
+    y = torch.mul(xa, a, out=y)
     if bias is not None:
         y.add_(_p(bias, acc, shape))
     if tau is not None:
