@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._frn_autograd import _composite_grads, _p, autograd_needed, sum_of_squares
+from ._frn_autograd import _cast, _composite_grads, _p, autograd_needed, sum_of_squares
 from ._normalize import channel_shape
 from ._stats import acc_dtype, centered, centered_moments, mix_group_moments, moments
 from .batch_norm import update_running_stats
@@ -164,7 +164,7 @@ def _b0_forward(
     acc = acc_dtype(x.dtype)
     shape = channel_shape(x)
     spatial = tuple(range(2, x.dim()))
-    xa = x.to(acc)
+    xa = _cast(x, acc)
     buf = torch.empty_like(xa)
     m0, md, var_i = split_moments(xa, spatial, workspace=buf)
     sig_i = torch.sqrt(var_i + eps)  # (N, C, 1, ...)
@@ -180,7 +180,7 @@ def _b0_forward(
             update_running_stats(None, running_var, mean_b, var_b * (n / (n - 1)), momentum)
     else:
         assert running_var is not None  # checked by the caller
-        var_b = running_var.to(acc).reshape(shape)
+        var_b = _cast(running_var, acc).reshape(shape)
     sig_b = torch.sqrt(var_b.clamp_min(0) + eps)  # (1, C, 1, ...)
     rb = sig_b.reciprocal()
     y = _b0_den(xa, v, sig_i, rb, out=buf)
@@ -188,7 +188,7 @@ def _b0_forward(
     y.mul_(rb if weight is None else rb * _p(weight, acc, shape))
     if bias is not None:
         y.add_(_p(bias, acc, shape))
-    return y.to(x.dtype), sig_i, sig_b, m0, md, dmu
+    return _cast(y, x.dtype), sig_i, sig_b, m0, md, dmu
 
 
 def _b0_den(xa: Tensor, v: Tensor, sig_i: Tensor, rb: Tensor, out: Tensor | None = None) -> Tensor:
@@ -225,8 +225,8 @@ def _b0_bwd(
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
     all_dims = (0, *dims)
-    xa = x.to(acc)
-    dya = dy.to(acc)
+    xa = _cast(x, acc)
+    dya = _cast(dy, acc)
     rb = sig_b.reciprocal()
     g_rb = rb if weight is None else rb * _p(weight, acc, shape)  # γ·rb
     neg_g = -g_rb * rb  # −γ·rb²: ∂L/∂den = neg_g·w
@@ -255,7 +255,7 @@ def _b0_bwd(
             k = k + k_b
             shift = -k * md + k_b * dmu
         dx.addcmul_(torch.sub(xa, m0, out=buf), k).add_(shift)
-        dx = dx.to(x.dtype)
+        dx = _cast(dx, x.dtype)
     return dx, dv, dweight, dbias
 
 
@@ -364,7 +364,7 @@ def _s0_forward(
     acc = acc_dtype(x.dtype)
     shape = channel_shape(x)
     ones = [1] * (x.dim() - 2)
-    xa = x.to(acc)
+    xa = _cast(x, acc)
     buf = torch.empty_like(xa)
     m0, md, var = split_moments(xa, tuple(range(2, x.dim())), workspace=buf)
     m0 = m0.reshape(n, num_groups, cpg)
@@ -382,7 +382,7 @@ def _s0_forward(
     f.mul_(r if weight is None else r * _p(weight, acc, shape))
     if bias is not None:
         f.add_(_p(bias, acc, shape))
-    return f.to(x.dtype), r, per_channel(pivot), per_channel(mean_rel)
+    return _cast(f, x.dtype), r, per_channel(pivot), per_channel(mean_rel)
 
 
 def _s0_bwd(
@@ -403,8 +403,8 @@ def _s0_bwd(
     dims = tuple(range(2, x.dim()))
     all_dims = (0, *dims)
     n, c = x.shape[:2]
-    xa = x.to(acc)
-    dya = dy.to(acc)
+    xa = _cast(x, acc)
+    dya = _cast(dy, acc)
     vb = _p(v, acc, shape)
     gamma = _p(weight, acc, shape)
     gr = r if gamma is None else gamma * r
@@ -430,7 +430,7 @@ def _s0_bwd(
         dr = ga.reshape(n, num_groups, cpg).sum(dim=2, keepdim=True).expand(n, num_groups, cpg)
         k = dr.reshape(a.shape) * r.pow(3) * (-1.0 / (cpg * _count(x, dims)))
         dx.addcmul_(torch.sub(xa, pivot, out=buf), k).sub_(k * mean_rel)
-        dx = dx.to(x.dtype)
+        dx = _cast(dx, x.dtype)
     return dx, dv, dweight, dbias
 
 

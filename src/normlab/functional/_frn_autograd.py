@@ -95,9 +95,14 @@ def sum_of_squares(x: Tensor, dims: Sequence[int], out: Tensor | None = None) ->
     return sq.sum(dim=tuple(dims), keepdim=True)
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without a dispatcher call when it is already ``dtype``."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _p(t: Tensor | None, acc: torch.dtype, shape: list[int]) -> Tensor | None:
     """A (C,) parameter as a broadcastable (1, C, 1, ...) tensor in the accumulation dtype."""
-    return None if t is None else t.to(acc).reshape(shape)
+    return None if t is None else _cast(t, acc).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- composite
@@ -143,7 +148,7 @@ def _frn_fwd(
     acc = acc_dtype(x.dtype)
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
-    xa = x.to(acc)
+    xa = _cast(x, acc)
     # One full-size allocation: the output (the half-input copy is reused for it).
     y = xa if xa is not x else torch.empty_like(xa)
     ss = sum_of_squares(xa, dims, out=None if y is xa else y)
@@ -156,7 +161,7 @@ def _frn_fwd(
         # max(z, τ): the value of the composite's where(z > τ, z, τ) for every
         # number (a NaN propagates here instead of becoming τ).
         y.clamp_min_(_p(tau, acc, shape))
-    return y.to(x.dtype), r
+    return _cast(y, x.dtype), r
 
 
 def _frn_bwd(
@@ -172,8 +177,8 @@ def _frn_bwd(
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
     all_dims = (0, *dims)
-    xa = x.to(acc)
-    dya = dy.to(acc)
+    xa = _cast(x, acc)
+    dya = _cast(dy, acc)
     gamma = _p(weight, acc, shape)
     a = r if gamma is None else r * gamma
     if tau is not None:
@@ -192,7 +197,7 @@ def _frn_bwd(
     dx = dweight = dbias = dtau = deps = None
     if needs[0]:
         dx = torch.mul(xa, a * r * r * p * (-1.0 / reduced_count(x, dims)), out=buf)
-        dx = dx.addcmul_(g, a).to(x.dtype)
+        dx = _cast(dx.addcmul_(g, a), x.dtype)
     if weight is not None and needs[1]:
         dweight = (r * p).sum(dim=0).reshape(-1).to(weight.dtype)
     if (bias is not None and needs[2]) or (tau is not None and needs[3]):

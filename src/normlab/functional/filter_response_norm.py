@@ -43,11 +43,15 @@ def _abs_eps(layer: str, eps: float | Tensor, dtype: torch.dtype) -> float | Ten
     # A CPU tensor is checked for free; a device tensor is not (that would be a host
     # sync every step), nor is one under torch.compile or torch.func (see
     # host_checks_allowed). The modules guarantee a positive eps by construction.
-    if host_checks_allowed(eps) and not bool(eps.detach().abs().reshape(()) > 0):
-        raise ValueError(
-            f"{layer}: eps must be nonzero (|eps| is added to ν²), got {eps.detach()}. With "
-            "eps = 0 an all-zero channel gives 0/0 = NaN; use e.g. eps=1e-6."
-        )
+    if host_checks_allowed(eps):
+        value = abs(float(eps.detach().reshape(())))
+        if not value > 0:
+            raise ValueError(
+                f"{layer}: eps must be nonzero (|eps| is added to ν²), got {eps.detach()}. "
+                "With eps = 0 an all-zero channel gives 0/0 = NaN; use e.g. eps=1e-6."
+            )
+        if not eps.requires_grad and not torch.jit.is_tracing():
+            return value  # a fixed ε (the modules' buffer): a plain number, no tensor ops
     return eps.abs().reshape(()).to(dtype)
 
 
