@@ -601,3 +601,19 @@ def test_paths_agree_no_grad_and_torch_func():
         (dx,) = torch.autograd.grad(y.sum(), x)
         # torch.func runs the plain composite
         assert_close(torch.func.grad(lambda x, f=f: f(x).sum())(x.detach()), dx)
+
+
+def test_forward_mode_ad():
+    """Dual tensors take the composite (the kernels have no tangent formulas)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = offcenter(3, 4, 3, 5, seed=40)
+    tangent = offcenter(3, 4, 3, 5, seed=41, loc=0.0, scale=1.0)
+    w, b, v = (t.detach() for t in _leaves(4, True, seed=40))
+    for f in (
+        lambda x: NF.evonorm_s0(x, 2, v, w, b, 1e-3),
+        lambda x: NF.evonorm_b0(x, None, v, w, b, True, 0.1, 1e-3),
+    ):
+        with fwAD.dual_level():
+            jvp = fwAD.unpack_dual(f(fwAD.make_dual(x, tangent))).tangent
+        assert_close(jvp, torch.func.jvp(f, (x,), (tangent,))[1])

@@ -552,3 +552,19 @@ def test_paths_agree_no_grad_and_torch_func():
 
     assert_close(torch.func.grad(loss)(x.detach()), dx)
     assert_close(torch.func.vmap(lambda xi: NF.frn_tlu(xi[None], w, b, tau, eps)[0])(x), y)
+
+
+def test_forward_mode_ad():
+    """Dual tensors take the composite (the kernels have no tangent formulas)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b, tau, eps, _ = _fast_inputs((2, 3, 4, 5), True, True, "float", False, seed=29)
+    x, w, b, tau = (t.detach() for t in (x, w, b, tau))
+    tangent = offcenter(2, 3, 4, 5, seed=30, loc=0.0, scale=1.0)
+
+    def f(x):
+        return NF.frn_tlu(x, w, b, tau, eps)
+
+    with fwAD.dual_level():
+        jvp = fwAD.unpack_dual(f(fwAD.make_dual(x, tangent))).tangent
+    assert_close(jvp, torch.func.jvp(f, (x,), (tangent,))[1])

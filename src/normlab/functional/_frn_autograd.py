@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from ._normalize import channel_shape
@@ -61,13 +62,16 @@ def eager_kernels_allowed(*tensors: Tensor | None) -> bool:
 
     Not under ``torch.compile``/``torch.export`` (dynamo traces the composite
     and fuses it), ``torch.func`` transforms (vmap/grad batch or differentiate
-    the composite), TorchScript tracing, or for tensor subclasses with
-    ``__torch_function__`` (DTensor & co. dispatch the composite's ops).
+    the composite), forward-mode AD (``torch.autograd.forward_ad``: the
+    kernels' ``out=`` ops have no tangent formula, the Functions no ``jvp``),
+    TorchScript tracing, or for tensor subclasses with ``__torch_function__``
+    (DTensor & co. dispatch the composite's ops).
     """
     present = [t for t in tensors if t is not None]
     return not (
         torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
         or torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.overrides.has_torch_function(present)
