@@ -603,6 +603,8 @@ def test_paths_agree_no_grad_and_torch_func():
         assert_close(torch.func.grad(lambda x, f=f: f(x).sum())(x.detach()), dx)
 
 
+# torch's forward_ad scripts its jvp decompositions on first use (torch's own warning)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_forward_mode_ad():
     """Dual tensors take the composite (the kernels have no tangent formulas)."""
     import torch.autograd.forward_ad as fwAD

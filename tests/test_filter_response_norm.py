@@ -554,6 +554,8 @@ def test_paths_agree_no_grad_and_torch_func():
     assert_close(torch.func.vmap(lambda xi: NF.frn_tlu(xi[None], w, b, tau, eps)[0])(x), y)
 
 
+# torch's forward_ad scripts its jvp decompositions on first use (torch's own warning)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_forward_mode_ad():
     """Dual tensors take the composite (the kernels have no tangent formulas)."""
     import torch.autograd.forward_ad as fwAD
