@@ -164,6 +164,11 @@ def recompute_grads(
     return tuple(next(grads) if need else None for need in needs)
 
 
+def _acc(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (no dispatch when it already is: these run on every call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _mix_forward(
     mu: Tensor,
     var: Tensor,
@@ -189,30 +194,30 @@ def _mix_forward(
     d_ln = shift - shift[:, :1]
     dev_ln = mu + d_ln  # μ̃
     mu_ln = dev_ln.mean(1, keepdim=True)
-    dev_ln = dev_ln - mu_ln  # μ̃ − μ_LN
-    var_ln = (var + dev_ln * dev_ln).mean(1, keepdim=True)  # (N, 1), ≥ 0
+    dev_ln = dev_ln.sub_(mu_ln)  # μ̃ − μ_LN
     means = {"in": mu, "ln": mu_ln - d_ln}
-    variances = {"in": var, "ln": var_ln}
+    variances = {"in": var, "ln": torch.addcmul(var, dev_ln, dev_ln).mean(1, keepdim=True)}
     out = {"dev_ln": dev_ln}
     if bn_mode == "batch":
         d_bn = shift - shift[:1]
         dev_bn = mu + d_bn
         mu_bn = dev_bn.mean(0, keepdim=True)
-        dev_bn = dev_bn - mu_bn
-        var_bn = (var + dev_bn * dev_bn).mean(0, keepdim=True)  # (1, C)
+        dev_bn = dev_bn.sub_(mu_bn)
+        var_bn = torch.addcmul(var, dev_bn, dev_bn).mean(0, keepdim=True)  # (1, C)
         means["bn"], variances["bn"] = mu_bn - d_bn, var_bn
         out.update(dev_bn=dev_bn, batch_mean=mu_bn + shift[:1], batch_var=var_bn)
     elif bn_mode == "running":
         assert running_mean is not None and running_var is not None
-        means["bn"] = running_mean.to(mu.dtype).reshape(1, -1) - shift
-        variances["bn"] = running_var.to(mu.dtype).reshape(1, -1)
+        means["bn"] = _acc(running_mean, mu.dtype).reshape(1, -1) - shift
+        variances["bn"] = _acc(running_var, mu.dtype).reshape(1, -1)
     # One (K, N, C) stack per moment: the mix is one product and one sum, and
-    # backward reuses the stack for the logit gradients.
+    # backward takes the logit gradients from the same stacks.
     stack_m = torch.stack(torch.broadcast_tensors(*(means[k] for k in names)))
     stack_v = torch.stack(torch.broadcast_tensors(*(variances[k] for k in names)))
-    out.update(stack_m=stack_m, stack_v=stack_v)
-    out["M"] = (wm.reshape(-1, 1, 1) * stack_m).sum(0)
-    out["V"] = (wv.reshape(-1, 1, 1) * stack_v).sum(0)
+    out["M"] = (wm.view(-1, 1, 1) * stack_m).sum(0)
+    out["V"] = (wv.view(-1, 1, 1) * stack_v).sum(0)
+    out["dev_m"] = stack_m.sub_(out["M"])  # mₖ − M, for the logit gradients
+    out["dev_v"] = stack_v.sub_(out["V"])
     return out
 
 
@@ -235,23 +240,25 @@ def _mix_backward(
       ``μ_LN`` inside ``v_LN`` vanishes, as ``Σ_c (μ̃ − μ_LN) = 0``);
     * BN from the batch: the same over N (sums over n, divide by N);
     * BN from running statistics: constants, nothing flows to μ or v.
+
+    ``saved["wm_g"]``/``["wv_g"]`` hold the weights divided by each
+    normalizer's group size (1 for IN, C for LN, N for BN).
     """
     wm, wv = saved["wm"], saved["wv"]
-    d_lm = wm * (d_mean * (saved["stack_m"] - saved["M"])).sum((1, 2))
-    d_lv = wv * (d_var * (saved["stack_v"] - saved["V"])).sum((1, 2))
-    n, c = d_mean.shape
+    d_lm = wm * (d_mean * saved["dev_m"]).sum((1, 2))
+    d_lv = wv * (d_var * saved["dev_v"]).sum((1, 2))
     k = {name: i for i, name in enumerate(names)}
-    g = d_mean.sum(1, keepdim=True) * (wm[k["ln"]] / c)
-    h = d_var.sum(1, keepdim=True) * (wv[k["ln"]] / c)
-    d_mu = g + 2.0 * h * saved["dev_ln"]
+    gm, gv = saved["wm_g"].unbind(), saved["wv_g"].unbind()
+    h = d_var.sum(1, keepdim=True).mul_(gv[k["ln"]])  # H/C
+    d_mu = torch.addcmul(d_mean.sum(1, keepdim=True).mul_(gm[k["ln"]]), h, saved["dev_ln"], value=2)
     d_v = h
     if "in" in k:
-        d_mu = d_mu + wm[k["in"]] * d_mean
-        d_v = d_v + wv[k["in"]] * d_var
+        d_mu = d_mu.add(d_mean * gm[k["in"]])
+        d_v = torch.addcmul(d_v, d_var, gv[k["in"]])
     if bn_mode == "batch":
-        g = d_mean.sum(0, keepdim=True) * (wm[k["bn"]] / n)
-        h = d_var.sum(0, keepdim=True) * (wv[k["bn"]] / n)
-        d_mu = d_mu + g + 2.0 * h * saved["dev_bn"]
+        h = d_var.sum(0, keepdim=True).mul_(gv[k["bn"]])  # H/N
+        d_mu = d_mu.add(d_mean.sum(0, keepdim=True).mul_(gm[k["bn"]]))
+        d_mu = d_mu.addcmul_(h, saved["dev_bn"], value=2)
         d_v = d_v + h
     return d_mu, d_v, d_lm, d_lv
 
@@ -270,8 +277,8 @@ class SwitchableNormFunction(torch.autograd.Function):
     """
 
     # (N, C)-sized results of forward that backward reads, in save order.
-    _SAVED = ("shift_x", "mu", "r", "a", "M", "V", "wm", "wv", "stack_m", "stack_v",
-              "dev_ln", "dev_bn")  # fmt: skip
+    _SAVED = ("shift_x", "mu", "r", "a", "M", "V", "wm", "wv", "wm_g", "wv_g", "dev_m",
+              "dev_v", "dev_ln", "dev_bn")  # fmt: skip
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -293,18 +300,18 @@ class SwitchableNormFunction(torch.autograd.Function):
         shift_x = pivot(x, range(2, x.dim()))  # (N, C, 1...): elements of x
         u = centered(x, shift_x)  # the one full-size buffer (accumulation dtype); becomes y
         acc = u.dtype
-        shift = shift_x.to(acc).reshape(n, c)
         mu, var, count = shifted_moments(u, per_sample=True)  # (N, C)
-        wm = torch.softmax(mean_weight.to(acc), 0)
-        wv = torch.softmax(var_weight.to(acc), 0)
+        wm = torch.softmax(_acc(mean_weight, acc), 0)
+        wv = torch.softmax(_acc(var_weight, acc), 0)
+        shift = _acc(shift_x, acc).reshape(n, c)
         mix = _mix_forward(mu, var, shift, wm, wv, names, bn_mode, running_mean, running_var)
         if bn_mode == "batch" and (running_mean is not None or running_var is not None):
             total = n * count
             unbiased = mix["batch_var"] * (total / (total - 1))
             update_running_stats(running_mean, running_var, mix["batch_mean"], unbiased, momentum)
         r = rstd(mix["V"], eps)  # (N, C)
-        a = r if weight is None else r * weight.to(acc)
-        b = -mix["M"] * a if bias is None else bias.to(acc) - mix["M"] * a
+        a = r if weight is None else r * _acc(weight, acc)
+        b = -mix["M"] * a if bias is None else torch.addcmul(_acc(bias, acc), mix["M"], a, value=-1)
         y = u.mul_(_against(a, x)).add_(_against(b, x))  # (u − M)·A + β: u and M small
 
         # The eval-mode BN branch's running statistics as they were: only a
@@ -313,13 +320,16 @@ class SwitchableNormFunction(torch.autograd.Function):
         if bn_mode == "running":
             assert running_mean is not None and running_var is not None
             frozen = [running_mean.detach().clone(), running_var.detach().clone()]
-        small = dict(shift_x=shift_x, mu=mu, r=r, a=a, wm=wm, wv=wv, **mix)
+        group = torch.tensor([{"in": 1, "ln": c, "bn": n}[k] for k in names], dtype=acc)
+        group = group.to(x.device)
+        small = dict(shift_x=shift_x, mu=mu, r=r, a=a, wm=wm, wv=wv, wm_g=wm / group,
+                     wv_g=wv / group, **mix)  # fmt: skip
         ctx.save_for_backward(
             x, mean_weight, var_weight, weight, bias, *frozen,
             *(small.get(key) for key in SwitchableNormFunction._SAVED),
         )  # fmt: skip
         ctx.names, ctx.bn_mode, ctx.count, ctx.recompute = names, bn_mode, count, recompute
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -338,14 +348,15 @@ class SwitchableNormFunction(torch.autograd.Function):
         #   ∂L/∂β = Σ_n Σdy,   ∂L/∂γ = Σ_n h·r,   ∂L/∂M = −A·Σdy,
         #   ∂L/∂V = h·γ·(−½ r³) where V ≥ 0 (clamp_min lets V = 0 through), else 0.
         r, a = s["r"], s["a"]
-        h = s1 - s["M"] * s0
+        h = torch.addcmul(s1, s["M"], s0, value=-1)
         d_w = (h * r).sum(0).to(weight.dtype) if weight is not None and needs[3] else None
         d_b = s0.sum(0).to(bias.dtype) if bias is not None and needs[4] else None
         if not (needs[0] or needs[1] or needs[2]):
             return (None, None, None, d_w, d_b) + tail
-        hg = h if weight is None else h * weight.to(h.dtype)
-        d_var = (-0.5 * hg * r * r * r).masked_fill_(s["V"] < 0, 0.0)
-        d_mean = -a * s0
+        d_var = h * (a * r).mul_(r).mul_(-0.5)  # h·γ·r³·(−½)
+        if ctx.bn_mode == "running":  # only running_var can make V negative
+            d_var = d_var.masked_fill_(s["V"] < 0, 0.0)
+        d_mean = (a * s0).neg_()
         d_mu, d_v, d_lm, d_lv = _mix_backward(d_mean, d_var, s, ctx.names, ctx.bn_mode)
         dx = None
         if needs[0]:
@@ -353,8 +364,8 @@ class SwitchableNormFunction(torch.autograd.Function):
             #   dx = A·dy + (2·dv/L)·(u − μ) + dμ/L = u·P + Q + A·dy,
             #   P = 2·dv/L,  Q = dμ/L − P·μ.
             count = ctx.count
-            p = d_v * (2.0 / count)
-            q = d_mu / count - p * s["mu"]
+            p = d_v.mul_(2.0 / count)
+            q = torch.addcmul(d_mu.div_(count), p, s["mu"], value=-1)
             u = centered(x, s["shift_x"])
             dx = apply_dx(u, dy, *(_against(t, x) for t in (a, p, q)), x.dtype)
         d_lm = d_lm.to(mean_weight.dtype) if needs[1] else None
