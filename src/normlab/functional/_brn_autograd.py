@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._sn_autograd import _against, apply_dx, recompute_grads, shifted_moments, sums
+from ._sn_autograd import _acc, _against, apply_dx, recompute_grads, shifted_moments, sums
 from ._stats import centered, pivot
 from .batch_norm import update_running_stats
 
@@ -45,11 +45,11 @@ __all__ = ["BatchRenormFunction"]
 _ONE_CALL_LIMIT = 2.0**-19
 
 
-def _limit(value: float | Tensor, acc: torch.dtype, device: torch.device) -> Tensor:
-    """``r_max`` / ``d_max`` as a 0-d tensor of the accumulation dtype on the input's device."""
+def _limit(value: float | Tensor, acc: torch.dtype, device: torch.device) -> float | Tensor:
+    """``r_max`` / ``d_max`` for ``torch.clamp``: a float as is, a tensor as 0-d ``acc``."""
     if isinstance(value, Tensor):
         return value.to(device=device, dtype=acc).reshape(())
-    return torch.tensor(value, dtype=acc, device=device)
+    return float(value)
 
 
 class BatchRenormFunction(torch.autograd.Function):
@@ -79,22 +79,22 @@ class BatchRenormFunction(torch.autograd.Function):
         u = centered(x, shift_x)  # the one full-size buffer (accumulation dtype); becomes y
         acc = u.dtype
         mean, var, count = shifted_moments(u, per_sample=False)  # (1, C); mean rel. to s
-        shift = shift_x.to(acc).reshape(1, -1)
+        shift = _acc(shift_x, acc).reshape(1, -1)
         sigma_b = torch.sqrt(var + eps)
         # r and d from the running statistics *before* this step's update.
-        rm = running_mean.detach().to(acc).reshape(1, -1)
-        rv = running_var.detach().to(acc).reshape(1, -1)
+        rm = _acc(running_mean.detach(), acc).reshape(1, -1)
+        rv = _acc(running_var.detach(), acc).reshape(1, -1)
         sigma = torch.sqrt(rv.clamp_min(0) + eps)
         r_hi, d_hi = _limit(r_max, acc, x.device), _limit(d_max, acc, x.device)
         r = torch.clamp(sigma_b / sigma, min=1.0 / r_hi, max=r_hi)
         # μ_B − μ as (mean of the shifted data) + (shift − μ): both small differences.
         d = torch.clamp((mean + (shift - rm)) / sigma, min=-d_hi, max=d_hi)
-        g = r if weight is None else r * weight.to(acc)  # γ·r
+        g = r if weight is None else r * _acc(weight, acc)  # γ·r
         a = g / sigma_b
-        b = d if weight is None else d * weight.to(acc)
+        b = d if weight is None else d * _acc(weight, acc)
         if bias is not None:
-            b = b + bias.to(acc)
-        b = b - mean * a
+            b = b + _acc(bias, acc)
+        b = torch.addcmul(b, mean, a, value=-1)
         y = u.mul_(_against(a, x)).add_(_against(b, x))  # (u − μ)·A + γd + β
 
         frozen = (rm.reshape(-1).clone(), rv.reshape(-1).clone())  # for a recompute
@@ -110,7 +110,7 @@ class BatchRenormFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, bias, *frozen, shift_x, mean, sigma_b, r, d, batch_mean)
         ctx.count, ctx.recompute, ctx.one_call = count, recompute, one_call
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
