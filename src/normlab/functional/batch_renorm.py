@@ -86,6 +86,14 @@ def batch_renorm(
     ``training=False`` normalizes with the running statistics, as BatchNorm.
     With ``r_max=1, d_max=0`` this is exactly BatchNorm.
 
+    In eager training mode this is one autograd.Function
+    (:mod:`normlab.functional._brn_autograd`): one statistics pass, one
+    in-place apply, BatchNorm's backward with weight ``γ·r``, and only ``x``
+    plus per-channel vectors saved for backward. Under ``torch.compile``,
+    export, tracing, ``torch.func`` transforms, forward-mode AD, with a
+    ``process_group`` and for a double backward the same math runs as plain
+    autograd ops.
+
     Args:
         input: (N, C) or (N, C, \*spatial), floating point.
         running_mean, running_var: (C,) buffers (required: r and d need them).
