@@ -8,8 +8,8 @@ The plain differentiable composites (:func:`b0_normalize`, :func:`s0_composite`)
 run under ``torch.compile``/``torch.func``/TorchScript tracing, for distributed
 statistics, and for double backward (recomputed and differentiated).
 
-**Statistics.** ``torch.var_mean`` (Welford, used by ``_stats.moments``) costs
-about twenty elementwise passes on CPU, so the kernels use the *corrected
+**Statistics.** ``torch.var_mean`` (Welford, used by ``_stats.moments``) takes
+50-100x the time of a plain sum on CPU, so the kernels use the *corrected
 two-pass* algorithm per (n, c) over the spatial dims (:func:`split_moments`)::
 
     m0 = mean(x)                 (rounded: only a shift)
@@ -38,7 +38,9 @@ Backward, with ``t = dy/den``, ``w = dy·x/den²`` and ``wm = w·inst``
           = γ·t − γ·v·wm + (K_I + K_B)·(x − μ_I) + K_B·(μ_I − μ_B)
 
 (``∂σ/∂x = (x − μ)/(σ·count)`` for a biased variance.) In eval σ_B is the
-running one and carries no gradient.
+running one and carries no gradient. The kernels work in units of σ_B
+(``e = den/σ_B = max(v·x/σ_B + σ_I/σ_B, 1)``): the max is a clamp at the scalar
+1 and the instance side is exactly ``e > 1``, recomputed bit for bit in backward.
 
 **EvoNorm-S0.** With ``s = sigmoid(v·x)``, ``f = x·s`` and r = 1/σ_g per
 (n, group) over ``M = C/G·S`` values::
@@ -145,7 +147,7 @@ def _b0_composite(
     return b0_normalize(x, running_std, v, weight, bias, eps)
 
 
-def _b0_forward(
+def _b0_fwd(
     x: Tensor,  # (N, C, *S)
     v: Tensor,  # (C,)
     weight: Tensor | None,  # (C,)
@@ -274,7 +276,7 @@ class _EvoNormB0Function(torch.autograd.Function):
         momentum: float,
         eps: float,
     ) -> Tensor:
-        y, sig_i, sig_b, m0, md, dmu = _b0_forward(
+        y, sig_i, sig_b, m0, md, dmu = _b0_fwd(
             x, v, weight, bias, running_var, training, momentum, eps
         )
         ctx.save_for_backward(x, v, weight, bias, sig_i, sig_b, m0, md, dmu)
@@ -311,7 +313,7 @@ def b0_apply(
     if autograd_needed(x, v, weight, bias):
         return _EvoNormB0Function.apply(x, v, weight, bias, running_var, training, momentum, eps)
     with torch.no_grad():
-        return _b0_forward(x, v, weight, bias, running_var, training, momentum, eps)[0]
+        return _b0_fwd(x, v, weight, bias, running_var, training, momentum, eps)[0]
 
 
 # ------------------------------------------------------------------------------ S0
@@ -347,7 +349,7 @@ def s0_composite(
     return _affine(y, weight, bias, shape).to(x.dtype)
 
 
-def _s0_forward(
+def _s0_fwd(
     x: Tensor,  # (N, C, *S)
     num_groups: int,
     v: Tensor,  # (C,)
@@ -447,7 +449,7 @@ class _EvoNormS0Function(torch.autograd.Function):
         num_groups: int,
         eps: float,
     ) -> Tensor:
-        y, r, pivot, mean_rel = _s0_forward(x, num_groups, v, weight, bias, eps)
+        y, r, pivot, mean_rel = _s0_fwd(x, num_groups, v, weight, bias, eps)
         ctx.save_for_backward(x, v, weight, bias, r, pivot, mean_rel)
         ctx.num_groups, ctx.eps = num_groups, eps
         return y
@@ -479,4 +481,4 @@ def s0_apply(
     if autograd_needed(x, v, weight, bias):
         return _EvoNormS0Function.apply(x, v, weight, bias, num_groups, eps)
     with torch.no_grad():
-        return _s0_forward(x, num_groups, v, weight, bias, eps)[0]
+        return _s0_fwd(x, num_groups, v, weight, bias, eps)[0]
