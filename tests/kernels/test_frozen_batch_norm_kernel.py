@@ -128,3 +128,17 @@ def test_gradients_reach_the_running_statistics():
         got, want, ("dx", "drunning_mean", "drunning_var", "dweight"), strict=True
     ):
         check(a, b, torch.float64, name)
+
+
+def test_running_stats_updated_before_backward():
+    """As on the torch path, an in-place update of the statistics between forward and
+    backward (a shared BN in train mode, say) does not break the backward."""
+    x = make_x((2, 3, 4, 2), torch.float32)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    w = make_param(3, torch.float32, seed=1)
+    b = make_param(3, torch.float32, seed=2)
+    y = fused_frozen_batch_norm(x, w, b, rm, rv)
+    rm.add_(1.0)
+    rv.mul_(2.0)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -274,6 +274,8 @@ def frozen_batch_norm_triton(
     scale = torch.rsqrt(running_var.to(acc).clamp_min(0) + eps)
     if weight is not None:
         scale = scale * weight.to(acc)
-    shift = bias.to(acc) if bias is not None else torch.zeros_like(scale)
-    mean = running_mean.to(acc).contiguous()
-    return FrozenBatchNormFunction.apply(input, mean, scale.contiguous(), shift.contiguous(), code)
+    # Copies (C values; autograd flows through them): the Function saves these for its
+    # backward, and the buffers themselves may be updated in place before it runs.
+    shift = bias.to(acc).clone() if bias is not None else torch.zeros_like(scale)
+    mean = running_mean.to(acc).clone()
+    return FrozenBatchNormFunction.apply(input, mean, scale.contiguous(), shift, code)
