@@ -174,24 +174,23 @@ def switchable_norm(
     # The fused Function (one statistics pass, one apply pass, hand-derived
     # backward; see normlab.functional._sn_autograd). (N, C) is treated as
     # (N, C, 1): per-(n, c) "instances" of one value.
-    x = input if input.dim() > 2 else input.unsqueeze(-1)
+    flat = input.dim() == 2
+    x = input.unsqueeze(-1) if flat else input
     bn_mode = ("batch" if training else "running") if using_bn else "none"
 
     def recompute(x, mean_weight, var_weight, weight, bias, running_mean, running_var):
         # The plain autograd graph of the same call, for a double backward.
         y = _switchable_norm_autograd(
-            x if input.dim() > 2 else x.squeeze(-1), mean_weight, var_weight, weight, bias,
+            x.squeeze(-1) if flat else x, mean_weight, var_weight, weight, bias,
             running_mean, running_var, training, 0.0, eps, using_bn, None,
         )  # fmt: skip
-        return y if input.dim() > 2 else y.unsqueeze(-1)
+        return y.unsqueeze(-1) if flat else y
 
     y = SwitchableNormFunction.apply(
-        x, mean_weight, var_weight, weight, bias,
-        running_mean if bn_from_batch or bn_mode == "running" else None,
-        running_var if bn_from_batch or bn_mode == "running" else None,
-        names, bn_mode, momentum, eps, recompute,
+        x, mean_weight, var_weight, weight, bias, running_mean, running_var, names, bn_mode,
+        momentum, eps, recompute,
     )  # fmt: skip
-    return y if input.dim() > 2 else y.squeeze(-1)
+    return y.squeeze(-1) if flat else y
 
 
 def _switchable_norm_autograd(
