@@ -277,6 +277,39 @@ def test_gradcheck_fused_function_with_saturated_clips(shape):
         assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
+@pytest.mark.parametrize("cls,shape", [(nnl.BatchRenorm2d, (3, 4, 5, 3)),
+                                       (nnl.BatchRenorm3d, (2, 4, 3, 2, 3))])  # fmt: skip
+def test_fused_module_channels_last_momentum_none_matches_reference(cls, shape):
+    """Module path, channels_last input, cumulative running averages, clipped r and d."""
+    c = shape[1]
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    m = cls(c, momentum=None, r_max=1.2, d_max=0.3, dtype=torch.float64, **FIXED)
+    rm, rv = running(c, seed=21, spread=1.5)
+    w, b = params(c, seed=21)
+    with torch.no_grad():
+        for name, t in (("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b)):
+            getattr(m, name).copy_(t)
+    rm, rv = rm.numpy(), rv.numpy()
+    for step in range(3):
+        x = offcenter(*shape, seed=22 + step).contiguous(memory_format=fmt).requires_grad_()
+        y = m(x)
+        assert _fused(y) and y.is_contiguous(memory_format=fmt)
+        y_ref, cache = R.batch_renorm_forward(
+            np64(x), w.numpy(), b.numpy(), running_mean=rm, running_var=rv, r_max=1.2, d_max=0.3
+        )
+        assert_close(y, y_ref)
+        dy = offcenter(*shape, seed=30 + step, loc=0.0, scale=1.0)
+        grads = torch.autograd.grad(y, (x, m.weight, m.bias), dy)
+        ref = R.batch_renorm_backward(np64(dy), cache)
+        for key, g in zip(("dx", "dweight", "dbias"), grads, strict=True):
+            assert_close(g, ref[key], msg=key)
+        rm, rv, _ = R.batch_renorm_update_running(
+            np64(x), rm, rv, momentum=None, num_batches_tracked=step
+        )
+        assert_close(m.running_mean, rm)
+        assert_close(m.running_var, rv)
+
+
 def _saved_bytes(fn) -> tuple[int, int]:
     """(total bytes, largest tensor) that autograd saves for backward while running ``fn``."""
     sizes: list[int] = []

@@ -317,6 +317,42 @@ def test_gradcheck_fused_function(case: Case) -> None:
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("cls,shape", [(nnl.SwitchableNorm2d, (3, 5, 4, 3)),
+                                       (nnl.SwitchableNorm3d, (2, 4, 3, 2, 3))])  # fmt: skip
+def test_fused_module_channels_last_momentum_none_matches_reference(cls, shape) -> None:
+    """Module path, channels_last input, cumulative running averages, three steps, then eval."""
+    c = shape[1]
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    m = cls(c, momentum=None).double()
+    with torch.no_grad():
+        m.mean_weight.copy_(torch.tensor([0.3, -0.4, 0.2]))
+        m.var_weight.copy_(torch.tensor([-0.2, 0.1, 0.5]))
+        m.weight.copy_(offcenter(c, seed=50, loc=1.0, scale=0.3))
+        m.bias.copy_(offcenter(c, seed=51, loc=0.0, scale=0.3))
+    rm, rv = np.zeros(c), np.ones(c)
+    p = [np64(t) for t in (m.mean_weight, m.var_weight, m.weight, m.bias)]
+    for step in range(4):
+        training = step < 3
+        m.train(training)
+        x = offcenter(*shape, seed=52 + step).contiguous(memory_format=fmt).requires_grad_()
+        y = m(x)
+        assert _fused(y) and y.is_contiguous(memory_format=fmt)
+        run = {} if training else dict(running_mean=rm, running_var=rv)
+        y_ref, cache = R.switchable_norm_forward(np64(x), *p, training=training, **run)
+        assert_close(y, y_ref)
+        dy = offcenter(*shape, seed=60 + step, loc=0.0, scale=1.0)
+        grads = torch.autograd.grad(y, (x, m.mean_weight, m.var_weight, m.weight), dy)
+        ref = R.switchable_norm_backward(np64(dy), cache)
+        for key, g in zip(("dx", "dmean_weight", "dvar_weight", "dweight"), grads, strict=True):
+            assert_close(g, ref[key], msg=key)
+        if training:
+            rm, rv, _ = R.batch_norm_update_running(
+                np64(x), rm, rv, momentum=None, num_batches_tracked=step
+            )
+        assert_close(m.running_mean, rm)
+        assert_close(m.running_var, rv)
+
+
 def _saved_bytes(fn) -> tuple[int, int]:
     """(total bytes, largest tensor) that autograd saves for backward while running ``fn``."""
     sizes: list[int] = []
