@@ -60,14 +60,18 @@ _SHIFT_LIMIT = 64.0
 def fast_path_available(x: Tensor) -> bool:
     """Whether the fused autograd.Functions may run on ``x``.
 
-    Not under ``torch.compile`` / ``torch.export`` (the compiler fuses the
-    plain ops itself, and the exporters need them), ``torch.jit.trace``,
-    ``torch.func`` transforms or forward-mode AD (the Functions define no
-    vmap or jvp rule), nor for an empty input. Those take the plain autograd
-    path, which computes the same values.
+    CPU tensors in eager mode, not empty. Not under ``torch.compile`` /
+    ``torch.export`` (the compiler fuses the plain ops itself, and the
+    exporters need them), ``torch.jit.trace``, ``torch.func`` transforms or
+    forward-mode AD (the Functions define no vmap or jvp rule). Those take the
+    plain autograd path, which computes the same values. On other devices the
+    Functions' data-dependent choices (the outlier-pivot check, Batch Renorm's
+    backward path) would be host syncs, and they are untested there: CUDA keeps
+    the plain path (and normlab.kernels).
     """
     return (
-        x.numel() > 0
+        x.device.type == "cpu"
+        and x.numel() > 0
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not torch._C._are_functorch_transforms_active()
