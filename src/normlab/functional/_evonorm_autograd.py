@@ -62,7 +62,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._frn_autograd import _cast, _composite_grads, _p, autograd_needed, sum_of_squares
+from ._frn_autograd import (
+    _cast,
+    _composite_grads,
+    _p,
+    autograd_needed,
+    dot_sums,
+    sum_of_squares,
+)
 from ._normalize import channel_shape
 from ._stats import acc_dtype, centered, centered_moments, mix_group_moments, moments
 from .batch_norm import update_running_stats
@@ -243,19 +250,18 @@ def _b0_bwd(
     w = u.div_(e)  # dy·x/e²
     sum_w = w.sum(dim=all_dims, keepdim=True) if dmu is not None else None
     wm = torch.ops.aten.threshold_backward.grad_input(w, e, 1.0, grad_input=w)  # w·inst
-    swm = wm.sum(dim=dims, keepdim=True)
-    if needs[0]:
-        # γ·t − γ·v·wm, then + K·((x − m0) − md) + K_B·(μ_I − μ_B) below
-        dx = torch.div(dya, e, out=e).mul_(g_rb).addcmul_(wm, neg_g * _p(v, acc, shape))
+    swm, swmx = dot_sums(wm, xa, per_sample=True)  # Σ_s wm, Σ_s wm·x per (n, c)
     if needs[1]:
-        dv = (neg_g * wm.mul_(xa).sum(dim=all_dims, keepdim=True)).reshape(-1).to(v.dtype)
-    if dx is not None:
+        dv = (neg_g * swmx.sum(dim=0, keepdim=True)).reshape(-1).to(v.dtype)
+    if needs[0]:
         k = neg_g * swm / (sig_i * _count(x, dims))  # K_I = ∂L/∂σ_I / (σ_I·S)
         shift = -k * md
         if sum_w is not None and dmu is not None:
             k_b = neg_g * (sum_w - swm.sum(dim=0, keepdim=True)) / (sig_b * _count(x, all_dims))
             k = k + k_b
             shift = -k * md + k_b * dmu
+        # γ·t − γ·v·wm + K·((x − m0) − md) + K_B·(μ_I − μ_B), t = dy/e (in e's buffer)
+        dx = torch.div(dya, e, out=e).mul_(g_rb).addcmul_(wm, neg_g * _p(v, acc, shape))
         dx.addcmul_(torch.sub(xa, m0, out=buf), k).add_(shift)
         dx = _cast(dx, x.dtype)
     return dx, dv, dweight, dbias
@@ -399,7 +405,7 @@ def _s0_bwd(
     num_groups: int,
     needs: Sequence[bool],  # needs_input_grad of (x, v, weight, bias)
 ) -> tuple[Tensor | None, ...]:
-    # Two full-size buffers: s (which becomes ∂L/∂x) and buf.
+    # Two full-size buffers: s (which becomes ∂L/∂x) and p.
     acc = r.dtype
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
@@ -411,27 +417,26 @@ def _s0_bwd(
     gamma = _p(weight, acc, shape)
     gr = r if gamma is None else gamma * r
     s = (xa * vb).sigmoid_()
-    buf = torch.mul(s, xa).mul_(dya)  # dy·f
-    a = buf.sum(dim=dims, keepdim=True)  # A, (N, C, 1, ...)
-    p = torch.ops.aten.sigmoid_backward.grad_input(dya, s, grad_input=buf)  # dy·s(1 − s)
+    p = torch.ops.aten.sigmoid_backward(dya, s)  # dy·s(1 − s)
     w = s.mul_(dya)  # dy·s
+    _, a = dot_sums(w, xa, per_sample=True)  # A = Σ_s dy·f, (N, C, 1, ...)
     xp = p.mul_(xa)  # dy·x·s(1 − s)
     dv = dweight = dbias = dx = None
-    if needs[0]:
-        dx = w.addcmul_(xp, vb).mul_(gr)  # γ·r·dy·silu'(v·x)
     if needs[1]:
-        b = xp.mul_(xa).sum(dim=dims, keepdim=True)  # Σ_s dy·x²·s(1 − s)
+        _, b = dot_sums(xp, xa, per_sample=True)  # Σ_s dy·x²·s(1 − s)
         dv = (gr * b).sum(dim=0).reshape(-1).to(v.dtype)
     if weight is not None and needs[2]:
         dweight = (r * a).sum(dim=0).reshape(-1).to(weight.dtype)
     if bias is not None and needs[3]:
         dbias = dya.sum(dim=all_dims).to(bias.dtype)
-    if dx is not None:
+    if needs[0]:
         ga = a if gamma is None else gamma * a
         cpg = c // num_groups
         dr = ga.reshape(n, num_groups, cpg).sum(dim=2, keepdim=True).expand(n, num_groups, cpg)
         k = dr.reshape(a.shape) * r.pow(3) * (-1.0 / (cpg * _count(x, dims)))
-        dx.addcmul_(torch.sub(xa, pivot, out=buf), k).sub_(k * mean_rel)
+        # γ·r·dy·silu'(v·x) + k·((x − pivot) − mean_rel)
+        dx = w.addcmul_(xp, vb).mul_(gr)
+        dx.addcmul_(torch.sub(xa, pivot, out=p), k).sub_(k * mean_rel)
         dx = _cast(dx, x.dtype)
     return dx, dv, dweight, dbias
 

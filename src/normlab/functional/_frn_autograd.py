@@ -53,6 +53,7 @@ __all__ = [
     "autograd_needed",
     "frn_apply",
     "frn_composite",
+    "dot_sums",
     "sum_of_squares",
 ]
 
@@ -97,6 +98,48 @@ def sum_of_squares(x: Tensor, dims: Sequence[int], out: Tensor | None = None) ->
         return torch.linalg.vector_norm(x, 2, dim=tuple(dims), keepdim=True).square_()
     sq = x * x if out is None else torch.mul(x, x, out=out)
     return sq.sum(dim=tuple(dims), keepdim=True)
+
+
+# Largest number of values per reduced plane summed by torch's batch-norm backward
+# kernel in :func:`dot_sums` (it accumulates each plane in a few lanes of x's dtype:
+# ~1e-6 relative in fp32 at 2¹⁶ values, growing beyond); bigger planes use torch.sum.
+_NATIVE_PLANE = 2**16
+
+
+def dot_sums(a: Tensor, b: Tensor, per_sample: bool) -> tuple[Tensor, Tensor]:
+    """``(Σ a, Σ a·b)`` per (n, c) (``per_sample``) or per channel, kept dims.
+
+    For fp32/fp64 contiguous tensors this is torch's batch-norm backward
+    reduction (``mean = 0``, ``invstd = 1``: ``grad_bias = Σ a``,
+    ``grad_weight = Σ a·b``), both from one read of ``a`` and ``b`` and without
+    a full-size ``a·b`` temporary, which on CPU can cost more in page faults
+    than the pass itself; per (n, c) by viewing (N, C, *S) as one sample with
+    N·C channels. Otherwise (half, other layouts, planes of more than 2¹⁶
+    values): ``a·b`` and ``torch.sum``. Results in the (N or 1, C, 1, ...) shape.
+    """
+    n, c = a.shape[:2]
+    dims = tuple(range(2, a.dim())) if per_sample else (0, *range(2, a.dim()))
+    count = 1
+    for d in dims:
+        count *= a.shape[d]
+    native = (
+        a.dtype == b.dtype
+        and a.dtype in (torch.float32, torch.float64)
+        and count <= _NATIVE_PLANE
+        and a.is_contiguous()
+        and b.is_contiguous()
+    )
+    if not native:
+        return a.sum(dim=dims, keepdim=True), (a * b).sum(dim=dims, keepdim=True)
+    rows = n if per_sample else 1
+    if per_sample:
+        a, b = a.view(1, n * c, -1), b.view(1, n * c, -1)
+    zeros = a.new_zeros(rows * c)
+    _, s_ab, s_a = torch.ops.aten.native_batch_norm_backward(
+        a, b, None, None, None, zeros, torch.ones_like(zeros), True, 0.0, [False, True, True]
+    )
+    shape = [rows, c] + [1] * (len(dims) if per_sample else len(dims) - 1)
+    return s_a.view(shape), s_ab.view(shape)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -195,21 +238,23 @@ def _frn_bwd(
         g = torch.ops.aten.threshold_backward.grad_input(dya, z, 0, grad_input=z)
     else:
         g = dya
-    # P = Σ_s g·x per (n, c); the product buffer is reused for ∂L/∂x.
-    buf = g * xa
-    p = buf.sum(dim=dims, keepdim=True)
+    # Σ_s g and P = Σ_s g·x per (n, c) in one pass, no temporary.
+    sum_g, p = dot_sums(g, xa, per_sample=True)
     dx = dweight = dbias = dtau = deps = None
     if needs[0]:
-        dx = torch.mul(xa, a * r * r * p * (-1.0 / reduced_count(x, dims)), out=buf)
-        dx = _cast(dx.addcmul_(g, a), x.dtype)
+        coef_x = a * r * r * p * (-1.0 / reduced_count(x, dims))
+        if g is not dya:  # g is our buffer: ∂L/∂x is written into it
+            dx = g.mul_(a).addcmul_(xa, coef_x)
+        else:
+            dx = torch.mul(xa, coef_x).addcmul_(g, a)
+        dx = _cast(dx, x.dtype)
     if weight is not None and needs[1]:
         dweight = (r * p).sum(dim=0).reshape(-1).to(weight.dtype)
-    if (bias is not None and needs[2]) or (tau is not None and needs[3]):
-        sum_g = g.sum(dim=all_dims)
-        if bias is not None and needs[2]:
-            dbias = sum_g.to(bias.dtype)
-        if tau is not None and needs[3]:
-            dtau = (dya.sum(dim=all_dims) - sum_g).to(tau.dtype)
+    sum_g = sum_g.sum(dim=0).reshape(-1)  # Σ_{n,s} g per channel
+    if bias is not None and needs[2]:
+        dbias = sum_g.to(bias.dtype)
+    if tau is not None and needs[3]:
+        dtau = (dya.sum(dim=all_dims) - sum_g).to(tau.dtype)
     if needs[4]:
         deps = (a * r * r * p).sum().mul_(-0.5)
     return dx, dweight, dbias, dtau, deps
