@@ -21,9 +21,13 @@ with ``Σdy·x̂ = (Σdy·u − μ·Σdy)/σ_B``. As a map of ``u`` that is
 ``Q = −A·Σdy/n − P·μ``.
 
 Passes over the input: forward ``u = x − s`` (the one full-size buffer, which
-becomes y), one reduction (``Σu``, ``Σu²``) and the in-place apply; backward
-one reduction (``Σdy``, ``Σdy·u``, straight from ``x``) and ``u`` again, turned
-in place into ``dx``. Saved: ``x`` and per-channel vectors.
+becomes y), one reduction (``Σu``, ``Σu²``) and the in-place apply. Backward:
+where the batch mean rounded to x's dtype is close enough (see
+``_ONE_CALL_LIMIT``: any ordinary activation), one call of torch's batch-norm
+backward kernel on ``x`` with weight ``γ·r``, mean ``μ_B`` and invstd ``1/σ_B``
+(two passes inside, ``dx`` its one new buffer); otherwise one reduction
+(``Σdy``, ``Σdy·u``, straight from ``x``) and ``u`` again, turned in place into
+``dx``. Saved: ``x`` and per-channel vectors.
 """
 
 from __future__ import annotations
