@@ -570,3 +570,23 @@ def test_forward_mode_ad():
     with fwAD.dual_level():
         jvp = fwAD.unpack_dual(f(fwAD.make_dual(x, tangent))).tangent
     assert_close(jvp, torch.func.jvp(f, (x,), (tangent,))[1])
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "large-plane"])
+def test_dot_sums_match_plain_sums(per_sample, layout):
+    """The backward's fused Σa, Σa·b (torch's BN-backward reduction) against plain sums."""
+    from normlab.functional._frn_autograd import dot_sums
+
+    shape = (2, 3, 300, 300) if layout == "large-plane" else (3, 4, 5, 6)  # 9e4 > 2¹⁶
+    a = offcenter(*shape, seed=31, dtype=torch.float32)
+    b = offcenter(*shape, seed=32, dtype=torch.float32)
+    if layout == "channels_last":
+        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+    dims = (2, 3) if per_sample else (0, 2, 3)
+    s_a, s_ab = dot_sums(a, b, per_sample)
+    assert s_a.shape == s_ab.shape == (shape[0] if per_sample else 1, shape[1], 1, 1)
+    a64, b64 = a.double(), b.double()
+    scale = (a64 * b64).abs().sum(dims, keepdim=True)
+    assert_close(s_a, a64.sum(dims, keepdim=True), torch.float32, atol=1e-6 * scale.max())
+    assert_close(s_ab / scale, (a64 * b64).sum(dims, keepdim=True) / scale, torch.float32)
