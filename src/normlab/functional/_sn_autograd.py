@@ -289,8 +289,8 @@ class SwitchableNormFunction(torch.autograd.Function):
     """
 
     # (N, C)-sized results of forward that backward reads, in save order.
-    _SAVED = ("shift_x", "mu", "r", "a", "M", "V", "wm", "wv", "wm_g", "wv_g", "dev_m",
-              "dev_v", "dev_ln", "dev_bn")  # fmt: skip
+    _SAVED = ("shift_x", "mu", "r", "a", "M", "V", "wm", "wv", "dev_m", "dev_v", "dev_ln",
+              "dev_bn")  # fmt: skip
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -332,10 +332,7 @@ class SwitchableNormFunction(torch.autograd.Function):
         if bn_mode == "running":
             assert running_mean is not None and running_var is not None
             frozen = [running_mean.detach().clone(), running_var.detach().clone()]
-        group = torch.tensor([{"in": 1, "ln": c, "bn": n}[k] for k in names], dtype=acc)
-        group = group.to(x.device)
-        small = dict(shift_x=shift_x, mu=mu, r=r, a=a, wm=wm, wv=wv, wm_g=wm / group,
-                     wv_g=wv / group, **mix)  # fmt: skip
+        small = dict(shift_x=shift_x, mu=mu, r=r, a=a, wm=wm, wv=wv, **mix)
         ctx.save_for_backward(
             x, mean_weight, var_weight, weight, bias, *frozen,
             *(small.get(key) for key in SwitchableNormFunction._SAVED),
@@ -369,6 +366,10 @@ class SwitchableNormFunction(torch.autograd.Function):
         if ctx.bn_mode == "running":  # only running_var can make V negative
             d_var = d_var.masked_fill_(s["V"] < 0, 0.0)
         d_mean = (a * s0).neg_()
+        # The weights over each normalizer's group size (1 for IN, C for LN, N for BN).
+        n, c = x.shape[:2]
+        size = r.new_tensor([{"in": 1, "ln": c, "bn": n}[k] for k in ctx.names])
+        s["wm_g"], s["wv_g"] = s["wm"] / size, s["wv"] / size
         d_mu, d_v, d_lm, d_lv = _mix_backward(d_mean, d_var, s, ctx.names, ctx.bn_mode)
         dx = None
         if needs[0]:
