@@ -229,7 +229,7 @@ def _b0_bwd(
     # The module doc's formulas with den = σ_B·e (e = _b0_den): t = rb·(dy/e) and
     # w = rb²·(dy·x/e²), rb = 1/σ_B; the per-channel factors are applied to the
     # (N, C) sums and to the coefficients, not to full tensors. Two full-size
-    # buffers: e (which becomes ∂L/∂x) and buf.
+    # buffers: e (which becomes ∂L/∂x) and w.
     acc = sig_i.dtype
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
@@ -240,15 +240,13 @@ def _b0_bwd(
     g_rb = rb if weight is None else rb * _p(weight, acc, shape)  # γ·rb
     neg_g = -g_rb * rb  # −γ·rb²: ∂L/∂den = neg_g·w
     e = _b0_den(xa, v, sig_i, rb)
-    buf = dya * xa
-    u = buf.div_(e)  # dy·x/e
+    w = torch.mul(dya, xa).div_(e).div_(e)  # dy·x/e²
+    sum_w, sum_we = dot_sums(w, e, per_sample=False)  # Σ w and Σ w·e = Σ dy·x/e
     dweight = dbias = dv = dx = None
     if weight is not None and needs[2]:
-        dweight = (rb * u.sum(dim=all_dims, keepdim=True)).reshape(-1).to(weight.dtype)
+        dweight = (rb * sum_we).reshape(-1).to(weight.dtype)
     if bias is not None and needs[3]:
         dbias = dya.sum(dim=all_dims).to(bias.dtype)
-    w = u.div_(e)  # dy·x/e²
-    sum_w = w.sum(dim=all_dims, keepdim=True) if dmu is not None else None
     wm = torch.ops.aten.threshold_backward.grad_input(w, e, 1.0, grad_input=w)  # w·inst
     swm, swmx = dot_sums(wm, xa, per_sample=True)  # Σ_s wm, Σ_s wm·x per (n, c)
     if needs[1]:
@@ -256,13 +254,13 @@ def _b0_bwd(
     if needs[0]:
         k = neg_g * swm / (sig_i * _count(x, dims))  # K_I = ∂L/∂σ_I / (σ_I·S)
         shift = -k * md
-        if sum_w is not None and dmu is not None:
+        if dmu is not None:  # training: σ_B is a batch statistic
             k_b = neg_g * (sum_w - swm.sum(dim=0, keepdim=True)) / (sig_b * _count(x, all_dims))
             k = k + k_b
             shift = -k * md + k_b * dmu
         # γ·t − γ·v·wm + K·((x − m0) − md) + K_B·(μ_I − μ_B), t = dy/e (in e's buffer)
         dx = torch.div(dya, e, out=e).mul_(g_rb).addcmul_(wm, neg_g * _p(v, acc, shape))
-        dx.addcmul_(torch.sub(xa, m0, out=buf), k).add_(shift)
+        dx.addcmul_(torch.sub(xa, m0, out=w), k).add_(shift)
         dx = _cast(dx, x.dtype)
     return dx, dv, dweight, dbias
 
