@@ -19,15 +19,22 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _have_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def pytest_report_header(config):
-    if importlib.util.find_spec("triton") is None:
+    if not _have_triton():
         return "kernels: triton is not installed, tests/kernels are skipped"
     return f"kernels: TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}"
 
 
 @pytest.fixture(autouse=True)
 def _poisoned_allocations():
-    if importlib.util.find_spec("triton") is None:
+    if not _have_triton():
         yield
         return
     from normlab.kernels._common import poisoned

@@ -4,6 +4,7 @@ and importing normlab never imports triton."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -156,11 +157,19 @@ def test_act_is_validated_on_both_backends():
 
 
 def test_importing_normlab_does_not_import_triton():
+    """...nor does the torch path. Then, in the same fresh process: triton imported
+    *before* TRITON_INTERPRET=1 is set (torch._dynamo imports it; so does a full test
+    run) must not break the interpreted kernels."""
     code = (
-        "import sys, torch, normlab, normlab.nn, normlab.functional as NF, normlab.kernels\n"
-        "normlab.kernels.interpreting()\n"
-        "NF.group_norm(torch.randn(2, 4, 3), 2)\n"
+        "import os, sys, torch, normlab, normlab.nn, normlab.functional as NF, normlab.kernels\n"
+        "x = torch.randn(2, 4, 3)\n"
+        "y = NF.group_norm(x, 2)\n"
         "normlab.nn.FrozenBatchNorm2d(4)(torch.randn(1, 4, 2, 2))\n"
         "assert 'triton' not in sys.modules, 'triton was imported'\n"
+        "import torch._dynamo\n"
+        "assert 'triton' in sys.modules\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "torch.testing.assert_close(NF.group_norm(x, 2, backend='triton'), y)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env=env)

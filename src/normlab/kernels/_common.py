@@ -161,11 +161,20 @@ def split_spatial(rows: int, s_len: int, block_s: int, device: torch.device) -> 
     return triton.cdiv(s_len, chunk), chunk
 
 
+# The kernels use builtins, not the @triton.jit helpers of triton.language.standard
+# (tl.sum, tl.zeros, tl.sigmoid): under TRITON_INTERPRET=1 those work only when the
+# variable was set before triton's first import, and torch._dynamo, for one, imports
+# triton early. ``add`` is the combiner that tl.sum itself reduces with (the same code on
+# a GPU); the interpreter recognizes it and sums with NumPy. Fills are tl.full, the
+# sigmoid is written out.
+add = tl.standard._sum_combine
+
+
 @triton.jit
 def apply_act(z, ACT: tl.constexpr):
     """``act(z)``: 0 identity, 1 SiLU, 2 ReLU."""
     if ACT == 1:
-        z = z * tl.sigmoid(z)
+        z = z / (1.0 + tl.exp(-z))
     elif ACT == 2:
         z = tl.where(z > 0, z, 0.0)
     return z
@@ -175,7 +184,7 @@ def apply_act(z, ACT: tl.constexpr):
 def act_backward(dy, z, ACT: tl.constexpr):
     """``dy · act'(z)``. ReLU: gradient 0 at z = 0, as torch."""
     if ACT == 1:
-        sig = tl.sigmoid(z)
+        sig = 1.0 / (1.0 + tl.exp(-z))
         dy = dy * (sig * (1.0 + z * (1.0 - sig)))
     elif ACT == 2:
         dy = tl.where(z > 0, dy, 0.0)
@@ -199,12 +208,12 @@ def sum_rows(
     cmask = cols < C
     rows = tl.arange(0, BLOCK_P)
     plane = PART + k * P * C
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    acc = tl.full([BLOCK_P, BLOCK_C], 0.0, ACC)
     for p0 in range(0, P, BLOCK_P):
         r = p0 + rows
         m = (r < P)[:, None] & cmask[None, :]
         acc += tl.load(plane + r[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
-    tl.store(OUT + k * C + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)
+    tl.store(OUT + k * C + cols, tl.reduce(acc, 0, add).to(OUT.dtype.element_ty), mask=cmask)
 
 
 def sum_partials(kernel: Any, part: Tensor) -> Tensor:

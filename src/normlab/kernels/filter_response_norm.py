@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from ._common import (
     acc_dtype,
+    add,
     channels_fastest,
     check_dtype,
     empty,
@@ -88,13 +89,13 @@ def _frn_fwd(
     xb = X + n.to(tl.int64) * x_sn + cc * x_sc
     yb = Y + n.to(tl.int64) * y_sn + cc * y_sc
     offs_s = tl.arange(0, BLOCK_S)
-    acc = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    acc = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + offs_s
         mask = cm[:, None] & (s < S)[None, :]
         x = tl.load(xb + s[None, :].to(tl.int64) * x_ss, mask=mask, other=0.0).to(ACC)
         acc += x * x
-    rs = tl.rsqrt(tl.sum(acc, axis=1) / S + tl.load(E))
+    rs = tl.rsqrt(tl.reduce(acc, 1, add) / S + tl.load(E))
     tl.store(RS + n.to(tl.int64) * C + c, rs, mask=cm)
     if HAS_W:
         scale = rs * tl.load(W + c, mask=cm, other=0.0).to(ACC)
@@ -103,7 +104,7 @@ def _frn_fwd(
     if HAS_B:
         bias = tl.load(B + c, mask=cm, other=0.0).to(ACC)
     else:
-        bias = tl.zeros([BLOCK_C], ACC)
+        bias = tl.full([BLOCK_C], 0.0, ACC)
     if HAS_TAU:
         tau = tl.load(TAU + c, mask=cm, other=0.0).to(ACC)
     for s0 in range(0, S, BLOCK_S):
@@ -165,14 +166,14 @@ def _frn_bwd_dx(
     if HAS_B:
         bias = tl.load(B + c, mask=cm, other=0.0).to(ACC)
     else:
-        bias = tl.zeros([BLOCK_C], ACC)
+        bias = tl.full([BLOCK_C], 0.0, ACC)
     if HAS_TAU:
         tau = tl.load(TAU + c, mask=cm, other=0.0).to(ACC)
     offs_s = tl.arange(0, BLOCK_S)
-    acc_a = tl.zeros([BLOCK_C, BLOCK_S], ACC)
-    acc_dw = tl.zeros([BLOCK_C, BLOCK_S], ACC)
-    acc_db = tl.zeros([BLOCK_C, BLOCK_S], ACC)
-    acc_dt = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    acc_a = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    acc_dt = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + offs_s
         mask = cm[:, None] & (s < S)[None, :]
@@ -186,11 +187,11 @@ def _frn_bwd_dx(
         acc_a += dz * w[:, None] * xhat
         acc_dw += dz * xhat
         acc_db += dz
-    a = tl.sum(acc_a, axis=1)
+    a = tl.reduce(acc_a, 1, add)
     tl.store(A + nc, a, mask=cm)
-    tl.store(DPART + nc, tl.sum(acc_dw, axis=1), mask=cm)
-    tl.store(DPART + PC + nc, tl.sum(acc_db, axis=1), mask=cm)
-    tl.store(DPART + 2 * PC + nc, tl.sum(acc_dt, axis=1), mask=cm)
+    tl.store(DPART + nc, tl.reduce(acc_dw, 1, add), mask=cm)
+    tl.store(DPART + PC + nc, tl.reduce(acc_db, 1, add), mask=cm)
+    tl.store(DPART + 2 * PC + nc, tl.reduce(acc_dt, 1, add), mask=cm)
     a_over_s = a / S
     for s0 in range(0, S, BLOCK_S):
         s = s0 + offs_s

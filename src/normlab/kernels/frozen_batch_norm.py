@@ -36,6 +36,7 @@ from ._common import (
     acc_dtype,
     act_backward,
     act_code,
+    add,
     apply_act,
     channels_fastest,
     check_dtype,
@@ -147,8 +148,8 @@ def _frozen_bn_bwd(
     s_lo = sp * CHUNK
     s_hi = tl.minimum(s_lo + CHUNK, S)
     offs_s = tl.arange(0, BLOCK_S)
-    acc_xm = tl.zeros([BLOCK_C, BLOCK_S], ACC)
-    acc_dz = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    acc_xm = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    acc_dz = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         s = s0 + offs_s
         mask = cm[:, None] & (s < s_hi)[None, :]
@@ -165,8 +166,8 @@ def _frozen_bn_bwd(
         tl.store(dxb + ss * dx_ss, (dz * scale[:, None]).to(DX.dtype.element_ty), mask=mask)
     if NEED_DP:
         out = DPART + (n.to(tl.int64) * SPLIT + sp) * C + c
-        tl.store(out, tl.sum(acc_xm, axis=1), mask=cm)
-        tl.store(out + PC, tl.sum(acc_dz, axis=1), mask=cm)
+        tl.store(out, tl.reduce(acc_xm, 1, add), mask=cm)
+        tl.store(out + PC, tl.reduce(acc_dz, 1, add), mask=cm)
 
 
 @triton.jit

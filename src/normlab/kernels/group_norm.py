@@ -46,6 +46,7 @@ from ._common import (
     acc_dtype,
     act_backward,
     act_code,
+    add,
     apply_act,
     channels_fastest,
     check_dtype,
@@ -93,10 +94,10 @@ def _group_moments(
             ptrs = xb + c[:, None].to(tl.int64) * x_sc + s[None, :].to(tl.int64) * x_ss
             d = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
             # The tile's exact two-pass moments, then Chan's merge into the running ones.
-            nb = tl.sum(mask.to(ACC))
-            mb = tl.sum(d) / nb
+            nb = tl.reduce(mask.to(ACC), None, add)
+            mb = tl.reduce(d, None, add) / nb
             e = tl.where(mask, d - mb, 0.0)
-            m2b = tl.sum(e * e)
+            m2b = tl.reduce(e * e, None, add)
             tot = count + nb
             delta = mb - mean
             mean = mean + delta * (nb / tot)
@@ -186,10 +187,10 @@ def _group_norm_fwd(
         cnt = tl.load(row, mask=pm, other=0.0)
         mu = tl.load(row + plane, mask=pm, other=0.0)
         q = tl.load(row + 2 * plane, mask=pm, other=0.0)
-        count = tl.sum(cnt)
-        mean = tl.sum(cnt * mu) / count
+        count = tl.reduce(cnt, None, add)
+        mean = tl.reduce(cnt * mu, None, add) / count
         dev = tl.where(pm, mu - mean, 0.0)
-        m2 = tl.sum(q) + tl.sum(cnt * dev * dev)
+        m2 = tl.reduce(q, None, add) + tl.reduce(cnt * dev * dev, None, add)
     var = tl.maximum(m2 / count, 0.0)
     rstd = tl.rsqrt(var + eps)
     if sp == 0:
@@ -211,7 +212,7 @@ def _group_norm_fwd(
         if HAS_B:
             shift_out = tl.load(B + c_first + c, mask=cm, other=0.0).to(ACC)
         else:
-            shift_out = tl.zeros([BLOCK_C], ACC)
+            shift_out = tl.full([BLOCK_C], 0.0, ACC)
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + offs_s
             mask = cm[:, None] & (s < s_hi)[None, :]
@@ -268,11 +269,11 @@ def _group_bwd_sums(
         if HAS_B:
             b = tl.load(B + c_first + c, mask=cm, other=0.0).to(ACC)
         else:
-            b = tl.zeros([BLOCK_C], ACC)
-        acc_dw = tl.zeros([BLOCK_C, BLOCK_S], ACC)
-        acc_db = tl.zeros([BLOCK_C, BLOCK_S], ACC)
-        acc1 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
-        acc2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+            b = tl.full([BLOCK_C], 0.0, ACC)
+        acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+        acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+        acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+        acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + offs_s
             mask = cm[:, None] & (s < s_hi)[None, :]
@@ -291,11 +292,11 @@ def _group_bwd_sums(
             acc2 += dxhat * xhat
         out = DWDB + row * C + c_first + c
         if HAS_W:
-            tl.store(out, tl.sum(acc_dw, axis=1), mask=cm)
+            tl.store(out, tl.reduce(acc_dw, 1, add), mask=cm)
         if HAS_B:
-            tl.store(out + PC, tl.sum(acc_db, axis=1), mask=cm)
-        sum1 += tl.sum(acc1)
-        sum2 += tl.sum(acc2)
+            tl.store(out + PC, tl.reduce(acc_db, 1, add), mask=cm)
+        sum1 += tl.reduce(acc1, None, add)
+        sum2 += tl.reduce(acc2, None, add)
     return sum1, sum2
 
 
@@ -407,8 +408,8 @@ def _group_norm_bwd_dx(
         p = tl.arange(0, BLOCK_P)
         pm = p < SPLIT
         plane = tl.num_programs(0) * SPLIT
-        sum1 = tl.sum(tl.load(PART + ng * SPLIT + p, mask=pm, other=0.0))
-        sum2 = tl.sum(tl.load(PART + plane + ng * SPLIT + p, mask=pm, other=0.0))
+        sum1 = tl.reduce(tl.load(PART + ng * SPLIT + p, mask=pm, other=0.0), None, add)
+        sum2 = tl.reduce(tl.load(PART + plane + ng * SPLIT + p, mask=pm, other=0.0), None, add)
     c1 = sum1 / (CPG * S)
     c2 = sum2 / (CPG * S)
 
@@ -426,7 +427,7 @@ def _group_norm_bwd_dx(
         if HAS_B:
             b = tl.load(B + c_first + c, mask=cm, other=0.0).to(ACC)
         else:
-            b = tl.zeros([BLOCK_C], ACC)
+            b = tl.full([BLOCK_C], 0.0, ACC)
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + offs_s
             mask = cm[:, None] & (s < s_hi)[None, :]

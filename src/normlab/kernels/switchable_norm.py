@@ -37,6 +37,7 @@ from ..functional._stats import mix_group_moments
 from ..functional.batch_norm import update_running_stats
 from ._common import (
     acc_dtype,
+    add,
     channels_fastest,
     check_dtype,
     empty,
@@ -76,8 +77,8 @@ def _switchable_norm_fwd_stats(
     shift = shift.to(ACC)
     offs_s = tl.arange(0, BLOCK_S)
     count = tl.full([], 0.0, ACC)
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
+    mean = tl.full([BLOCK_C], 0.0, ACC)
+    m2 = tl.full([BLOCK_C], 0.0, ACC)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + offs_s
         sm = s < S
@@ -85,10 +86,10 @@ def _switchable_norm_fwd_stats(
         x = tl.load(xb + s[None, :].to(tl.int64) * x_ss, mask=mask, other=0.0).to(ACC)
         d = tl.where(mask, x - shift[:, None], 0.0)
         # The tile's exact two-pass moments per channel, then Chan's merge.
-        nb = tl.sum(sm.to(ACC))
-        mb = tl.sum(d, axis=1) / nb
+        nb = tl.reduce(sm.to(ACC), None, add)
+        mb = tl.reduce(d, 1, add) / nb
         e = tl.where(mask, d - mb[:, None], 0.0)
-        m2b = tl.sum(e * e, axis=1)
+        m2b = tl.reduce(e * e, 1, add)
         tot = count + nb
         delta = mb - mean
         mean = mean + delta * (nb / tot)
@@ -133,7 +134,7 @@ def _switchable_norm_fwd(
     if HAS_B:
         bias = tl.load(B + c, mask=cm, other=0.0).to(ACC)
     else:
-        bias = tl.zeros([BLOCK_C], ACC)
+        bias = tl.full([BLOCK_C], 0.0, ACC)
     cc = c[:, None].to(tl.int64)
     xb = X + n.to(tl.int64) * x_sn + cc * x_sc
     yb = Y + n.to(tl.int64) * y_sn + cc * y_sc
@@ -179,8 +180,8 @@ def _switchable_norm_bwd_stats(
     xb = X + n.to(tl.int64) * x_sn + cc * x_sc
     dyb = DY + n.to(tl.int64) * dy_sn + cc * dy_sc
     offs_s = tl.arange(0, BLOCK_S)
-    acc1 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
-    acc2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + offs_s
         mask = cm[:, None] & (s < S)[None, :]
@@ -189,8 +190,8 @@ def _switchable_norm_bwd_stats(
         dy = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
         acc1 += dy
         acc2 += dy * tl.where(mask, (x - shift[:, None]) - m[:, None], 0.0)
-    tl.store(SUMS + nc, tl.sum(acc1, axis=1), mask=cm)
-    tl.store(SUMS + PC + nc, tl.sum(acc2, axis=1), mask=cm)
+    tl.store(SUMS + nc, tl.reduce(acc1, 1, add), mask=cm)
+    tl.store(SUMS + PC + nc, tl.reduce(acc2, 1, add), mask=cm)
 
 
 @triton.jit
