@@ -121,6 +121,36 @@ def test_triton_without_triton_installed_says_how_to_install(monkeypatch):
     NF.group_norm(torch.randn(2, 4, 3), 2, backend="auto")
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("fmt", ["nchw", "cl"])
+def test_switchable_norm_torch_and_triton_agree(training, fmt):
+    """The module dispatches on backend=; outputs, grads and running stats agree."""
+    mods = {}
+    for be in ("torch", "triton"):
+        m = nnl.SwitchableNorm2d(5, backend=be).to(DEVICE).train(training)
+        with torch.no_grad():
+            m.mean_weight.copy_(torch.tensor([0.3, -0.2, 0.5]))
+            m.var_weight.copy_(torch.tensor([-0.4, 0.1, 0.6]))
+            m.weight.copy_(torch.linspace(0.5, 2.0, 5))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, 5))
+            m.running_mean.copy_(torch.linspace(2.0, 3.0, 5))
+            m.running_var.copy_(torch.linspace(0.5, 1.5, 5))
+        mods[be] = m
+    x = make_x((3, 5, 4, 3), torch.float32, fmt)
+    out = {be: _grads(m, x, list(m.parameters())) for be, m in mods.items()}
+    names = ("y", "dx", "dmean_weight", "dvar_weight", "dweight", "dbias")
+    for a, e, name in zip(out["triton"], out["torch"], names, strict=True):
+        check(a, e, torch.float32, name)
+    for buf in ("running_mean", "running_var"):
+        check(getattr(mods["triton"], buf), getattr(mods["torch"], buf), torch.float32, buf)
+    assert "backend='triton'" in repr(mods["triton"])
+
+
+def test_switchable_norm_module_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nnl.SwitchableNorm2d(4, backend="cuda")
+
+
 def test_triton_on_cpu_without_the_interpreter_says_so(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA") as e:
@@ -134,8 +164,6 @@ def test_triton_for_ops_without_dispatch_is_a_clear_error():
         NF.batch_norm(x, torch.zeros(4), torch.ones(4), training=True, backend="triton")
     with pytest.raises(RuntimeError, match="fused_filter_response_norm"):
         resolve_backend("filter_response_norm", "triton", x)
-    with pytest.raises(RuntimeError, match="fused_switchable_norm"):
-        resolve_backend("switchable_norm", "triton", x)
     with pytest.raises(RuntimeError, match="no Triton kernel"):
         resolve_backend("layer_norm", "triton", x)
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -117,7 +117,7 @@ def check_groups(layer: str, num_channels: int, num_groups: int) -> None:
 
 # Ops whose functional calls normlab.kernels when resolve_backend answers "triton".
 # An op joins this set in the same change that wires its functional to the kernel.
-TRITON_OPS = frozenset({"group_norm", "batch_norm (eval)", "frozen_batch_norm"})
+TRITON_OPS = frozenset({"group_norm", "batch_norm (eval)", "frozen_batch_norm", "switchable_norm"})
 
 # Why an op without dispatch has none, for the error message.
 _NO_TRITON = {
@@ -129,10 +129,6 @@ _NO_TRITON = {
     "frn_tlu": (
         "the fused kernel exists as normlab.kernels.fused_filter_response_norm(..., tau=) "
         "but this function does not dispatch to it yet; call it directly"
-    ),
-    "switchable_norm": (
-        "the fused kernels exist as normlab.kernels.fused_switchable_norm but this function "
-        "does not dispatch to them yet; call it directly"
     ),
 }
 

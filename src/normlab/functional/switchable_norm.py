@@ -131,7 +131,7 @@ def switchable_norm(
             f"{layer}: expected an (N, C) or (N, C, *spatial) input, got shape "
             f"{tuple(input.shape)}."
         )
-    resolve_backend(layer, backend, input)
+    impl = resolve_backend(layer, backend, input)
     n, c = input.shape[:2]
     for name, p in (
         ("weight", weight),
@@ -163,6 +163,21 @@ def switchable_norm(
 
     bn_from_batch = using_bn and training
     group = resolve_process_group(process_group) if bn_from_batch else None
+    if impl == "triton":
+        if group is None:
+            from ..kernels import fused_switchable_norm
+
+            return fused_switchable_norm(
+                input, mean_weight, var_weight, weight, bias,
+                running_mean=running_mean, running_var=running_var, training=training,
+                momentum=momentum, eps=eps, using_bn=using_bn,
+            )  # fmt: skip
+        if backend == "triton":
+            raise RuntimeError(
+                f"{layer}: backend='triton' computes local statistics only, but a "
+                "process_group asks for cross-process BN statistics; use backend='auto' "
+                "or 'torch' with process_group, or drop process_group."
+            )
     if group is None and bn_from_batch:
         check_batch_count(layer, input, input.numel() // max(c, 1))
     if group is not None or not fast_path_available(input):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
+from ..functional._checks import BACKENDS
 from ..functional.switchable_norm import switchable_norm_components
 from ._base import _NormBase
 
@@ -59,6 +60,9 @@ class _SwitchableNorm(_NormBase):
             process of this group: None (default) for no sync, ``"world"`` for the
             default group, or a ``torch.distributed.ProcessGroup``. A no-op on a
             single process; see :mod:`normlab.distributed`.
+        backend: ``"auto"`` (the fused Triton kernels for CUDA input when triton
+            imports and no ``process_group`` is active, torch otherwise), ``"torch"``
+            or ``"triton"``; see :func:`normlab.functional.switchable_norm`.
 
     Shape:
         Input and output: (N, C) for 1d, (N, C, H, W) for 2d, (N, C, D, H, W) for 3d.
@@ -87,7 +91,13 @@ class _SwitchableNorm(_NormBase):
         device: Any = None,
         dtype: Any = None,
         process_group: Any = None,
+        backend: str = "auto",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"{type(self).__name__}: backend must be one of {BACKENDS}, got {backend!r}."
+            )
+        self.backend = backend
         # Read by reset_parameters, which the base constructor calls.
         self.using_bn = bool(using_bn)
         self.last_gamma = bool(last_gamma)
@@ -134,6 +144,7 @@ class _SwitchableNorm(_NormBase):
             momentum=factor,
             eps=self.eps,
             using_bn=self.using_bn,
+            backend=self.backend,
             process_group=self.process_group if self.training else None,
         )
 
@@ -142,6 +153,7 @@ class _SwitchableNorm(_NormBase):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"using_bn={self.using_bn}, last_gamma={self.last_gamma}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}"
+            + (f", backend={self.backend!r}" if self.backend != "auto" else "")
         )
 
 
