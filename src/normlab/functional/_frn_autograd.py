@@ -27,11 +27,12 @@ Backward, with ``m = [z > τ]`` recomputed from ``x`` (ties go to τ)::
     ∂L/∂γ = Σ_n r·P,   ∂L/∂β = Σ_{n,s} g,   ∂L/∂τ = Σ_{n,s} dy − ∂L/∂β
     ∂L/∂ε = −½ Σ_{n,c} a·r²·P                      (ε here is the |ε| passed in)
 
-Which path runs (:func:`frn_apply`): the Function when autograd needs it in
-eager mode; the forward kernel alone under no_grad; the composite under
-``torch.compile``/``torch.export``, ``torch.func`` transforms, TorchScript
-tracing and tensor subclasses, where plain differentiable ops are what those
-tools understand (inductor fuses the composite anyway). A backward run with
+Which path runs (:func:`frn_apply`): on CPU in eager mode, the Function when
+autograd needs it and the forward kernel alone otherwise; the composite on
+other devices and under ``torch.compile``/``torch.export``, ``torch.func``
+transforms, forward-mode AD, TorchScript tracing and tensor subclasses, where
+plain differentiable ops are what those tools understand (inductor fuses the
+composite anyway) — see :func:`eager_kernels_allowed`. A backward run with
 ``create_graph=True`` (double backward) recomputes the composite and
 differentiates it, so higher-order gradients stay exact.
 """
@@ -58,18 +59,20 @@ __all__ = [
 ]
 
 
-def eager_kernels_allowed(*tensors: Tensor | None) -> bool:
-    """Whether the in-place eager kernels may run instead of the plain composite.
+def eager_kernels_allowed(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether the in-place eager kernels may run on input ``x`` instead of the composite.
 
-    Not under ``torch.compile``/``torch.export`` (dynamo traces the composite
-    and fuses it), ``torch.func`` transforms (vmap/grad batch or differentiate
-    the composite), forward-mode AD (``torch.autograd.forward_ad``: the
-    kernels' ``out=`` ops have no tangent formula, the Functions no ``jvp``),
-    TorchScript tracing, or for tensor subclasses with ``__torch_function__``
-    (DTensor & co. dispatch the composite's ops).
+    CPU only: they are written and measured for CPU (other devices keep the
+    plain path, and ``normlab.kernels`` on CUDA). Not under ``torch.compile`` /
+    ``torch.export`` (dynamo traces the composite and fuses it), ``torch.func``
+    transforms (vmap/grad batch or differentiate the composite), forward-mode AD
+    (``torch.autograd.forward_ad``: the kernels' ``out=`` ops have no tangent
+    formula, the Functions no ``jvp``), TorchScript tracing, or for tensor
+    subclasses with ``__torch_function__`` (DTensor & co. dispatch the
+    composite's ops).
     """
-    present = [t for t in tensors if t is not None]
-    return not (
+    present = [t for t in (x, *tensors) if t is not None]
+    return x.device.type == "cpu" and not (
         torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
         or forward_ad._current_level >= 0

@@ -71,7 +71,7 @@ def evonorm_b0(
     new value). The gradient of the max goes to the larger side (ties: the batch
     side).
 
-    In eager training an autograd.Function with a hand-derived backward keeps only
+    In eager CPU training an autograd.Function with a hand-derived backward keeps only
     ``input`` (plus per-(sample, channel) statistics) for backward; under
     ``torch.compile``, ``torch.func``, forward-mode AD and with a process group
     the same math runs as plain differentiable ops (see
@@ -166,7 +166,7 @@ def evonorm_s0(
     (law of total variance), so it is stable on off-center data and any memory
     format. No mean is subtracted from ``x``. Same in train and eval.
 
-    In eager training an autograd.Function with a hand-derived backward keeps only
+    In eager CPU training an autograd.Function with a hand-derived backward keeps only
     ``input`` (plus per-(sample, channel) statistics) for backward; under
     ``torch.compile``, ``torch.func`` and forward-mode AD the same math runs as
     plain differentiable ops (see ``normlab.functional._evonorm_autograd``).

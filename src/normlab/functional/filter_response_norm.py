@@ -99,7 +99,7 @@ def filter_response_norm(
     fp32 for half inputs. With spatial size 1 (e.g. H·W = 1) this is legal and
     reduces to :math:`\gamma x/\sqrt{x^2 + |\epsilon|} + \beta`, a smooth sign.
 
-    In eager training an autograd.Function with a hand-derived backward keeps only
+    In eager CPU training an autograd.Function with a hand-derived backward keeps only
     ``input`` (plus per-(sample, channel) vectors) for backward; under
     ``torch.compile``, ``torch.func`` and forward-mode AD the same math runs as
     plain differentiable ops (see ``normlab.functional._frn_autograd``).
