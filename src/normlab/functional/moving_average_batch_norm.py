@@ -64,8 +64,9 @@ from ._checks import (
     refuse_under_transforms,
     resolve_backend,
 )
+from ._frn_autograd import dot_sums
 from ._normalize import channel_shape
-from ._stats import acc_dtype, mean_square, reduced_count, rstd
+from ._stats import acc_dtype, reduced_count, rstd
 from .batch_norm import snapshot
 
 if TYPE_CHECKING:
@@ -105,6 +106,16 @@ def check_mabn_options(
             f"{layer}: momentum must be in [0, 1] (the weight of the new statistic in "
             f"running_var) or None (cumulative average), got {momentum}."
         )
+
+
+def _channel_sums(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ a, Σ a·b)`` per channel, shape (C,); an empty input (a rank with no
+    samples under a process group) gives zeros."""
+    if a.numel() == 0:
+        z = a.new_zeros(a.shape[1])
+        return z, z.clone()
+    s_a, s_ab = dot_sums(a, b, per_sample=False)
+    return s_a.reshape(-1), s_ab.reshape(-1)
 
 
 class _MABNFunction(torch.autograd.Function):
@@ -156,9 +167,10 @@ class _MABNFunction(torch.autograd.Function):
         dya = dy.to(acc)
         xa = x.to(acc)
         gamma = torch.ones_like(s) if weight is None else weight.to(acc)
-        # Σ dy·x and Σ dy per channel are the only reductions over the input:
-        # ψ_B = E[g·x̂] = γ·r·s·E[dy·x], ∂L/∂γ = r·s·Σ dy·x.
-        sum_dy_x = (dya * xa).sum(dim=dims)
+        # Σ dy·x and Σ dy per channel are the only reductions over the input, both
+        # from one read of dy and x (dot_sums): ψ_B = E[g·x̂] = γ·r·s·E[dy·x],
+        # ∂L/∂γ = r·s·Σ dy·x, ∂L/∂β = Σ dy.
+        sum_dy, sum_dy_x = _channel_sums(dya, xa)
         if ctx.group is None:
             psi_b = gamma * r * s * sum_dy_x / n
         else:  # ψ of the global batch: the one backward all_reduce
@@ -174,13 +186,14 @@ class _MABNFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             a = (gamma * r * s).reshape(shape)
             b = (s * s * psi).reshape(shape)
-            dx = (dya * a - xa * b).to(x.dtype)
+            dx = dya * a  # a fresh buffer, then one in-place pass
+            dx = dx.addcmul_(xa, b, value=-1).to(x.dtype)
         dweight = None
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = (r * s * sum_dy_x).to(weight.dtype)
         dbias = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dya.sum(dim=dims).to(dy.dtype)
+            dbias = sum_dy.to(dy.dtype)
         return dx, dweight, dbias, None, None, None, None, None, None, None, None
 
 
@@ -330,7 +343,10 @@ def moving_average_batch_norm(
         t = num_batches_tracked
         slot = torch.remainder(t, m).reshape(1)
         if group is None:
-            chi_b = mean_square(input.detach(), dims).reshape(1, c)
+            # E[x²] per channel in one pass without an x² temporary.
+            xd = input.detach().to(acc)
+            chi_b = _channel_sums(xd, xd)[1] / reduced_count(input, dims)
+            chi_b = chi_b.reshape(1, c)
             total = None
         else:  # χ of the global batch: a count-weighted mean over ranks
             local_count = reduced_count(input, dims)
