@@ -146,9 +146,33 @@ def test_switchable_norm_torch_and_triton_agree(training, fmt):
     assert "backend='triton'" in repr(mods["triton"])
 
 
+@pytest.mark.parametrize("tlu", [True, False])
+@pytest.mark.parametrize("learnable_eps", [True, False])
+def test_frn_module_torch_and_triton_agree(tlu, learnable_eps):
+    mods = {}
+    for be in ("torch", "triton"):
+        m = nnl.FilterResponseNorm2d(5, learnable_eps=learnable_eps, tlu=tlu, backend=be)
+        m = m.to(DEVICE)
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 2.0, 5))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, 5))
+            if tlu:
+                m.tau.copy_(torch.linspace(-0.3, 0.4, 5))
+            m.eps.fill_(0.05)
+        mods[be] = m
+    x = make_x((3, 5, 4, 3), torch.float32, "cl")
+    out = {be: _grads(m, x, list(m.parameters())) for be, m in mods.items()}
+    names = [f"d{n}" for n, _ in mods["torch"].named_parameters()]
+    for a, e, name in zip(out["triton"], out["torch"], ["y", "dx", *names], strict=True):
+        check(a, e, torch.float32, name)
+    assert "backend='triton'" in repr(mods["triton"])
+
+
 def test_switchable_norm_module_rejects_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         nnl.SwitchableNorm2d(4, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nnl.FilterResponseNorm2d(4, backend="cuda")
 
 
 def test_triton_on_cpu_without_the_interpreter_says_so(monkeypatch):
@@ -162,8 +186,6 @@ def test_triton_for_ops_without_dispatch_is_a_clear_error():
     x = torch.randn(2, 4, 3)
     with pytest.raises(RuntimeError, match="only eval mode"):
         NF.batch_norm(x, torch.zeros(4), torch.ones(4), training=True, backend="triton")
-    with pytest.raises(RuntimeError, match="fused_filter_response_norm"):
-        resolve_backend("filter_response_norm", "triton", x)
     with pytest.raises(RuntimeError, match="no Triton kernel"):
         resolve_backend("layer_norm", "triton", x)
     with pytest.raises(ValueError, match="backend must be one of"):

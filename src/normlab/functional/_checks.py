@@ -117,19 +117,20 @@ def check_groups(layer: str, num_channels: int, num_groups: int) -> None:
 
 # Ops whose functional calls normlab.kernels when resolve_backend answers "triton".
 # An op joins this set in the same change that wires its functional to the kernel.
-TRITON_OPS = frozenset({"group_norm", "batch_norm (eval)", "frozen_batch_norm", "switchable_norm"})
+TRITON_OPS = frozenset(
+    {
+        "group_norm",
+        "batch_norm (eval)",
+        "frozen_batch_norm",
+        "switchable_norm",
+        "filter_response_norm",
+        "frn_tlu",
+    }
+)
 
 # Why an op without dispatch has none, for the error message.
 _NO_TRITON = {
     "batch_norm": "only eval mode (training=False: running statistics) has a Triton kernel",
-    "filter_response_norm": (
-        "the fused kernel exists as normlab.kernels.fused_filter_response_norm but this "
-        "function does not dispatch to it yet; call it directly"
-    ),
-    "frn_tlu": (
-        "the fused kernel exists as normlab.kernels.fused_filter_response_norm(..., tau=) "
-        "but this function does not dispatch to it yet; call it directly"
-    ),
 }
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

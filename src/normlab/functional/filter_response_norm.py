@@ -65,12 +65,16 @@ def _frn(
     backend: str,
 ) -> Tensor:
     _check_frn_input(layer, input)
-    resolve_backend(layer, backend, input)
+    impl = resolve_backend(layer, backend, input)
     c = input.shape[1]
     check_param(layer, "weight", weight, (c,))
     check_param(layer, "bias", bias, (c,))
     check_param(layer, "tau", tau, (c,))
     e = _abs_eps(layer, eps, acc_dtype(input.dtype))
+    if impl == "triton":
+        from ..kernels import fused_filter_response_norm
+
+        return fused_filter_response_norm(input, weight, bias, e, tau=tau)
     # Eager training: an autograd.Function that saves only the input (see _frn_autograd).
     return frn_apply(input, weight, bias, tau, e)
 

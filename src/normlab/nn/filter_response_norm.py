@@ -8,7 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..functional._checks import check_channels, check_eps, check_floating, check_rank
+from ..functional._checks import (
+    BACKENDS,
+    check_channels,
+    check_eps,
+    check_floating,
+    check_rank,
+)
 
 __all__ = [
     "FilterResponseNorm1d",
@@ -79,9 +85,13 @@ class _FilterResponseNorm(nn.Module):
         tlu: bool = True,
         device: Any = None,
         dtype: Any = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        if backend not in BACKENDS:
+            raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}.")
+        self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.num_features = _check_num_features(name, num_features)
         check_eps(name, eps)
@@ -129,15 +139,16 @@ class _FilterResponseNorm(nn.Module):
         check_channels(name, input, self.num_features)
         eps = self.effective_eps()
         if self.tau is not None:
-            return NF.frn_tlu(input, self.weight, self.bias, self.tau, eps)
-        return NF.filter_response_norm(input, self.weight, self.bias, eps)
+            return NF.frn_tlu(input, self.weight, self.bias, self.tau, eps, backend=self.backend)
+        return NF.filter_response_norm(input, self.weight, self.bias, eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         if self.learnable_eps:
             eps = f"eps_floor={self.eps_floor}, learnable_eps=True"
         else:
             eps = f"eps={self._eps_value}"
-        return f"{self.num_features}, {eps}, affine={self.affine}, tlu={self.tlu}"
+        s = f"{self.num_features}, {eps}, affine={self.affine}, tlu={self.tlu}"
+        return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")
 
 
 class FilterResponseNorm1d(_FilterResponseNorm):
