@@ -120,6 +120,12 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="train every seed in its own model (default: the seeds of a norm × batch "
+        "size cell train side by side in one packed model: same runs, less time)",
+    )
+    p.add_argument(
         "--per-rank-batch",
         action="store_true",
         help="under torchrun: train each run data-parallel over all ranks, batch sizes per "
@@ -144,6 +150,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         max_train=args.max_train or None,
         device=args.device,
         per_rank_batch=args.per_rank_batch,
+        pack=not args.no_pack,
     )
     # Validate every run's config before any training starts.
     config.runs()

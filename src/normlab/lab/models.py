@@ -3,7 +3,9 @@
 Layout: a 3×3 stem conv, then one stage per entry of ``widths``; the first stage keeps
 the resolution and every later one halves it (stride-2 first conv and a 1×1 stride-2
 projection shortcut). Each stage holds ``blocks`` basic blocks (conv-norm-ReLU-conv-norm
-+ shortcut, ReLU). Global average pooling and a linear classifier close it.
++ shortcut, ReLU). Global average pooling and a linear classifier close it. With FRN
+the TLU inside each FRN layer is the activation: no ReLU follows a norm (the ReLU after
+the residual sum stays).
 
 With 16×16 inputs and five stages the last stage runs at 1×1, as real backbones do at
 their deepest stage (ResNet-50 ends at 7×7 for ImageNet; at batch 2 that is 98 values
@@ -29,7 +31,16 @@ from torch import nn
 
 from ..registry import NORM_LAYERS, auto_groups, create_norm
 
-__all__ = ["ResNet", "build_model", "final_spatial_size", "is_synced", "resolve_norm"]
+__all__ = [
+    "CHANNEL_SEPARABLE",
+    "PackedLinear",
+    "ResNet",
+    "SplitNorm",
+    "build_model",
+    "final_spatial_size",
+    "is_synced",
+    "resolve_norm",
+]
 
 #: Lab-only variants: ``name -> registry layer``. ``bn+recal`` trains exactly like BN;
 #: the trainer recalibrates its running statistics before evaluation.
@@ -66,7 +77,34 @@ def is_synced(name: str) -> bool:
     return name.lower().replace("-", "_").endswith("+sync")
 
 
-def _norm(name: str, channels: int) -> nn.Module:
+#: Norms whose every statistic and parameter is per channel (or per group of channels):
+#: S seeds' layers of C channels are exactly one layer of S·C channels (S·G groups).
+CHANNEL_SEPARABLE = frozenset(
+    {"bn", "brn", "mabn", "gn", "in", "evonorm_b0", "evonorm_s0", "frozen_bn"}
+)
+
+
+class SplitNorm(nn.Module):
+    """S norm layers side by side: seed s's layer normalizes channels [s·C, (s+1)·C).
+
+    For norms that mix channels (LN, SN's layer branch) or carry a per-layer scalar
+    (SN's mixing weights, FRN's learned ε), which one layer of S·C channels would share.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.seeds = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = x.chunk(len(self.seeds), dim=1)
+        return torch.cat([m(c) for m, c in zip(self.seeds, chunks, strict=True)], dim=1)
+
+
+def _norm(name: str, channels: int, packs: int = 1) -> nn.Module:
+    if packs > 1:
+        if name in CHANNEL_SEPARABLE:
+            return _norm_packed(name, channels, packs)
+        return SplitNorm([_norm(name, channels) for _ in range(packs)])
     if name == "gn":
         # The paper's G = 32, but at least 4 channels per group in the narrow early stages
         # (at 16 channels G = 32 would make GN an InstanceNorm).
@@ -78,35 +116,80 @@ def _norm(name: str, channels: int) -> nn.Module:
     return create_norm(name, channels)
 
 
-def _conv(norm: str, cin: int, cout: int, k: int, stride: int) -> nn.Module:
+def _norm_packed(name: str, channels: int, packs: int) -> nn.Module:
+    """One layer of ``packs · channels`` channels; grouped norms get ``packs ×`` the groups."""
+    if name == "gn":
+        groups = auto_groups(channels, min(32, channels // 4))
+        return create_norm("gn", packs * channels, num_groups=packs * groups)
+    if name == "evonorm_s0":
+        return create_norm(name, packs * channels, groups=packs * auto_groups(channels))
+    return create_norm(name, packs * channels)
+
+
+def _activation_after(norm: str) -> nn.Module:
+    """ReLU after a norm, except after FRN, whose TLU is the activation (FRN+TLU replaces
+    BN+ReLU in the FRN paper). A ReLU on top of a TLU that starts at τ = 0 would pass τ
+    gradient only where rounding noise had pushed τ above 0."""
+    return nn.Identity() if norm == "frn" else nn.ReLU(inplace=True)
+
+
+def _conv(norm: str, cin: int, cout: int, k: int, stride: int, packs: int = 1) -> nn.Module:
     conv_cls: type[nn.Conv2d] = nn.Conv2d
     if norm == "mabn":
         from .. import nn as nnl
 
         conv_cls = getattr(nnl, "CenteredConv2d", nn.Conv2d)
-    return conv_cls(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+    return conv_cls(
+        packs * cin, packs * cout, k, stride=stride, padding=k // 2, groups=packs, bias=False
+    )
+
+
+class PackedLinear(nn.Module):
+    """S linear heads side by side: (N, S·C) -> (S, N, K); weight (S·K, C), bias (S·K)."""
+
+    def __init__(self, in_features: int, out_features: int, packs: int) -> None:
+        super().__init__()
+        self.packs, self.in_features, self.out_features = packs, in_features, out_features
+        heads = [nn.Linear(in_features, out_features) for _ in range(packs)]
+        self.weight = nn.Parameter(torch.cat([h.weight.detach() for h in heads]))
+        self.bias = nn.Parameter(torch.cat([h.bias.detach() for h in heads]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, c, k = self.packs, self.in_features, self.out_features
+        feats = x.view(x.shape[0], s, c).transpose(0, 1)  # (S, N, C)
+        w = self.weight.view(s, k, c).transpose(1, 2)  # (S, C, K)
+        return torch.baddbmm(self.bias.view(s, 1, k), feats, w)
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, norm: str, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, norm: str, cin: int, cout: int, stride: int, packs: int = 1) -> None:
         super().__init__()
-        self.conv1 = _conv(norm, cin, cout, 3, stride)
-        self.norm1 = _norm(norm, cout)
-        self.conv2 = _conv(norm, cout, cout, 3, 1)
-        self.norm2 = _norm(norm, cout)
+        self.conv1 = _conv(norm, cin, cout, 3, stride, packs)
+        self.norm1 = _norm(norm, cout, packs)
+        self.conv2 = _conv(norm, cout, cout, 3, 1, packs)
+        self.norm2 = _norm(norm, cout, packs)
         self.act = nn.ReLU(inplace=True)
+        self.act1 = _activation_after(norm)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(_conv(norm, cin, cout, 1, stride), _norm(norm, cout))
+            self.shortcut = nn.Sequential(
+                _conv(norm, cin, cout, 1, stride, packs), _norm(norm, cout, packs)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(self.norm1(self.conv1(x)))
+        out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         return self.act(out + self.shortcut(x))
 
 
 class ResNet(nn.Module):
-    """Small ResNet: stem, ``len(widths)`` stages of ``blocks`` basic blocks, linear head."""
+    """Small ResNet: stem, ``len(widths)`` stages of ``blocks`` basic blocks, linear head.
+
+    ``packs`` = S > 1 builds S independent networks side by side in one (see
+    :mod:`normlab.lab.packed`): grouped convs with ``groups=S``, norms of S·C channels (or
+    S separate layers for norms that mix channels), input (N, S·C_in, H, W) holding each
+    network's own images, output logits (S, N, K).
+    """
 
     def __init__(
         self,
@@ -116,24 +199,32 @@ class ResNet(nn.Module):
         num_classes: int,
         widths: Sequence[int] = (16, 32, 64, 128, 128),
         blocks: int = 1,
+        packs: int = 1,
     ) -> None:
         super().__init__()
         if not widths:
             raise ValueError("widths must name at least one stage")
+        if packs < 1:
+            raise ValueError(f"packs must be >= 1, got {packs}")
+        self.packs = packs
         self.stem = nn.Sequential(
-            _conv(norm, in_channels, widths[0], 3, 1), _norm(norm, widths[0]), nn.ReLU(inplace=True)
+            _conv(norm, in_channels, widths[0], 3, 1, packs),
+            _norm(norm, widths[0], packs),
+            _activation_after(norm),
         )
         stages = []
         cin = widths[0]
         for i, w in enumerate(widths):
             layers = [
-                BasicBlock(norm, cin if j == 0 else w, w, 2 if (i and not j) else 1)
+                BasicBlock(norm, cin if j == 0 else w, w, 2 if (i and not j) else 1, packs)
                 for j in range(blocks)
             ]
             stages.append(nn.Sequential(*layers))
             cin = w
         self.stages = nn.Sequential(*stages)
-        self.head = nn.Linear(cin, num_classes)
+        self.head: nn.Module = (
+            nn.Linear(cin, num_classes) if packs == 1 else PackedLinear(cin, num_classes, packs)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
@@ -155,10 +246,12 @@ def build_model(
     num_classes: int,
     widths: Sequence[int] = (16, 32, 64, 128, 128),
     blocks: int = 1,
+    packs: int = 1,
 ) -> ResNet:
     """The lab's ResNet with every norm layer built by ``create_norm(resolve_norm(norm), C)``.
 
     A ``"+sync"`` name gets its layers synchronized over the default process group.
+    ``packs`` > 1: that many independent networks side by side (see :class:`ResNet`).
     """
     model = ResNet(
         resolve_norm(norm),
@@ -166,6 +259,7 @@ def build_model(
         num_classes=num_classes,
         widths=widths,
         blocks=blocks,
+        packs=packs,
     )
     if is_synced(norm):
         from ..distributed import convert_sync

@@ -32,7 +32,7 @@ import torch
 from ..registry import NORM_LAYERS
 from .models import resolve_norm
 from .store import RunStore
-from .train import RunConfig, RunRecord, train_run
+from .train import RunConfig, RunRecord, train_run, train_runs
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
@@ -88,6 +88,9 @@ class SweepConfig:
     blocks: int = RunConfig.blocks
     device: str = "cpu"
     per_rank_batch: bool = False
+    #: Train the seeds of each (norm, batch size) cell side by side in one packed model
+    #: (:mod:`normlab.lab.packed`): same runs up to float rounding, a fraction of the time.
+    pack: bool = True
 
     def __post_init__(self) -> None:
         if not self.norms:
@@ -164,12 +167,24 @@ def _init_worker(progress: Any) -> None:
     torch.set_num_threads(1)
 
 
-def _run_in_worker(config: RunConfig, index: int) -> RunRecord:
-    def on_epoch(_: Any) -> None:
+def _run_in_worker(job: list[RunConfig], indices: list[int], pack: bool) -> list[RunRecord]:
+    def on_epoch(i: int, _: Any) -> None:
         if _PROGRESS is not None:
-            _PROGRESS.put(index)
+            _PROGRESS.put(indices[i])
 
-    return train_run(config, on_epoch=on_epoch)
+    return train_runs(job, on_epoch=on_epoch, pack=pack)
+
+
+def _jobs(pending: list[RunConfig], pack: bool) -> list[list[int]]:
+    """Indices of ``pending`` grouped into jobs: runs that differ only in seed go together
+    when packing, else one run per job; plan order (smallest batch first) is kept."""
+    if not pack:
+        return [[i] for i in range(len(pending))]
+    groups: dict[str, list[int]] = {}
+    for i, run in enumerate(pending):
+        cell = {**run.to_dict(), "seed": None}
+        groups.setdefault(repr(sorted(cell.items())), []).append(i)
+    return list(groups.values())
 
 
 def _device_for_rank(device: str) -> str:
@@ -257,7 +272,7 @@ def run_sweep(
         pending = [r for r in mine if r.key() not in done]
         bar = _Progress(sum(r.epochs for r in pending), len(pending), progress)
         try:
-            new = _execute(pending, store, workers, bar, on_record)
+            new = _execute(pending, store, workers, bar, on_record, config.pack)
         finally:
             bar.close()
     skipped = len(mine) - len(pending)
@@ -278,57 +293,62 @@ def _execute(
     workers: int,
     bar: _Progress,
     on_record: Callable[[RunRecord], None] | None,
+    pack: bool = True,
 ) -> int:
-    def finish(record: RunRecord, epochs_seen: int) -> None:
-        store.add(record)
-        bar.epoch(record.config.epochs - epochs_seen)  # a diverged run ends early
-        bar.run_done()
-        if on_record is not None:
-            on_record(record)
+    seen = [0] * len(pending)
+    ended: set[int] = set()
 
-    if workers == 1 or len(pending) <= 1:
-        for run in pending:
-            seen = [0]
+    def epoch_done(i: int) -> None:
+        if i not in ended:  # an epoch message may arrive after its run's result
+            seen[i] += 1
+            bar.epoch()
 
-            def on_epoch(_: Any, seen: list[int] = seen) -> None:
-                seen[0] += 1
-                bar.epoch()
+    def finish(records: list[RunRecord], indices: list[int]) -> None:
+        for record, i in zip(records, indices, strict=True):
+            ended.add(i)
+            store.add(record)  # committed now: a kill loses no finished run
+            bar.epoch(record.config.epochs - seen[i])  # a diverged run ends early
+            bar.run_done()
+            if on_record is not None:
+                on_record(record)
 
-            finish(train_run(run, on_epoch=on_epoch), seen[0])
+    jobs = _jobs(pending, pack)
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            records = train_runs(
+                [pending[i] for i in job],
+                on_epoch=lambda j, _, job=job: epoch_done(job[j]),
+                pack=pack,
+            )
+            finish(records, job)
         return len(pending)
 
     ctx = mp.get_context("spawn")
     progress_q = ctx.Queue()
-    seen = [0] * len(pending)
-    ended: set[int] = set()
 
     def drain() -> None:
         while True:
             try:
-                i = progress_q.get_nowait()
+                epoch_done(progress_q.get_nowait())
             except queue.Empty:
                 return
-            if i not in ended:  # an epoch message may arrive after its run's result
-                seen[i] += 1
-                bar.epoch()
 
     pool = cf.ProcessPoolExecutor(
-        max_workers=min(workers, len(pending)),
+        max_workers=min(workers, len(jobs)),
         mp_context=ctx,
         initializer=_init_worker,
         initargs=(progress_q,),
     )
     try:
-        futures = {pool.submit(_run_in_worker, run, i): i for i, run in enumerate(pending)}
+        futures = {
+            pool.submit(_run_in_worker, [pending[i] for i in job], job, pack): job for job in jobs
+        }
         remaining = set(futures)
         while remaining:
             finished, remaining = cf.wait(remaining, timeout=0.25, return_when=cf.FIRST_COMPLETED)
             drain()
             for fut in finished:
-                record = fut.result()
-                i = futures[fut]
-                ended.add(i)
-                finish(record, seen[i])
+                finish(fut.result(), futures[fut])
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise

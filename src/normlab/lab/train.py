@@ -27,8 +27,9 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,18 @@ import torch.nn.functional as F
 
 from .data import Split, load_split
 from .models import build_model, final_spatial_size, resolve_norm
+from .packed import pack_states
 
-__all__ = ["EpochStats", "RunConfig", "RunRecord", "train_model", "train_run", "versions"]
+__all__ = [
+    "EpochStats",
+    "RunConfig",
+    "RunRecord",
+    "train_model",
+    "train_packed",
+    "train_run",
+    "train_runs",
+    "versions",
+]
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,9 @@ class RunRecord:
     num_test: int
     final_map: int
     versions: dict[str, str] = field(default_factory=dict)
+    #: Seeds trained side by side in one packed model with this run (1: alone); a packed
+    #: run's ``wall_time`` is its equal share of the job's wall time.
+    packed: int = 1
 
     @property
     def key(self) -> str:
@@ -177,7 +191,22 @@ def _error(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: str
     return 100.0 * wrong / len(x)
 
 
-def _recalibrate(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device: str) -> None:
+@torch.no_grad()
+def _errors_packed(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, packs: int
+) -> list[float]:
+    """Test error (%) of each of the ``packs`` networks of a packed model, same images."""
+    model.eval()
+    wrong = torch.zeros(packs, dtype=torch.int64)
+    for i in range(0, len(x), 500):
+        logits = model(x[i : i + 500].to(device).repeat(1, packs, 1, 1))  # (S, B, K)
+        wrong += (logits.argmax(-1).cpu() != y[i : i + 500]).sum(1)
+    return [100.0 * int(w) / len(x) for w in wrong]
+
+
+def _recalibrate(
+    model: torch.nn.Module, x: torch.Tensor, batch_size: int, device: str, packs: int = 1
+) -> None:
     try:
         from ..recalibrate import recalibrate
     except ImportError as e:
@@ -186,9 +215,29 @@ def _recalibrate(model: torch.nn.Module, x: torch.Tensor, batch_size: int, devic
             "lacks; update normlab or drop 'bn+recal' from --norms"
         ) from e
     batches = [
-        x[i : i + batch_size].to(device) for i in range(0, len(x) - batch_size + 1, batch_size)
+        x[i : i + batch_size].to(device).repeat(1, packs, 1, 1)
+        for i in range(0, len(x) - batch_size + 1, batch_size)
     ]
     recalibrate(model, batches)
+
+
+def _is_recal(config: RunConfig) -> bool:
+    return config.norm.lower().replace("-", "_") == "bn+recal"
+
+
+def _optimizer(model: torch.nn.Module, peak: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD, momentum 0.9, weight decay on conv/linear weights only (not norms, biases)."""
+    params_decay = [p for p in model.parameters() if p.ndim > 1]
+    params_plain = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD(
+        [
+            {"params": params_decay, "weight_decay": weight_decay},
+            {"params": params_plain, "weight_decay": 0.0},
+        ],
+        lr=peak,
+        momentum=0.9,
+        foreach=True,  # one multi-tensor update instead of ~4 small ops per parameter
+    )
 
 
 def _check_world(config: RunConfig) -> int:
@@ -248,19 +297,9 @@ def train_model(
             model,
             device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
         )
-    recal = config.norm.lower().replace("-", "_") == "bn+recal"
-    params_decay = [p for p in model.parameters() if p.ndim > 1]
-    params_plain = [p for p in model.parameters() if p.ndim <= 1]
+    recal = _is_recal(config)
     peak = config.base_lr * global_batch / 32
-    opt = torch.optim.SGD(
-        [
-            {"params": params_decay, "weight_decay": config.weight_decay},
-            {"params": params_plain, "weight_decay": 0.0},
-        ],
-        lr=peak,
-        momentum=0.9,
-        foreach=True,  # one multi-tensor update instead of ~4 small ops per parameter
-    )
+    opt = _optimizer(model, peak, config.weight_decay)
     steps_per_epoch = n // global_batch
     total = steps_per_epoch * config.epochs
     warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
@@ -355,3 +394,192 @@ def train_run(
         final_map=final_spatial_size(config.image_size, len(config.widths)),
         versions=versions(),
     )
+
+
+# -- seeds side by side (normlab.lab.packed) ------------------------------------------------
+
+
+def _check_packable(configs: Sequence[RunConfig]) -> None:
+    if not configs:
+        raise ValueError("no runs to train")
+    base = {**configs[0].to_dict(), "seed": None}
+    for c in configs[1:]:
+        if {**c.to_dict(), "seed": None} != base:
+            raise ValueError(f"runs packed together must differ only in seed: {configs[0]} vs {c}")
+    seeds = [c.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"packed runs need distinct seeds, got {seeds}")
+    if configs[0].ranks != 1:
+        raise ValueError("data-parallel runs (ranks > 1) are trained one at a time, not packed")
+
+
+def train_packed(
+    configs: Sequence[RunConfig],
+    split: Split,
+    on_epoch: Callable[[int, EpochStats], None] | None = None,
+) -> tuple[torch.nn.Module, list[tuple[list[EpochStats], bool]]]:
+    """Train runs that differ only in seed side by side in one packed model.
+
+    Seed s's network starts from the weights ``train_model`` would build for it
+    (``torch.manual_seed(seed)``), draws its own data order, and gets exactly its own
+    gradient and update (see :mod:`normlab.lab.packed`), so each run follows the protocol
+    of :func:`train_model`; only float rounding differs. A run whose loss turns
+    non-finite is evaluated at once and stops being recorded, as an unpacked run stops;
+    the others go on.
+
+    Returns:
+        ``(packed model, per run in order (per-epoch stats, diverged))``;
+        :func:`normlab.lab.packed.unpack_state` cuts one run's weights out of the model.
+        ``on_epoch(i, stats)`` is called after each epoch of run ``i``.
+    """
+    _check_packable(configs)
+    base, packs = configs[0], len(configs)
+    n = len(split.x_train)
+    if n < base.batch_size:
+        raise ValueError(
+            f"batch_size {base.batch_size} exceeds the {n} training images; use a smaller "
+            "batch or more data"
+        )
+    device = base.device
+    plains = []
+    for c in configs:
+        torch.manual_seed(c.seed)
+        plains.append(
+            build_model(
+                c.norm,
+                in_channels=split.in_channels,
+                num_classes=split.num_classes,
+                widths=c.widths,
+                blocks=c.blocks,
+            )
+        )
+    model = build_model(
+        base.norm,
+        in_channels=split.in_channels,
+        num_classes=split.num_classes,
+        widths=base.widths,
+        blocks=base.blocks,
+        packs=packs,
+    )
+    pack_states(model, plains)
+    model.to(device)
+    del plains
+    bs = base.batch_size
+    peak = base.base_lr * bs / 32
+    opt = _optimizer(model, peak, base.weight_decay)
+    steps_per_epoch = n // bs
+    total = steps_per_epoch * base.epochs
+    warmup = min(total, round(base.warmup_epochs * steps_per_epoch))
+    gens = [torch.Generator().manual_seed(c.seed) for c in configs]
+    x_train, y_train = split.x_train, split.y_train
+    _, c_in, h, w = x_train.shape
+    histories: list[list[EpochStats]] = [[] for _ in configs]
+    diverged = [False] * packs
+    alive = torch.ones(packs, dtype=torch.bool)
+    seen = max(1, steps_per_epoch * bs)
+    step = 0
+    lr = peak
+
+    def record(i: int, stats: EpochStats) -> None:
+        histories[i].append(stats)
+        if on_epoch is not None:
+            on_epoch(i, stats)
+
+    for epoch in range(base.epochs):
+        model.train()
+        orders = torch.stack([torch.randperm(n, generator=g) for g in gens])  # (S, n)
+        loss_sum = torch.zeros(packs, dtype=torch.float64)
+        wrong = torch.zeros(packs, dtype=torch.int64)
+        for b in range(steps_per_epoch):
+            idx = orders[:, b * bs : (b + 1) * bs]  # (S, B)
+            # (S, B, C, H, W) -> (B, S·C, H, W): seed s's images in its own channels.
+            xb = x_train[idx].transpose(0, 1).reshape(bs, packs * c_in, h, w).to(device)
+            yb = y_train[idx].to(device)
+            lr = _lr_at(step, total, warmup, peak)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            logits = model(xb)  # (S, B, K)
+            losses = (
+                F.cross_entropy(logits.reshape(packs * bs, -1), yb.reshape(-1), reduction="none")
+                .view(packs, bs)
+                .mean(1)
+            )
+            finite = torch.isfinite(losses.detach()).cpu()
+            if not bool(finite[alive].all()):
+                newly = (alive & ~finite).nonzero().flatten().tolist()
+                errs = _errors_packed(model, split.x_test, split.y_test, device, packs)
+                for i in newly:
+                    diverged[i] = True
+                    record(
+                        i,
+                        EpochStats(
+                            epoch + 1, float("nan"), 100.0 * int(wrong[i]) / seen, errs[i], lr
+                        ),
+                    )
+                alive &= finite
+                model.train()
+                if not bool(alive.any()):
+                    break
+            # Each network's gradient is that of its own loss: no operator mixes seeds.
+            loss = losses[alive.to(losses.device)].sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += losses.detach().cpu().double() * bs
+            wrong += (logits.detach().argmax(-1) != yb).sum(1).cpu()
+        if not bool(alive.any()):
+            break
+        if _is_recal(base):
+            _recalibrate(model, x_train, bs, device, packs)
+        last = epoch == base.epochs - 1
+        n_eval = len(split.x_test) if last else min(len(split.x_test), 500)
+        errs = _errors_packed(model, split.x_test[:n_eval], split.y_test[:n_eval], device, packs)
+        for i in alive.nonzero().flatten().tolist():
+            record(
+                i,
+                EpochStats(
+                    epoch + 1, float(loss_sum[i]) / seen, 100.0 * int(wrong[i]) / seen, errs[i], lr
+                ),
+            )
+    return model, [(histories[i], diverged[i]) for i in range(packs)]
+
+
+def train_runs(
+    configs: Sequence[RunConfig],
+    *,
+    split: Split | None = None,
+    on_epoch: Callable[[int, EpochStats], None] | None = None,
+    pack: bool = True,
+) -> list[RunRecord]:
+    """Train runs that differ only in seed; packed side by side unless ``pack=False``.
+
+    ``on_epoch(i, stats)`` is called after each epoch of run ``i``.
+    """
+    _check_packable(configs)
+    if not pack or len(configs) == 1:
+        return [
+            train_run(c, split=split, on_epoch=None if on_epoch is None else partial(on_epoch, i))
+            for i, c in enumerate(configs)
+        ]
+    start = time.perf_counter()
+    base = configs[0]
+    if split is None:
+        split = load_split(base.data, base.image_size, base.max_train)
+    _, results = train_packed(configs, split, on_epoch)
+    share = (time.perf_counter() - start) / len(configs)
+    return [
+        RunRecord(
+            config=c,
+            epochs=history,
+            final_error=history[-1].test_error,
+            wall_time=share,
+            diverged=diverged,
+            num_train=len(split.x_train),
+            num_test=len(split.x_test),
+            final_map=final_spatial_size(c.image_size, len(c.widths)),
+            versions=versions(),
+            packed=len(configs),
+        )
+        for c, (history, diverged) in zip(configs, results, strict=True)
+    ]
