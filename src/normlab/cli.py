@@ -67,7 +67,7 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
         "--norms",
         type=_name_list,
         help="comma-separated norm names "
-        "(default: bn,gn; 'all' = bn, gn and the small-batch family frn, sn, mabn, brn)",
+        "(default and 'all': bn, gn and the small-batch family frn, sn, mabn, brn)",
     )
     p.add_argument(
         "--batch-sizes",

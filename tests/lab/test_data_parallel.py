@@ -143,11 +143,12 @@ def test_data_parallel_run_needs_a_process_group(tiny_npz):
 
 
 def test_run_keys_of_single_process_runs_did_not_change():
-    # The key of this config as computed before `ranks` existed: old stores still resume.
-    assert RunConfig(norm="bn", batch_size=4, seed=1).key() == "1d754d509908903a46df7dd18b9a2fc3"
-    assert RunConfig(norm="bn", batch_size=4, seed=1, ranks=2).key() != (
-        "1d754d509908903a46df7dd18b9a2fc3"
-    )
+    # The key of the old default config as computed before `ranks` and `stem_stride`
+    # existed: old stores still resume; the new fields change it only when set.
+    old = dict(norm="bn", batch_size=4, seed=1, widths=(16, 32, 64, 128, 128), stem_stride=1)
+    assert RunConfig(**old).key() == "1d754d509908903a46df7dd18b9a2fc3"
+    assert RunConfig(**old, ranks=2).key() != "1d754d509908903a46df7dd18b9a2fc3"
+    assert RunConfig(**{**old, "stem_stride": 2}).key() != "1d754d509908903a46df7dd18b9a2fc3"
     with pytest.raises(ValueError, match="ranks must be >= 1"):
         RunConfig(norm="bn", batch_size=4, seed=1, ranks=0)
 

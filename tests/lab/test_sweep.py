@@ -92,7 +92,7 @@ def test_simulated_ranks_merge(tmp_path, tiny_kwargs):
 
 
 def test_default_norms_and_all():
-    assert default_norms() == ["bn", "gn"]
+    assert default_norms() == ["bn", "gn", "frn", "sn", "mabn", "brn"]
     assert expand_norms(["all"]) == ["bn", "gn", "frn", "sn", "mabn", "brn"]
     assert expand_norms(["gn", "all", "bn+recal"]) == [
         "gn",

@@ -200,6 +200,7 @@ class ResNet(nn.Module):
         widths: Sequence[int] = (16, 32, 64, 128, 128),
         blocks: int = 1,
         packs: int = 1,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         if not widths:
@@ -208,7 +209,7 @@ class ResNet(nn.Module):
             raise ValueError(f"packs must be >= 1, got {packs}")
         self.packs = packs
         self.stem = nn.Sequential(
-            _conv(norm, in_channels, widths[0], 3, 1, packs),
+            _conv(norm, in_channels, widths[0], 3, stem_stride, packs),
             _norm(norm, widths[0], packs),
             _activation_after(norm),
         )
@@ -231,9 +232,9 @@ class ResNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def final_spatial_size(image_size: int, num_stages: int) -> int:
+def final_spatial_size(image_size: int, num_stages: int, stem_stride: int = 1) -> int:
     """H (= W) of the last stage for a square input (each stride-2 conv: ceil(h / 2))."""
-    h = image_size
+    h = -(-image_size // stem_stride)
     for _ in range(num_stages - 1):
         h = (h + 1) // 2
     return h
@@ -247,6 +248,7 @@ def build_model(
     widths: Sequence[int] = (16, 32, 64, 128, 128),
     blocks: int = 1,
     packs: int = 1,
+    stem_stride: int = 1,
 ) -> ResNet:
     """The lab's ResNet with every norm layer built by ``create_norm(resolve_norm(norm), C)``.
 
@@ -260,6 +262,7 @@ def build_model(
         widths=widths,
         blocks=blocks,
         packs=packs,
+        stem_stride=stem_stride,
     )
     if is_synced(norm):
         from ..distributed import convert_sync

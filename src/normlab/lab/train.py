@@ -69,8 +69,11 @@ class RunConfig:
     data: str | None = None
     image_size: int = 16
     max_train: int | None = 1500
-    widths: tuple[int, ...] = (16, 32, 64, 128, 128)
+    widths: tuple[int, ...] = (16, 32, 64, 128)
     blocks: int = 1
+    #: Stride of the stem conv: 2 halves 16×16 inputs before the first stage, so four
+    #: stages end at 1×1 (8, 4, 2, 1).
+    stem_stride: int = 2
     ranks: int = 1
     device: str = "cpu"
 
@@ -83,6 +86,8 @@ class RunConfig:
                 f"batch_size must be >= 2, got {self.batch_size}: batch statistics need at "
                 "least two samples"
             )
+        if self.stem_stride < 1:
+            raise ValueError(f"stem_stride must be >= 1, got {self.stem_stride}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.base_lr <= 0:
@@ -100,6 +105,7 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
+        kw.setdefault("stem_stride", 1)  # stored before the field existed: a stride-1 stem
         if "widths" in kw:
             kw["widths"] = tuple(kw["widths"])
         return cls(**kw)
@@ -112,8 +118,12 @@ class RunConfig:
         """
         d = self.to_dict()
         d.pop("device")
+        # Fields added later drop out at the value runs had before they existed, so
+        # stores written then still resume.
         if d["ranks"] == 1:
-            d.pop("ranks")  # single-process runs keep the keys they had before ranks existed
+            d.pop("ranks")
+        if d["stem_stride"] == 1:
+            d.pop("stem_stride")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -287,6 +297,7 @@ def train_model(
         num_classes=split.num_classes,
         widths=config.widths,
         blocks=config.blocks,
+        stem_stride=config.stem_stride,
     ).to(device)
     net: torch.nn.Module = model
     if config.ranks > 1:
@@ -391,7 +402,7 @@ def train_run(
         diverged=diverged,
         num_train=len(split.x_train),
         num_test=len(split.x_test),
-        final_map=final_spatial_size(config.image_size, len(config.widths)),
+        final_map=final_spatial_size(config.image_size, len(config.widths), config.stem_stride),
         versions=versions(),
     )
 
@@ -451,6 +462,7 @@ def train_packed(
                 num_classes=split.num_classes,
                 widths=c.widths,
                 blocks=c.blocks,
+                stem_stride=c.stem_stride,
             )
         )
     model = build_model(
@@ -460,6 +472,7 @@ def train_packed(
         widths=base.widths,
         blocks=base.blocks,
         packs=packs,
+        stem_stride=base.stem_stride,
     )
     pack_states(model, plains)
     model.to(device)
@@ -577,7 +590,7 @@ def train_runs(
             diverged=diverged,
             num_train=len(split.x_train),
             num_test=len(split.x_test),
-            final_map=final_spatial_size(c.image_size, len(c.widths)),
+            final_map=final_spatial_size(c.image_size, len(c.widths), c.stem_stride),
             versions=versions(),
             packed=len(configs),
         )
