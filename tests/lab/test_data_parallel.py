@@ -145,7 +145,8 @@ def test_data_parallel_run_needs_a_process_group(tiny_npz):
 def test_run_keys_of_single_process_runs_did_not_change():
     # The key of the old default config as computed before `ranks` and `stem_stride`
     # existed: old stores still resume; the new fields change it only when set.
-    old = dict(norm="bn", batch_size=4, seed=1, widths=(16, 32, 64, 128, 128), stem_stride=1)
+    old = dict(norm="bn", batch_size=4, seed=1, epochs=4, max_train=1500)
+    old.update(widths=(16, 32, 64, 128, 128), stem_stride=1)
     assert RunConfig(**old).key() == "1d754d509908903a46df7dd18b9a2fc3"
     assert RunConfig(**old, ranks=2).key() != "1d754d509908903a46df7dd18b9a2fc3"
     assert RunConfig(**{**old, "stem_stride": 2}).key() != "1d754d509908903a46df7dd18b9a2fc3"

@@ -7,7 +7,8 @@ projection shortcut). Each stage holds ``blocks`` basic blocks (conv-norm-ReLU-c
 the TLU inside each FRN layer is the activation: no ReLU follows a norm (the ReLU after
 the residual sum stays).
 
-With 16×16 inputs and five stages the last stage runs at 1×1, as real backbones do at
+With 16×16 inputs, a stride-2 stem (the lab's default) and four stages (8, 4, 2, 1), or a
+stride-1 stem and five stages, the last stage runs at 1×1, as real backbones do at
 their deepest stage (ResNet-50 ends at 7×7 for ImageNet; at batch 2 that is 98 values
 per BN statistic). What governs BN's small-batch penalty is the number of values behind
 each batch statistic at the deepest norm layers, N × H × W: :func:`final_spatial_size`

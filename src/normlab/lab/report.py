@@ -218,17 +218,30 @@ def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
     return [
         f"- Data: {c.data or 'embedded Animal-MNIST'} at {c.image_size}×{c.image_size}, "
         f"{r.num_train} training / {r.num_test} test images (fixed stratified split).",
-        f"- Model: ResNet, one stage per width {list(c.widths)}, {c.blocks} basic block(s) "
-        f"per stage, last stage at {r.final_map}×{r.final_map}.",
+        f"- Model: ResNet, 3×3 stem of stride {c.stem_stride}, one stage per width "
+        f"{list(c.widths)}, {c.blocks} basic block(s) per stage, last stage at "
+        f"{r.final_map}×{r.final_map}.",
         f"- SGD momentum 0.9, weight decay {c.weight_decay}, lr = {c.base_lr} × batch / 32, "
         f"{c.warmup_epochs} epoch(s) linear warm-up then cosine, {c.epochs} epochs at every "
         "batch size; test error in eval mode (BN: running statistics).",
         f"- Values behind each batch statistic at the deepest BN layers (N × H × W): {values}.",
         *_ranks_lines(records),
         f"- {len(records)} runs, {wall:.0f} s of training in total (sum over runs).",
+        *_packed_lines(records),
         "- Versions: "
         + ", ".join(f"{k} {v}" for k, v in sorted(r.versions.items()) if k != "platform")
         + f"; {r.versions.get('platform', '')}; device {c.device}.",
+    ]
+
+
+def _packed_lines(records: Sequence[RunRecord]) -> list[str]:
+    packed = sum(x.packed > 1 for x in records)
+    if not packed:
+        return []
+    return [
+        f"- {packed} of the runs trained side by side with the other seeds of their cell "
+        "in one packed model (normlab.lab.packed): each seed's own gradients, updates and "
+        "statistics; a run's wall time is its share of the packed job."
     ]
 
 
