@@ -81,6 +81,39 @@ def test_parallel_workers(tmp_path, tiny_kwargs):
     }
 
 
+def test_packed_seeds_store_resume_and_match_unpacked(tmp_path, tiny_kwargs):
+    """Seeds of a cell train packed; a cell whose seeds are partly stored packs the rest;
+    packed runs keep the unpacked runs' keys and reach the same errors."""
+    kw = {**tiny_kwargs, "seeds": (0, 1, 2)}
+    cfg = SweepConfig(norms=("bn", "sn"), batch_sizes=(2, 4), **kw)
+    db = tmp_path / "runs.db"
+    done = []
+
+    def stop_after_four(record):
+        done.append(record)
+        if len(done) == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):  # stops inside the second packed job (of 3 seeds)
+        run_sweep(cfg, db, workers=1, progress=False, on_record=stop_after_four)
+    assert all(r.packed == 3 for r in done)
+    with RunStore(db) as store:
+        assert len(store) == 4
+    again = run_sweep(cfg, db, workers=1, progress=False)
+    assert again.skipped_runs == 4 and again.new_runs == 8 and len(again.records) == 12
+    packs = {(r.config.norm, r.config.batch_size, r.config.seed): r.packed for r in again.records}
+    assert sorted(set(packs.values())) == [2, 3]  # the interrupted cell: 2 seeds left, packed
+    plain = run_sweep(
+        SweepConfig(norms=("bn", "sn"), batch_sizes=(2, 4), pack=False, **kw),
+        tmp_path / "plain.db",
+        workers=1,
+        progress=False,
+    )
+    assert {r.packed for r in plain.records} == {1}
+    packed_err = {r.key: r.final_error for r in again.records}
+    assert {r.key: r.final_error for r in plain.records} == packed_err
+
+
 def test_simulated_ranks_merge(tmp_path, tiny_kwargs):
     cfg = SweepConfig(norms=("bn", "gn"), batch_sizes=(2, 4), **tiny_kwargs)
     db = tmp_path / "runs.db"
