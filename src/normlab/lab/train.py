@@ -234,6 +234,19 @@ def _recalibrate(
     recalibrate(model, batches)
 
 
+def _build(config: RunConfig, split: Split, packs: int = 1) -> torch.nn.Module:
+    """The lab ResNet of ``config`` for ``split``'s images and classes (on CPU)."""
+    return build_model(
+        config.norm,
+        in_channels=split.in_channels,
+        num_classes=split.num_classes,
+        widths=config.widths,
+        blocks=config.blocks,
+        packs=packs,
+        stem_stride=config.stem_stride,
+    )
+
+
 def _is_recal(config: RunConfig) -> bool:
     return config.norm.lower().replace("-", "_") == "bn+recal"
 
@@ -294,14 +307,7 @@ def train_model(
         )
     device = config.device
     torch.manual_seed(config.seed)
-    model = build_model(
-        config.norm,
-        in_channels=split.in_channels,
-        num_classes=split.num_classes,
-        widths=config.widths,
-        blocks=config.blocks,
-        stem_stride=config.stem_stride,
-    ).to(device)
+    model = _build(config, split).to(device)
     net: torch.nn.Module = model
     if config.ranks > 1:
         # Same seed on every rank: identical initial weights; DDP also broadcasts rank
@@ -457,26 +463,9 @@ def train_packed(
     device = base.device
     plains = []
     for c in configs:
-        torch.manual_seed(c.seed)
-        plains.append(
-            build_model(
-                c.norm,
-                in_channels=split.in_channels,
-                num_classes=split.num_classes,
-                widths=c.widths,
-                blocks=c.blocks,
-                stem_stride=c.stem_stride,
-            )
-        )
-    model = build_model(
-        base.norm,
-        in_channels=split.in_channels,
-        num_classes=split.num_classes,
-        widths=base.widths,
-        blocks=base.blocks,
-        packs=packs,
-        stem_stride=base.stem_stride,
-    )
+        torch.manual_seed(c.seed)  # the init an unpacked run of this seed would get
+        plains.append(_build(c, split))
+    model = _build(base, split, packs)
     pack_states(model, plains)
     model.to(device)
     del plains
