@@ -11,8 +11,9 @@ first half: moments over chosen dims, with the numerics rules of
   floating point (Sterbenz), so ``x - pivot`` keeps every significant digit of
   data such as CT intensities (mean 1e4, std 1e-2), where ``E[x²] − E[x]²`` or
   even a plain fp32 mean would lose them. Moments of the shifted data come from
-  :func:`torch.var_mean` (a two-pass/Welford reduction), then the shift is added
-  back to the mean.
+  two passes on CPU (the mean, then the mean square of the deviations) and from
+  :func:`torch.var_mean` (Welford) on other devices; then the shift is added back
+  to the mean.
 * **Variance clamped at 0** before anyone adds eps.
 * **Counts**: the number of reduced elements travels with the moments, so
   callers can refuse a batch variance from a single value.
@@ -135,9 +136,12 @@ def centered_moments(
     """
     dims = _norm_dims(xc, dims)
     count = reduced_count(xc, dims)
-    # Two passes (mean, then the mean square of the deviations): as stable as Welford and,
-    # on CPU, 3-13x faster than torch.var_mean over (N, H, W) (measured at lab shapes
-    # 2x16x16x16 to 8x64x56x56). Fewer than correction + 1 elements: NaN, as torch.
+    if xc.device.type != "cpu":  # one fused Welford kernel on GPUs
+        var, mean_c = torch.var_mean(xc, dim=dims, correction=correction, keepdim=True)
+        return Moments(mean_c + shift, var.clamp_min(0), shift, count)
+    # CPU: two passes (mean, then the mean square of the deviations), as stable as Welford
+    # and 3-13x faster than torch.var_mean over (N, H, W) at shapes 2x16x16x16 to
+    # 8x64x56x56. Fewer than correction + 1 elements: NaN, as torch.
     mean_c = xc.mean(dim=dims, keepdim=True)
     dev = xc - mean_c
     dof = count - correction
