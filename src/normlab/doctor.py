@@ -53,9 +53,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
-from .convert import is_batch_norm, is_frozen_batch_norm
+from .feed import feed
+from .kinds import is_batch_norm, is_frozen_batch_norm
 from .nn.instance_norm import _InstanceNorm
-from .recalibrate import _feed, _Population
+from .recalibrate import _Population
 from .registry import auto_groups
 
 __all__ = ["Finding", "LayerInfo", "Report", "diagnose", "load_factory", "DoctorTargetError"]
@@ -487,7 +488,7 @@ def diagnose(
                 handles.append(m.register_forward_hook(dropout_hook))
         try:
             with torch.no_grad():
-                _feed(probe, example_inputs, forward_fn)
+                feed(probe, example_inputs, forward_fn)
         except Exception as e:
             raise RuntimeError(
                 f"diagnose: running the model on example_inputs failed ({type(e).__name__}: {e}). "

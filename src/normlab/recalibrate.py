@@ -60,13 +60,15 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
+
+from .feed import feed
 
 __all__ = ["recalibrate", "recalibration_kind", "KINDS"]
 
@@ -93,23 +95,6 @@ def recalibration_kind(module: nn.Module) -> str | None:
     ):
         return None
     return kind
-
-
-def _feed(model: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, Any], Any] | None) -> Any:
-    """Run ``model`` on one batch: tensor → model(x), tuple/list → model(*b), dict → model(**b)."""
-    if forward_fn is not None:
-        return forward_fn(model, batch)
-    if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    raise TypeError(
-        f"cannot feed a batch of type {type(batch).__name__} to the model: expected a tensor "
-        "(model(x)), a tuple/list (model(*batch)) or a dict (model(**batch)). Pass "
-        "forward_fn=lambda model, batch: ... to say how to run it."
-    )
 
 
 class _Population:
@@ -291,7 +276,7 @@ def recalibrate(
             handles.append(m.register_forward_pre_hook(hook))
         with torch.no_grad():
             for batch in stream:
-                _feed(model, batch, forward_fn)
+                feed(model, batch, forward_fn)
                 count += 1
     finally:
         for h in handles:
