@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# NUMERICS.md rule 6.
+# docs/numerics.md rule 6.
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=1e-5),

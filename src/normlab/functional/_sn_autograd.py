@@ -129,7 +129,7 @@ def shifted_moments(u: Tensor, per_sample: bool) -> tuple[Tensor, Tensor, int]:
 
     One pass, :func:`sums` of ``u²`` and ``u``, then
     ``v = Σu²/L − μ²``: the *shifted* one-pass formula of
-    ``shared/design/NUMERICS.md`` rule 2. ``u`` is centred on an element of
+    ``docs/numerics.md`` rule 2. ``u`` is centred on an element of
     its own group, so ``μ`` is a few standard deviations at most and the
     subtraction keeps fp32 accuracy; where ``μ² > 64·v`` (the pivot sits far
     out in its group's tail) the variance is recomputed with a two-pass

@@ -2,7 +2,7 @@
 
 A norm is a choice of reduction axes plus an affine map. This module owns the
 first half: moments over chosen dims, with the numerics rules of
-``shared/design/NUMERICS.md``:
+``docs/numerics.md``:
 
 * **fp32 accumulation** for half inputs (fp64 for fp64), statistics returned in
   that accumulation dtype, never in half.
