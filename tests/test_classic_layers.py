@@ -382,11 +382,13 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"more than 1 value per channel"):
         nnl.BatchNorm1d(4)(offcenter(1, 4, dtype=torch.float32))
     with pytest.raises(ValueError, match=r"eps must be > 0"):
-        nnl.BatchNorm2d(4, eps=0)
-    with pytest.raises(ValueError, match=r"eps must be > 0"):
+        nnl.BatchNorm2d(4, eps=0)(offcenter(2, 4, 3, 3, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"eps must be >= 0"):
         nnl.GroupNorm(2, 4, eps=-1e-5)
-    with pytest.raises(ValueError, match=r"eps must be > 0"):
-        NF.layer_norm(offcenter(2, 3), 3, eps=0.0)
+    with pytest.raises(ValueError, match=r"eps must be >= 0 and finite"):
+        NF.layer_norm(offcenter(2, 3), 3, eps=float("nan"))
+    with pytest.raises(ValueError, match=r"eps must be >= 0 and finite"):
+        nnl.InstanceNorm2d(4, eps=float("inf"))
     with pytest.raises(TypeError, match=r"floating-point.*x.float\(\)"):
         nnl.BatchNorm2d(4)(torch.ones(2, 4, 3, 3, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"floating-point"):

@@ -5,6 +5,7 @@ Every message says what is wrong, why it matters, and how to fix it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,11 +29,30 @@ def check_floating(layer: str, x: Tensor) -> None:
         )
 
 
-def check_eps(layer: str, eps: float) -> None:
-    if not eps > 0:
+class NormShapeError(ValueError, RuntimeError):
+    """A tensor's shape does not fit the norm: wrong channel count, parameter or buffer size.
+
+    Derives from both ValueError (normlab's type for bad arguments) and
+    RuntimeError (what torch raises for the same mismatches), so code written
+    against either keeps catching it.
+    """
+
+    __module__ = "normlab"
+
+
+def check_eps(layer: str, eps: float, *, zero_ok: bool = False) -> None:
+    """Refuse a negative, NaN or infinite eps (and 0 unless ``zero_ok``).
+
+    ``zero_ok`` is for the layers whose torch twin accepts eps=0 (GroupNorm,
+    LayerNorm, InstanceNorm, BatchNorm outside training): a constant group then
+    divides by zero, as in torch.
+    """
+    bad = not math.isfinite(eps) or eps < 0 or (eps == 0 and not zero_ok)
+    if bad:
+        bound = ">= 0" if zero_ok else "> 0"
         raise ValueError(
-            f"{layer}: eps must be > 0, got {eps}. eps keeps 1/sqrt(var + eps) finite "
-            "when a group is constant; use e.g. eps=1e-5."
+            f"{layer}: eps must be {bound} and finite, got {eps}. eps keeps "
+            "1/sqrt(var + eps) finite when a group is constant; use e.g. eps=1e-5."
         )
 
 
@@ -47,7 +67,7 @@ def check_rank(layer: str, x: Tensor, ranks: Sequence[int], layout: str) -> None
 
 def check_channels(layer: str, x: Tensor, num_features: int, dim: int = 1) -> None:
     if x.shape[dim] != num_features:
-        raise ValueError(
+        raise NormShapeError(
             f"{layer}: the input has {x.shape[dim]} channels (dim {dim} of shape "
             f"{tuple(x.shape)}) but the layer was built for num_features={num_features}. "
             f"Build it with num_features={x.shape[dim]} or fix the preceding layer."
@@ -56,7 +76,7 @@ def check_channels(layer: str, x: Tensor, num_features: int, dim: int = 1) -> No
 
 def check_param(layer: str, name: str, p: Tensor | None, shape: Sequence[int]) -> None:
     if p is not None and tuple(p.shape) != tuple(shape):
-        raise ValueError(
+        raise NormShapeError(
             f"{layer}: {name} has shape {tuple(p.shape)}, expected {tuple(shape)} "
             "(one value per normalized channel)."
         )

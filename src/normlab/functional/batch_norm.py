@@ -100,7 +100,8 @@ def batch_norm(
         weight, bias: (C,) or None.
         training: use batch statistics (and update the running ones).
         momentum: weight of the new batch statistic in the running average.
-        eps: added to the variance inside the square root, > 0.
+        eps: added to the variance inside the square root: > 0 in training,
+            >= 0 with ``training=False`` (torch's rule).
         backend: "auto" | "torch" | "triton". With ``training=False`` the Triton
             kernel of :mod:`normlab.kernels` (one pass) is used for CUDA input under
             "auto"; training mode is always torch ("triton" raises).
@@ -108,12 +109,17 @@ def batch_norm(
             every process of this group (None: this process only; ``"world"``:
             the default group); see :mod:`normlab.distributed`.
 
+    An empty input in training gives an empty output and leaves the running
+    statistics untouched. A weight, bias or running buffer of the wrong size
+    raises :class:`normlab.NormShapeError` (a ValueError and a RuntimeError).
+
     Returns:
         Tensor of the input's shape, dtype and memory format.
     """
     layer = "batch_norm"
     check_floating(layer, input)
-    check_eps(layer, eps)
+    # torch's rule: eps=0 is fine with fixed statistics, not with batch statistics.
+    check_eps(layer, eps, zero_ok=not training)
     if input.dim() < 2:
         raise ValueError(
             f"{layer}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
@@ -147,6 +153,10 @@ def batch_norm(
         return _synced_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, eps, group
         )
+    if input.numel() == 0:
+        # An empty batch (e.g. one rank's share): an empty output, zero gradients for
+        # weight and bias, running statistics untouched, as in torch.
+        return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
     check_batch_count(layer, input, reduced_count(input, dims))
     acc = acc_dtype(input.dtype)
     shift = pivot(input, dims).to(acc)
@@ -223,7 +233,7 @@ def frozen_batch_norm(
     """
     layer = "frozen_batch_norm"
     check_floating(layer, input)
-    check_eps(layer, eps)
+    check_eps(layer, eps, zero_ok=True)
     check_act(layer, act)
     if input.dim() < 2:
         raise ValueError(f"{layer}: expected (N, C, *spatial), got shape {tuple(input.shape)}.")

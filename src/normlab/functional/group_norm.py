@@ -64,7 +64,8 @@ def group_norm(
         input: (N, C, \*spatial) with 0 to 3 spatial dims, any memory format.
         num_groups: G, must divide C.
         weight, bias: per-channel (C,) or None.
-        eps: > 0, added to the variance.
+        eps: >= 0, added to the variance (0 divides by zero on a constant group,
+            as in torch).
         act: None, ``"silu"`` or ``"relu"``, applied after the affine map (in the
             same kernel on the Triton backend; in fp32 before the cast to the input
             dtype on either backend).
@@ -73,7 +74,7 @@ def group_norm(
     """
     layer = "GroupNorm"
     check_floating(layer, input)
-    check_eps(layer, eps)
+    check_eps(layer, eps, zero_ok=True)
     if input.dim() < 2:
         raise ValueError(
             f"{layer}: expected an (N, C, *spatial) input, got shape {tuple(input.shape)}."
@@ -84,6 +85,8 @@ def group_norm(
     check_groups(layer, c, num_groups)
     check_param(layer, "weight", weight, (c,))
     check_param(layer, "bias", bias, (c,))
+    if input.numel() == 0:  # an empty output, connected to weight and bias, as in torch
+        return activation(F.group_norm(input, num_groups, weight, bias, eps), act)
     if impl == "triton":
         from ..kernels import fused_group_norm
 

@@ -32,11 +32,13 @@ def instance_norm(
     ``use_input_stats`` it normalizes with per-instance statistics and, where
     running buffers are given, updates them in place with the batch average of
     the per-instance mean and *unbiased* variance; otherwise it uses the running
-    statistics.
+    statistics. eps may be 0, as in torch. An empty input gives an empty output
+    and leaves the running statistics untouched (torch writes NaN into them when
+    the batch is empty).
     """
     layer = "InstanceNorm"
     check_floating(layer, input)
-    check_eps(layer, eps)
+    check_eps(layer, eps, zero_ok=True)
     if input.dim() < 3:
         raise ValueError(
             f"{layer}: expected an (N, C, *spatial) input with at least one spatial dim, "
@@ -56,9 +58,11 @@ def instance_norm(
             raise ValueError(f"{layer}: use_input_stats=False needs running_mean and running_var.")
         return affine_normalize(input, running_mean, running_var, weight, bias, eps)
 
+    if input.numel() == 0:
+        return F.instance_norm(input, None, None, weight, bias, True, 0.0, eps)
     dims = tuple(range(2, input.dim()))
     count = reduced_count(input, dims)
-    if count <= 1:
+    if count == 1:
         raise ValueError(
             f"{layer}: needs more than 1 spatial element per channel, got input shape "
             f"{tuple(input.shape)} ({count} value per instance: its variance is 0 and its "

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_eps, check_floating, check_param, resolve_backend
+from ._checks import NormShapeError, check_eps, check_floating, check_param, resolve_backend
 from ._stats import acc_dtype, centered, pivot
 
 __all__ = ["layer_norm", "layer_norm2d"]
@@ -33,15 +33,17 @@ def layer_norm(
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta
 
     Signature of :func:`torch.nn.functional.layer_norm`, plus ``backend``;
-    ``weight`` and ``bias`` have shape ``normalized_shape``.
+    ``weight`` and ``bias`` have shape ``normalized_shape``. eps may be 0, as in
+    torch. A ``normalized_shape``, weight or bias that does not fit the input
+    raises :class:`normlab.NormShapeError` (a ValueError and a RuntimeError).
     """
     layer = "LayerNorm"
     check_floating(layer, input)
-    check_eps(layer, eps)
+    check_eps(layer, eps, zero_ok=True)
     shape = _shape(normalized_shape)
     k = len(shape)
     if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k :]) != shape:
-        raise ValueError(
+        raise NormShapeError(
             f"{layer}: normalized_shape={list(shape)} must equal the last {k} dims of the "
             f"input, got input shape {tuple(input.shape)}. Build the layer with "
             f"normalized_shape={list(input.shape[-k:]) if k else '[...]'} or move the "
@@ -50,6 +52,8 @@ def layer_norm(
     resolve_backend("layer_norm", backend, input)
     check_param(layer, "weight", weight, shape)
     check_param(layer, "bias", bias, shape)
+    if input.numel() == 0:  # an empty output, connected to weight and bias, as in torch
+        return F.layer_norm(input, shape, weight, bias, eps)
     acc = acc_dtype(input.dtype)
     xc = centered(input, pivot(input, range(input.dim() - k, input.dim())))
     w = None if weight is None else weight.to(acc)

@@ -27,6 +27,9 @@ class _NormBase(nn.Module):
     _version = 2
     _ranks: tuple[int, ...] = ()
     _layout: str = ""
+    # Whether eps=0 is accepted at construction (torch accepts it for BatchNorm,
+    # which refuses it only in training, and for InstanceNorm).
+    _eps_zero_ok: bool = False
 
     num_features: int
     eps: float
@@ -43,12 +46,14 @@ class _NormBase(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         if int(num_features) <= 0:
             raise ValueError(f"{name}: num_features must be >= 1, got {num_features}.")
-        check_eps(name, eps)
+        check_eps(name, eps, zero_ok=self._eps_zero_ok)
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(
                 f"{name}: momentum must be in [0, 1] (the weight of the new batch statistic) "
@@ -62,7 +67,10 @@ class _NormBase(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:  # torch's bias=False: no β at all (None, absent from the state_dict)
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -89,7 +97,8 @@ class _NormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -117,10 +126,12 @@ class _NormBase(nn.Module):
         return factor
 
     def extra_repr(self) -> str:
-        return (
-            "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
-            "track_running_stats={track_running_stats}".format(**self.__dict__)
+        s = "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, ".format(
+            **self.__dict__
         )
+        if self.affine and self.bias is None:
+            s += "bias=False, "
+        return s + f"track_running_stats={self.track_running_stats}"
 
     def _load_from_state_dict(
         self,

@@ -36,16 +36,21 @@ class _BatchNorm(_NormBase):
     * ``eval()`` with ``track_running_stats=True``: running statistics.
     * ``track_running_stats=False``: batch statistics in both modes (so eval
       depends on the batch and fails at one value per channel).
+    * An empty batch in training (a rank with no samples) gives an empty output
+      and zero gradients; it counts in ``num_batches_tracked`` but leaves the
+      running statistics untouched.
 
     Accurate on off-center data (see :mod:`normlab.functional._stats`).
 
     Args:
         num_features: C.
-        eps: added to the variance, > 0.
+        eps: added to the variance: >= 0, and > 0 to train (torch's rule).
         momentum: weight of the new batch statistic, or None.
         affine: learn γ (``weight``) and β (``bias``).
         track_running_stats: keep ``running_mean``, ``running_var``,
             ``num_batches_tracked``.
+        bias: with ``affine``, learn β too; ``bias=False`` leaves ``self.bias``
+            None and out of the state_dict, as in torch.
         process_group: in training, compute the batch statistics over every
             process of this group: None (default) for no sync, ``"world"`` for the
             default group, or a ``torch.distributed.ProcessGroup``. A no-op on a
@@ -59,6 +64,7 @@ class _BatchNorm(_NormBase):
 
     # normlab.recalibrate protocol: running stats are the batch mean / variance.
     _recalibrate_kind = "batch_mean_var"
+    _eps_zero_ok = True
 
     def __init__(
         self,
@@ -70,8 +76,12 @@ class _BatchNorm(_NormBase):
         device: Any = None,
         dtype: Any = None,
         process_group: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
@@ -119,12 +129,13 @@ class _FrozenBatchNorm(nn.Module):
     ``weight``, ``bias``, ``running_mean`` and ``running_var`` are *buffers*, not
     parameters: no optimizer updates them and ``.train()`` changes nothing, so a
     frozen layer cannot silently un-freeze. A BatchNorm state_dict loads as is
-    (``num_batches_tracked`` is ignored). Freshly built it is the exact identity
+    (``num_batches_tracked`` is ignored; a missing ``weight`` or ``bias``, from
+    ``affine=False`` or ``bias=False``, loads as 1 or 0). Freshly built it is the exact identity
     (``running_var`` starts at the value that makes ``γ/sqrt(var + eps) == 1``).
 
     Args:
         num_features: C.
-        eps: added to the variance, > 0.
+        eps: added to the variance, >= 0.
         act: None, ``"silu"`` or ``"relu"``: an activation applied after the affine
             map (fused into the one-pass kernel on the Triton backend).
         backend: ``"auto"`` (the Triton kernel for CUDA input when triton imports),
@@ -147,7 +158,7 @@ class _FrozenBatchNorm(nn.Module):
         name = type(self).__name__
         if int(num_features) <= 0:
             raise ValueError(f"{name}: num_features must be >= 1, got {num_features}.")
-        check_eps(name, eps)
+        check_eps(name, eps, zero_ok=True)
         check_act(name, act)
         if backend not in BACKENDS:
             raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}.")
@@ -204,6 +215,10 @@ class _FrozenBatchNorm(nn.Module):
         error_msgs: list[str],
     ) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)
+        if prefix + "running_mean" in state_dict:  # a BatchNorm without weight or bias
+            for key, value in (("weight", 1.0), ("bias", 0.0)):
+                if prefix + key not in state_dict:
+                    state_dict[prefix + key] = torch.full_like(getattr(self, key), value)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -28,8 +28,10 @@ class GroupNorm(nn.Module):
     Args:
         num_groups: G, must divide ``num_channels``.
         num_channels: C.
-        eps: added to the variance, > 0.
+        eps: added to the variance, >= 0.
         affine: learn per-channel γ (``weight``) and β (``bias``).
+        bias: with ``affine``, learn β too; ``bias=False`` leaves ``self.bias``
+            None and out of the state_dict, as in torch.
         act: None, ``"silu"`` or ``"relu"``: an activation applied after the affine
             map, fused into the kernel on the Triton backend (GroupNorm + SiLU is the
             diffusion-UNet block).
@@ -55,10 +57,12 @@ class GroupNorm(nn.Module):
         dtype: Any = None,
         act: str | None = None,
         backend: str = "auto",
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         check_groups("GroupNorm", num_channels, num_groups)
-        check_eps("GroupNorm", eps)
+        check_eps("GroupNorm", eps, zero_ok=True)
         check_act("GroupNorm", act)
         if backend not in BACKENDS:
             raise ValueError(f"GroupNorm: backend must be one of {BACKENDS}, got {backend!r}.")
@@ -71,7 +75,10 @@ class GroupNorm(nn.Module):
         self.affine = affine
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -80,7 +87,8 @@ class GroupNorm(nn.Module):
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         check_rank("GroupNorm", input, (2, 3, 4, 5), "(N, C, *spatial)")
@@ -97,6 +105,8 @@ class GroupNorm(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        if self.affine and self.bias is None:
+            s += ", bias=False"
         if self.act is not None:
             s += f", act={self.act!r}"
         if self.backend != "auto":

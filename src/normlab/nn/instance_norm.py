@@ -22,20 +22,26 @@ class _InstanceNorm(_NormBase):
 
     torch's defaults and semantics: ``affine=False``, ``track_running_stats=False``.
     With tracking, training updates the running statistics with the batch
-    average of the per-instance mean and unbiased variance, and eval uses them.
+    average of the per-instance mean and unbiased variance, and eval uses them;
+    ``num_batches_tracked`` stays 0, as in torch, except with ``momentum=None``:
+    there it counts the batches of a cumulative average (torch never updates
+    the running statistics with ``momentum=None``).
     Unbatched input (C, \*spatial) is accepted, as in torch.
 
     Args:
         num_features: C.
-        eps: added to the variance, > 0.
+        eps: added to the variance, >= 0.
         momentum: weight of the new statistic in the running average, or None.
         affine: learn per-channel γ and β.
         track_running_stats: keep running statistics for eval.
+        bias: with ``affine``, learn β too; ``bias=False`` leaves ``self.bias``
+            None and out of the state_dict, as in torch.
     """
 
     _spatial: int = 1
     # normlab.recalibrate protocol: running stats average per-instance statistics.
     _recalibrate_kind = "instance_mean_var"
+    _eps_zero_ok = True
 
     def __init__(
         self,
@@ -46,8 +52,12 @@ class _InstanceNorm(_NormBase):
         track_running_stats: bool = False,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
 
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
@@ -57,7 +67,10 @@ class _InstanceNorm(_NormBase):
         unbatched = input.dim() == batched - 1
         x = input.unsqueeze(0) if unbatched else input
         check_channels(name, x, self.num_features)
-        factor = self._momentum_factor()
+        if self.momentum is None:
+            factor = self._momentum_factor()  # counts the batches of the cumulative average
+        else:
+            factor = self.momentum  # num_batches_tracked untouched, as in torch
         use_input_stats = self.training or not self.track_running_stats
         y = NF.instance_norm(
             x,

@@ -23,7 +23,7 @@ class LayerNorm(nn.Module):
 
     Args:
         normalized_shape: the trailing shape to normalize over.
-        eps: added to the variance, > 0.
+        eps: added to the variance, >= 0.
         elementwise_affine: learn γ (``weight``) and β (``bias``) of that shape.
         bias: learn β (only with ``elementwise_affine``).
 
@@ -43,7 +43,7 @@ class LayerNorm(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        check_eps("LayerNorm", eps)
+        check_eps("LayerNorm", eps, zero_ok=True)
         if isinstance(normalized_shape, int):
             normalized_shape = (normalized_shape,)
         self.normalized_shape = tuple(int(s) for s in normalized_shape)
