@@ -3,11 +3,20 @@
 Every factory is called as ``factory(num_features, **kwargs)``: GroupNorm-style
 layers whose first argument is not the channel count are registered through a
 small adapter that picks the number of groups.
+
+Two names differ only in the activation: ``"frn"`` is Filter Response
+Normalization with its TLU (``max(y, τ)``, a nonlinearity), ``"frn_linear"`` is
+FRN alone, linear like the BatchNorm it usually replaces. EvoNorm B0 / S0 are
+nonlinear by design and have no linear variant.
+
+:func:`norm_layer` turns a name into the ``norm_layer=`` argument that
+torchvision and timm model constructors take.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +25,15 @@ from torch import nn
 from . import nn as nnl
 from .functional._checks import divisors_up_to
 
-__all__ = ["NORM_LAYERS", "create_norm", "get_norm_layer", "group_norm", "auto_groups"]
+__all__ = [
+    "NORM_LAYERS",
+    "auto_groups",
+    "create_norm",
+    "get_norm_layer",
+    "group_norm",
+    "norm_layer",
+    "rank_matched",
+]
 
 
 def auto_groups(num_channels: int, preferred: int = 32) -> int:
@@ -55,6 +72,7 @@ NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "ln": _layer_norm,
     "in": _instance_norm,
     "frn": nnl.FilterResponseNorm2d,
+    "frn_linear": functools.partial(nnl.FilterResponseNorm2d, tlu=False),
     "brn": nnl.BatchRenorm2d,
     "evonorm_b0": nnl.EvoNormB0_2d,
     "evonorm_s0": _evonorm_s0,
@@ -83,3 +101,74 @@ def create_norm(
 ) -> nn.Module:
     """Build a norm layer for ``num_features`` channels: ``create_norm("gn", 64)``."""
     return get_norm_layer(name)(num_features, **kwargs)
+
+
+def rank_matched(factory: Callable[..., nn.Module], rank: int | None) -> Callable[..., nn.Module]:
+    """For a class named ``...2d`` (or a partial of one), its ``...1d`` / ``...3d`` sibling.
+
+    The sibling is looked up in the class's own module; a factory without one
+    (or a plain function) is returned as it is.
+    """
+    if isinstance(factory, functools.partial):
+        func = rank_matched(factory.func, rank)
+        if func is factory.func:
+            return factory
+        return functools.partial(func, *factory.args, **factory.keywords)
+    if rank is None or not isinstance(factory, type):
+        return factory
+    name = factory.__name__
+    if len(name) > 2 and name[-2] in "123" and name[-1] == "d" and name[-2] != str(rank):
+        sibling = getattr(sys.modules[factory.__module__], f"{name[:-2]}{rank}d", None)
+        if isinstance(sibling, type) and issubclass(sibling, nn.Module):
+            return sibling
+    return factory
+
+
+def build_norm_layer(
+    num_features: int,
+    *,
+    norm: str | type | Callable[..., nn.Module],
+    rank: int = 2,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build ``norm`` for ``num_features`` channels; the target of :func:`norm_layer`.
+
+    ``device`` / ``dtype`` given as None (timm passes them always) are dropped.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if not (k in ("device", "dtype") and v is None)}
+    factory = rank_matched(get_norm_layer(norm), rank)
+    try:
+        return factory(int(num_features), **kwargs)
+    except TypeError as e:
+        raise TypeError(
+            f"norm_layer({norm!r}): building it for {num_features} channels with "
+            f"{sorted(kwargs)} failed: {e}. The model constructor passed keywords this norm "
+            "does not take; bind the ones it does take in norm_layer(...) instead."
+        ) from e
+
+
+def norm_layer(
+    name: str | type | Callable[..., nn.Module], *, rank: int = 2, **kwargs: Any
+) -> Callable[..., nn.Module]:
+    """A ``norm_layer`` argument for torchvision / timm models: ``f(num_features, **kw)``.
+
+    torchvision calls ``norm_layer(C)`` positionally; timm calls
+    ``norm_layer(C, device=..., dtype=...)`` and only accepts a class, a function
+    or a ``functools.partial`` (it unpacks partials and rebinds their keywords),
+    so this returns a keyword-only partial of :func:`build_norm_layer`.
+
+    Args:
+        name: registry name, class or factory (see :func:`get_norm_layer`).
+        rank: spatial rank of the model (3 for video / volumetric models): a
+            ``...2d`` class is swapped for its ``...3d`` sibling.
+        **kwargs: bound into every layer (e.g. ``num_groups=8``).
+
+    Example::
+
+        >>> model = torchvision.models.resnet50(norm_layer=norm_layer("gn"))
+        >>> model = timm.create_model("resnet50", norm_layer=norm_layer("frn_linear"))
+    """
+    get_norm_layer(name)  # fail now on an unknown name, not inside the model constructor
+    if rank not in (1, 2, 3):
+        raise ValueError(f"norm_layer: rank must be 1, 2 or 3, got {rank!r}.")
+    return functools.partial(build_norm_layer, norm=name, rank=rank, **kwargs)
