@@ -1,216 +1,358 @@
-"""Fold eval-mode BatchNorm into the convolution or linear layer that feeds it."""
+"""Fold eval-mode BatchNorm into the convolution or linear layer that feeds it.
+
+Which BN is fed by which conv is read off the model's data flow
+(:mod:`normlab.fuse_graph`), not its module order; the numerics and checks live
+in :mod:`normlab.fuse_check`, the report in :mod:`normlab.fuse_report`.
+"""
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .feed import feed
-from .kinds import is_batch_norm, is_frozen_batch_norm
+from . import kinds
+from .feed import ForwardFn, feed
+from .fuse_check import SiteCheck, compare_outputs, fold, fused_module, probe_error, run_compare
+from .fuse_graph import find_uses, is_bn_like
+from .fuse_report import REASONS, FusedPair, FuseReport, SkippedBN
+from .kinds import is_frozen_batch_norm
 
-__all__ = ["fuse_conv_bn"]
+__all__ = ["REASONS", "FuseReport", "compare_outputs", "fuse_conv_bn"]
 
-
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def _fold(
-    lin: nn.Module, bn: nn.Module, dtype: torch.dtype = torch.float64
-) -> tuple[Tensor, Tensor]:
-    """Folded (weight, bias) of ``bn(lin(x))`` in ``dtype``."""
-    w = lin.weight.detach().to(dtype)
-    out = w.shape[0]
-    b = lin.bias.detach().to(dtype) if lin.bias is not None else w.new_zeros(out)
-    gamma = bn.weight.detach().to(dtype) if bn.weight is not None else w.new_ones(out)
-    beta = bn.bias.detach().to(dtype) if bn.bias is not None else w.new_zeros(out)
-    mean = bn.running_mean.detach().to(dtype)
-    var = bn.running_var.detach().to(dtype)
-    scale = gamma * torch.rsqrt(var + float(getattr(bn, "eps", 1e-5)))
-    return w * scale.reshape(-1, *([1] * (w.dim() - 1))), (b - mean) * scale + beta
+_EXACT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_ACTS = {"relu": nn.ReLU, "silu": nn.SiLU}
+Slot = tuple[nn.Module, str]
 
 
-def _fused_module(lin: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
-    fused = copy.deepcopy(lin)
-    ref = lin.weight
-    with torch.no_grad():
-        fused.weight.copy_(weight.to(ref.dtype))
-        if fused.bias is None:
-            fused.bias = nn.Parameter(ref.new_zeros(ref.shape[0]), requires_grad=ref.requires_grad)
-        fused.bias.copy_(bias.to(ref.dtype))
-    return fused
+def _activation_tail(bn: nn.Module) -> nn.Module | None:
+    """What a norm+activation layer applies after normalizing (None for a plain norm)."""
+    tail_fn = getattr(kinds, "activation_tail", None)
+    if tail_fn is not None:
+        return tail_fn(bn)
+    parts = []
+    for name in ("drop", "act"):
+        m = getattr(bn, name, None)
+        if isinstance(m, str) and m in _ACTS:
+            m = _ACTS[m]()
+        if isinstance(m, nn.Module) and not isinstance(m, nn.Identity):
+            parts.append(m)
+    return None if not parts else parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
 
-def _probe(lin: nn.Module) -> Tensor:
-    """A small float64 input that ``lin`` accepts."""
-    if isinstance(lin, nn.Linear):
-        return torch.randn(2, lin.in_features, dtype=torch.float64)
-    sizes = []
-    for i in range(len(lin.kernel_size)):
-        extent = lin.dilation[i] * (lin.kernel_size[i] - 1) + 1
-        pad = lin.padding[i] if isinstance(lin.padding, tuple) else extent
-        sizes.append(extent + pad + lin.stride[i])
-    return torch.randn(2, lin.in_channels, *sizes, dtype=torch.float64)
+@dataclass
+class _Pair:
+    conv: nn.Module
+    bn: nn.Module
+    fused: nn.Module
+    tail: nn.Module | None
 
 
-def _flatten(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flatten(v)]
-    return []
+class _Plan:
+    """Every BN of the model, decided: pairs to fold (grouped by BN) or a skip reason."""
+
+    def __init__(self, model: nn.Module, strict: bool) -> None:
+        self.strict = strict
+        self.slots: dict[int, list[Slot]] = {}
+        for parent in model.modules():
+            for name, child in parent._modules.items():
+                if child is not None:
+                    self.slots.setdefault(id(child), []).append((parent, name))
+        self.paths: dict[int, str] = {}
+        for path, m in reversed(list(model.named_modules(remove_duplicate=False))):
+            self.paths[id(m)] = path or "<model>"
+        self.found = find_uses(model)
+        seq_ids = {
+            id(model.get_submodule(p)) for p in self.found.sequential_fallback if p[0] != "<"
+        }
+        if "<model>" in self.found.sequential_fallback:
+            seq_ids.add(id(model))
+        self.seq_ids = seq_ids
+        self.groups: list[tuple[nn.Module, list[_Pair]]] = []
+        self.report = FuseReport(
+            traced=list(self.found.traced),
+            untraced=list(self.found.untraced),
+            sequential_fallback=list(self.found.sequential_fallback),
+        )
+        bns = {id(m): m for m in model.modules() if is_bn_like(m)}
+        for bn in bns.values():
+            self._decide(model, bn)
+
+    def skip(self, bn: nn.Module, reason: str, detail: str) -> None:
+        self.report.skipped.append(SkippedBN(self.paths[id(bn)], type(bn).__name__, reason, detail))
+
+    def _block(self, bn: nn.Module, reason: str, detail: str, error: type[Exception]) -> None:
+        """A pair wired for folding that the layers' state forbids: an error when strict."""
+        if self.strict:
+            raise error(f"fuse_conv_bn: {self.paths[id(bn)]} ({type(bn).__name__}) {detail}")
+        self.skip(bn, reason, detail.split(". ")[0])
+
+    def _decide(self, model: nn.Module, bn: nn.Module) -> None:
+        uses = self.found.uses.get(id(bn), [])
+        if bn is model:
+            return self.skip(bn, "model_is_bn", REASONS["model_is_bn"])
+        if not uses:
+            if id(bn) in self.found.covered:
+                return self.skip(bn, "not_called", REASONS["not_called"])
+            return self.skip(bn, "not_analysed", REASONS["not_analysed"])
+        bad = [u for u in uses if u.conv is None]
+        if bad:
+            prefix = f"one of its {len(uses)} calls: " if len(uses) > 1 else ""
+            return self.skip(bn, bad[0].reason, prefix + bad[0].detail)
+        outside = [
+            self.paths[id(p)] + "." + n
+            for p, n in self.slots.get(id(bn), [])
+            if id(p) not in self.found.covered and id(p) not in self.found.sequential_ids
+        ]
+        if len(self.slots.get(id(bn), [])) > 1 and outside:
+            detail = f"it is also registered at {outside[0]}, in code that was not analysed"
+            return self.skip(bn, "bn_shared", detail)
+        convs = [u.conv for u in uses if u.conv is not None]
+        if not is_frozen_batch_norm(bn) and bn.training:
+            return self._block(
+                bn,
+                "training_mode",
+                "is in training mode, where it normalizes with batch statistics that cannot be "
+                "folded into weights. Call model.eval() before fusing.",
+                ValueError,
+            )
+        if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+            return self._block(
+                bn,
+                "no_running_stats",
+                "keeps no running statistics (track_running_stats=False) and normalizes with "
+                "batch statistics even in eval, which cannot be folded. Recreate it with "
+                "track_running_stats=True and recalibrate it first.",
+                ValueError,
+            )
+        for conv in convs:
+            cpath = self.paths[id(conv)]
+            n_slots = len(self.slots.get(id(conv), []))
+            n_calls = self.found.conv_calls.get(id(conv), 0) + convs.count(conv) - 1
+            if conv.weight.shape[0] != bn.running_mean.shape[0]:
+                return self._block(
+                    bn,
+                    "channel_mismatch",
+                    f"has {bn.running_mean.shape[0]} channels but {cpath} feeding it has "
+                    f"{conv.weight.shape[0]} outputs. Check the model's wiring.",
+                    ValueError,
+                )
+            if n_slots > 1 or n_calls > 1:
+                how = (
+                    f"registered in {n_slots} places" if n_slots > 1 else f"called {n_calls} times"
+                )
+                return self._block(
+                    bn,
+                    "conv_shared",
+                    f"is fed by {cpath} ({type(conv).__name__}), which is {how}; folding would "
+                    "silently untie the shared weights. Give each use its own module (or fuse "
+                    "a copy) first.",
+                    ValueError,
+                )
+        pairs = []
+        for conv in convs:
+            tail = _activation_tail(bn)
+            try:
+                err = probe_error(conv, bn, tail)
+            except Exception as e:  # a layer that cannot be copied, cast or refilled
+                err, why = float("nan"), f"{type(e).__name__}: {e}"
+            else:
+                why = f"max abs error {err:.3g} in float64" if err is not None else ""
+            if err is not None:
+                if type(conv) not in _EXACT:
+                    detail = (
+                        f"{self.paths[id(conv)]} ({type(conv).__name__}): folding changes "
+                        f"its output ({why})"
+                    )
+                    return self.skip(bn, "conv_transforms_weight", detail)
+                return self._block(
+                    bn,
+                    "bn_variant",
+                    f"folded into {self.paths[id(conv)]} does not reproduce its output ({why}); "
+                    "this BN variant does not compute "
+                    "(x - running_mean) / sqrt(running_var + eps) * weight + bias.",
+                    RuntimeError,
+                )
+            w, b = fold(conv, bn)
+            pairs.append(_Pair(conv, bn, fused_module(conv, w, b), tail))
+        self.groups.append((bn, pairs))
+
+    def drop(self, bn_ids: dict[int, str]) -> None:
+        """Skip the BN groups in ``bn_ids`` (id -> why) after the site check."""
+        for bn, _ in [g for g in self.groups if id(g[0]) in bn_ids]:
+            self.skip(bn, "runtime_wiring", bn_ids[id(bn)])
+        self.groups = [g for g in self.groups if id(g[0]) not in bn_ids]
+
+    def pairs(self) -> list[_Pair]:
+        return [p for _, pairs in self.groups for p in pairs]
 
 
-def _default_tol(dtype: torch.dtype) -> float:
-    return {torch.float64: 1e-8, torch.float32: 1e-4}.get(dtype, 1e-2)
+def _apply(plan: _Plan, undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Swap fused convs and BN replacements into their slots, recording how to undo it."""
+
+    def put(parent: nn.Module, name: str, new: nn.Module) -> None:
+        undo.append((parent, name, parent._modules[name]))
+        parent._modules[name] = new
+
+    for bn, pairs in plan.groups:
+        for p in pairs:
+            for parent, name in plan.slots[id(p.conv)]:
+                put(parent, name, p.fused)
+        replacement = pairs[0].tail if pairs[0].tail is not None else nn.Identity()
+        for parent, name in plan.slots[id(bn)]:
+            put(parent, name, replacement)
+        for p in pairs:
+            plan.report.fused.append(
+                FusedPair(
+                    plan.paths[id(p.conv)],
+                    plan.paths[id(bn)],
+                    type(p.conv).__name__,
+                    type(bn).__name__,
+                    type(replacement).__name__,
+                )
+            )
 
 
-def _mismatch(got: Tensor, want: Tensor, rtol: float, atol: float) -> float | None:
-    """Largest violation of ``|got - want| <= atol·max(1, max|want|) + rtol·|want|``."""
-    g, w = got.detach().double(), want.detach().double()
-    scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
-    err = (g - w).abs() - (atol * scale + rtol * w.abs())
-    worst = float(err.max()) if err.numel() else 0.0
-    return None if worst <= 0 else float((g - w).abs().max())
+def _restore(undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    for parent, name, old in reversed(undo):
+        parent._modules[name] = old
+    undo.clear()
 
 
+@overload
+def fuse_conv_bn(
+    model: nn.Module,
+    check_inputs: Any = ...,
+    *,
+    rtol: float | None = ...,
+    atol: float | None = ...,
+    compare: Callable[[Any, Any], Any] | Literal[False] | None = ...,
+    strict: bool = ...,
+    forward_fn: ForwardFn | None = ...,
+    return_report: Literal[False] = ...,
+) -> nn.Module: ...
+@overload
+def fuse_conv_bn(
+    model: nn.Module,
+    check_inputs: Any = ...,
+    *,
+    rtol: float | None = ...,
+    atol: float | None = ...,
+    compare: Callable[[Any, Any], Any] | Literal[False] | None = ...,
+    strict: bool = ...,
+    forward_fn: ForwardFn | None = ...,
+    return_report: Literal[True],
+) -> tuple[nn.Module, FuseReport]: ...
 def fuse_conv_bn(
     model: nn.Module,
     check_inputs: Any = None,
     *,
     rtol: float | None = None,
     atol: float | None = None,
-) -> nn.Module:
-    """Fold eval-mode BatchNorm / frozen BatchNorm into the Conv or Linear before it.
+    compare: Callable[[Any, Any], Any] | Literal[False] | None = None,
+    strict: bool = True,
+    forward_fn: ForwardFn | None = None,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, FuseReport]:
+    """Fold eval-mode BatchNorm / frozen BatchNorm into the Conv or Linear feeding it.
 
     .. math:: W' = W\\,\\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}},\\qquad
               b' = (b - \\mu)\\,\\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
 
-    **Scope**: adjacent pairs ``(conv, bn)`` inside ``nn.Sequential`` containers
-    (at any depth), where conv is exactly ``nn.Conv1d/2d/3d`` or ``nn.Linear``
-    (subclasses such as weight-standardized convs transform their weight in
-    forward and cannot be folded) and bn is a BatchNorm (:func:`is_batch_norm`)
-    or frozen BatchNorm (:func:`is_frozen_batch_norm`). A conv without bias gets
-    one. The conv is replaced by a fused copy and the BN by ``nn.Identity`` (so
-    Sequential indices keep their meaning). Pairs wired in a custom ``forward``
-    (``self.bn(self.conv(x))``) are not seen; torch.fx graphs are not handled.
+    **What is folded**: every BN whose input is the output of a ``Conv1d/2d/3d``
+    (or a ``Linear`` for ``BatchNorm1d`` on ``(N, C)``) that feeds nothing else,
+    read from the model's data flow by torch.fx (any ``forward``: residual blocks,
+    ``self.bn(self.conv(x))``); where the whole model does not trace (detectors,
+    data-dependent control flow) its largest traceable submodules are traced,
+    and where nothing traces, a conv directly followed by a BN in a plain
+    ``nn.Sequential`` is a pair. The model is edited in place and keeps its
+    class: the conv's slot gets a fused copy (with a bias), the BN's slot an
+    ``nn.Identity`` or, for a norm+activation layer (timm's ``BatchNormAct2d``),
+    its activation. A BN shared by several such convs is folded into each.
+    Frozen BNs fold whatever the mode. Conv subclasses fold when folding keeps
+    their output (a weight-standardized conv does not: skipped).
 
-    The folded weights are computed in float64 and each pair is checked
-    numerically (float64, random probe input) before the model is touched.
-    With ``check_inputs`` (a batch as accepted by
-    :func:`normlab.recalibrate.recalibrate`), the whole model's outputs before
-    and after are compared too, and the model is restored on a mismatch.
+    **Checks**: folded weights are computed in float64 and each pair is checked
+    on a random probe before anything changes. With ``check_inputs``, the model
+    is run once with hooks checking every fused conv on the input its original
+    really received (local, so robust to detections that reorder), then again
+    fused, and ``compare(before, after)`` runs (default :func:`compare_outputs`).
+    On any failure, or an exception while swapping or running, every
+    replacement is undone: the same module objects, an identical state_dict.
 
     Args:
-        model: modified in place and returned. Must not be a bare conv or BN.
-        check_inputs: optional example input (tensor, tuple, or dict).
-        rtol, atol: tolerance of the ``check_inputs`` comparison (default by
-            output dtype: 1e-8 fp64, 1e-4 fp32, 1e-2 otherwise; ``atol`` scales
-            with the output's magnitude).
+        model: modified in place and returned.
+        check_inputs: optional example batch, fed as :func:`normlab.feed.feed` does.
+        rtol, atol: tolerances of the default comparison and site check (default
+            by dtype: 1e-8 float64, 1e-4 float32, 1e-2 otherwise).
+        compare: ``callable(before, after)`` returning None/True when the outputs
+            agree, else a description (or False, or raising); ``False`` skips the
+            output comparison (the site check still runs).
+        strict: raise (the default) when a BN fed by a conv cannot be folded
+            because of the layers' state (training mode, no running statistics,
+            channel mismatch, shared conv, non-standard BN); with False these are
+            skipped and reported.
+        forward_fn: ``forward_fn(model, check_inputs)`` when the batch needs it.
+        return_report: return ``(model, FuseReport)`` instead of the model.
 
     Raises:
-        ValueError: a BatchNorm next to a conv is in training mode or keeps no
-            running statistics; the channel counts differ; or the conv is used in
-            more than one place (folding would break the weight sharing).
-        RuntimeError: the fused outputs do not match.
+        ValueError: (strict) a BN fed by a conv is in training mode, keeps no
+            running statistics, has other channels, or its conv is shared.
+        RuntimeError: a fused layer does not reproduce the original, or the
+            outputs on ``check_inputs`` differ (the model is restored).
     """
-    slots: dict[int, set[tuple[int, str]]] = {}
-    for parent in model.modules():
-        for name, child in parent._modules.items():
-            if child is not None:
-                slots.setdefault(id(child), set()).add((id(parent), name))
-    paths = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}
-
-    plan: list[tuple[nn.Sequential, str, str, nn.Module, nn.Module]] = []
-    for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        keys = [k for k, m in seq._modules.items() if m is not None]
-        for k_lin, k_bn in zip(keys[:-1], keys[1:], strict=True):
-            lin, bn = seq._modules[k_lin], seq._modules[k_bn]
-            if type(lin) not in _FOLDABLE:
-                continue
-            frozen = is_frozen_batch_norm(bn)
-            if not (frozen or is_batch_norm(bn)):
-                continue
-            where = paths.get(id(bn), k_bn) or "<model>"
-            if not frozen and bn.training:
-                raise ValueError(
-                    f"fuse_conv_bn: {where} ({type(bn).__name__}) is in training mode, where it "
-                    "normalizes with batch statistics that cannot be folded into weights. "
-                    "Call model.eval() before fusing."
-                )
-            if getattr(bn, "running_mean", None) is None or bn.running_var is None:
-                raise ValueError(
-                    f"fuse_conv_bn: {where} keeps no running statistics "
-                    "(track_running_stats=False) and normalizes with batch statistics even in "
-                    "eval, which cannot be folded. Recreate it with track_running_stats=True "
-                    "and recalibrate it first."
-                )
-            if lin.weight.shape[0] != bn.running_mean.shape[0]:
-                raise ValueError(
-                    f"fuse_conv_bn: {paths.get(id(lin), k_lin)} has {lin.weight.shape[0]} "
-                    f"outputs but {where} has {bn.running_mean.shape[0]} channels."
-                )
-            if len(slots.get(id(lin), ())) > 1:
-                raise ValueError(
-                    f"fuse_conv_bn: {paths.get(id(lin), k_lin)} ({type(lin).__name__}) is "
-                    f"registered in {len(slots[id(lin)])} places; folding {where} into it would "
-                    "silently untie the shared weights. Give each use its own module (or "
-                    "fuse a copy) first."
-                )
-            plan.append((seq, k_lin, k_bn, lin, bn))
-
-    fused_modules = []
-    for _, _, _, lin, bn in plan:
-        w64, b64 = _fold(lin, bn)
-        probe = _probe(lin)
-        ref = copy.deepcopy(bn).double().eval()(copy.deepcopy(lin).double()(probe))
-        got = _fused_module(copy.deepcopy(lin).double(), w64, b64)(probe)
-        bad = _mismatch(got, ref, 1e-9, 1e-9)
-        if bad is not None:
-            raise RuntimeError(
-                f"fuse_conv_bn: folding {paths.get(id(bn))} ({type(bn).__name__}) into "
-                f"{paths.get(id(lin))} does not reproduce its output (max abs error {bad:.3g} "
-                "in float64); this BN variant does not compute "
-                "(x - running_mean) / sqrt(running_var + eps) * weight + bias."
-            )
-        fused_modules.append(_fused_module(lin, w64, b64))
-
+    plan = _Plan(model, strict)
+    report = plan.report
     before = None
     if check_inputs is not None:
-        with torch.no_grad():
-            before = _flatten(feed(model, check_inputs, None))
-
-    undo = []
-    for (seq, k_lin, k_bn, lin, bn), fused in zip(plan, fused_modules, strict=True):
-        undo.append((seq, k_lin, lin, k_bn, bn))
-        setattr(seq, k_lin, fused)
-        setattr(seq, k_bn, nn.Identity())
-
-    if before is not None:
-        with torch.no_grad():
-            after = _flatten(feed(model, check_inputs, None))
-        problem = None
-        if len(after) != len(before):
-            problem = f"{len(before)} output tensors before, {len(after)} after"
-        for i, (a, b) in enumerate(zip(after, before, strict=False)):
-            tol = _default_tol(b.dtype)
-            bad = _mismatch(a, b, tol if rtol is None else rtol, tol if atol is None else atol)
-            if bad is not None:
-                problem = f"output {i} differs by up to {bad:.3g}"
-                break
-        if problem is not None:
-            for seq, k_lin, lin, k_bn, bn in undo:
-                setattr(seq, k_lin, lin)
-                setattr(seq, k_bn, bn)
+        with SiteCheck(plan.pairs()) as site, torch.no_grad():
+            before = feed(model, check_inputs, forward_fn)
+        for i, err in site.errors.items():
+            p = plan.pairs()[i]
             raise RuntimeError(
-                f"fuse_conv_bn: the fused model does not match the original on check_inputs "
-                f"({problem}); the model was restored. Common causes: the model is in "
-                "training mode (dropout, other batch-statistics layers), or fp16 weights."
+                f"fuse_conv_bn: on check_inputs, {plan.paths[id(p.conv)]} folded with "
+                f"{plan.paths[id(p.bn)]} differs from the original by up to {err:.3g}; the "
+                "model was not modified. The BN may not compute the standard formula, or "
+                "the layers are low precision (try model.double() to check)."
             )
-    return model
+        plan.drop(site.dangling())
+        report.check = f"site check: {len(site.seen)} of {len(plan.pairs())} folded pairs ran"
+    undo: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        _apply(plan, undo)
+        if before is not None and compare is not False:
+            with torch.no_grad():
+                after = feed(model, check_inputs, forward_fn)
+            if compare is None:
+                problem = compare_outputs(before, after, rtol=rtol, atol=atol)
+            else:
+                problem = run_compare(compare, before, after)
+            if problem:
+                raise _CheckFailed(problem)
+            report.check += "; outputs compared"
+    except _CheckFailed as e:
+        _restore(undo)
+        report.fused.clear()
+        raise RuntimeError(
+            f"fuse_conv_bn: the fused model does not match the original on check_inputs "
+            f"({e}); the model was restored. Common causes: the model is in training mode "
+            "(dropout, other batch-statistics layers), or fp16 weights. compare= sets how "
+            "outputs are compared (False: site check only)."
+        ) from None
+    except BaseException as e:
+        _restore(undo)
+        report.fused.clear()
+        if isinstance(e, Exception) and before is not None:
+            raise RuntimeError(
+                f"fuse_conv_bn: the fused model failed on check_inputs ({type(e).__name__}: "
+                f"{e}); the model was restored."
+            ) from e
+        raise
+    return (model, report) if return_report else model
+
+
+class _CheckFailed(Exception):
+    pass
