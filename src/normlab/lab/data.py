@@ -14,11 +14,18 @@ Every image is resized to ``image_size`` × ``image_size`` (area-averaged when
 shrinking), scaled to [0, 1], then standardized per channel with the training split's
 mean and std. The train/test split is fixed (``split_seed``), stratified per class, and
 the same for every run of a sweep: seeds vary initialization and batch order only.
+
+Data is refused at load time, with what is wrong and where, when it would train but
+mean nothing: non-finite values (the runs would only "diverge"), a class with fewer
+than two images (it could not be both learned and tested), or, in a sweep, fewer
+training images than the largest batch size (:func:`check_batch_size`). A ``.npz`` is
+read with ``allow_pickle=False``, always: loading data never runs code from the file.
 """
 
 from __future__ import annotations
 
 import functools
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +39,7 @@ __all__ = [
     "DataError",
     "ImageData",
     "Split",
+    "check_batch_size",
     "load_images",
     "load_split",
     "split_data",
@@ -109,11 +117,25 @@ def _to_nchw(x: np.ndarray, source: str) -> np.ndarray:
     )
 
 
-def _as_unit_float(x: np.ndarray) -> np.ndarray:
+def _check_finite(x: np.ndarray, source: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        images = np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))
+        shown = ", ".join(str(i) for i in images[:5]) + (", ..." if len(images) > 5 else "")
+        raise DataError(
+            f"{source}: {int(bad.sum())} non-finite value(s) (NaN or inf) in {len(images)} "
+            f"image(s), at index {shown}; training on them would only diverge. Fix or drop "
+            "those images"
+        )
+
+
+def _as_unit_float(x: np.ndarray, source: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"image values must be numbers, got dtype {x.dtype}")
+        raise DataError(f"{source}: image values must be numbers, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.inexact):
+        _check_finite(x, source)
     x = x.astype(np.float32)
     if x.size and float(x.max()) > 1.0:
         x = x / 255.0
@@ -123,10 +145,21 @@ def _as_unit_float(x: np.ndarray) -> np.ndarray:
 def _labels(y: np.ndarray, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
     if y.ndim != 1:
         raise DataError(f"{source}: labels y must be 1-D, got shape {tuple(y.shape)}")
-    names, index = np.unique(y, return_inverse=True)
+    if np.issubdtype(y.dtype, np.inexact) and not np.isfinite(y).all():
+        bad = np.flatnonzero(~np.isfinite(y))
+        raise DataError(
+            f"{source}: {len(bad)} non-finite label(s) (NaN or inf), first at index {bad[0]}"
+        )
+    names, index, counts = np.unique(y, return_inverse=True, return_counts=True)
     if len(names) < 2:
         raise DataError(f"{source}: found {len(names)} class(es); classification needs >= 2")
-    return index.astype(np.int64), tuple(str(n) for n in names)
+    if counts.min() < 2:
+        few = [str(n) for n, c in zip(names, counts, strict=True) if c < 2]
+        raise DataError(
+            f"{source}: class(es) {', '.join(few[:5])} have a single image; every class needs "
+            "at least 2 (one to train on, one to test on)"
+        )
+    return index.reshape(-1).astype(np.int64), tuple(str(n) for n in names)
 
 
 def _finish(x: np.ndarray, y: np.ndarray, source: str, name: str, image_size: int) -> ImageData:
@@ -135,7 +168,9 @@ def _finish(x: np.ndarray, y: np.ndarray, source: str, name: str, image_size: in
     if len(x) != len(y):
         raise DataError(f"{source}: {len(x)} images but {len(y)} labels; they must match")
     labels, classes = _labels(np.asarray(y), source)
-    xt = torch.from_numpy(np.ascontiguousarray(_as_unit_float(_to_nchw(np.asarray(x), source))))
+    xt = torch.from_numpy(
+        np.ascontiguousarray(_as_unit_float(_to_nchw(np.asarray(x), source), source))
+    )
     return ImageData(_resize(xt, image_size), torch.from_numpy(labels), classes, name)
 
 
@@ -147,7 +182,17 @@ def _load_default(image_size: int) -> ImageData:
     return ImageData(data.x, data.y, ANIMAL_MNIST_CLASSES, data.name)
 
 
+_NPZ_EXPECTED = (
+    "a .npz is a zip of arrays as numpy.savez writes it, with x (images, numbers) and y "
+    "(labels, numbers or strings)"
+)
+
+
 def _load_npz(path: Path, image_size: int) -> ImageData:
+    # np.load would read a non-zip file as a single array or, failing that, as a pickle
+    # (and then say so); check the format first so the message names the real problem.
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a .npz archive; {_NPZ_EXPECTED}")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x", "y"} - set(f.files)
@@ -156,11 +201,22 @@ def _load_npz(path: Path, image_size: int) -> ImageData:
                     f"{path}: the .npz has arrays {sorted(f.files)} but needs 'x' (images) and "
                     f"'y' (labels); missing {sorted(missing)}"
                 )
-            x, y = f["x"], f["y"]
-    except (OSError, ValueError) as e:
+            arrays = {}
+            for name in ("x", "y"):
+                try:
+                    arrays[name] = f[name]
+                except ValueError as e:
+                    if "allow_pickle" not in str(e):
+                        raise
+                    raise DataError(
+                        f"{path}: array {name!r} holds Python objects (dtype object), which "
+                        f"normlab never unpickles; {_NPZ_EXPECTED}"
+                    ) from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         if isinstance(e, DataError):
             raise
-        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+        raise DataError(f"{path}: not a readable .npz file ({e}); {_NPZ_EXPECTED}") from e
+    x, y = arrays["x"], arrays["y"]
     return _finish(x, y, str(path), path.stem, image_size)
 
 
@@ -294,3 +350,18 @@ def load_split(
     return split_data(
         load_images(path, image_size=image_size), test_fraction=test_fraction, max_train=max_train
     )
+
+
+def check_batch_size(split: Split, batch_size: int) -> None:
+    """Refuse a training split smaller than ``batch_size`` (the largest of a sweep).
+
+    An epoch drops its last incomplete batch, so such a split trains no step at all at
+    that batch size; its "result" would be the untrained network's error.
+    """
+    n = len(split.x_train)
+    if n < batch_size:
+        raise DataError(
+            f"{split.name}: the training split holds {n} images, fewer than the batch size "
+            f"{batch_size}, so no full batch exists and nothing would train; use more data "
+            "(or a larger --max-train) or smaller --batch-sizes"
+        )

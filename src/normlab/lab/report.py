@@ -6,6 +6,10 @@
   seeds can resolve.
 - :func:`plot_errors`: error vs batch size (log-2 axis), one line per norm, ± std bars.
 - :func:`write_report`: ``report.md`` + ``sweep.png`` + ``summary.json`` in a folder.
+
+Runs of different protocols (:mod:`normlab.lab.protocol`, e.g. other epoch counts) are
+never averaged together: each protocol gets rows of its own, named by the fields that
+differ (``BN (epochs=1)``), and is compared only with rows of the same protocol.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .protocol import protocol_key, protocol_names, protocol_of
 from .stats import WelchResult, mean_ci, welch_test
 from .train import RunRecord
 
@@ -37,7 +42,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Cell:
-    """All seeds of one norm × batch size."""
+    """All seeds of one norm × batch size (× protocol, when a store holds several)."""
 
     norm: str
     batch_size: int
@@ -45,10 +50,17 @@ class Cell:
     mean: float
     std: float
     ci95: float
+    #: The protocol's name when the runs span several protocols (``"epochs=1"``), else "".
+    protocol: str = ""
 
     @property
     def n(self) -> int:
         return len(self.errors)
+
+    @property
+    def row(self) -> str:
+        """The row's name in tables and plots: ``BN``, or ``BN (epochs=1)``."""
+        return self.norm.upper() + (f" ({self.protocol})" if self.protocol else "")
 
 
 @dataclass(frozen=True)
@@ -72,22 +84,32 @@ def _norm_order(records: Sequence[RunRecord]) -> list[str]:
     return head + [n for n in names if n not in head]
 
 
+def _protocol_name(records: Sequence[RunRecord]) -> dict[str, str]:
+    """Run key -> the name of its protocol ("" when all runs share one)."""
+    names = protocol_names(protocol_of(r.config) for r in records)
+    return {r.key: names[protocol_key(protocol_of(r.config))] for r in records}
+
+
 def summarize(records: Sequence[RunRecord]) -> list[Cell]:
-    """One :class:`Cell` per norm × batch size, norms in report order, batches ascending."""
-    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    """One :class:`Cell` per norm × protocol × batch size: norms in report order,
+    protocols in order of appearance, batches ascending. A run counts once."""
+    named = _protocol_name(records)
+    groups: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
     for r in records:
-        groups[(_label(r), r.config.batch_size)].append(r.final_error)
+        groups[(_label(r), named[r.key], r.config.batch_size)].setdefault(r.key, r.final_error)
     cells = []
     for norm in _norm_order(records):
-        for bs in sorted(b for (n, b) in groups if n == norm):
-            errs = groups[(norm, bs)]
-            m, s, ci = mean_ci(errs)
-            cells.append(Cell(norm, bs, tuple(errs), m, s, ci))
+        for proto in dict.fromkeys(p for (n, p, _) in groups if n == norm):
+            for bs in sorted(b for (n, p, b) in groups if n == norm and p == proto):
+                errs = list(groups[(norm, proto, bs)].values())
+                m, s, ci = mean_ci(errs)
+                cells.append(Cell(norm, bs, tuple(errs), m, s, ci, proto))
     return cells
 
 
 def summary_dicts(cells: Sequence[Cell]) -> list[dict[str, object]]:
-    """The JSON summary: ``{norm, batch_size, mean_error, std_error, n_seeds}`` (percent)."""
+    """The JSON summary: ``{norm, batch_size, mean_error, std_error, n_seeds}`` (percent),
+    plus ``protocol`` (its name) when the runs span several protocols."""
     return [
         {
             "norm": c.norm,
@@ -95,6 +117,7 @@ def summary_dicts(cells: Sequence[Cell]) -> list[dict[str, object]]:
             "mean_error": round(c.mean, 4),
             "std_error": None if math.isnan(c.std) else round(c.std, 4),
             "n_seeds": c.n,
+            **({"protocol": c.protocol} if c.protocol else {}),
         }
         for c in cells
     ]
@@ -108,23 +131,30 @@ def write_json(cells: Sequence[Cell], path: str | Path) -> Path:
 
 
 def key_comparisons(cells: Sequence[Cell]) -> list[Comparison]:
-    """Smallest vs largest batch per norm; each norm vs the first norm at every batch."""
-    by_norm: dict[str, list[Cell]] = defaultdict(list)
+    """Smallest vs largest batch per row; each norm vs the first norm at every batch.
+
+    A row is a norm under one protocol; rows are compared only within a protocol.
+    """
+    by_row: dict[str, list[Cell]] = defaultdict(list)
     for c in cells:
-        by_norm[c.norm].append(c)
+        by_row[c.row].append(c)
     out = []
-    for row in by_norm.values():
+    for row in by_row.values():
         lo, hi = row[0], row[-1]
         if lo is not hi and lo.n > 1 and hi.n > 1:
             out.append(Comparison(lo, hi, welch_test(lo.errors, hi.errors)))
-    norms = list(by_norm)
-    if len(norms) > 1:
-        ref = {c.batch_size: c for c in by_norm[norms[0]]}
-        for norm in norms[1:]:
-            for c in by_norm[norm]:
-                r = ref.get(c.batch_size)
-                if r is not None and r.n > 1 and c.n > 1:
-                    out.append(Comparison(c, r, welch_test(c.errors, r.errors)))
+    first: dict[str, str] = {}  # protocol -> its first row
+    for name, row in by_row.items():
+        first.setdefault(row[0].protocol, name)
+    for name, row in by_row.items():
+        ref_name = first[row[0].protocol]
+        if name == ref_name:
+            continue
+        ref = {c.batch_size: c for c in by_row[ref_name]}
+        for c in row:
+            r = ref.get(c.batch_size)
+            if r is not None and r.n > 1 and c.n > 1:
+                out.append(Comparison(c, r, welch_test(c.errors, r.errors)))
     return out
 
 
@@ -137,16 +167,16 @@ def plot_errors(cells: Sequence[Cell], path: str | Path, title: str | None = Non
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    by_norm: dict[str, list[Cell]] = defaultdict(list)
+    by_row: dict[str, list[Cell]] = defaultdict(list)
     for c in cells:
-        by_norm[c.norm].append(c)
+        by_row[c.row].append(c)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     try:
-        for norm, row in by_norm.items():
+        for name, row in by_row.items():
             xs = [c.batch_size for c in row]
             ys = [c.mean for c in row]
             es = [0.0 if math.isnan(c.std) else c.std for c in row]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm.upper())
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
         sizes = sorted({c.batch_size for c in cells})
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes)
@@ -169,20 +199,20 @@ def _fmt(x: float, digits: int = 1) -> str:
 
 
 def markdown_table(cells: Sequence[Cell]) -> list[str]:
-    """Lines of a Markdown table: one row per norm, one column per batch size."""
+    """Lines of a Markdown table: one row per norm (and protocol), one column per batch size."""
     sizes = sorted({c.batch_size for c in cells})
-    grid = {(c.norm, c.batch_size): c for c in cells}
-    norms = list(dict.fromkeys(c.norm for c in cells))
+    grid = {(c.row, c.batch_size): c for c in cells}
+    rows = list(dict.fromkeys(c.row for c in cells))
     lines = [
         "| norm | " + " | ".join(f"batch {s}" for s in sizes) + " |",
         "|---|" + "---|" * len(sizes),
     ]
-    for n in norms:
+    for name in rows:
         row = []
         for s in sizes:
-            c = grid.get((n, s))
+            c = grid.get((name, s))
             row.append("" if c is None else f"{_fmt(c.mean)} ± {_fmt(c.std)}")
-        lines.append(f"| {n.upper()} | " + " | ".join(row) + " |")
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
     return lines
 
 
@@ -191,7 +221,7 @@ def _ci_table(cells: Sequence[Cell]) -> list[str]:
     for c in cells:
         ci = "–" if math.isnan(c.ci95) else f"[{c.mean - c.ci95:.1f}, {c.mean + c.ci95:.1f}]"
         std = _fmt(c.std, 2)
-        lines.append(f"| {c.norm.upper()} | {c.batch_size} | {c.n} | {c.mean:.2f} | {std} | {ci} |")
+        lines.append(f"| {c.row} | {c.batch_size} | {c.n} | {c.mean:.2f} | {std} | {ci} |")
     return lines
 
 
@@ -203,7 +233,7 @@ def _comparison_lines(comps: Sequence[Comparison]) -> list[str]:
     for k in comps:
         t = k.test
         lines.append(
-            f"| {k.a.norm.upper()} @ {k.a.batch_size} | {k.b.norm.upper()} @ {k.b.batch_size} "
+            f"| {k.a.row} @ {k.a.batch_size} | {k.b.row} @ {k.b.batch_size} "
             f"| {t.diff:+.1f} | {t.t:.2f} | {t.df:.1f} | {t.p_value:.3g} | {t.resolvable:.1f} |"
         )
     return lines
@@ -290,7 +320,15 @@ def render_markdown(
             *_comparison_lines(comps),
             "",
         ]
-    out += ["## Protocol", "", *_protocol_lines(records), ""]
+    out += ["## Protocol", ""]
+    named = _protocol_name(records)
+    groups: dict[str, list[RunRecord]] = defaultdict(list)
+    for x in records:
+        groups[named[x.key]].append(x)
+    for name, group in groups.items():
+        if name:
+            out += [f"### Protocol {name}", ""]
+        out += [*_protocol_lines(group), ""]
     return "\n".join(out)
 
 

@@ -9,6 +9,10 @@ Schema (version 1)::
 ``key`` is :meth:`RunConfig.key`, so rerunning a sweep skips what is stored, and a
 killed sweep loses only the runs still in flight. ``record`` is the whole
 :class:`RunRecord` as JSON (config, curves, versions).
+
+A store holds runs of one protocol (:mod:`normlab.lab.protocol`): a run trained another
+way is refused unless the store is opened with ``allow_mixed_protocols=True``, because a
+report cell that averaged seeds of two protocols would mean neither.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from .train import RunRecord
+from .protocol import describe_difference, differing_fields, protocol_key, protocol_of
+from .train import RunConfig, RunRecord
 
-__all__ = ["MAGIC", "SCHEMA_VERSION", "RunStore", "StoreError"]
+__all__ = ["MAGIC", "SCHEMA_VERSION", "ProtocolMismatchError", "RunStore", "StoreError"]
 
 MAGIC = "normlab-lab-runs"
 SCHEMA_VERSION = 1
@@ -45,11 +50,23 @@ class StoreError(RuntimeError):
     """The file is not a normlab run store (corrupt, foreign, or from a newer version)."""
 
 
-class RunStore:
-    """A run store at ``path``; created if missing. Use as a context manager or ``close()``."""
+class ProtocolMismatchError(StoreError):
+    """A run's protocol differs from the stored runs' and mixing protocols was not allowed."""
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+
+class RunStore:
+    """A run store at ``path``; created if missing. Use as a context manager or ``close()``.
+
+    ``allow_mixed_protocols``: accept runs whose protocol differs from the stored ones
+    (the report then keeps each protocol in rows of its own).
+    """
+
+    def __init__(
+        self, path: str | Path, *, create: bool = True, allow_mixed_protocols: bool = False
+    ) -> None:
         self.path = Path(path)
+        self.allow_mixed_protocols = allow_mixed_protocols
+        self._protocols: dict[str, dict[str, object]] | None = None
         exists = self.path.exists() and self.path.stat().st_size > 0
         if not exists and not create:
             raise StoreError(f"{self.path}: no such run store; run `normlab sweep --db {path}`")
@@ -114,8 +131,49 @@ class RunStore:
         """Keys of every finished run."""
         return {r[0] for r in self._con.execute("SELECT key FROM runs")}
 
+    def protocols(self) -> list[dict[str, object]]:
+        """The distinct protocols of the stored runs (:func:`~normlab.lab.protocol.protocol_of`)."""
+        return list(self._stored_protocols().values())
+
+    def _stored_protocols(self) -> dict[str, dict[str, object]]:
+        if self._protocols is None:
+            found: dict[str, dict[str, object]] = {}
+            try:
+                for (blob,) in self._con.execute("SELECT record FROM runs"):
+                    p = protocol_of(RunConfig.from_dict(json.loads(blob)["config"]))
+                    found.setdefault(protocol_key(p), p)
+            except (ValueError, KeyError, TypeError) as e:
+                raise StoreError(f"{self.path}: a stored run cannot be decoded ({e})") from e
+            self._protocols = found
+        return self._protocols
+
+    def check_protocol(self, config: RunConfig) -> None:
+        """Refuse ``config`` if its protocol differs from the stored runs' (unless mixing
+        is allowed): the error names the fields that differ and the ways out.
+
+        Raises:
+            ProtocolMismatchError: the protocols differ and mixing was not allowed.
+        """
+        new = protocol_of(config)
+        stored = self._stored_protocols()
+        if not stored or protocol_key(new) in stored or self.allow_mixed_protocols:
+            return
+        closest = min(stored.values(), key=lambda p: len(differing_fields([p, new])))
+        raise ProtocolMismatchError(
+            f"{self.path} holds runs of another protocol ({describe_difference(closest, new)}); "
+            "one report cell would average seeds trained differently. Use another --db for "
+            "this protocol, or pass --allow-mixed-protocols to keep both (the report then "
+            "shows each protocol in rows of its own)"
+        )
+
     def add(self, record: RunRecord) -> bool:
-        """Insert and commit one run; ``False`` (and no change) if its key is stored already."""
+        """Insert and commit one run; ``False`` (and no change) if its key is stored already.
+
+        Raises:
+            ProtocolMismatchError: see :meth:`check_protocol`.
+        """
+        self.check_protocol(record.config)
+        new = protocol_of(record.config)
         with self._con:
             cur = self._con.execute(
                 "INSERT OR IGNORE INTO runs(key, norm, batch_size, seed, final_error, wall_time,"
@@ -131,6 +189,7 @@ class RunStore:
                     json.dumps(record.to_dict()),
                 ),
             )
+        self._stored_protocols().setdefault(protocol_key(new), new)
         return cur.rowcount == 1
 
     def add_many(self, records: Iterable[RunRecord]) -> int:
@@ -149,6 +208,13 @@ class RunStore:
         return int(self._con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
     def merge_from(self, other: str | Path) -> int:
-        """Copy the runs of another store (e.g. a rank's shard) into this one."""
+        """Copy the runs of another store (e.g. a rank's shard) into this one.
+
+        Raises:
+            ProtocolMismatchError: see :meth:`check_protocol`.
+        """
         with RunStore(other, create=False) as src:
-            return self.add_many(src.records())
+            records = src.records()
+        for r in records:  # all or nothing
+            self.check_protocol(r.config)
+        return self.add_many(records)

@@ -17,10 +17,7 @@ sees the global ``K·b``; rank 0 alone writes the store.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing as mp
 import os
-import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,13 +27,17 @@ from typing import Any
 import torch
 
 from ..registry import NORM_LAYERS
+from .data import check_batch_size, load_split
+from .devices import check_device
 from .models import resolve_norm
-from .store import RunStore
-from .train import RunConfig, RunRecord, train_run, train_runs
+from .runner import Progress, SweepInterrupted, execute_runs, sigint_guard
+from .store import ProtocolMismatchError, RunStore
+from .train import RunConfig, RunRecord, train_run
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
     "SweepConfig",
+    "SweepInterrupted",
     "SweepResult",
     "default_norms",
     "expand_norms",
@@ -111,11 +112,7 @@ class SweepConfig:
             raise ValueError("seeds is empty; use at least one seed (>= 3 for error bars)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds contain duplicates: {list(self.seeds)}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(
-                f"device {self.device!r} requested but torch sees no CUDA GPU "
-                f"(torch {torch.__version__}); use --device cpu"
-            )
+        check_device(self.device)
 
     def runs(self) -> list[RunConfig]:
         return plan_runs(self)
@@ -160,71 +157,10 @@ class SweepResult:
     db: Path
 
 
-# -- worker processes ---------------------------------------------------------------------
-
-_PROGRESS: Any = None
-
-
-def _init_worker(progress: Any) -> None:
-    global _PROGRESS
-    _PROGRESS = progress
-    torch.set_num_threads(1)
-
-
-def _run_in_worker(job: list[RunConfig], indices: list[int], pack: bool) -> list[RunRecord]:
-    def on_epoch(i: int, _: Any) -> None:
-        if _PROGRESS is not None:
-            _PROGRESS.put(indices[i])
-
-    return train_runs(job, on_epoch=on_epoch, pack=pack)
-
-
-def _jobs(pending: list[RunConfig], pack: bool) -> list[list[int]]:
-    """Indices of ``pending`` grouped into jobs: runs that differ only in seed go together
-    when packing, else one run per job; plan order (smallest batch first) is kept."""
-    if not pack:
-        return [[i] for i in range(len(pending))]
-    groups: dict[str, list[int]] = {}
-    for i, run in enumerate(pending):
-        cell = {**run.to_dict(), "seed": None}
-        groups.setdefault(repr(sorted(cell.items())), []).append(i)
-    return list(groups.values())
-
-
 def _device_for_rank(device: str) -> str:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return device
-
-
-class _Progress:
-    """tqdm bar over epochs of pending runs, with runs done in the postfix."""
-
-    def __init__(self, total_epochs: int, total_runs: int, enabled: bool) -> None:
-        self.bar = None
-        self.runs_done = 0
-        self.total_runs = total_runs
-        if enabled and total_runs:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_epochs, unit="epoch", desc="sweep", dynamic_ncols=True)
-            self._postfix()
-
-    def _postfix(self) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"runs {self.runs_done}/{self.total_runs}")
-
-    def epoch(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def run_done(self) -> None:
-        self.runs_done += 1
-        self._postfix()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def run_sweep(
@@ -236,8 +172,12 @@ def run_sweep(
     on_record: Callable[[RunRecord], None] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    allow_mixed_protocols: bool = False,
 ) -> SweepResult:
     """Run every planned run not yet in ``db``; store each one as it finishes.
+
+    The data is loaded and checked, and the store's protocol compared with this one,
+    before the store is created or anything trains.
 
     Args:
         config: the grid and protocol.
@@ -246,10 +186,17 @@ def run_sweep(
         progress: show a tqdm bar with ETA on stderr.
         on_record: called after each run is committed to the store.
         rank, world_size: shard of this process; default from ``RANK`` / ``WORLD_SIZE``.
+        allow_mixed_protocols: store runs into a ``db`` that holds runs of another
+            protocol (the report keeps them in separate rows).
 
     Returns:
         the stored records of the whole grid (finished earlier or now) on rank 0; on
         other ranks, those of its own shard.
+
+    Raises:
+        DataError: the data cannot be loaded or is too small for the batch sizes.
+        ProtocolMismatchError: ``db`` holds runs of another protocol.
+        SweepInterrupted: Ctrl-C; finished runs are stored (:mod:`normlab.lab.runner`).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -258,8 +205,13 @@ def run_sweep(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     db = Path(db)
-    if config.per_rank_batch and world_size > 1:
-        return _run_data_parallel(config, db, progress, on_record, rank, world_size)
+    data_parallel = config.per_rank_batch and world_size > 1
+    split = load_split(config.data, config.image_size, config.max_train)
+    check_batch_size(split, max(config.batch_sizes) * (world_size if data_parallel else 1))
+    if data_parallel:
+        return _run_data_parallel(
+            config, db, progress, on_record, rank, world_size, allow_mixed_protocols
+        )
     start = time.perf_counter()
     planned = plan_runs(config)
     mine = [r for i, r in enumerate(planned) if i % world_size == rank]
@@ -269,99 +221,28 @@ def run_sweep(
     target = db if world_size == 1 else _shard_path(db, rank)
     done: set[str] = set()
     if world_size > 1 and db.exists():
-        with RunStore(db) as main_store:
+        with RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as main_store:
+            main_store.check_protocol(planned[0])
             done = main_store.keys()
-    with RunStore(target) as store:
+    with sigint_guard(), RunStore(target, allow_mixed_protocols=allow_mixed_protocols) as store:
+        store.check_protocol(planned[0])  # every planned run shares one protocol
         done |= store.keys()
         pending = [r for r in mine if r.key() not in done]
-        bar = _Progress(sum(r.epochs for r in pending), len(pending), progress)
+        bar = Progress(sum(r.epochs for r in pending), len(pending), progress)
         try:
-            new = _execute(pending, store, workers, bar, on_record, config.pack)
+            new = execute_runs(pending, store, workers, bar, on_record, config.pack)
         finally:
             bar.close()
     skipped = len(mine) - len(pending)
     if world_size > 1:
         _barrier()
         if rank == 0:
-            merge_shards(db, world_size)
+            merge_shards(db, world_size, allow_mixed_protocols=allow_mixed_protocols)
             target = db
     keys = {r.key() for r in (planned if target == db else mine)}
     with RunStore(target) as store:
         records = [r for r in store.records() if r.key in keys]
     return SweepResult(records, new, skipped, time.perf_counter() - start, target)
-
-
-def _execute(
-    pending: list[RunConfig],
-    store: RunStore,
-    workers: int,
-    bar: _Progress,
-    on_record: Callable[[RunRecord], None] | None,
-    pack: bool = True,
-) -> int:
-    seen = [0] * len(pending)
-    ended: set[int] = set()
-
-    def epoch_done(i: int) -> None:
-        if i not in ended:  # an epoch message may arrive after its run's result
-            seen[i] += 1
-            bar.epoch()
-
-    def finish(records: list[RunRecord], indices: list[int]) -> None:
-        for record, i in zip(records, indices, strict=True):
-            ended.add(i)
-            store.add(record)  # committed now: a kill loses no finished run
-            bar.epoch(record.config.epochs - seen[i])  # a diverged run ends early
-            bar.run_done()
-            if on_record is not None:
-                on_record(record)
-
-    jobs = _jobs(pending, pack)
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            records = train_runs(
-                [pending[i] for i in job],
-                on_epoch=lambda j, _, job=job: epoch_done(job[j]),
-                pack=pack,
-            )
-            finish(records, job)
-        return len(pending)
-
-    ctx = mp.get_context("spawn")
-    progress_q = ctx.Queue()
-
-    def drain() -> None:
-        while True:
-            try:
-                epoch_done(progress_q.get_nowait())
-            except queue.Empty:
-                return
-
-    pool = cf.ProcessPoolExecutor(
-        max_workers=min(workers, len(jobs)),
-        mp_context=ctx,
-        initializer=_init_worker,
-        initargs=(progress_q,),
-    )
-    try:
-        futures = {
-            pool.submit(_run_in_worker, [pending[i] for i in job], job, pack): job for job in jobs
-        }
-        remaining = set(futures)
-        while remaining:
-            finished, remaining = cf.wait(remaining, timeout=0.25, return_when=cf.FIRST_COMPLETED)
-            drain()
-            for fut in finished:
-                finish(fut.result(), futures[fut])
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    else:
-        pool.shutdown(wait=True)
-    finally:
-        progress_q.close()
-        progress_q.join_thread()
-    return len(pending)
 
 
 # -- torchrun: data-parallel runs (--per-rank-batch) ----------------------------------------
@@ -374,6 +255,7 @@ def _run_data_parallel(
     on_record: Callable[[RunRecord], None] | None,
     rank: int,
     world_size: int,
+    allow_mixed_protocols: bool,
 ) -> SweepResult:
     """Every rank trains every pending run together; rank 0 stores them."""
     import torch.distributed as dist
@@ -394,17 +276,25 @@ def _run_data_parallel(
             RunConfig.from_dict({**r.to_dict(), "device": device})
             for r in plan_runs(config, ranks=world_size)
         ]
-        # Rank 0 owns the store and decides what is pending; the others follow.
+        # Rank 0 owns the store and decides what is pending (or refuses the protocol,
+        # for every rank); the others follow.
         pending_idx: list[Any] = [None]
         if rank == 0:
-            with RunStore(db) as store:
-                done = store.keys()
-            pending_idx = [[i for i, r in enumerate(planned) if r.key() not in done]]
+            with RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
+                try:
+                    store.check_protocol(planned[0])
+                except ProtocolMismatchError as e:
+                    pending_idx = [str(e)]
+                else:
+                    done = store.keys()
+                    pending_idx = [[i for i, r in enumerate(planned) if r.key() not in done]]
         dist.broadcast_object_list(pending_idx, src=0)
+        if isinstance(pending_idx[0], str):
+            raise ProtocolMismatchError(pending_idx[0])
         pending = [planned[i] for i in pending_idx[0]]
-        bar = _Progress(sum(r.epochs for r in pending), len(pending), progress and rank == 0)
+        bar = Progress(sum(r.epochs for r in pending), len(pending), progress and rank == 0)
         ran: list[RunRecord] = []
-        store = RunStore(db) if rank == 0 else None
+        store = RunStore(db, allow_mixed_protocols=allow_mixed_protocols) if rank == 0 else None
         try:
             for run in pending:
                 record = train_run(run, on_epoch=lambda _: bar.epoch())
@@ -455,11 +345,11 @@ def _barrier() -> None:
             dist.destroy_process_group()
 
 
-def merge_shards(db: str | Path, world_size: int) -> int:
+def merge_shards(db: str | Path, world_size: int, *, allow_mixed_protocols: bool = False) -> int:
     """Merge the shard stores ``DB.rank0 … DB.rank<world_size-1>`` that exist into ``DB``."""
     db = Path(db)
     added = 0
-    with RunStore(db) as store:
+    with RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
         for r in range(world_size):
             shard = _shard_path(db, r)
             if shard.exists():
