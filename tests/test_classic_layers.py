@@ -425,3 +425,15 @@ def test_no_nan_for_constant_groups():
     for m in (nnl.BatchNorm2d(4), nnl.GroupNorm(2, 4), nnl.LayerNorm2d(4), nnl.InstanceNorm2d(4)):
         y = m(x)
         assert torch.isfinite(y).all() and y.abs().max() == 0
+
+
+def test_frozen_bn_loads_batchnorm_without_bias_or_affine():
+    """A BatchNorm built with bias=False (or affine=False) loads as β = 0 (and γ = 1)."""
+    x = offcenter(2, 3, 4, 4, dtype=torch.float64, seed=3)
+    for kwargs in ({"bias": False}, {"affine": False}):
+        bn = torch.nn.BatchNorm2d(3, dtype=torch.float64, **kwargs)
+        randomize(bn, seed=4)
+        bn.eval()
+        frozen = nnl.FrozenBatchNorm2d(3, dtype=torch.float64)
+        frozen.load_state_dict(bn.state_dict())
+        assert_close(frozen(x), bn(x))
