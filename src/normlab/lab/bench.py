@@ -34,6 +34,7 @@ __all__ = [
     "bench_layers",
     "write_csv",
     "provenance",
+    "spread_warning",
 ]
 
 
@@ -112,6 +113,28 @@ def _saved_bytes(m: nn.Module, x: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         m(x)
     return total
+
+
+#: p80 / p20 above this: the timings of one measurement disagree too much to compare.
+SPREAD_LIMIT = 1.3
+
+
+def spread_warning(records: Sequence[Any], limit: float = SPREAD_LIMIT) -> str | None:
+    """A warning when a record's p80/p20 exceeds ``limit`` (else ``None``).
+
+    Interleaving keeps the normlab/torch ratio fair under steady load, but bursts of
+    load widen the spread of single timings; past ``limit`` the medians move from run to
+    run by more than the differences they are meant to show.
+    """
+    wide = [r for r in records if r.p20_ms > 0 and r.p80_ms / r.p20_ms > limit]
+    if not wide:
+        return None
+    worst = max(wide, key=lambda r: r.p80_ms / r.p20_ms)
+    return (
+        f"timings spread widely (p80/p20 above {limit} in {len(wide)} of {len(records)} "
+        f"measurements, up to {worst.p80_ms / worst.p20_ms:.2f} for {worst.layer} "
+        f"{worst.shape} {worst.provider}); the machine may be busy; rerun with more --reps"
+    )
 
 
 def _percentile(xs: list[float], q: float) -> float:
