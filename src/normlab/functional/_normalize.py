@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from ._export import onnx_exporting
 from ._stats import acc_dtype, rstd
 
 
@@ -28,8 +31,14 @@ def affine_normalize(
     the folded form cancels catastrophically on off-center data (mean 1e4, std
     1e-2 loses every digit in fp32), the subtraction of a nearby mean does not.
     Computed in the accumulation dtype; returned in ``x``'s dtype.
+
+    Under ONNX export it is :func:`torch.nn.functional.batch_norm` with these
+    statistics instead, which exports as one ``BatchNormalization`` node (see
+    :mod:`normlab.functional._export`).
     """
     acc = acc_dtype(x.dtype)
+    if onnx_exporting():
+        return _exported_batch_norm(x, mean, var, weight, bias, eps, acc)
     shape = channel_shape(x)
     scale = rstd(var.to(acc), eps)
     if weight is not None:
@@ -40,3 +49,21 @@ def affine_normalize(
     else:
         y = xc * scale.reshape(shape)
     return y.to(x.dtype)
+
+
+def _exported_batch_norm(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    acc: torch.dtype,
+) -> Tensor:
+    """Eval-mode ``F.batch_norm`` in ``acc``; no ``Cast`` nodes where dtypes already agree."""
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return t if t is None or t.dtype == acc else t.to(acc)
+
+    y = F.batch_norm(cast(x), cast(mean), cast(var), cast(weight), cast(bias), False, 0.0, eps)
+    return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._export import rsqrt
+
 __all__ = [
     "Moments",
     "acc_dtype",
@@ -151,7 +153,7 @@ def centered_moments(
 
 def rstd(var: Tensor, eps: float) -> Tensor:
     """``1 / sqrt(max(var, 0) + eps)``."""
-    return torch.rsqrt(var.clamp_min(0) + eps)
+    return rsqrt(var.clamp_min(0) + eps)
 
 
 def mix_group_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
