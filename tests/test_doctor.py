@@ -11,19 +11,43 @@ from torch import nn
 
 import normlab.nn as nnl
 from _models import inputs, make_model
-from normlab.doctor import DoctorTargetError, diagnose, load_factory
-from normlab.recalibrate import recalibrate
+from normlab.doctor import (
+    DoctorForwardError,
+    DoctorTargetError,
+    Finding,
+    Report,
+    diagnose,
+    load_factory,
+)
+from normlab.doctor_codes import CODES
+from normlab.feed import feed
+from normlab.kinds import is_batch_norm
 
-X = inputs(16, dtype=torch.float32)
+X = inputs(16, dtype=torch.float32, seed=101)
+
+
+def calibrate(model: nn.Module, batches) -> nn.Module:
+    """Precise BN: exact averages of the batch statistics of ``batches``, then eval."""
+    bns = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats]
+    saved = [(m, m.momentum) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for batch in batches:
+            feed(model, batch)
+    for m, momentum in saved:
+        m.momentum = momentum
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def clean_model():
-    """32/64 channels, statistics at the fixed point for X (5 recalibration passes)."""
-    model = make_model(dtype=torch.float32, width=32).eval()
-    for _ in range(5):
-        recalibrate(model, [X])
-    return model
+    """32/64 channels, statistics computed on other batches than X (fresh, off-center data)."""
+    model = make_model(dtype=torch.float32, width=32)
+    return calibrate(model, [inputs(16, dtype=torch.float32, seed=s) for s in range(5)])
 
 
 @pytest.fixture
@@ -38,7 +62,7 @@ def codes_at(report, code):
 def test_clean_models_have_no_findings(model):
     report = diagnose(model, X)
     assert report.findings == [], report.to_table()
-    assert report.ok
+    assert report.ok and not report.has_errors
     gn = nn.Sequential(nn.Conv2d(3, 32, 3), nnl.GroupNorm(32, 32), nn.ReLU(), nn.Dropout(0.2))
     assert diagnose(gn.eval(), X).findings == []
     assert diagnose(model.train(), X).findings == []  # training, as the caller says
@@ -52,6 +76,9 @@ def test_layer_table_counts_values_per_statistic(model):
     assert values["head.fc.1"] == 16
     info = next(i for i in report.layers if i.module == "stem.1")
     assert info.batch_statistics and not info.training and info.input_shape == (16, 32, 8, 8)
+    report = diagnose(model, X, train_batch_size=3)
+    values = {i.module: i.values_per_statistic for i in report.layers}
+    assert values["stages.1.body.1"] == 3 * 4 * 4 and values["head.fc.1"] == 3
 
 
 def test_diagnose_does_not_mutate_the_model(model):
@@ -59,7 +86,7 @@ def test_diagnose_does_not_mutate_the_model(model):
     model.stem[1].eval()
     state = copy.deepcopy(model.state_dict())
     flags = [m.training for m in model.modules()]
-    diagnose(model, X)
+    diagnose(model, X, train_batch_size=2)
     assert [m.training for m in model.modules()] == flags
     after = model.state_dict()
     assert state.keys() == after.keys()
@@ -82,21 +109,63 @@ def test_batch_stats_in_eval(model):
     assert codes_at(diagnose(model, X), "batch_stats_in_eval") == {"stem.1": "warning"}
 
 
-def test_tiny_batch_statistic(model):
-    x2 = inputs(2, dtype=torch.float32)
-    found = codes_at(diagnose(model, x2), "tiny_batch_statistic")
-    assert found == {"head.fc.1": "error"}  # 2 values: batch 2 on a (N, C) input
-    found = codes_at(diagnose(model, x2, batch_size=4), "tiny_batch_statistic")
+def test_tiny_batch_statistic_is_judged_in_training_only(model):
+    x2 = inputs(2, dtype=torch.float32, seed=7)
+    # Eval mode uses running statistics: a batch of 2 at evaluation is no problem.
+    assert codes_at(diagnose(model, x2), "tiny_batch_statistic") == {}
+    # Asked about training at batch 2/4/8: the (N, C) head BN has N values.
+    found = codes_at(diagnose(model, x2, train_batch_size=2), "tiny_batch_statistic")
+    assert found == {"head.fc.1": "error"}
+    found = codes_at(diagnose(model, x2, train_batch_size=4), "tiny_batch_statistic")
     assert found == {"head.fc.1": "warning"}
-    assert codes_at(diagnose(model, x2, batch_size=8), "tiny_batch_statistic") == {}
+    assert codes_at(diagnose(model, x2, train_batch_size=8), "tiny_batch_statistic") == {}
+    # A model in training mode is judged at the example's batch size.
+    found = codes_at(diagnose(model.train(), x2), "tiny_batch_statistic")
+    assert found == {"head.fc.1": "error"}
+    # A 1×1 map: batch 2 gives 2 values per statistic at a conv BN too.
+    small = inputs(2, size=2, dtype=torch.float32, seed=8)
+    found = codes_at(diagnose(model.train(), small), "tiny_batch_statistic")
+    assert found["stages.1.body.1"] == "error" and "stem.1" not in found  # 2 × 2×2 = 8: ok
 
 
-def test_degenerate_statistic():
+def test_tiny_batch_statistic_thresholds(model):
+    # stem.1 sees a 2×2 map at size 2: batch 1 gives 4 values (warning), batch 2 gives 8 (ok).
+    small = inputs(2, size=2, dtype=torch.float32, seed=9)
+    found = codes_at(diagnose(model, small, train_batch_size=1), "tiny_batch_statistic")
+    assert found["stem.1"] == "warning" and found["stages.1.body.1"] == "error"
+    found = codes_at(diagnose(model, small, train_batch_size=2), "tiny_batch_statistic")
+    assert "stem.1" not in found and found["stages.1.body.1"] == "error"
+    report = diagnose(model, small, train_batch_size=1)
+    message = next(f.message for f in report.findings if f.code == "tiny_batch_statistic")
+    assert "train batch size 1" in message
+
+
+def test_degenerate_and_tiny_instance_statistics():
+    pooled = [nn.Conv2d(3, 64, 3), nn.AdaptiveAvgPool2d(1)]
     net = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nnl.GroupNorm(4, 4), nn.GroupNorm(4, 4)
+        *pooled,
+        nnl.GroupNorm(64, 64),  # 1 channel per group on a 1×1 map: 1 value
+        nn.GroupNorm(64, 64),
+        nnl.GroupNorm(32, 64),  # 2 channels per group: 2 values
+        nnl.FilterResponseNorm2d(64),  # 1×1: about sign(x)
+        nnl.EvoNormS0_2d(64, groups=32),  # 2 values per group
+        nnl.GroupNorm(8, 64),  # 8 values: fine
     ).eval()
-    found = codes_at(diagnose(net, X), "degenerate_statistic")
-    assert found == {"2": "error", "3": "error"}
+    report = diagnose(net, X)
+    assert codes_at(report, "degenerate_statistic") == {"2": "error", "3": "error"}
+    assert codes_at(report, "tiny_instance_statistic") == {
+        "4": "warning",
+        "5": "warning",
+        "6": "warning",
+    }
+    frn = next(f for f in report.findings if f.module == "5")
+    assert "1 value(s)" in frn.detail and "sign" in frn.message
+    # Same layers on an 8×8 map: nothing to report, in either mode.
+    big = nn.Sequential(
+        nn.Conv2d(3, 64, 1), nnl.FilterResponseNorm2d(64), nnl.EvoNormS0_2d(64, groups=32)
+    )
+    assert diagnose(big.eval(), X).findings == []
+    assert diagnose(big.train(), X).findings == []
 
 
 def test_running_stats_nonfinite_and_near_zero(model):
@@ -113,6 +182,17 @@ def test_running_stats_nonfinite_and_near_zero(model):
     assert report.findings[0].severity == "error"  # sorted by severity
 
 
+def test_near_zero_variance_of_a_dead_channel_is_not_reported():
+    net = nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32))
+    with torch.no_grad():
+        net[0].weight[0] = 0.0  # channel 0 is constant: running_var 0 is right there
+        net[0].bias[0] = 0.3
+    x = inputs(8, dtype=torch.float32, seed=11)
+    calibrate(net, [x, inputs(8, dtype=torch.float32, seed=12)])
+    assert float(net[1].running_var[0]) == 0.0
+    assert diagnose(net, x).findings == []
+
+
 def test_stale_running_stats(model):
     with torch.no_grad():
         bn = model.stages[1].body[1]
@@ -120,6 +200,34 @@ def test_stale_running_stats(model):
     found = codes_at(diagnose(model, X), "stale_running_stats")
     assert found["stages.1.body.1"] == "warning"  # (downstream layers may follow)
     assert "stem.1" not in found
+    # Training overwrites the running statistics: not judged for a model in training mode.
+    assert codes_at(diagnose(model.train(), X), "stale_running_stats") == {}
+
+
+def fresh_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.BatchNorm2d(32)
+    )
+
+
+def test_uncalibrated_model_is_one_finding():
+    net = fresh_net()
+    x = inputs(8, dtype=torch.float32, seed=13)
+    report = diagnose(net.eval(), x)
+    assert [(f.code, f.severity, f.module) for f in report.findings] == [
+        ("uncalibrated_running_stats", "warning", "")
+    ]
+    assert "All 2 layer(s)" in report.findings[0].detail
+    report = diagnose(net.train(), x)
+    assert [(f.code, f.severity) for f in report.findings] == [
+        ("uncalibrated_running_stats", "info")
+    ]
+    assert report.ok
+    # One layer added to a calibrated model: that layer only.
+    calibrate(net, [inputs(8, dtype=torch.float32, seed=s) for s in (14, 15)])
+    net.append(nn.BatchNorm2d(32).eval())
+    assert codes_at(diagnose(net, x), "uncalibrated_running_stats") == {"5": "warning"}
+    assert codes_at(diagnose(net.train(), x), "uncalibrated_running_stats") == {}
 
 
 class LeakyFrozenBatchNorm2d(nn.Module):
@@ -158,22 +266,26 @@ def test_frozen_bn_changes():
 
 
 def test_bn_params_frozen_stats_not(model):
-    model.train()
     model.stem[1].weight.requires_grad_(False)
     model.stem[1].bias.requires_grad_(False)
+    # Evaluated: the flags do not matter.
+    assert codes_at(diagnose(model, X), "bn_params_frozen_stats_not") == {}
+    # Asked about training (model.train() will put the layer in training mode): found.
+    found = codes_at(diagnose(model, X, train_batch_size=16), "bn_params_frozen_stats_not")
+    assert found == {"stem.1": "warning"}
+    model.train()
     assert codes_at(diagnose(model, X), "bn_params_frozen_stats_not") == {"stem.1": "warning"}
+    model.stem[1].eval()  # frozen the usual way: eval() after train()
+    assert codes_at(diagnose(model, X), "bn_params_frozen_stats_not") == {}
 
 
 def test_dropout_before_bn():
     net = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.3), nn.BatchNorm1d(32))
-    x = torch.randn(16, 8)
-    with torch.no_grad():
-        net.train()(x)  # sensible statistics
+    x = torch.randn(16, 8) + 0.7
+    calibrate(net, [x, torch.randn(16, 8) + 0.7])
     found = codes_at(diagnose(net.eval(), x), "dropout_before_bn")
     assert found == {"2": "warning"}
-    assert "1" in next(
-        f.message for f in diagnose(net, x).findings if f.code == "dropout_before_bn"
-    )
+    assert "1" in next(f.detail for f in diagnose(net, x).findings if f.code == "dropout_before_bn")
 
 
 @pytest.mark.parametrize("momentum", [0.0, 1.0, 0.6])
@@ -187,21 +299,60 @@ def test_momentum_none_is_fine(model):
     assert diagnose(model, X).findings == []
 
 
-def test_groupnorm32_blocked():
-    model = make_model(dtype=torch.float32, width=8).eval()
-    found = codes_at(diagnose(model, X), "groupnorm32_blocked")
+def test_groupnorm32_blocked_is_one_line():
+    model = calibrate(make_model(dtype=torch.float32, width=8), [inputs(16, dtype=torch.float32)])
+    report = diagnose(model, X)
+    found = codes_at(report, "groupnorm32_blocked")
     assert found["stem.1"] == "info" and len(found) == 8
+    table = report.to_table()
+    lines = [line for line in table.splitlines() if line.startswith("info ")]
+    assert len(lines) == 1 and "stem.1" in lines[0] and "and 5 more" in lines[0], table
+    verbose = report.to_table(verbose=True)
+    assert all(f"- {m} [info]" in verbose for m in found) and "VALUES/STAT" in verbose
+    assert "VALUES/STAT" not in table
 
 
 def test_report_json_and_table(model):
     model.stem[1].momentum = 0.0
+    model.head.fc[1].momentum = 0.9
     report = diagnose(model, X)
     data = json.loads(report.to_json())
-    assert data["findings"][0]["code"] == "momentum_extreme"
-    assert set(data["findings"][0]) == {"code", "severity", "module", "message", "fix"}
+    assert data["counts"] == {"error": 0, "warning": 2, "info": 0} and not data["ok"]
+    assert data["mode"] == "eval" and data["train_batch_size"] is None
+    [group] = data["groups"]
+    assert group["code"] == "momentum_extreme" and group["modules"] == ["stem.1", "head.fc.1"]
+    assert group["count"] == 2 and group["fix"]
+    assert {f["module"] for f in data["findings"]} == {"stem.1", "head.fc.1"}
+    assert set(data["findings"][0]) == {"code", "severity", "module", "message", "fix", "detail"}
+    assert "momentum=0.9" in data["findings"][1]["detail"]
     assert data["layers"][0]["module"] == "stem.1"
     table = report.to_table()
-    assert "momentum_extreme" in table and "fix:" in table and "VALUES/STAT" in table
+    assert "momentum_extreme" in table and "fix:" in table and "2 warning(s)" in table
+    assert str(report) == table
+    empty = Report()
+    assert "no findings" in empty.to_table() and empty.ok
+
+
+def test_messages_are_self_contained():
+    """No finding points at a file users do not have, and every code has a why and a fix."""
+    for code, (why, fix) in CODES.items():
+        for text in (why, fix):
+            assert text and "LAB-NOTES" not in text and ".md" not in text, code
+    f = Finding("x", "info", "m", "msg", "fix")
+    assert f.detail == ""
+
+
+class ImageListModel(nn.Module):
+    """Takes a list of (C, H, W) images of different sizes, like torchvision's detectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, images):
+        assert isinstance(images, list)
+        return [self.bn(self.conv(im[None])) for im in images]
 
 
 def test_input_structures_and_failures():
@@ -214,11 +365,21 @@ def test_input_structures_and_failures():
             return self.bn(x + y)
 
     net = Pair().eval()
-    x = torch.randn(16, 32)
+    x = torch.randn(16, 32) + 0.4
     assert diagnose(net, (x, 0.0)).layers[0].values_per_statistic == 16
     assert diagnose(net, {"x": x, "y": 1.0}).layers[0].input_shape == (16, 32)
-    with pytest.raises(RuntimeError, match="running the model on example_inputs failed"):
+    images = [torch.rand(3, 12, 10) + 0.2, torch.rand(3, 9, 14) + 0.2]
+    report = diagnose(ImageListModel().eval(), images)
+    assert report.layers[0].input_shape in ((1, 8, 10, 8), (1, 8, 7, 12))
+    with pytest.raises(DoctorForwardError, match="running the model on example_inputs failed"):
         diagnose(net, torch.randn(2, 3))
+    assert issubclass(DoctorForwardError, RuntimeError)
+    with pytest.raises(TypeError, match="nn.Module"):
+        diagnose("not a model", x)
+    with pytest.raises(ValueError, match="train_batch_size must be >= 1"):
+        diagnose(net, x, train_batch_size=0)
+    with pytest.raises(TypeError, match="train_batch_size"):
+        diagnose(net, x, train_batch_size=2.5)
 
 
 FACTORY = """
@@ -243,7 +404,7 @@ def test_load_factory(tmp_path):
     (tmp_path / "target.py").write_text(FACTORY)
     model, example = load_factory(f"{tmp_path / 'target.py'}:build")
     assert isinstance(model, nn.Sequential) and example.shape == (4, 3, 8, 8)
-    assert not diagnose(model, example).codes - {"stale_running_stats"}
+    assert diagnose(model, example).codes == {"uncalibrated_running_stats"}
 
     (tmp_path / "bad.py").write_text("raise ImportError('no module named cv2')\n")
     cases = {

@@ -54,33 +54,15 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _add_doctor(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "doctor",
-        help="find BatchNorm pitfalls in a model",
-        description="Load a model from 'path/to/file.py:factory' (or 'package.module:factory'; "
-        "the factory takes no arguments and returns (model, example_inputs)), run it once "
-        "with hooks and report findings with severity, module, explanation and fix.",
-    )
-    p.add_argument("target", help="path/to/file.py:factory or package.module:factory")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument(
-        "--expect-eval",
-        action="store_true",
-        help="say that you are evaluating: flags layers still in training mode",
-    )
+    from .doctor_cli import add_parser
+
+    add_parser(subparsers)
 
 
 def _run_doctor(args: argparse.Namespace) -> int:
-    from .doctor import DoctorTargetError, diagnose, load_factory
+    from .doctor_cli import run
 
-    try:
-        model, inputs = load_factory(args.target)
-    except DoctorTargetError as e:
-        print(f"normlab doctor: cannot load {args.target} ({e.part}): {e}", file=sys.stderr)
-        return 2
-    report = diagnose(model, inputs, expect_eval=True if args.expect_eval else None)
-    print(report.to_json() if args.json else report.to_table())
-    return 0 if report.ok else 1
+    return run(args)
 
 
 def _lab_command(name: str) -> Callable[[argparse.Namespace], int]:
