@@ -363,9 +363,67 @@ def test_registry():
     assert isinstance(m, nnl.MovingAverageBatchNorm2d) and m.window == 4
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_except_momentum():
+    """momentum=0.1 is BatchNorm's default; the paper's α = 0.98 is momentum=0.02."""
     m = nnl.MovingAverageBatchNorm2d(3)
     assert (m.window, m.warmup_iters, m.r_clip, m.eps, m.momentum) == (16, 100, 5.0, 1e-5, 0.1)
+    assert m.r_warmup_iters is None
+
+
+class _AuthorsSchedule:
+    """The authors' MABN2d step by step, in float64, as their release schedules it.
+
+    Steps count from 1; moving averages once the window is full and the step
+    reaches ``warmup``; r from step ``max(r_warmup, warmup) + 1`` (the release
+    fixes r_warmup = 1000); ``alpha`` weights the old running value.
+    """
+
+    def __init__(self, c, window, warmup, r_warmup, alpha, eps):
+        self.k, self.window, self.warmup, self.r_warmup = 0, window, warmup, r_warmup
+        self.alpha, self.eps = alpha, eps
+        self.running_var = torch.ones(c, dtype=torch.float64)
+        self.chi = torch.zeros(window, c, dtype=torch.float64)
+        self.psi = torch.zeros(window, c, dtype=torch.float64)
+
+    def step(self, x, dy, w, b):
+        self.k += 1
+        k, v = self.k, (1, -1, 1, 1)
+        chi_b = (x * x).mean((0, 2, 3))
+        self.chi[k % self.window] = chi_b
+        sma = k > self.window and k >= self.warmup
+        chi = self.chi.mean(0) if sma else chi_b
+        z = x / (chi + self.eps).sqrt().reshape(v)
+        r = (chi + self.eps).sqrt() / (self.running_var + self.eps).sqrt()
+        r = r.clamp(0.2, 5.0) if k > max(self.r_warmup, self.warmup) else torch.ones_like(r)
+        y = w.reshape(v) * r.reshape(v) * z + b.reshape(v)
+        self.running_var = self.alpha * self.running_var + (1 - self.alpha) * chi
+        g = dy * (w * r).reshape(v)
+        psi_b = (g * z).mean((0, 2, 3))
+        self.psi[k % self.window] = psi_b
+        psi = self.psi.mean(0) if sma else psi_b
+        dx = (g - z * psi.reshape(v)) / (chi + self.eps).sqrt().reshape(v)
+        return y, dx, (dy * r.reshape(v) * z).sum((0, 2, 3)), dy.sum((0, 2, 3))
+
+
+def test_reproduces_the_authors_schedule():
+    """The docstring's mapping: authors' (window m, warmup W, α) = ours (m, W − 1, 1 − α,
+    r_warmup_iters=max(r_warmup, W)), here with a short r warm-up in place of 1000."""
+    c, window, warmup, r_warmup = 3, 2, 4, 6
+    ref = _AuthorsSchedule(c, window, warmup, r_warmup, alpha=0.98, eps=1e-5)
+    m = _make(
+        (2, c, 3, 3),
+        window=window,
+        warmup_iters=warmup - 1,
+        momentum=0.02,
+        r_warmup_iters=max(r_warmup, warmup),
+    )
+    for step in range(10):
+        x = offcenter(2, c, 3, 3, seed=step, loc=1.0 + 0.3 * step)
+        dy = offcenter(2, c, 3, 3, seed=100 + step, loc=0.5)
+        y, dx, dw, db = _torch_step(m, x, dy)
+        ry, rdx, rdw, rdb = ref.step(x, dy, m.weight.detach(), m.bias.detach())
+        for a, e in ((y, ry), (dx, rdx), (dw, rdw), (db, rdb), (m.running_var, ref.running_var)):
+            assert_close(a, e)
 
 
 @pytest.mark.parametrize(
@@ -377,6 +435,7 @@ def test_defaults_are_the_papers():
         (dict(r_clip=0.5), "r_clip must be >= 1"),
         (dict(warmup_iters=-1), "warmup_iters must be >= 0"),
         (dict(momentum=1.5), "momentum must be in"),
+        (dict(r_warmup_iters=-1), "r_warmup_iters must be >= 0"),
     ],
 )
 def test_bad_constructor_arguments(kw, match):

@@ -18,7 +18,8 @@ Forward::
             the window fills: only written slots count)
     χ     = χ_B during warm-up (t < warmup_iters), else χ_SMA
     x̂     = x / sqrt(χ + ε)
-    r     = 1 during warm-up, else clip(sqrt(χ + ε) / sqrt(χ_EMA + ε), 1/r_clip, r_clip)
+    r     = 1 while t < r_warmup_iters (default: warmup_iters),
+            else clip(sqrt(χ + ε) / sqrt(χ_EMA + ε), 1/r_clip, r_clip)
     y     = γ·r·x̂ + β
     χ_EMA ← (1 − momentum)·χ_EMA + momentum·χ          (``running_var``, after r)
 
@@ -34,12 +35,16 @@ Backward (not the exact gradient of the forward: that is the point)::
     ∂L/∂x = (g − x̂·ψ) / sqrt(χ + ε)
     ∂L/∂γ = Σ ∂L/∂y·r·x̂,   ∂L/∂β = Σ ∂L/∂y
 
-Warm-up: the authors' code uses the current batch's statistics and r = 1 for
-the first iterations (weights move fast, so old statistics are stale); here one
-constructor knob, ``warmup_iters``, governs both (the release hard-codes the r
-warm-up to 1000 iterations). During warm-up MABN is exactly "mean-free BN":
-``x / sqrt(E[x²] + ε)`` with its true batch gradient. The windows keep filling
-during warm-up, so the moving averages are ready when it ends.
+Warm-up: batch statistics and r = 1 for the first steps (weights move fast,
+so old statistics are stale). During warm-up MABN is exactly "mean-free BN":
+``x / sqrt(E[x²] + ε)`` with its true batch gradient; the windows keep filling,
+so the moving averages are ready when it ends. The authors' ``MABN2d(C, B,
+real_B, momentum=α, warmup_iters=W)`` counts steps from 1 and switches to the
+moving averages at its step W (t = W − 1 here) once its window is full (t ≥ m),
+and r at t = max(1000, W); with W − 1 ≥ m it is ``window=real_B // B,
+warmup_iters=W − 1, r_warmup_iters=max(1000, W), momentum=1 − α`` here. The
+defaults (``warmup_iters=100``, r from the same step, ``momentum=0.1``) are
+normlab's, not that schedule.
 
 Unlike the release: any batch size ≥ 1 (χ is a second moment, so a single value
 per channel is a valid statistic; no even-batch or buffer-size coupling), no
@@ -83,8 +88,11 @@ def check_mabn_options(
     warmup_iters: int,
     r_clip: float,
     momentum: float | None,
+    r_warmup_iters: int | None = None,
 ) -> None:
     """Validate MABN's hyper-parameters with messages that say how to fix them."""
+    if r_warmup_iters is not None and int(r_warmup_iters) < 0:
+        raise ValueError(f"{layer}: r_warmup_iters must be >= 0 or None, got {r_warmup_iters}.")
     if int(window) < 1:
         raise ValueError(
             f"{layer}: window must be >= 1 (the number of recent steps in the moving "
@@ -250,6 +258,7 @@ def moving_average_batch_norm(
     num_batches_tracked: Tensor | None = None,
     warmup_iters: int = 100,
     r_clip: float = 5.0,
+    r_warmup_iters: int | None = None,
     backend: str = "auto",
     process_group: ProcessGroup | str | None = None,
 ) -> Tensor:
@@ -289,6 +298,7 @@ def moving_average_batch_norm(
         num_batches_tracked: () long, training steps taken so far (``t``).
         warmup_iters: steps of plain mean-free BN (batch ``χ``, ``ψ``, ``r = 1``).
         r_clip: ``r`` is clipped to ``[1/r_clip, r_clip]`` after warm-up (>= 1).
+        r_warmup_iters: steps with ``r = 1`` (>= 0); None: ``warmup_iters``.
         backend: "auto" | "torch" | "triton".
         process_group: with ``training=True``, ``χ_B`` and ``ψ_B`` are those of
             every process of this group (one all_gather in forward, one
@@ -336,7 +346,7 @@ def moving_average_batch_norm(
         "for per-sample gradients and model ensembles.",
     )
     m = _check_state(c, chi_window, psi_window, psi_filled, num_batches_tracked)
-    check_mabn_options(_LAYER, m, warmup_iters, r_clip, momentum)
+    check_mabn_options(_LAYER, m, warmup_iters, r_clip, momentum, r_warmup_iters)
     assert chi_window is not None and psi_window is not None  # narrowed by _check_state
     assert psi_filled is not None and num_batches_tracked is not None
     with torch.no_grad():
@@ -374,7 +384,8 @@ def moving_average_batch_norm(
         (ema,) = snapshot(running_var)
         ema = ema.to(acc)
         ratio = torch.sqrt(chi + eps) / torch.sqrt(ema.clamp_min(0) + eps)
-        r = torch.where(in_warmup, torch.ones_like(ratio), ratio.clamp(1.0 / r_clip, r_clip))
+        r_off = in_warmup if r_warmup_iters is None else t < r_warmup_iters
+        r = torch.where(r_off, torch.ones_like(ratio), ratio.clamp(1.0 / r_clip, r_clip))
         if momentum is None:
             factor = 1.0 / (t + 1).to(acc)
         else:

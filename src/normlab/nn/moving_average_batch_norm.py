@@ -36,13 +36,22 @@ class _MovingAverageBatchNorm(_NormBase):
       ``[1/r_clip, r_clip]`` (``r·x̂`` is then what eval computes);
     * backward: ``∂L/∂x = (g − x̂·ψ_SMA) / sqrt(χ_SMA + ε)`` with ``g = γ·r·∂L/∂y``;
     * the first ``warmup_iters`` steps are plain mean-free BN (batch ``χ`` and
-      ``ψ``, ``r = 1``), as in the authors' code; the windows fill meanwhile;
+      ``ψ``, ``r = 1``; ``r`` may stay 1 longer, ``r_warmup_iters``); the
+      windows fill meanwhile;
     * eval: ``y = γ·x / sqrt(running_var + ε) + β``.
 
     ``running_var`` is the EMA of the normalizing ``χ`` (a second moment about 0,
     not a variance; no Bessel correction), updated in forward with torch's
-    convention: ``momentum`` is the weight of the new value (the paper's code
-    writes ``α = 0.98`` for the *old* one, i.e. ``momentum=0.02``).
+    convention: ``momentum`` is the weight of the new value. The default 0.1
+    is BatchNorm's, not the paper's: the authors weight the *old* value by
+    ``α = 0.98``, i.e. ``momentum=0.02``.
+
+    The authors' schedule differs from the defaults: their ``MABN2d(C, B,
+    real_B, momentum=α, warmup_iters=W)`` switches to the moving averages one
+    step earlier (step W counted from 1, once its window is full) and starts
+    ``r`` at step max(1000, W) + 1. For W − 1 ≥ real_B // B it is exactly
+    ``MovingAverageBatchNorm2d(C, momentum=1 − α, window=real_B // B,
+    warmup_iters=W − 1, r_warmup_iters=max(1000, W))``.
     Full algorithm: :mod:`normlab.functional.moving_average_batch_norm`.
 
     Works at any batch size: one value per channel (``N·H·W ≥ 1``) is a valid
@@ -66,6 +75,8 @@ class _MovingAverageBatchNorm(_NormBase):
             and renormalization start (>= 0; the paper's code: 100).
         r_clip: after warm-up ``r`` is clipped to ``[1/r_clip, r_clip]`` (>= 1;
             the paper: 5). ``r_clip=1`` turns renormalization off.
+        r_warmup_iters: steps with ``r = 1`` (>= 0); None (default): the same
+            as ``warmup_iters``. The authors' code: max(1000, warmup).
         affine: learn γ (``weight``) and β (``bias``).
         process_group: in training, compute χ (forward) and ψ (backward) over
             every process of this group: None (default) for no sync, ``"world"``
@@ -102,9 +113,11 @@ class _MovingAverageBatchNorm(_NormBase):
         device: Any = None,
         dtype: Any = None,
         process_group: Any = None,
+        *,
+        r_warmup_iters: int | None = None,
     ) -> None:
         name = type(self).__name__
-        check_mabn_options(name, window, warmup_iters, r_clip, momentum)
+        check_mabn_options(name, window, warmup_iters, r_clip, momentum, r_warmup_iters)
         # The base registers running_mean/running_var together; MABN has no mean,
         # so it takes neither and registers its own state below.
         super().__init__(num_features, eps, momentum, affine, False, device, dtype)
@@ -112,6 +125,7 @@ class _MovingAverageBatchNorm(_NormBase):
         self.window = int(window)
         self.warmup_iters = int(warmup_iters)
         self.r_clip = float(r_clip)
+        self.r_warmup_iters = None if r_warmup_iters is None else int(r_warmup_iters)
         self.process_group = process_group
         factory = {"device": device, "dtype": dtype}
         del self.running_mean
@@ -149,15 +163,19 @@ class _MovingAverageBatchNorm(_NormBase):
             num_batches_tracked=self.num_batches_tracked,
             warmup_iters=self.warmup_iters,
             r_clip=self.r_clip,
+            r_warmup_iters=self.r_warmup_iters,
             process_group=self.process_group if self.training else None,
         )
 
     def extra_repr(self) -> str:
-        return (
+        s = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"window={self.window}, warmup_iters={self.warmup_iters}, r_clip={self.r_clip}, "
             f"affine={self.affine}"
         )
+        if self.r_warmup_iters is not None:
+            s += f", r_warmup_iters={self.r_warmup_iters}"
+        return s
 
 
 class MovingAverageBatchNorm1d(_MovingAverageBatchNorm):
