@@ -60,6 +60,7 @@ class _RefState:
             eps=m.eps,
             warmup_iters=m.warmup_iters,
             r_clip=m.r_clip,
+            r_warmup_iters=m.r_warmup_iters,
             **kw,
         )
         grads = R.moving_average_batch_norm_backward(np64(dy), cache)
@@ -86,6 +87,7 @@ CASES = [
     ((3, 2, 7), dict(window=2, warmup_iters=1, r_clip=2.0, affine=False)),
     ((2, 3, 2, 3, 4), dict(window=5, warmup_iters=2, r_clip=1.2, momentum=0.3)),
     ((1, 3, 1, 1), dict(window=3, warmup_iters=1, r_clip=1.5)),
+    ((3, 3, 4, 4), dict(window=2, warmup_iters=1, r_clip=1.3, r_warmup_iters=4)),
 ]
 
 

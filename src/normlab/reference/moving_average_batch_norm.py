@@ -9,7 +9,8 @@ Per channel c, with the statistics over the batch and spatial axes (N, *S) and
     warm      = t < warmup_iters
     chi       = chi_B if warm else chi_SMA
     xhat      = x / sqrt(chi + eps)
-    r         = 1 if warm else clip(sqrt(chi + eps) / sqrt(running_var + eps), 1/r_clip, r_clip)
+    r_off     = t < r_warmup_iters  (warm when r_warmup_iters is None)
+    r         = 1 if r_off else clip(sqrt(chi + eps) / sqrt(running_var + eps), 1/r_clip, r_clip)
     y         = weight * r * xhat + bias
     running_var <- (1 - m_t) running_var + m_t chi          (m_t = momentum, or 1/(t+1))
 
@@ -57,6 +58,7 @@ def moving_average_batch_norm_forward(
     eps: float = 1e-5,
     warmup_iters: int = 100,
     r_clip: float = 5.0,
+    r_warmup_iters: int | None = None,
 ) -> tuple[np.ndarray, dict]:
     """One MABN step; returns ``(y, cache)``; the cache holds the updated state.
 
@@ -93,7 +95,7 @@ def moving_average_batch_norm_forward(
     chi_sma = chi_window.sum(axis=0) / min(t + 1, m)
     warm = t < warmup_iters
     chi = chi_b if warm else chi_sma
-    if warm:
+    if warm if r_warmup_iters is None else t < r_warmup_iters:
         r = np.ones(c)
     else:
         r = np.clip(np.sqrt(chi + eps) / np.sqrt(running_var + eps), 1.0 / r_clip, r_clip)
