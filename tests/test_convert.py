@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import normlab.nn as nnl
-from _models import inputs, make_model
+from _models import inputs, make_model, randomize_bn
 from _testing import assert_close
 from normlab.convert import (
     convert_norms,
@@ -20,6 +20,7 @@ from normlab.convert import (
     is_frozen_batch_norm,
     unfreeze_bn,
 )
+from normlab.kinds import activation_tail, is_norm_act, overrides_forward
 from normlab.registry import group_norm
 
 N_BN = 8  # distinct BatchNorm modules in TinyResNet (one of them registered twice)
@@ -44,6 +45,33 @@ class FrozenBatchNorm2d(nn.Module):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
         return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d layout: BN, then ``drop``, then ``act`` (no timm import)."""
+
+    def __init__(self, n: int, act: bool = True) -> None:
+        super().__init__(n)
+        self.drop, self.act = nn.Dropout(0.0), (nn.SiLU() if act else nn.Identity())
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class ScaledBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm subclass whose forward does more than BN."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def silu(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.SiLU) for m in model.modules())
+
+
+def norm_act_model() -> nn.Module:
+    layers = [nn.Conv2d(3, 8, 3), BatchNormAct2d(8), nn.Conv2d(8, 8, 1), BatchNormAct2d(8, False)]
+    return randomize_bn(nn.Sequential(*layers)).double().eval()
 
 
 # ----------------------------------------------------------------------------- convert_norms
@@ -271,3 +299,101 @@ def test_fuse_check_inputs_mismatch_restores_the_model():
     with pytest.raises(RuntimeError, match="restored"):
         fuse_conv_bn(model, check_inputs=torch.randn(2, 3, 4, 4))
     assert type(model[1]) is nn.BatchNorm2d and model[0].bias is not None
+
+
+def test_kinds_recognise_norm_act_and_custom_forward():
+    assert is_norm_act(layer := BatchNormAct2d(4)) and overrides_forward(layer)
+    assert (
+        list((tail := activation_tail(layer))._modules) == ["drop", "act"] and tail.act is layer.act
+    )
+    assert activation_tail(nn.BatchNorm2d(4)) is None and not is_norm_act(nn.BatchNorm2d(4))
+    assert not any(map(overrides_forward, [nn.SyncBatchNorm(4), nnl.BatchNorm2d(4), nn.ReLU()]))
+    assert overrides_forward(ScaledBatchNorm2d(4)) and not is_norm_act(ScaledBatchNorm2d(4))
+
+
+def test_freeze_and_unfreeze_keep_the_activation_exactly():
+    model, x = norm_act_model(), inputs(2)
+    want, frozen = model(x), freeze_bn(copy.deepcopy(model))
+    assert silu(frozen) == silu(model) == 1
+    assert type(frozen[1].norm) is nnl.FrozenBatchNorm2d and isinstance(frozen[3].act, nn.Identity)
+    assert "1.norm.running_var" in frozen.state_dict() and "1.norm.weight" in frozen.state_dict()
+    assert_close(frozen(x), want)
+    thawed = unfreeze_bn(frozen).eval()
+    assert type(thawed[1].norm) is nnl.BatchNorm2d and silu(thawed) == 1
+    assert_close(thawed(x), want)
+
+
+def test_convert_keeps_the_activation_and_says_so():
+    model = norm_act_model()
+    act, (converted, report) = model[1].act, convert_norms(model, "gn", num_groups=2)
+    assert type(converted[1].norm) is nnl.GroupNorm and converted[1].act is act
+    assert report.replacements[0].new_type.endswith("GroupNorm + SiLU")
+    assert report.replacements[0].details["activation"].startswith("kept (SiLU)")
+    model, x = norm_act_model(), inputs(2)
+    as_bn, _ = convert_norms(copy.deepcopy(model), "bn")
+    assert silu(as_bn) == 1 and type(as_bn[1].norm) is nnl.BatchNorm2d
+    assert_close(as_bn(x), model(x))
+
+
+@pytest.mark.parametrize("tool", [freeze_bn, lambda m: convert_norms(m, "gn")])
+def test_custom_batchnorm_forward_is_refused(tool):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), ScaledBatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"1 \(ScaledBatchNorm2d\).*own forward"):
+        tool(model)
+    assert type(model[1]) is ScaledBatchNorm2d
+
+
+def test_frozen_bn_is_named_and_converted_on_request():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    same, report = convert_norms(model, "gn")
+    assert type(same[1]) is FrozenBatchNorm2d and [s.path for s in report.skipped] == ["1"]
+    assert "frozen=True" in report.warnings[0] and "1" in report.warnings[0]
+    assert "left in place" in str(report) and report.to_dict()["skipped"][0]["path"] == "1"
+    weight, (converted, report) = (
+        model[1].weight.clone(),
+        convert_norms(model, "gn", frozen=True, num_groups=2),
+    )
+    assert type(converted[1]) is nnl.GroupNorm and report.replacements[0].details["was_frozen"]
+    assert torch.equal(converted[1].weight.detach(), weight)
+    assert report.skipped == [] and report.warnings == []
+
+
+def test_added_nonlinearity_is_reported_with_the_linear_layers():
+    model, report = convert_norms(make_model(), "frn")
+    assert len(report.added_nonlinearity) == N_BN
+    after = {r.path: r.details["activation_after_bn"] for r in report.replacements}
+    assert after["stem.1"] and after["head.fc.1"]  # followed by nn.ReLU
+    assert not after["stages.0.body.3.1"]  # residual-branch end
+    assert not after["stages.1.shortcut.1"]  # projection shortcut
+    assert "head.fc.1" in report.warnings[0] and "(N, C)" in report.warnings[0]  # FRN1d
+    assert "frn_linear" in report.warnings[1] and "stages.0.body.3.1" in report.warnings[1]
+    d = report.to_dict()
+    assert d["added_nonlinearity"] == report.added_nonlinearity and "warning: " in str(report)
+    assert "TLU" in d["replacements"][0]["details"]["nonlinearity"] and d["skipped"] == []
+    model, report = convert_norms(make_model(), "frn_linear")
+    assert model.stem[1].tau is None and type(model.head["fc"][1]) is nnl.FilterResponseNorm1d
+    assert report.added_nonlinearity == [] and len(report.warnings) == 1
+
+
+def test_narrow_groups_are_named_with_their_channels():
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.Conv2d(16, 64, 1))
+    model.append(nn.BatchNorm2d(64))
+    assert convert_norms(copy.deepcopy(model), "gn", num_groups=4)[1].warnings == []
+    _, report = convert_norms(model, "gn")
+    (warning,) = report.warnings
+    assert "1 (C=16, 16 groups)" in warning and "3 (C=64, 32 groups)" in warning
+    assert report.replacements[0].details["channels_per_group"] == 1
+
+
+@pytest.mark.parametrize("target", ["evonorm_b0", "evonorm_s0"])
+def test_2d_only_target_on_3d_and_1d_bn_is_refused(target):
+    model = nn.Sequential(nn.Conv3d(1, 8, 1), nn.BatchNorm3d(8), nn.Flatten(), nn.BatchNorm1d(8))
+    with pytest.raises(ValueError, match=r"1 is a BatchNorm3d.*5-D.*Nothing was changed"):
+        convert_norms(model, target)
+    assert type(model[1]) is nn.BatchNorm3d
+    with pytest.raises(ValueError, match=r"BatchNorm1d"):  # EvoNorm has no 1-D variant either
+        convert_norms(nn.Sequential(nn.BatchNorm1d(8)), target)
+    converted, _ = convert_norms(model, "frn_linear")
+    assert type(converted[1]) is nnl.FilterResponseNorm3d and converted[1].tau is None

@@ -66,24 +66,43 @@ __all__ = [
 ]
 
 
-def _probe(new: nn.Module, rank: int | None, channels: int, path: str, source: str) -> None:
-    """Refuse a target that cannot take the source's input rank (e.g. a 2-D-only layer on 3-D)."""
+def _probe(new: nn.Module, rank: int | None, channels: int, path: str, source: str) -> str | None:
+    """Refuse a target that cannot take the source's input rank (e.g. a 2-D-only layer on 3-D).
+
+    For a 1-D BatchNorm, which takes (N, C, L) or (N, C), a target that takes only
+    (N, C, L) is accepted with a warning (returned): which one the model feeds is
+    not known before it runs.
+    """
     if rank in (None, 2):
-        return
+        return None
+    probe, kw = copy.deepcopy(new).eval(), factory_kwargs(new)
+
+    def fails(shape: tuple[int, ...]) -> Exception | None:
+        try:
+            with torch.no_grad():
+                probe(torch.randn(shape, **kw) + 0.5)
+        except Exception as e:  # any failure means the converted model would fail the same way
+            return e
+        return None
+
     shape = (2, channels) + (3,) * rank
-    probe = copy.deepcopy(new).eval()
-    kw = factory_kwargs(new)
-    try:
-        with torch.no_grad():
-            probe(torch.randn(shape, **kw) + 0.5)
-    except Exception as e:  # any failure means the converted model would fail the same way
+    error = fails(shape)
+    if error is not None:
         raise ValueError(
             f"convert_norms: {path or '<model>'} is a {source}, which takes {len(shape)}-D "
             f"input, but the target {type(new).__name__} fails on {len(shape)}-D input "
-            f"({type(e).__name__}: {e}). Nothing was changed. Pick a target with a "
-            f"{rank}-D variant ('bn', 'frozen_bn', 'gn', 'frn', 'frn_linear', 'brn', 'sn', "
-            "'mabn' all have one) or convert only the other layers."
-        ) from e
+            f"({type(error).__name__}: {error}). Nothing was changed. Pick a target with a "
+            f"{rank}-D variant ('bn', 'frozen_bn', 'gn', 'ln', 'in', 'frn', 'frn_linear', "
+            "'brn', 'sn', 'mabn') or convert only the other layers."
+        ) from error
+    if rank == 1 and fails((2, channels)) is not None:
+        return (
+            f"{path or '<model>'}: the target {type(new).__name__} takes (N, C, L) but not "
+            f"(N, C); if this {source} normalizes (N, C) features (after a Linear), the "
+            "converted model fails there: convert it with a target that takes (N, C) "
+            "('bn', 'frozen_bn', 'ln', 'gn')."
+        )
+    return None
 
 
 def convert_norms(
@@ -178,7 +197,9 @@ def convert_norms(
                 f"{type(new).__name__}, not an nn.Module."
             )
         new.to(**factory_kwargs(old))
-        _probe(new, rank, channels, path, type(old).__name__)
+        flat_only = _probe(new, rank, channels, path, type(old).__name__)
+        if flat_only:
+            warnings.append(flat_only)
         details: dict[str, Any] = {}
         if is_frozen_batch_norm(old):
             details["was_frozen"] = True

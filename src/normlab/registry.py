@@ -16,7 +16,9 @@ torchvision and timm model constructors take.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -52,11 +54,6 @@ def _layer_norm(num_features: int, **kwargs: Any) -> nn.Module:
     return nnl.LayerNorm2d(num_features, **kwargs)
 
 
-def _instance_norm(num_features: int, **kwargs: Any) -> nn.Module:
-    kwargs.setdefault("affine", True)
-    return nnl.InstanceNorm2d(num_features, **kwargs)
-
-
 def _evonorm_s0(num_features: int, groups: int | None = None, **kwargs: Any) -> nn.Module:
     """EvoNormS0_2d with ``num_features`` channels; groups default to :func:`auto_groups`."""
     groups = auto_groups(num_features) if groups is None else groups
@@ -70,7 +67,7 @@ NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "frozen_bn": nnl.FrozenBatchNorm2d,
     "gn": group_norm,
     "ln": _layer_norm,
-    "in": _instance_norm,
+    "in": functools.partial(nnl.InstanceNorm2d, affine=True),
     "frn": nnl.FilterResponseNorm2d,
     "frn_linear": functools.partial(nnl.FilterResponseNorm2d, tlu=False),
     "brn": nnl.BatchRenorm2d,
@@ -124,6 +121,9 @@ def rank_matched(factory: Callable[..., nn.Module], rank: int | None) -> Callabl
     return factory
 
 
+_ACT_KEYS = ("act_layer", "apply_act", "act_kwargs", "inplace", "drop_layer")
+
+
 def build_norm_layer(
     num_features: int,
     *,
@@ -134,17 +134,56 @@ def build_norm_layer(
     """Build ``norm`` for ``num_features`` channels; the target of :func:`norm_layer`.
 
     ``device`` / ``dtype`` given as None (timm passes them always) are dropped.
+    With ``act_layer`` bound, the layer is a norm + activation, timm's protocol:
+    ``nn.Sequential(norm=..., [drop=...,] act=...)``, the activation built as
+    ``act_layer(**act_kwargs, inplace=inplace)`` unless ``apply_act=False``.
     """
     kwargs = {k: v for k, v in kwargs.items() if not (k in ("device", "dtype") and v is None)}
+    act = {k: kwargs.pop(k) for k in _ACT_KEYS if k in kwargs}
+    if act and act.get("act_layer") is None:
+        raise TypeError(
+            f"norm_layer({norm!r}) was called as a norm + activation layer (with "
+            f"{sorted(act)}), as timm does for models built from BatchNormAct2d "
+            "(EfficientNet, MobileNet, ...), but timm does not pass the activation to a "
+            "function norm_layer, so the model would lose every activation. Bind it: "
+            f"norm_layer({norm!r}, act_layer=torch.nn.SiLU) (the model's own activation)."
+        )
     factory = rank_matched(get_norm_layer(norm), rank)
     try:
-        return factory(int(num_features), **kwargs)
+        layer = factory(int(num_features), **kwargs)
     except TypeError as e:
         raise TypeError(
             f"norm_layer({norm!r}): building it for {num_features} channels with "
             f"{sorted(kwargs)} failed: {e}. The model constructor passed keywords this norm "
             "does not take; bind the ones it does take in norm_layer(...) instead."
         ) from e
+    return _with_activation(layer, **act) if act else layer
+
+
+def _with_activation(
+    layer: nn.Module,
+    act_layer: Callable[..., nn.Module],
+    apply_act: bool = True,
+    act_kwargs: dict[str, Any] | None = None,
+    inplace: bool = False,
+    drop_layer: Callable[[], nn.Module] | None = None,
+) -> nn.Module:
+    """``nn.Sequential(norm=layer, [drop=...,] act=...)``, what timm's norm + act layers compute."""
+    parts: dict[str, nn.Module] = {"norm": layer}
+    if drop_layer is not None:
+        parts["drop"] = drop_layer()
+    if not apply_act:
+        parts["act"] = nn.Identity()
+    else:
+        kw = dict(act_kwargs or {})
+        try:
+            takes_inplace = "inplace" in inspect.signature(act_layer).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            takes_inplace = False
+        if takes_inplace:
+            kw.setdefault("inplace", inplace)
+        parts["act"] = act_layer(**kw)
+    return nn.Sequential(OrderedDict(parts))
 
 
 def norm_layer(
@@ -157,16 +196,24 @@ def norm_layer(
     or a ``functools.partial`` (it unpacks partials and rebinds their keywords),
     so this returns a keyword-only partial of :func:`build_norm_layer`.
 
+    timm models built from norm + activation layers (EfficientNet, MobileNetV3,
+    ...) call it as one (``inplace=``, ``apply_act=``) and expect it to apply the
+    activation, which they do not pass: bind ``act_layer`` (e.g.
+    ``act_layer=torch.nn.SiLU``), or the call fails with that advice.
+
     Args:
         name: registry name, class or factory (see :func:`get_norm_layer`).
         rank: spatial rank of the model (3 for video / volumetric models): a
             ``...2d`` class is swapped for its ``...3d`` sibling.
-        **kwargs: bound into every layer (e.g. ``num_groups=8``).
+        **kwargs: bound into every layer (e.g. ``num_groups=8``, ``act_layer=``).
 
     Example::
 
         >>> model = torchvision.models.resnet50(norm_layer=norm_layer("gn"))
         >>> model = timm.create_model("resnet50", norm_layer=norm_layer("frn_linear"))
+        >>> model = timm.create_model(
+        ...     "efficientnet_b0", norm_layer=norm_layer("gn", act_layer=torch.nn.SiLU)
+        ... )
     """
     get_norm_layer(name)  # fail now on an unknown name, not inside the model constructor
     if rank not in (1, 2, 3):
