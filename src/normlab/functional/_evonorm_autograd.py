@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._export import rsqrt
 from ._frn_autograd import (
     _cast,
     _composite_grads,
@@ -346,7 +347,7 @@ def s0_composite(
     mean = m.mean.reshape(n, num_groups, c // num_groups)
     var = m.var.reshape(n, num_groups, c // num_groups)
     _, group_var = mix_group_moments(mean, var, (2,))  # (N, G, 1)
-    rstd = torch.rsqrt(group_var + eps).repeat_interleave(c // num_groups, dim=1)
+    rstd = rsqrt(group_var + eps).repeat_interleave(c // num_groups, dim=1)
     rstd = rstd.reshape(n, c, *([1] * (x.dim() - 2)))
     xa = x.to(acc)
     y = xa * torch.sigmoid(v.to(acc).reshape(shape) * xa) * rstd
@@ -383,7 +384,7 @@ def _s0_fwd(
     def per_channel(t: Tensor) -> Tensor:  # (N, G, 1) -> (N, C, 1, ...)
         return t.expand(n, num_groups, cpg).reshape(n, c, *ones)
 
-    r = per_channel(torch.rsqrt(group_var + eps))
+    r = per_channel(rsqrt(group_var + eps))
     f = torch.mul(xa, _p(v, acc, shape), out=buf).sigmoid_().mul_(xa)
     f.mul_(r if weight is None else r * _p(weight, acc, shape))
     if bias is not None:

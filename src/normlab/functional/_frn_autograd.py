@@ -46,6 +46,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
+from ._export import rsqrt
 from ._normalize import channel_shape
 from ._stats import acc_dtype, mean_square, reduced_count
 
@@ -170,7 +171,7 @@ def frn_composite(
     shape = channel_shape(x)
     # ν² is a mean of squares by definition (no mean subtraction): fp32 for half input.
     nu2 = mean_square(x, range(2, x.dim()))
-    scale = torch.rsqrt(nu2 + eps)
+    scale = rsqrt(nu2 + eps)
     if weight is not None:
         scale = scale * weight.to(acc).reshape(shape)
     y = x.to(acc) * scale
@@ -202,7 +203,7 @@ def _frn_fwd(
     # One full-size allocation: the output (the half-input copy is reused for it).
     y = xa if xa is not x else torch.empty_like(xa)
     ss = sum_of_squares(xa, dims, out=None if y is xa else y)
-    r = torch.rsqrt(ss.div_(reduced_count(x, dims)).add_(eps))
+    r = rsqrt(ss.div_(reduced_count(x, dims)).add_(eps))
     a = r if weight is None else r * _p(weight, acc, shape)
     y = torch.mul(xa, a, out=y)
     if bias is not None:

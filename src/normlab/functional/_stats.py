@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._export import rsqrt
+from ._export import onnx_exporting, rsqrt
 
 __all__ = [
     "Moments",
@@ -179,9 +179,23 @@ def window_mean(x: Tensor, dim: int, size: int) -> Tensor:
     """
     dim = dim % x.dim()
     acc = x.to(acc_dtype(x.dtype))
+    if dim == 1 and x.dim() > 2 and onnx_exporting():
+        return _pooled_channel_window_mean(acc, size)
     pad = [0, 0] * (x.dim() - 1 - dim) + [size // 2, (size - 1) // 2]
     padded = torch.nn.functional.pad(acc, pad)
     return padded.unfold(dim, size, 1).mean(dim=-1)
+
+
+def _pooled_channel_window_mean(x: Tensor, size: int) -> Tensor:
+    """:func:`window_mean` over dim 1 as zero padding + ``avg_pool2d`` on (N, 1, C, S).
+
+    For ONNX export: the TorchScript exporter cannot write ``unfold`` of a padded
+    tensor (its size is not known to it); ``Pad`` + ``AveragePool`` it can. The
+    padding is explicit, so every window divides by ``size``.
+    """
+    v = x.flatten(2).unsqueeze(1)
+    v = torch.nn.functional.pad(v, [0, 0, size // 2, (size - 1) // 2])
+    return torch.nn.functional.avg_pool2d(v, (size, 1), stride=1).squeeze(1).reshape(x.shape)
 
 
 def mean_square(x: Tensor, dims: Sequence[int]) -> Tensor:

@@ -91,5 +91,6 @@ def layer_norm2d(
     xc = centered(input, pivot(input, (1,)))
     w = None if weight is None else weight.to(acc)
     b = None if bias is None else bias.to(acc)
-    y = F.layer_norm(xc.movedim(1, -1), (c,), w, b, eps).movedim(-1, 1)
+    last = input.dim() - 1  # not -1: the TorchScript ONNX exporter writes it into a perm
+    y = F.layer_norm(xc.movedim(1, last), (c,), w, b, eps).movedim(last, 1)
     return y.to(input.dtype)
