@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 import normlab.nn as nnl
-from normlab.registry import NORM_LAYERS, auto_groups, create_norm, get_norm_layer, group_norm
+from normlab.registry import (
+    NORM_LAYERS,
+    auto_groups,
+    create_norm,
+    get_norm_layer,
+    group_norm,
+    rank_matched,
+)
 
 
 @pytest.mark.parametrize("name", sorted(NORM_LAYERS))
@@ -75,3 +82,14 @@ def test_gn_groups_are_automatic(channels, groups):
 def test_not_a_norm_is_a_type_error():
     with pytest.raises(TypeError, match="expected a norm name"):
         create_norm(3, 8)  # type: ignore[arg-type]
+
+
+def test_frn_linear_is_frn_without_tlu_and_rank_matches():
+    frn, linear = create_norm("frn", 8), create_norm("frn_linear", 8)
+    assert frn.tau is not None and linear.tau is None
+    x = torch.randn(2, 8, 4, 4) - 0.5
+    assert (frn(x) >= 0).all() and (linear(x) < 0).any()  # τ = 0: the TLU is a ReLU
+    make = rank_matched(get_norm_layer("frn_linear"), 3)
+    assert type(make(8)) is nnl.FilterResponseNorm3d and make(8).tau is None
+    assert type(rank_matched(get_norm_layer("in"), 1)(8)) is nnl.InstanceNorm1d
+    assert rank_matched(group_norm, 3) is group_norm  # a function has no siblings
