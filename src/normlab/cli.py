@@ -134,5 +134,5 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt as e:
         if argv is None:  # the command line: the process exits now; a second ^C must wait
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(f"normlab {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"normlab {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130

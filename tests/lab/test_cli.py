@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from normlab.cli import main
@@ -83,3 +84,63 @@ def test_report_on_corrupt_db(tmp_path, capsys):
     bad.write_bytes(b"garbage" * 200)
     assert main(["report", str(bad)]) == 2
     assert "not a readable SQLite database" in capsys.readouterr().err
+
+
+def _set(args, flag, value):
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+@pytest.mark.slow
+def test_other_protocol_refused_unless_allowed(tmp_path, tiny_npz, capsys):
+    one = _set(_sweep_args(tmp_path, tiny_npz, "--quiet"), "--norms", "bn")
+    one = _set(one, "--batch-sizes", "2")
+    assert main(one) == 0
+    two = _set(one, "--epochs", "2")
+    assert main(two) == 2
+    err = capsys.readouterr().err
+    assert "holds runs of another protocol (epochs 1 stored vs 2 now)" in err
+    assert "another --db" in err and "--allow-mixed-protocols" in err
+    summary = tmp_path / "s.json"
+    assert main([*two, "--allow-mixed-protocols", "--json", str(summary)]) == 0
+    # The sweep reports its own grid; the store's report keeps both protocols apart.
+    assert [r["n_seeds"] for r in json.loads(summary.read_text())] == [1]
+    report = ["report", str(tmp_path / "runs.db"), "--out", str(tmp_path / "rep2")]
+    assert main([*report, "--json", str(summary)]) == 0
+    rows = json.loads(summary.read_text())
+    assert sorted((r["protocol"], r["n_seeds"]) for r in rows) == [("epochs=1", 1), ("epochs=2", 1)]
+    out = capsys.readouterr().out
+    assert "| BN (epochs=1) |" in out and "| BN (epochs=2) |" in out
+
+
+def test_unknown_or_missing_device(tmp_path, tiny_npz, capsys):
+    import torch
+
+    assert main(_sweep_args(tmp_path, tiny_npz, "--device", "gpu")) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'gpu'; use cpu, cuda" in err and "Traceback" not in err
+    assert main(["bench", "--device", "gpu", "--reps", "1"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(_sweep_args(tmp_path, tiny_npz, "--device", "cuda")) == 2
+        assert "torch sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "runs.db").exists()
+
+
+def test_data_errors_come_before_the_store(tmp_path, tiny_npz, capsys):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x00\x01 not an archive" * 50)
+    assert main(_set(_sweep_args(tmp_path, tiny_npz), "--data", str(garbage))) == 2
+    err = capsys.readouterr().err
+    assert "not a .npz archive" in err and "x (images" in err
+    nan = tmp_path / "nan.npz"
+    x = np.zeros((20, 8, 8), np.float32)
+    x[4, 0, 0] = np.nan
+    np.savez(nan, x=x, y=np.arange(20) % 2)
+    assert main(_set(_sweep_args(tmp_path, tiny_npz), "--data", str(nan))) == 2
+    assert "non-finite" in capsys.readouterr().err
+    # 38 training images cannot fill a batch of 64.
+    assert main(_set(_sweep_args(tmp_path, tiny_npz), "--batch-sizes", "2,64")) == 2
+    assert "fewer than the batch size 64" in capsys.readouterr().err
+    assert not (tmp_path / "runs.db").exists()  # nothing was created

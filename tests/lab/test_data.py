@@ -78,3 +78,51 @@ def test_single_class(tmp_path):
     np.savez(tmp_path / "one.npz", x=np.zeros((4, 8, 8)), y=np.zeros(4))
     with pytest.raises(DataError, match="needs >= 2"):
         load_images(tmp_path / "one.npz")
+
+
+def test_garbage_npz_names_the_format(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(np.random.default_rng(1).bytes(300))
+    with pytest.raises(DataError, match="not a .npz archive") as info:
+        load_images(bad)
+    assert "x (images" in str(info.value) and "pickle" not in str(info.value)
+    single = tmp_path / "array.npz"  # one .npy array saved under a .npz name
+    with single.open("wb") as f:
+        np.save(f, np.zeros((4, 8, 8)))
+    with pytest.raises(DataError, match="not a .npz archive"):
+        load_images(single)
+
+
+def test_object_arrays_are_never_unpickled(tmp_path):
+    path = tmp_path / "obj.npz"
+    y = np.empty(6, dtype=object)
+    y[:] = [{"label": i % 2} for i in range(6)]
+    np.savez(path, x=np.zeros((6, 8, 8), np.float32), y=y)
+    with pytest.raises(DataError, match="'y' holds Python objects.*never unpickles"):
+        load_images(path)
+
+
+def test_non_finite_images_refused_with_where(tmp_path):
+    x = np.random.default_rng(2).uniform(size=(10, 6, 6)).astype(np.float32)
+    x[3, 1, 1] = np.nan
+    x[7, 0, :2] = np.inf
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(10) % 2)
+    with pytest.raises(DataError, match=r"3 non-finite value\(s\).*2 image\(s\), at index 3, 7"):
+        load_images(tmp_path / "nan.npz")
+
+
+def test_class_with_one_image_refused(tmp_path):
+    y = np.array([0, 0, 0, 1, 1, 1, 2])
+    np.savez(tmp_path / "one.npz", x=np.zeros((7, 6, 6), np.float32), y=y)
+    with pytest.raises(DataError, match="class\\(es\\) 2 have a single image"):
+        load_images(tmp_path / "one.npz")
+
+
+def test_training_split_smaller_than_batch(tmp_path):
+    from normlab.lab.data import check_batch_size
+
+    np.savez(tmp_path / "few.npz", x=np.zeros((10, 6, 6), np.float32), y=np.arange(10) % 2)
+    split = split_data(load_images(tmp_path / "few.npz", image_size=6))
+    check_batch_size(split, len(split.x_train))
+    with pytest.raises(DataError, match=f"holds {len(split.x_train)} images, fewer than"):
+        check_batch_size(split, len(split.x_train) + 1)

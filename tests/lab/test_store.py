@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from normlab.lab.store import RunStore, StoreError
+from normlab.lab.store import ProtocolMismatchError, RunStore, StoreError
 from normlab.lab.train import EpochStats, RunConfig, RunRecord
 
 
@@ -58,3 +58,45 @@ def test_newer_schema(tmp_path):
 def test_missing_store_for_report(tmp_path):
     with pytest.raises(StoreError, match="no such run store"):
         RunStore(tmp_path / "none.db", create=False)
+
+
+def _run(epochs: int, seed: int = 0, **kw) -> RunRecord:
+    cfg = RunConfig(norm="bn", batch_size=4, seed=seed, epochs=epochs, **kw)
+    return RunRecord(cfg, [EpochStats(1, 1.0, 50.0, 40.0, 0.01)], 40.0, 1.5, False, 10, 5, 1)
+
+
+def test_refuses_another_protocol(tmp_path):
+    db = tmp_path / "runs.db"
+    with RunStore(db) as store:
+        store.add(_run(epochs=3))
+        store.add(_run(epochs=3, seed=1, device="cuda"))  # the device is not protocol
+        with pytest.raises(ProtocolMismatchError) as info:
+            store.add(_run(epochs=1, base_lr=0.1))
+        assert len(store) == 2
+    msg = str(info.value)
+    assert "base_lr 0.00625 stored vs 0.1 now" in msg and "epochs 3 stored vs 1 now" in msg
+    assert "another --db" in msg and "--allow-mixed-protocols" in msg
+    # Reopened, the store still knows its protocol (from the stored runs).
+    with RunStore(db) as store, pytest.raises(ProtocolMismatchError):
+        store.check_protocol(_run(epochs=1).config)
+
+
+def test_mixed_protocols_when_allowed(tmp_path):
+    db = tmp_path / "runs.db"
+    with RunStore(db) as store:
+        store.add(_run(epochs=3))
+    with RunStore(db, allow_mixed_protocols=True) as store:
+        assert store.add(_run(epochs=1)) is True
+        assert sorted(p["epochs"] for p in store.protocols()) == [1, 3]
+
+
+def test_merge_refuses_another_protocol_whole(tmp_path):
+    main, shard = tmp_path / "main.db", tmp_path / "shard.db"
+    with RunStore(main) as store:
+        store.add(_run(epochs=3))
+    with RunStore(shard) as store:
+        store.add(_run(epochs=2, seed=5))
+    with RunStore(main) as store:
+        with pytest.raises(ProtocolMismatchError, match="epochs 3 stored vs 2 now"):
+            store.merge_from(shard)
+        assert len(store) == 1

@@ -186,8 +186,12 @@ def run_sweep(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             allow_mixed_protocols=args.allow_mixed_protocols,
         )
-    except SweepInterrupted as e:
-        e.args = (_interrupted_message(e, args.db),)  # normlab.cli.main prints it
+    except KeyboardInterrupt as e:  # normlab.cli.main prints the message
+        e.args = (
+            _interrupted_message(e, args.db)
+            if isinstance(e, SweepInterrupted)
+            else f"interrupted before any run finished. Store: {args.db}",
+        )
         raise
     if not result.records or os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 alone reports (it holds the merged store)
