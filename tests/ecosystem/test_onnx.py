@@ -235,3 +235,18 @@ def test_small_cnn_exports_and_matches(exporter):
     model = randomize(SmallCNN())
     case = EcoCase("SmallCNN", SmallCNN, SmallCNN, (2, 3, 9, 7))
     _export_and_compare(model, [case], exporter)
+
+
+def test_auto_backend_is_torch_under_onnx_export(monkeypatch):
+    """A CUDA input under export takes the torch path: ONNX has no Triton ops."""
+    from types import SimpleNamespace
+
+    from normlab import kernels
+    from normlab.functional._checks import resolve_backend
+
+    cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.float32)  # a stand-in
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    assert resolve_backend("frozen_batch_norm", "auto", cuda_x) == "triton"
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    for op in ("frozen_batch_norm", "batch_norm (eval)", "group_norm", "filter_response_norm"):
+        assert resolve_backend(op, "auto", cuda_x) == "torch", op

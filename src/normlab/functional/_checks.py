@@ -162,8 +162,9 @@ def resolve_backend(op: str, backend: str, x: Tensor) -> str:
     * ``"torch"``: always the PyTorch path.
     * ``"auto"``: the Triton kernels when ``x`` is a CUDA tensor, ``op`` has them
       (:data:`TRITON_OPS`), triton imports, the dtype is supported, and the call is
-      neither traced by ``torch.compile`` (inductor fuses the torch path itself) nor
-      under a ``torch.func`` transform. Otherwise torch; CPU input is always torch,
+      neither traced by ``torch.compile`` (inductor fuses the torch path itself),
+      nor by ``torch.onnx.export`` (ONNX has no Triton ops), nor under a
+      ``torch.func`` transform. Otherwise torch; CPU input is always torch,
       even with ``TRITON_INTERPRET=1`` (the interpreter is for tests), and then
       triton is not even imported.
     * ``"triton"``: the kernels, on a CUDA tensor or (for tests) a CPU tensor under
@@ -179,6 +180,7 @@ def resolve_backend(op: str, backend: str, x: Tensor) -> str:
             or op not in TRITON_OPS
             or x.dtype not in _KERNEL_DTYPES
             or torch.compiler.is_compiling()
+            or torch.onnx.is_in_onnx_export()
             or torch._C._are_functorch_transforms_active()
         ):
             return "torch"
