@@ -231,7 +231,8 @@ def _recalibrate(
         x[i : i + batch_size].to(device).repeat(1, packs, 1, 1)
         for i in range(0, len(x) - batch_size + 1, batch_size)
     ]
-    recalibrate(model, batches)
+    # Precise BN: the statistics of the train-mode inputs the network was trained on.
+    recalibrate(model, batches, method="precise", progress=False)
 
 
 def _build(config: RunConfig, split: Split, packs: int = 1) -> torch.nn.Module:

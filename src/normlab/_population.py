@@ -1,0 +1,210 @@
+"""Which layers keep running statistics, and their exact population moments.
+
+:func:`recalibration_kind` says which statistic a layer keeps (the
+``_recalibrate_kind`` protocol of :mod:`normlab.recalibrate`); :class:`Population`
+accumulates that statistic over the inputs a layer sees, batch by batch, in
+float64. For the batch kinds it keeps, per channel, the count ``n``, the mean and
+``M_2 = Σ (x − mean)²`` merged with Chan et al.'s parallel update (the law of
+total variance):
+
+.. math:: n = n_a + n_b,\\quad \\delta = \\bar x_b - \\bar x_a,\\quad
+          \\bar x = \\bar x_a + \\delta\\,n_b/n,\\quad
+          M_2 = M_{2,a} + M_{2,b} + \\delta^2\\,n_a n_b / n
+
+and, beside it, the count-weighted sum of the per-batch variances
+``Σ_b n_b s_b²``, so that either variance can be stored at the end:
+
+``"population"``
+    ``M_2 / (n − 1)``: the unbiased variance of every value seen, pooled. It
+    includes the spread of the batch means around the overall mean.
+``"per_batch"``
+    ``Σ_b n_b s_b² / Σ_b n_b`` with ``s_b² = M_{2,b} / (n_b − 1)``: the BN
+    paper's inference variance (Ioffe & Szegedy 2015, Algorithm 2, the mean of
+    the unbiased mini-batch variances), weighted by each batch's count so that a
+    batch of 2 does not weigh as much as a batch of 256. Batches with a single
+    value per channel have no variance and add to the mean only.
+
+A class that sets ``_recalibrate_unbiased = False`` gets the divide-by-``n``
+versions of both (``M_2 / n``; ``Σ_b M_{2,b} / Σ_b n_b``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
+
+__all__ = ["KINDS", "VARIANCES", "Population", "Variance", "declared_kind", "recalibration_kind"]
+
+KINDS = ("batch_mean_var", "batch_second_moment", "instance_mean_var")
+VARIANCES = ("population", "per_batch")
+Variance = Literal["population", "per_batch"]
+
+
+def declared_kind(module: nn.Module) -> str | None:
+    """The kind ``module``'s class declares (or torch's BN/IN imply), buffers or not."""
+    kind = getattr(type(module), "_recalibrate_kind", None)
+    if kind is None:
+        if isinstance(module, _TorchBatchNorm):
+            kind = "batch_mean_var"
+        elif isinstance(module, _TorchInstanceNorm):
+            kind = "instance_mean_var"
+        else:
+            return None
+    if kind not in KINDS:
+        raise ValueError(
+            f"{type(module).__name__}._recalibrate_kind is {kind!r}, which normlab.recalibrate "
+            f"does not know; use one of {', '.join(KINDS)} (see the normlab.recalibrate docs)."
+        )
+    return kind
+
+
+def recalibration_kind(module: nn.Module) -> str | None:
+    """The statistic ``module`` keeps (one of :data:`KINDS`), or None if it keeps none."""
+    kind = declared_kind(module)
+    if kind is None or not any(
+        isinstance(getattr(module, b, None), Tensor) for b in ("running_mean", "running_var")
+    ):
+        return None
+    return kind
+
+
+class Population:
+    """Exact moments of one layer's inputs, merged batch by batch in float64.
+
+    Attributes ``n`` (values per channel seen; instances for the instance kind),
+    ``mean`` and ``m2`` (batch kinds: ``Σ (x − mean)²``; instance kind: the
+    running average of the instance variances) are read by :mod:`normlab.doctor`.
+    """
+
+    def __init__(
+        self, module: nn.Module, kind: str, path: str, variance: Variance = "population"
+    ) -> None:
+        if variance not in VARIANCES:
+            raise ValueError(
+                f"recalibrate: variance={variance!r} is not one of {', '.join(VARIANCES)}."
+            )
+        self.kind = kind
+        self.variance = variance
+        self.unbiased = bool(getattr(type(module), "_recalibrate_unbiased", True))
+        self.path = path
+        self.name = type(module).__name__
+        self.batched_rank = _batched_rank(module)
+        self.n = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+        self.batch_var_sum: Tensor | None = None  # Σ_b n_b s_b² (batches with n_b ≥ 2)
+        self.batch_var_n = 0  # Σ_b n_b over those batches
+
+    def update(self, x: Tensor) -> None:
+        """Add one call's input (channels on dim 1) to the moments."""
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
+            raise TypeError(
+                f"recalibrate: {self.path} ({self.name}) got a {type(x).__name__} input; "
+                "its statistics need a floating tensor with channels on dim 1."
+            )
+        x = x.detach().to(torch.float64)
+        if self.kind == "instance_mean_var":
+            self._update_instances(x)
+            return
+        if x.dim() < 2:
+            raise ValueError(
+                f"recalibrate: {self.path} ({self.name}) got input of shape {tuple(x.shape)}; "
+                "expected (N, C, ...) with channels on dim 1."
+            )
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        nb = flat.shape[1]
+        if nb == 0:
+            return
+        mb = flat.mean(dim=1)
+        m2b = (flat - mb[:, None]).square().sum(dim=1)
+        self._merge(nb, mb, m2b)
+        if nb >= 2 or not self.unbiased:
+            vb = m2b * (nb / (nb - 1)) if self.unbiased else m2b  # n_b · s_b²
+            self.batch_var_sum = vb if self.batch_var_sum is None else self.batch_var_sum + vb
+            self.batch_var_n += nb
+
+    def _update_instances(self, x: Tensor) -> None:
+        if self.batched_rank is not None and x.dim() == self.batched_rank - 1:
+            x = x.unsqueeze(0)
+        if x.dim() < 3:
+            raise ValueError(
+                f"recalibrate: {self.path} ({self.name}) got input of shape {tuple(x.shape)}; "
+                "instance statistics need (N, C, *spatial)."
+            )
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        if flat.shape[2] < 2:
+            raise ValueError(
+                f"recalibrate: {self.path} ({self.name}) sees {flat.shape[2]} spatial value(s) "
+                "per instance; an instance variance needs at least 2."
+            )
+        var, mean = torch.var_mean(flat, dim=2, correction=1 if self.unbiased else 0)
+        nb = flat.shape[0]
+        # Instances count equally: running averages of the instance mean and variance.
+        mb, vb = mean.mean(dim=0), var.mean(dim=0)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = nb, mb, vb
+        else:
+            self._check_channels(mb)
+            n = self.n + nb
+            self.mean = self.mean + (mb - self.mean) * (nb / n)
+            self.m2 = self.m2 + (vb - self.m2) * (nb / n)
+            self.n = n
+
+    def _check_channels(self, mb: Tensor) -> None:
+        assert self.mean is not None
+        if mb.shape != self.mean.shape:
+            raise ValueError(
+                f"recalibrate: {self.path} ({self.name}) saw {mb.shape[0]} channels after "
+                f"{self.mean.shape[0]}; channels must be on dim 1 and fixed."
+            )
+
+    def _merge(self, nb: int, mb: Tensor, m2b: Tensor) -> None:
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        self._check_channels(mb)
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + delta.square() * (self.n * nb / n)
+        self.n = n
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """(mean, value for ``running_var``) in float64."""
+        if self.mean is None or self.m2 is None:
+            raise ValueError(f"recalibrate: {self.path} ({self.name}) saw no input.")
+        if self.kind == "instance_mean_var":
+            return self.mean, self.m2
+        if self.kind == "batch_second_moment":
+            return self.mean, self.m2 / self.n + self.mean.square()
+        if self.variance == "per_batch":
+            if self.batch_var_sum is None:
+                raise ValueError(
+                    f"recalibrate: {self.path} ({self.name}) saw only one value per channel "
+                    "in every batch; variance='per_batch' needs batches with at least 2. Feed "
+                    "larger batches or use variance='population'."
+                )
+            return self.mean, self.batch_var_sum / self.batch_var_n
+        if self.unbiased:
+            if self.n < 2:
+                raise ValueError(
+                    f"recalibrate: {self.path} ({self.name}) saw only {self.n} value per "
+                    "channel in all batches; an unbiased variance needs at least 2. Feed more "
+                    "data."
+                )
+            return self.mean, self.m2 / (self.n - 1)
+        return self.mean, self.m2 / self.n
+
+
+def _batched_rank(module: nn.Module) -> int | None:
+    spatial = getattr(type(module), "_spatial", None)
+    if isinstance(spatial, int):
+        return spatial + 2
+    get = getattr(module, "_get_no_batch_dim", None)
+    if callable(get):
+        return int(get()) + 1
+    return None
