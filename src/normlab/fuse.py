@@ -14,33 +14,45 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from . import kinds
 from .feed import ForwardFn, feed
-from .fuse_check import SiteCheck, compare_outputs, fold, fused_module, probe_error, run_compare
+from .fuse_check import (
+    TRANSPOSED,
+    SiteCheck,
+    bn_error,
+    compare_outputs,
+    conv_error,
+    fold,
+    fused_module,
+    out_channels,
+    run_compare,
+)
 from .fuse_graph import find_uses, is_bn_like
 from .fuse_report import REASONS, FusedPair, FuseReport, SkippedBN
-from .kinds import is_frozen_batch_norm
+from .kinds import activation_tail, is_frozen_batch_norm
 
 __all__ = ["REASONS", "FuseReport", "compare_outputs", "fuse_conv_bn"]
 
-_EXACT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_EXACT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *TRANSPOSED)
 _ACTS = {"relu": nn.ReLU, "silu": nn.SiLU}
 Slot = tuple[nn.Module, str]
 
 
 def _activation_tail(bn: nn.Module) -> nn.Module | None:
     """What a norm+activation layer applies after normalizing (None for a plain norm)."""
-    tail_fn = getattr(kinds, "activation_tail", None)
-    if tail_fn is not None:
-        return tail_fn(bn)
-    parts = []
-    for name in ("drop", "act"):
-        m = getattr(bn, name, None)
-        if isinstance(m, str) and m in _ACTS:
-            m = _ACTS[m]()
-        if isinstance(m, nn.Module) and not isinstance(m, nn.Identity):
-            parts.append(m)
-    return None if not parts else parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+    tail = activation_tail(bn)
+    act = getattr(bn, "act", None)
+    if tail is None and isinstance(act, str) and act in _ACTS:  # normlab FrozenBatchNorm(act=)
+        return _ACTS[act]()
+    return tail
+
+
+def _guarded(check: Callable[..., float | None], *args: Any) -> tuple[float | None, str]:
+    """Run a probe check; an exception (a layer that cannot be copied or cast) is a failure."""
+    try:
+        err = check(*args)
+    except Exception as e:
+        return float("nan"), f"{type(e).__name__}: {e}"
+    return err, "" if err is None else f"max abs error {err:.3g} in float64"
 
 
 @dataclass
@@ -132,12 +144,12 @@ class _Plan:
             cpath = self.paths[id(conv)]
             n_slots = len(self.slots.get(id(conv), []))
             n_calls = self.found.conv_calls.get(id(conv), 0) + convs.count(conv) - 1
-            if conv.weight.shape[0] != bn.running_mean.shape[0]:
+            if out_channels(conv) != bn.running_mean.shape[0]:
                 return self._block(
                     bn,
                     "channel_mismatch",
                     f"has {bn.running_mean.shape[0]} channels but {cpath} feeding it has "
-                    f"{conv.weight.shape[0]} outputs. Check the model's wiring.",
+                    f"{out_channels(conv)} outputs. Check the model's wiring.",
                     ValueError,
                 )
             if n_slots > 1 or n_calls > 1:
@@ -152,30 +164,27 @@ class _Plan:
                     "a copy) first.",
                     ValueError,
                 )
+        tail = _activation_tail(bn)
+        err, why = _guarded(bn_error, bn, tail, convs[0].weight.dim() - 2)
+        if err is not None:
+            return self._block(
+                bn,
+                "bn_variant",
+                f"does not compute (x - running_mean) / sqrt(running_var + eps) * weight + bias "
+                f"in eval ({why}), so it cannot be folded. Replace it by a standard BatchNorm "
+                "or leave it unfused (strict=False).",
+                RuntimeError,
+            )
         pairs = []
         for conv in convs:
-            tail = _activation_tail(bn)
-            try:
-                err = probe_error(conv, bn, tail)
-            except Exception as e:  # a layer that cannot be copied, cast or refilled
-                err, why = float("nan"), f"{type(e).__name__}: {e}"
-            else:
-                why = f"max abs error {err:.3g} in float64" if err is not None else ""
-            if err is not None:
-                if type(conv) not in _EXACT:
+            if type(conv) not in _EXACT:
+                err, why = _guarded(conv_error, conv)
+                if err is not None:
                     detail = (
                         f"{self.paths[id(conv)]} ({type(conv).__name__}): folding changes "
                         f"its output ({why})"
                     )
                     return self.skip(bn, "conv_transforms_weight", detail)
-                return self._block(
-                    bn,
-                    "bn_variant",
-                    f"folded into {self.paths[id(conv)]} does not reproduce its output ({why}); "
-                    "this BN variant does not compute "
-                    "(x - running_mean) / sqrt(running_var + eps) * weight + bias.",
-                    RuntimeError,
-                )
             w, b = fold(conv, bn)
             pairs.append(_Pair(conv, bn, fused_module(conv, w, b), tail))
         self.groups.append((bn, pairs))

@@ -2,11 +2,12 @@
 
 Three checks guard :func:`normlab.fuse.fuse_conv_bn`, from cheapest to strongest:
 
-- a *probe* check per pair: the fused module on a small random float64 input
-  against the original conv → BN. It catches BatchNorm variants that do not
-  compute ``(x - mean) / sqrt(var + eps) * weight + bias`` and conv subclasses
-  that transform their weight in forward (weight standardization undoes the
-  folded per-channel scale);
+- *probe* checks per pair on small random float64 inputs: the BN against the
+  affine map being folded (catches BatchNorm variants that do not compute
+  ``(x - mean) / sqrt(var + eps) * weight + bias``) and, for conv subclasses,
+  the fused copy against the conv followed by that map (catches convs that
+  transform their weight in forward: weight standardization undoes the folded
+  per-channel scale);
 - a *site* check on the user's ``check_inputs``: forward hooks run the fused
   conv on the input each original conv really receives and compare it with what
   the original BN really returns. It is local, so it does not depend on
@@ -29,19 +30,45 @@ __all__ = ["compare_outputs", "default_tol"]
 Compare = Callable[[Any, Any], Any]
 
 
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def out_channels(lin: nn.Module) -> int:
+    """Output channels of a conv, transposed conv or linear layer."""
+    return int(lin.out_features if isinstance(lin, nn.Linear) else lin.out_channels)
+
+
+def bn_affine(bn: nn.Module, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """(scale, shift) per channel such that eval ``bn(x) == x * scale + shift``."""
+    mean = bn.running_mean.detach().to(dtype)
+    var = bn.running_var.detach().to(dtype)
+    gamma = bn.weight.detach().to(dtype) if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().to(dtype) if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma * torch.rsqrt(var + float(getattr(bn, "eps", 1e-5)))
+    return scale, beta - mean * scale
+
+
+def fold_affine(
+    lin: nn.Module, scale: Tensor, shift: Tensor, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of ``lin(x) * scale + shift`` (per output channel) in ``dtype``."""
+    w = lin.weight.detach().to(dtype)
+    n = out_channels(lin)
+    b = lin.bias.detach().to(dtype) if lin.bias is not None else w.new_zeros(n)
+    ones = [1] * (w.dim() - 2)
+    if isinstance(lin, TRANSPOSED):  # weight (in, out / groups, *k)
+        g = lin.groups
+        w = (w.reshape(g, -1, *w.shape[1:]) * scale.reshape(g, 1, -1, *ones)).reshape(w.shape)
+    else:
+        w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    return w, b * scale + shift
+
+
 def fold(
     lin: nn.Module, bn: nn.Module, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor]:
     """Folded (weight, bias) of ``bn(lin(x))`` in ``dtype``."""
-    w = lin.weight.detach().to(dtype)
-    out = w.shape[0]
-    b = lin.bias.detach().to(dtype) if lin.bias is not None else w.new_zeros(out)
-    gamma = bn.weight.detach().to(dtype) if bn.weight is not None else w.new_ones(out)
-    beta = bn.bias.detach().to(dtype) if bn.bias is not None else w.new_zeros(out)
-    mean = bn.running_mean.detach().to(dtype)
-    var = bn.running_var.detach().to(dtype)
-    scale = gamma * torch.rsqrt(var + float(getattr(bn, "eps", 1e-5)))
-    return w * scale.reshape(-1, *([1] * (w.dim() - 1))), (b - mean) * scale + beta
+    return fold_affine(lin, *bn_affine(bn, dtype), dtype)
 
 
 def fused_module(lin: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
@@ -51,35 +78,61 @@ def fused_module(lin: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
     with torch.no_grad():
         fused.weight.copy_(weight.to(ref.dtype))
         if fused.bias is None:
-            fused.bias = nn.Parameter(ref.new_zeros(ref.shape[0]), requires_grad=ref.requires_grad)
+            zeros = ref.new_zeros(out_channels(lin))
+            fused.bias = nn.Parameter(zeros, requires_grad=ref.requires_grad)
         fused.bias.copy_(bias.to(ref.dtype))
     return fused
 
 
+def _randn(*shape: int) -> Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) + 0.3
+
+
 def probe(lin: nn.Module) -> Tensor:
     """A small random float64 input that ``lin`` accepts."""
-    g = torch.Generator().manual_seed(0)
     if isinstance(lin, nn.Linear):
-        return torch.randn(2, lin.in_features, generator=g, dtype=torch.float64) + 0.3
+        return _randn(2, lin.in_features)
     sizes = []
     for i in range(len(lin.kernel_size)):
         extent = lin.dilation[i] * (lin.kernel_size[i] - 1) + 1
         pad = lin.padding[i] if isinstance(lin.padding, tuple) else extent
         sizes.append(extent + pad + lin.stride[i])
-    return torch.randn(2, lin.in_channels, *sizes, generator=g, dtype=torch.float64) + 0.3
+    return _randn(2, lin.in_channels, *sizes)
 
 
-def probe_error(lin: nn.Module, bn: nn.Module, tail: nn.Module | None) -> float | None:
-    """Max error of ``tail(fused(x))`` against ``bn(lin(x))`` in float64, None when it matches."""
-    x = probe(lin).to(lin.weight.device)
-    lin64 = copy.deepcopy(lin).double()
+def bn_error(bn: nn.Module, tail: nn.Module | None, spatial: int) -> float | None:
+    """Max error of ``tail(x * scale + shift)`` against ``bn(x)`` in float64, None if it matches.
+
+    Catches BN variants whose eval forward is not the folded affine map (the
+    tail is what a norm+activation layer applies after it).
+    """
     bn64 = copy.deepcopy(bn).double().eval()
+    x = _randn(2, bn.running_mean.shape[0], *([3] * spatial)).to(bn.running_mean.device)
+    scale, shift = bn_affine(bn64)
+    view = (1, -1, *([1] * spatial))
     with torch.no_grad():
-        want = bn64(lin64(x))
-        w64, b64 = fold(lin64, bn64)
-        got = fused_module(lin64, w64, b64)(x)
+        want = bn64(x)
+        got = x * scale.reshape(view) + shift.reshape(view)
         if tail is not None:
             got = copy.deepcopy(tail).double().eval()(got)
+    return mismatch(got, want, 1e-9, 1e-9)
+
+
+def conv_error(lin: nn.Module) -> float | None:
+    """Max error of folding a random per-channel affine map into ``lin`` (float64), or None.
+
+    Only conv subclasses need it: one that transforms its weight in forward
+    (weight standardization) undoes the folded scale.
+    """
+    lin64 = copy.deepcopy(lin).double()
+    x = probe(lin).to(lin.weight.device)
+    n = out_channels(lin)
+    scale, shift = _randn(n).abs() + 0.5, _randn(n)
+    view = (1, -1, *([1] * (x.dim() - 2)))
+    with torch.no_grad():
+        want = lin64(x) * scale.reshape(view) + shift.reshape(view)
+        got = fused_module(lin64, *fold_affine(lin64, scale, shift))(x)
     return mismatch(got, want, 1e-9, 1e-9)
 
 

@@ -25,7 +25,15 @@ from .kinds import is_batch_norm, is_frozen_batch_norm
 
 __all__ = ["BNUse", "Discovery", "find_uses", "is_bn_like", "is_conv_like"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONV = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
 
 
 def is_bn_like(m: nn.Module) -> bool:
@@ -34,7 +42,7 @@ def is_bn_like(m: nn.Module) -> bool:
 
 
 def is_conv_like(m: nn.Module) -> bool:
-    """Conv1d/2d/3d, Linear or a subclass (subclasses are checked numerically before folding)."""
+    """A conv, transposed conv or Linear, or a subclass (checked numerically before folding)."""
     return isinstance(m, _CONV)
 
 
