@@ -437,3 +437,23 @@ def test_frozen_bn_loads_batchnorm_without_bias_or_affine():
         frozen = nnl.FrozenBatchNorm2d(3, dtype=torch.float64)
         frozen.load_state_dict(bn.state_dict())
         assert_close(frozen(x), bn(x))
+
+
+def test_shape_errors_are_value_and_runtime_errors():
+    """normlab.NormShapeError: caught by code written for torch (RuntimeError) or normlab."""
+    import pickle
+
+    import normlab
+
+    x = offcenter(2, 5, 3, dtype=torch.float32)
+    for bad in (
+        lambda: nnl.BatchNorm1d(4)(x),
+        lambda: nnl.GroupNorm(2, 4)(x),
+        lambda: nnl.LayerNorm(4)(x),
+        lambda: NF.batch_norm(x, torch.zeros(4), torch.ones(4), training=True),
+    ):
+        with pytest.raises(normlab.NormShapeError) as info:
+            bad()
+        assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    err = pickle.loads(pickle.dumps(normlab.NormShapeError("m")))
+    assert type(err) is normlab.NormShapeError and str(err) == "m"
