@@ -60,7 +60,6 @@ from torch import Tensor, nn
 
 from .doctor_checks import (
     Context,
-    Moments,
     at_init,
     dynamic_findings,
     is_frozen,
@@ -76,6 +75,7 @@ from .doctor_checks import (
 from .doctor_cli import DoctorTargetError, load_factory
 from .doctor_codes import SEVERITY_ORDER, Finding
 from .doctor_report import FindingGroup, LayerInfo, Report
+from .doctor_stats import Moments
 from .feed import feed
 
 __all__ = [
@@ -201,7 +201,7 @@ def _probe(
             if values is not None:
                 rec["values"] = values if rec["values"] is None else min(rec["values"], values)
             if judges_staleness(module) and tracks(module) and x.dim() >= 2:
-                rec.setdefault("moments", Moments()).update(x)
+                rec.setdefault("moments", Moments(split=True)).update(x)
             hit = dropout_out.get(id(x))
             if hit is not None and hit[0] is x and keeps_batch_statistics(module):
                 rec["after_dropout"] = hit[1]

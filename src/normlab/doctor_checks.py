@@ -21,13 +21,14 @@ from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
 from .doctor_codes import Finding, Severity, finding
+from .doctor_stats import Moments, layer_eps, stale_distance
 from .kinds import is_batch_norm, is_frozen_batch_norm
 from .nn.evonorm import EvoNormS0_2d
 from .nn.filter_response_norm import _FilterResponseNorm
 from .nn.instance_norm import _InstanceNorm
 from .registry import auto_groups
 
-__all__ = ["Context", "Moments", "dynamic_findings", "model_findings", "static_findings"]
+__all__ = ["Context", "dynamic_findings", "model_findings", "static_findings"]
 
 #: values per batch statistic at or below which BN fails / is worse than it needs to be
 TINY_ERROR = 2
@@ -35,10 +36,8 @@ TINY_WARNING = 8
 #: values per per-sample statistic (GroupNorm group, InstanceNorm, FRN, EvoNorm-S) at or
 #: below which the layer keeps little more than the sign pattern of its input
 TINY_INSTANCE = 4
-#: median over channels of the eval − train output distance (normalized units) that is stale
+#: median over channels of the eval − batch-statistics output distance that is stale
 STALE_DISTANCE = 0.5
-#: the example's batch statistics must rest on this many values before staleness is judged
-STALE_MIN_VALUES = 32
 
 
 @dataclass(frozen=True)
@@ -174,37 +173,6 @@ def values_per_statistic(m: nn.Module, x: Tensor, batch_size: int | None) -> int
     return None
 
 
-class Moments:
-    """Exact per-channel mean and biased variance of every input a layer saw, in float64."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-
-    def update(self, x: Tensor) -> None:
-        if not x.is_floating_point() or x.dim() < 2 or x.numel() == 0:
-            return
-        flat = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
-        nb = flat.shape[1]
-        mb = flat.mean(dim=1)
-        m2b = (flat - mb[:, None]).square().sum(dim=1)
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = nb, mb, m2b
-            return
-        if mb.shape != self.mean.shape:
-            return
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + delta.square() * (self.n * nb / n)
-        self.n = n
-
-    @property
-    def var(self) -> Tensor | None:
-        return None if self.m2 is None or self.n == 0 else self.m2 / self.n
-
-
 # ----------------------------------------------------------------------------- checks
 
 
@@ -263,37 +231,6 @@ def static_findings(path: str, m: nn.Module, ctx: Context) -> list[Finding]:
     return out
 
 
-def _eps(m: nn.Module) -> float:
-    eps = getattr(m, "eps", 1e-5)
-    if isinstance(eps, Tensor) and eps.numel() == 1:
-        return float(eps)
-    return float(eps) if isinstance(eps, (int, float)) else 1e-5
-
-
-def _stale_distance(m: nn.Module, rec: dict[str, Any]) -> float | None:
-    """Median over channels of |eval − train output| in normalized units (RMS over x̂).
-
-    The batch statistics are those of every input the layer saw in the forward;
-    the running statistics those before the forward. The median keeps a few
-    near-constant channels from deciding for the whole layer.
-    """
-    moments: Moments | None = rec.get("moments")
-    mean, var = rec.get("running", (None, None))
-    if moments is None or moments.mean is None or moments.n < STALE_MIN_VALUES:
-        return None
-    if mean is None or var is None or mean.shape != moments.mean.shape:
-        return None
-    eps = _eps(m)
-    s_b = torch.sqrt(moments.var + eps)  # type: ignore[operator]
-    s_r = torch.sqrt(var.double() + eps)
-    # y_eval/γ − y_train/γ = x̂·(s_b/s_r − 1) + (μ_b − μ_r)/s_r, with x̂ of mean 0, var 1.
-    per_channel = (
-        (s_b / s_r - 1).square() + ((moments.mean - mean.double()) / s_r).square()
-    ).sqrt()
-    value = float(per_channel.median())
-    return value if math.isfinite(value) else None
-
-
 def dynamic_findings(path: str, m: nn.Module, rec: dict[str, Any], ctx: Context) -> list[Finding]:
     """Checks on what the example forward showed; ``rec`` is the layer's probe record."""
     out: list[Finding] = []
@@ -321,7 +258,7 @@ def dynamic_findings(path: str, m: nn.Module, rec: dict[str, Any], ctx: Context)
     mean, var = rec.get("running", (None, None))
     moments: Moments | None = rec.get("moments")
     if ctx.evaluating and uses_running and var is not None and var.is_floating_point():
-        eps = _eps(m)
+        eps = layer_eps(m)
         tiny = torch.isfinite(var) & (var < eps / 100)
         if moments is not None and moments.var is not None and moments.var.shape == var.shape:
             # A channel constant in the example too is dead: harmless (NaN input: unknown).
@@ -333,7 +270,7 @@ def dynamic_findings(path: str, m: nn.Module, rec: dict[str, Any], ctx: Context)
             )
             out.append(finding("running_var_near_zero", "warning", path, detail))
     if ctx.evaluating and uses_running and judges_staleness(m) and not rec.get("at_init"):
-        stale = _stale_distance(m, rec)
+        stale = stale_distance(m, rec)
         if stale is not None and stale > STALE_DISTANCE:
             detail = f"{name}: eval vs batch-statistics output differ by {stale:.2f}."
             out.append(finding("stale_running_stats", "warning", path, detail))

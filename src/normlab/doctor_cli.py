@@ -2,19 +2,21 @@
 
 Exit codes (also in ``normlab doctor --help``):
 
-== ==========================================================================
-0  no error findings (warnings and info may be printed; ``--strict``: none)
-1  error findings (``--strict``: error or warning findings)
-2  usage: bad arguments, or the target cannot be found (malformed
-   ``file.py:factory``, no such file, no such factory, or the factory did not
-   return ``(model, example_inputs)``)
-3  the target's code failed: importing its module or calling the factory raised
-4  the model's forward on ``example_inputs`` raised
-== ==========================================================================
+===  =======================================================================
+0    no error findings (warnings and info may be printed; ``--strict``: none)
+1    error findings (``--strict``: error or warning findings)
+2    usage: bad arguments, or the target cannot be found (malformed
+     ``file.py:factory``, no such file, no such factory, or the factory did
+     not return ``(model, example_inputs)``)
+3    the target's code failed: importing its module or calling the factory
+     raised
+4    the model's forward on ``example_inputs`` raised
+141  stdout was closed early (``| head``): the output stops quietly
+===  =======================================================================
 
 Failures print one line to stderr (``--traceback`` for the full traceback). When
 the reader of stdout goes away (``normlab doctor t.py:f | head -1``), the
-command stops writing and exits quietly.
+command stops writing and exits quietly with status 141.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EXIT_CLOSED_PIPE",
     "EXIT_ERRORS",
     "EXIT_FORWARD",
     "EXIT_OK",
@@ -45,6 +48,7 @@ EXIT_ERRORS = 1
 EXIT_USAGE = 2
 EXIT_TARGET = 3
 EXIT_FORWARD = 4
+EXIT_CLOSED_PIPE = 141  # as a command killed by SIGPIPE, like the other normlab commands
 
 _EPILOG = """\
 exit codes:
@@ -54,6 +58,7 @@ exit codes:
      file or factory, or the factory did not return (model, example_inputs))
   3  the target's code failed: importing its module or calling the factory raised
   4  the model's forward on example_inputs raised
+  141  stdout was closed before the report was written (e.g. | head): stops quietly
 """
 
 
@@ -249,12 +254,13 @@ def run(args: argparse.Namespace) -> int:
         return _fail(args, EXIT_FORWARD, f"{args.target}: {e}", e)
     failed = report.has_errors or (args.strict and not report.ok)
     text = report.to_json() if args.json else report.to_table(verbose=args.verbose)
-    _write(text)
+    if not _write(text):
+        return EXIT_CLOSED_PIPE
     return EXIT_ERRORS if failed else EXIT_OK
 
 
-def _write(text: str) -> None:
-    """Print ``text``; if the reader went away, stop writing without a traceback."""
+def _write(text: str) -> bool:
+    """Print ``text``; False if the reader went away (then stdout is silenced, no traceback)."""
     try:
         print(text)
         sys.stdout.flush()
@@ -263,3 +269,5 @@ def _write(text: str) -> None:
         # the interpreter's final flush does not raise again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        return False
+    return True
