@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
+
+import pytest
 
 from normlab.cli import main
 
@@ -80,3 +84,69 @@ def test_bench_writes_csv(tmp_path, capsys):
     assert lines[0].startswith("# command: normlab bench")
     header = lines.index(next(x for x in lines if x.startswith("layer,")))
     assert len(lines) - header - 1 == 4  # 2 layers x (normlab, torch)
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: normlab") and "sweep" in out and "bench" in out
+
+
+def test_version(capsys):
+    from normlab import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"normlab {__version__}"
+
+
+def test_help_texts(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    report_help = " ".join(capsys.readouterr().out.split())
+    assert "--quiet print nothing" in report_help and "progress bar" not in report_help
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    bench_help = " ".join(capsys.readouterr().out.split())
+    for text in ("dtype of inputs and layers", "cpu, cuda, cuda:N or mps", "timed repetitions"):
+        assert text in bench_help
+
+
+def test_bench_warns_when_timings_spread(monkeypatch, capsys):
+    import normlab.lab.bench as bench
+
+    def fake(shapes, **kw):
+        return [
+            bench.BenchRecord("BatchNorm2d", "2x8x4x4", "float32", "cpu", p, 1.0, lo, hi, 1, 0, 2)
+            for p, lo, hi in (("normlab", 0.9, 1.1), ("torch", 0.5, 2.0))
+        ]
+
+    monkeypatch.setattr(bench, "bench_layers", fake)
+    assert main(["bench", "--reps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "timings spread widely" in err and "up to 4.00 for BatchNorm2d 2x8x4x4 torch" in err
+    assert "rerun with more --reps" in err
+    assert bench.spread_warning(fake(None)[:1]) is None  # 1.1 / 0.9 is within the limit
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_closed_pipe_is_quiet(tmp_path, monkeypatch):
+    """`normlab report DB | head`: the reader is gone; no traceback, status 141."""
+    from normlab.lab.store import RunStore
+    from normlab.lab.train import EpochStats, RunConfig, RunRecord
+
+    db = tmp_path / "runs.db"
+    with RunStore(db) as store:
+        for seed in (0, 1):
+            cfg = RunConfig(norm="bn", batch_size=4, seed=seed)
+            store.add(RunRecord(cfg, [EpochStats(1, 1.0, 9.0, 8.0, 0.1)], 8.0, 1.0, False, 9, 3, 1))
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["report", str(db), "--out", str(tmp_path / "rep")]) == 141

@@ -180,3 +180,27 @@ def test_recal_variant_needs_recalibrate(tiny_npz):
             train_run(cfg)
     else:
         assert 0.0 <= train_run(cfg).final_error <= 100.0
+
+
+def test_in_process_runs_use_one_thread(tmp_path, tiny_kwargs, monkeypatch):
+    import torch
+
+    import normlab.lab.runner as runner
+
+    seen = []
+    real = runner.train_runs
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_runs", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = SweepConfig(norms=("bn",), batch_sizes=(2, 4), **tiny_kwargs)
+        run_sweep(cfg, tmp_path / "runs.db", workers=1, progress=False)
+        assert seen == [1, 1]  # one thread per run, as in the worker processes
+        assert torch.get_num_threads() == 2  # and this process's count is restored
+    finally:
+        torch.set_num_threads(before)
