@@ -143,7 +143,7 @@ class _Plan:
         for conv in convs:
             cpath = self.paths[id(conv)]
             n_slots = len(self.slots.get(id(conv), []))
-            n_calls = self.found.conv_calls.get(id(conv), 0) + convs.count(conv) - 1
+            n_calls = self.found.conv_calls.get(id(conv), 0)
             if out_channels(conv) != bn.running_mean.shape[0]:
                 return self._block(
                     bn,
@@ -313,6 +313,11 @@ def fuse_conv_bn(
         RuntimeError: a fused layer does not reproduce the original, or the
             outputs on ``check_inputs`` differ (the model is restored).
     """
+    if compare is not None and compare is not False and not callable(compare):
+        raise TypeError(
+            f"fuse_conv_bn: compare must be a callable(before, after), None (the default "
+            f"comparison) or False (no output comparison), got {type(compare).__name__}."
+        )
     plan = _Plan(model, strict)
     report = plan.report
     before = None
