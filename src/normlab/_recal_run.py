@@ -242,11 +242,8 @@ def write(survey: Survey, pops: dict[int, Population], count: int) -> tuple[floa
         if pop.mean is None:
             continue
         m = survey.layers[lid][0]
-        values = pop.result()
-        if not all(bool(torch.isfinite(v).all()) for v in values):
-            bad.append(pop.path)
-            continue
-        for name, value in zip(_STAT_BUFFERS, values, strict=True):
+        finite = True
+        for name, value in zip(_STAT_BUFFERS, pop.result(), strict=True):
             buf = getattr(m, name, None)
             if isinstance(buf, Tensor):
                 if buf.shape != value.shape:
@@ -254,7 +251,12 @@ def write(survey: Survey, pops: dict[int, Population], count: int) -> tuple[floa
                         f"recalibrate: {pop.path}.{name} has shape {tuple(buf.shape)} but "
                         f"its input has {value.shape[0]} channels on dim 1."
                     )
+                # Finite in float64 is not enough: it must fit the buffer's dtype.
+                finite = finite and bool(torch.isfinite(value.to(buf.dtype)).all())
                 writes.append((buf, value))
+        if not finite:
+            bad.append(pop.path)
+            continue
         nbt = getattr(m, "num_batches_tracked", None)
         # Layers whose schedule runs on num_batches_tracked (BRN's r/d relaxation,
         # MABN's warm-up and windows) keep their step count.
@@ -263,8 +265,9 @@ def write(survey: Survey, pops: dict[int, Population], count: int) -> tuple[floa
     if bad:
         raise ValueError(
             f"recalibrate: the statistics of {_listing(bad)} are not finite: their inputs "
-            "hold NaN or inf on these batches (non-finite data, an overflow, or a diverged "
-            "model upstream of them). No statistic was changed. Find where the activations "
+            "hold NaN or inf on these batches, or values too large for the buffers' dtype "
+            "(non-finite data, an overflow, or a diverged model upstream of them). No "
+            "statistic was changed. Find where the activations "
             "first become non-finite (normlab.doctor) and fix the data or the model."
         )
     worst, settled = 0.0, True

@@ -30,9 +30,9 @@ statistics are taken from is the ``method``:
     other (one layer called twice in a forward) have their pass repeated until
     their statistics stop changing. A pass stops each forward as soon as its
     level's layers have run (the call counts of the first pass tell when), so
-    the passes cost about half of full forwards on average. Use it when eval-mode behaviour on this data
-    is what matters and train-mode batch statistics are not (batches of one,
-    layers that were never trained in training mode).
+    a shallow level costs only the forward up to it. Use it when eval-mode
+    behaviour on this data is what matters and train-mode batch statistics are
+    not (batches of one, layers that were never trained in training mode).
 
 Nothing else changes: momentum, parameters, every module's training flag (the
 other modules keep the mode you set, so call ``model.eval()`` first unless you
