@@ -73,7 +73,10 @@ def train_mode_reference(model, batches, variance="population"):
             var = pooled.var(axis=1, ddof=1)
         else:
             counts = np.array([f.shape[1] for f in flats], dtype=np.float64)
-            var = sum(n * f.var(axis=1, ddof=1) for n, f in zip(counts, flats)) / counts.sum()
+            var = (
+                sum(n * f.var(axis=1, ddof=1) for n, f in zip(counts, flats, strict=True))
+                / counts.sum()
+            )
         out[path] = (pooled.mean(axis=1), var)
     return out
 
@@ -126,7 +129,9 @@ def test_per_batch_variance_is_count_weighted():
     recalibrate(layer, batches, variance="per_batch")
     flats = [np_channels(b) for b in batches]
     counts = [f.shape[1] for f in flats]
-    weighted = sum(n * f.var(axis=1, ddof=1) for n, f in zip(counts, flats)) / sum(counts)
+    weighted = sum(n * f.var(axis=1, ddof=1) for n, f in zip(counts, flats, strict=True)) / sum(
+        counts
+    )
     unweighted = np.mean([f.var(axis=1, ddof=1) for f in flats], axis=0)
     assert_close(layer.running_var, weighted)
     assert np.abs(layer.running_var.numpy() - unweighted).max() > 1.0
