@@ -74,18 +74,26 @@ def _lab_command(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _run_compare(args: argparse.Namespace) -> int:
+    from .lab.compare_cli import run_compare
+
+    return run_compare(args)
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sweep": _lab_command("sweep"),
     "report": _lab_command("report"),
     "check": _run_check,
     "doctor": _run_doctor,
     "bench": _lab_command("bench"),
+    "compare": _run_compare,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .lab.commands import add_bench, add_report, add_sweep
+    from .lab.compare_cli import add_compare
 
     parser = argparse.ArgumentParser(prog="normlab", description="normlab command line")
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
@@ -95,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(subparsers)
     _add_doctor(subparsers)
     add_bench(subparsers)
+    add_compare(subparsers)
     return parser
 
 
