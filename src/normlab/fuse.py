@@ -291,6 +291,9 @@ def fuse_conv_bn(
     fused, and ``compare(before, after)`` runs (default :func:`compare_outputs`).
     On any failure, or an exception while swapping or running, every
     replacement is undone: the same module objects, an identical state_dict.
+    Without ``check_inputs`` the traced data flow is trusted; with it, a pair
+    whose wiring does not hold at run time (a conv also called from code that
+    did not trace) is left unfused and reported.
 
     Args:
         model: modified in place and returned.
@@ -322,7 +325,7 @@ def fuse_conv_bn(
     report = plan.report
     before = None
     if check_inputs is not None:
-        with SiteCheck(plan.pairs()) as site, torch.no_grad():
+        with SiteCheck(plan.pairs(), rtol, atol) as site, torch.no_grad():
             before = feed(model, check_inputs, forward_fn)
         for i, err in site.errors.items():
             p = plan.pairs()[i]

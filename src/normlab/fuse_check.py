@@ -128,7 +128,7 @@ def conv_error(lin: nn.Module) -> float | None:
     lin64 = copy.deepcopy(lin).double()
     x = probe(lin).to(lin.weight.device)
     n = out_channels(lin)
-    scale, shift = _randn(n).abs() + 0.5, _randn(n)
+    scale, shift = (_randn(n).abs() + 0.5).to(x.device), _randn(n).to(x.device)
     view = (1, -1, *([1] * (x.dim() - 2)))
     with torch.no_grad():
         want = lin64(x) * scale.reshape(view) + shift.reshape(view)
@@ -244,8 +244,9 @@ class SiteCheck:
     its BN, means the traced wiring does not hold at run time.
     """
 
-    def __init__(self, pairs: list[Any]) -> None:
+    def __init__(self, pairs: list[Any], rtol: float | None, atol: float | None) -> None:
         self.pairs = pairs
+        self.rtol, self.atol = rtol, atol
         self.pending: dict[int, tuple[Tensor, Tensor, Any]] = {}
         self.errors: dict[int, float] = {}  # index of pair -> worst error
         self.wiring: dict[int, str] = {}  # index of BN group -> problem
@@ -287,7 +288,8 @@ class SiteCheck:
             _, got, i = entry
             self.seen.add(i)
             tol = default_tol(out.dtype)
-            bad = mismatch(got, out, tol, tol)
+            rtol = tol if self.rtol is None else self.rtol
+            bad = mismatch(got, out, rtol, tol if self.atol is None else self.atol)
             if bad is not None:
                 self.errors[i] = max(bad, self.errors.get(i, 0.0))
 
