@@ -273,11 +273,15 @@ def _verdict(
         says = _direction(hi.name, lo.name, higher_is_better)
         lo_, hi_ = _fmt(cl[0], dec), _fmt(cl[1], dec)
         return True, f"{says} {_fmt(d, dec)} ({pct} {lo_}..{hi_}), {p_text}"
+    what = (
+        "not distinguishable from seed-to-seed variation at these n"
+        if p >= alpha
+        else "not distinguishable from seed-to-seed variation once every pair is tested"
+    )
     return False, (
-        f"not distinguishable from seed-to-seed variation at these n: {a.name} - {b.name} = "
-        f"{_fmt(diff, dec)} ({pct} {_fmt(ci[0], dec)}..{_fmt(ci[1], dec)}), {p_text}; these "
-        f"runs resolve differences of about {_fmt(resolvable, dec)} or more "
-        f"({100 * power:g}% power)"
+        f"{what}: {a.name} - {b.name} = {_fmt(diff, dec)} ({pct} {_fmt(ci[0], dec)}.."
+        f"{_fmt(ci[1], dec)}), {p_text}; these runs resolve differences of about "
+        f"{_fmt(resolvable, dec)} or more ({100 * power:g}% power)"
     )
 
 
