@@ -1,10 +1,13 @@
-"""Student-t and Welch numbers against closed forms and hand-computed values."""
+"""Student-t and Welch numbers against closed forms, hand-computed values, scipy and
+published worked examples."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from scipy import stats as st
 
 from normlab.lab.stats import betainc, mean_ci, t_cdf, t_ppf, welch_test
 
@@ -76,3 +79,70 @@ def test_welch_needs_two_values():
 def test_welch_without_spread():
     r = welch_test([1.0, 1.0], [2.0, 2.0])
     assert r.p_value == 0.0 and r.resolvable == 0.0
+
+
+# The three worked examples of Wikipedia's "Welch's t-test" article, with the t, df and
+# p it prints; its third p (0.036) is the p of its rounded t and df, hence abs=0.001.
+_A1 = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
+_A2 = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
+_B1 = [17.2, 20.9, 22.6, 18.1, 21.7, 21.4, 23.5, 24.2, 14.7, 21.8]
+_B2 = [21.5, 22.8, 21.0, 23.0, 21.6, 23.6, 22.5, 20.7, 23.4, 21.8]
+_B2 += [20.7, 21.7, 21.5, 22.5, 23.6, 21.5, 22.5, 23.5, 21.5, 21.8]
+_C1 = [19.8, 20.4, 19.6, 17.8, 18.5, 18.9, 18.3, 18.9, 19.5, 22.0]
+_C2 = [28.2, 26.6, 20.1, 23.3, 25.2, 22.1, 17.7, 27.6, 20.6, 13.7]
+_C2 += [23.2, 17.5, 20.6, 18.0, 23.9, 21.6, 24.3, 20.4, 23.9, 13.3]
+
+
+@pytest.mark.parametrize(
+    "a, b, t, df, p",
+    [
+        (_A1, _A2, -2.46, 24.99, 0.021),
+        (_B1, _B2, -1.57, 9.90, 0.149),
+        (_C1, _C2, -2.22, 24.52, 0.036),
+    ],
+)
+def test_welch_published_examples(a, b, t, df, p):
+    r = welch_test(a, b)
+    assert r.t == pytest.approx(t, abs=0.005)
+    assert r.df == pytest.approx(df, abs=0.005)
+    assert r.p_value == pytest.approx(p, abs=0.001)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_welch_matches_scipy(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0.0, 1.0 + seed, size=3 + seed).tolist()
+    b = rng.normal(0.7, 2.0, size=7 - seed).tolist()
+    r = welch_test(a, b)
+    ref = st.ttest_ind(a, b, equal_var=False)
+    assert r.t == pytest.approx(float(ref.statistic), rel=1e-12)
+    assert r.df == pytest.approx(float(ref.df), rel=1e-12)
+    assert r.p_value == pytest.approx(float(ref.pvalue), rel=1e-10)
+    lo, hi = r.ci(0.95)
+    ci = ref.confidence_interval(0.95)
+    assert (lo, hi) == pytest.approx((float(ci.low), float(ci.high)), rel=1e-10)
+    # The CI and the test agree: the CI excludes 0 exactly when p < 0.05.
+    assert (lo > 0 or hi < 0) == (r.p_value < 0.05)
+
+
+def test_t_functions_match_scipy():
+    for df in (1.5, 3, 7.25, 40):
+        for t in (-4.0, -0.3, 0.0, 1.1, 6.0):
+            assert t_cdf(t, df) == pytest.approx(float(st.t.cdf(t, df)), abs=1e-14)
+        assert t_ppf(0.9, df) == pytest.approx(float(st.t.ppf(0.9, df)), rel=1e-12)
+    assert t_cdf(math.inf, 3) == 1.0 and t_cdf(-math.inf, 3) == 0.0
+
+
+@pytest.mark.parametrize(
+    "bad", [lambda: t_cdf(1.0, 0), lambda: t_ppf(1.0, 3), lambda: t_ppf(0.5, -1)]
+)
+def test_t_functions_reject_bad_arguments(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_welch_nearly_equal_values_no_warning():
+    # scipy's ttest_ind warns on nearly identical data; welch_test computes the spread
+    # in two exact passes and stays quiet (pytest turns warnings into errors).
+    r = welch_test([1.0, 1.0 + 1e-15, 1.0], [2.0, 2.0, 2.0 + 1e-15])
+    assert r.p_value < 1e-6 and r.diff == pytest.approx(-1.0)
