@@ -267,3 +267,21 @@ def test_auto_backend_is_torch_under_onnx_export(monkeypatch):
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     for op in ("frozen_batch_norm", "batch_norm (eval)", "group_norm", "filter_response_norm"):
         assert resolve_backend(op, "auto", cuda_x) == "torch", op
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.trace.* is deprecated:DeprecationWarning")
+# The exporter cannot read a ScriptModule's signature (nothing to map: one input).
+@pytest.mark.filterwarnings("ignore:no signature found for:UserWarning")
+def test_jit_traced_module_exports_with_the_legacy_exporter():
+    """A ``torch.jit.trace`` made before the export records the export-safe ops too."""
+    model = nn.Sequential(
+        nn.Conv2d(6, 6, 3, padding=1),
+        nnl.FrozenBatchNorm2d(6),
+        nnl.FrozenBatchNorm2d(6),
+        nnl.FilterResponseNorm2d(6),
+        nnl.LocalResponseNorm(3),
+    ).eval()
+    case = BY_NAME["FrozenBatchNorm2d"]
+    with _legacy_warnings():
+        traced = torch.jit.trace(model, (make_input(case),))
+    _export_and_compare(traced, [case], "legacy")

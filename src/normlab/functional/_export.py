@@ -1,26 +1,26 @@
-"""What the functional ops emit while ``torch.onnx.export`` traces them.
+"""What the functional ops emit while a graph of them is recorded for a file.
 
-ONNX export (the TorchScript-based ``dynamo=False`` exporter and the
-``torch.export``-based ``dynamo=True`` one) is detected with
-:func:`onnx_exporting`, and two graph shapes change there:
+Two graph shapes change there; eager mode and ``torch.compile`` are untouched, so
+training and eager numerics are unchanged.
 
-* Eval-mode BatchNorm and FrozenBatchNorm call :func:`torch.nn.functional.batch_norm`
-  with the running statistics, which both exporters write as one ONNX
-  ``BatchNormalization`` node. Runtimes fold that node into a preceding ``Conv``
-  and run it as a fused per-channel affine; it is the standard form deployment
-  tools look for. In eager mode normlab computes ``(x − μ)·γ/σ + β`` instead
-  (accurate on off-center data, see :mod:`normlab.functional._normalize`).
-* :func:`rsqrt` is ``1/sqrt`` as ``Reciprocal(Sqrt(x))``. The TorchScript
-  exporter writes ``torch.rsqrt`` as ``Div(1, Sqrt(x))``; when that ``Div`` feeds a
-  ``Mul`` whose other input is an ``Identity`` of an initializer (which the same
-  exporter inserts when two parameters or buffers hold equal values, e.g. a fresh
-  BatchNorm's weight and running_var, or two copies of one layer), onnxruntime's
-  graph optimizer (``DivMulFusion`` together with ``EliminateIdentity``) leaves a
-  node reading a removed name and refuses to load the file. ``Reciprocal`` does not
-  start that rewrite.
-
-Neither applies under ``torch.compile`` (which never exports to ONNX) or in
-eager mode, so training and eager numerics are unchanged.
+* Under ONNX export (:func:`onnx_exporting`: the TorchScript-based ``dynamo=False``
+  exporter and the ``torch.export``-based ``dynamo=True`` one), normalization with
+  running statistics (eval BatchNorm, FrozenBatchNorm, BatchRenorm, tracked
+  InstanceNorm) calls :func:`torch.nn.functional.batch_norm`, which both exporters
+  write as one ONNX ``BatchNormalization`` node: the standard op, which runtimes
+  fold into a preceding ``Conv``. In eager mode normlab computes
+  ``(x − μ)·γ/σ + β`` instead, accurate on off-center data (see
+  :mod:`normlab.functional._normalize`); a ``torch.jit.trace`` keeps that formula,
+  as it runs in PyTorch.
+* While a graph is recorded (:func:`recording`: ONNX export, or a
+  ``torch.jit.trace`` that may be exported later), :func:`rsqrt` is written as
+  ``Reciprocal(Sqrt(x))``. The TorchScript exporter writes ``torch.rsqrt`` as
+  ``Div(1, Sqrt(x))``, and a parameter or buffer equal to another one (a fresh
+  BatchNorm's weight and running_var; two copies of a layer) as an ``Identity`` of
+  that initializer. onnxruntime rewrites ``Mul(Div(1, a), b)`` into ``Div(b, a)``
+  (``DivMulFusion``) and removes ``Identity`` nodes (``EliminateIdentity``); where
+  ``b`` is such an ``Identity``, the two leave a node reading a removed name, and
+  the session refuses the file. ``Reciprocal`` starts no such rewrite.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["onnx_exporting", "rsqrt"]
+__all__ = ["onnx_exporting", "recording", "rsqrt"]
 
 
 def onnx_exporting() -> bool:
@@ -38,8 +38,15 @@ def onnx_exporting() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
+def recording() -> bool:
+    """Whether ``torch.onnx.export`` or ``torch.jit.trace`` is recording this call."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return False
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 def rsqrt(x: Tensor) -> Tensor:
-    """``1 / sqrt(x)``: ``torch.rsqrt`` normally, ``Reciprocal(Sqrt(x))`` under export."""
-    if onnx_exporting():
+    """``1 / sqrt(x)``: ``torch.rsqrt``, or ``Reciprocal(Sqrt(x))`` while :func:`recording`."""
+    if recording():
         return torch.reciprocal(torch.sqrt(x))
     return torch.rsqrt(x)

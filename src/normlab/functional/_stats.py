@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._export import onnx_exporting, rsqrt
+from ._export import recording, rsqrt
 
 __all__ = [
     "Moments",
@@ -179,7 +179,7 @@ def window_mean(x: Tensor, dim: int, size: int) -> Tensor:
     """
     dim = dim % x.dim()
     acc = x.to(acc_dtype(x.dtype))
-    if dim == 1 and x.dim() > 2 and onnx_exporting():
+    if dim == 1 and x.dim() > 2 and recording():
         return _pooled_channel_window_mean(acc, size)
     pad = [0, 0] * (x.dim() - 1 - dim) + [size // 2, (size - 1) // 2]
     padded = torch.nn.functional.pad(acc, pad)
@@ -189,8 +189,9 @@ def window_mean(x: Tensor, dim: int, size: int) -> Tensor:
 def _pooled_channel_window_mean(x: Tensor, size: int) -> Tensor:
     """:func:`window_mean` over dim 1 as zero padding + ``avg_pool2d`` on (N, 1, C, S).
 
-    For ONNX export: the TorchScript exporter cannot write ``unfold`` of a padded
-    tensor (its size is not known to it); ``Pad`` + ``AveragePool`` it can. The
+    For graphs that may become ONNX files (:func:`._export.recording`): the
+    TorchScript exporter cannot write ``unfold`` of a padded tensor (its size is not
+    known to it); ``Pad`` + ``AveragePool`` it can. The
     padding is explicit, so every window divides by ``size``.
     """
     v = x.flatten(2).unsqueeze(1)
