@@ -77,12 +77,6 @@ class _Plan:
         for path, m in reversed(list(model.named_modules(remove_duplicate=False))):
             self.paths[id(m)] = path or "<model>"
         self.found = find_uses(model)
-        seq_ids = {
-            id(model.get_submodule(p)) for p in self.found.sequential_fallback if p[0] != "<"
-        }
-        if "<model>" in self.found.sequential_fallback:
-            seq_ids.add(id(model))
-        self.seq_ids = seq_ids
         self.groups: list[tuple[nn.Module, list[_Pair]]] = []
         self.report = FuseReport(
             traced=list(self.found.traced),

@@ -132,9 +132,16 @@ def find_uses(model: nn.Module) -> Discovery:
     paths: dict[int, str] = {}
     for path, m in reversed(list(model.named_modules(remove_duplicate=False))):
         paths[id(m)] = path
-    for m in model.modules():
-        if any(is_bn_like(s) for s in m.modules() if s is not m):
-            has_bn.add(id(m))
+    parents: dict[int, list[nn.Module]] = {}
+    for parent in model.modules():
+        for child in parent.children():
+            parents.setdefault(id(child), []).append(parent)
+    stack = [m for m in model.modules() if is_bn_like(m)]
+    while stack:  # mark every ancestor of a BN
+        for parent in parents.get(id(stack.pop()), []):
+            if id(parent) not in has_bn:
+                has_bn.add(id(parent))
+                stack.append(parent)
     visited: set[int] = set()
 
     def visit(path: str, module: nn.Module) -> None:
