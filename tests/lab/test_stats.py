@@ -81,16 +81,13 @@ def test_welch_without_spread():
     assert r.p_value == 0.0 and r.resolvable == 0.0
 
 
-# The three worked examples of Wikipedia's "Welch's t-test" article, with the t, df and
-# p it prints; its third p (0.036) is the p of its rounded t and df, hence abs=0.001.
+# Two worked examples of Wikipedia's "Welch's t-test" article, with the t, df and p it
+# prints, to the digits it prints.
 _A1 = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
 _A2 = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
 _B1 = [17.2, 20.9, 22.6, 18.1, 21.7, 21.4, 23.5, 24.2, 14.7, 21.8]
 _B2 = [21.5, 22.8, 21.0, 23.0, 21.6, 23.6, 22.5, 20.7, 23.4, 21.8]
 _B2 += [20.7, 21.7, 21.5, 22.5, 23.6, 21.5, 22.5, 23.5, 21.5, 21.8]
-_C1 = [19.8, 20.4, 19.6, 17.8, 18.5, 18.9, 18.3, 18.9, 19.5, 22.0]
-_C2 = [28.2, 26.6, 20.1, 23.3, 25.2, 22.1, 17.7, 27.6, 20.6, 13.7]
-_C2 += [23.2, 17.5, 20.6, 18.0, 23.9, 21.6, 24.3, 20.4, 23.9, 13.3]
 
 
 @pytest.mark.parametrize(
@@ -98,14 +95,13 @@ _C2 += [23.2, 17.5, 20.6, 18.0, 23.9, 21.6, 24.3, 20.4, 23.9, 13.3]
     [
         (_A1, _A2, -2.46, 24.99, 0.021),
         (_B1, _B2, -1.57, 9.90, 0.149),
-        (_C1, _C2, -2.22, 24.52, 0.036),
     ],
 )
 def test_welch_published_examples(a, b, t, df, p):
     r = welch_test(a, b)
     assert r.t == pytest.approx(t, abs=0.005)
     assert r.df == pytest.approx(df, abs=0.005)
-    assert r.p_value == pytest.approx(p, abs=0.001)
+    assert r.p_value == pytest.approx(p, abs=0.0005)
 
 
 @pytest.mark.parametrize("seed", range(5))
