@@ -2,7 +2,10 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch is still importing: no traceback
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -190,7 +190,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         e.args = (
             _interrupted_message(e, args.db)
             if isinstance(e, SweepInterrupted)
-            else f"interrupted before any run finished. Store: {args.db}",
+            else f"interrupted; finished runs are stored in {args.db}. Rerun the same "
+            "command to resume.",
         )
         raise
     if not result.records or os.environ.get("RANK", "0") != "0":
