@@ -182,3 +182,12 @@ def test_closed_pipe_is_quiet(target, fmt):
     )
     assert len(done.stdout.splitlines()) == 1, done.stderr
     assert done.stderr == f"status={EXIT_CLOSED_PIPE}\n", done.stderr
+
+
+def test_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["doctor", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "exit codes:" in out
+    for code in (EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_TARGET, EXIT_FORWARD, EXIT_CLOSED_PIPE):
+        assert f"\n  {code} " in out, code

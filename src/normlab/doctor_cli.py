@@ -50,15 +50,25 @@ EXIT_TARGET = 3
 EXIT_FORWARD = 4
 EXIT_CLOSED_PIPE = 141  # as a command killed by SIGPIPE, like the other normlab commands
 
+_DESCRIPTION = """\
+Load a model from 'path/to/file.py:factory' (or 'package.module:factory'; the
+factory takes no arguments and returns (model, example_inputs)), run it once
+with hooks and report findings: one line per finding code with the modules it
+was found in, then why each matters and the fix.
+
+A model in eval mode is judged as evaluated (running statistics, layers left in
+training mode); a model in training mode at the example's batch size. Add
+--train-batch-size N to judge the batch statistics training will compute."""
+
 _EPILOG = """\
 exit codes:
-  0  no error findings (warnings and info may be printed; with --strict: none)
-  1  error findings (with --strict: error or warning findings)
-  2  usage: bad arguments, or the target cannot be found (malformed target, no such
-     file or factory, or the factory did not return (model, example_inputs))
-  3  the target's code failed: importing its module or calling the factory raised
-  4  the model's forward on example_inputs raised
-  141  stdout was closed before the report was written (e.g. | head): stops quietly
+  0    no error findings (warnings and info may be printed; with --strict: none)
+  1    error findings (with --strict: error or warning findings)
+  2    usage: bad arguments, or the target cannot be found (malformed target, no
+       such file or factory, or the factory did not return (model, example_inputs))
+  3    the target's code failed: importing its module or calling the factory raised
+  4    the model's forward on example_inputs raised
+  141  stdout was closed early (e.g. | head): the output stops quietly
 """
 
 
@@ -190,11 +200,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "doctor",
         help="find BatchNorm pitfalls in a model",
-        description="Load a model from 'path/to/file.py:factory' (or 'package.module:factory'; "
-        "the factory takes no arguments and returns (model, example_inputs)), run it once "
-        "with hooks and report findings, one line per finding code with the modules it was "
-        "found in, then why each matters and the fix. A model in eval mode is judged as "
-        "evaluated; add --train-batch-size to judge what training will compute.",
+        description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

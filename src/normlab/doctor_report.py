@@ -133,9 +133,11 @@ class Report:
         mode = "eval mode" if self.evaluating else "training mode"
         if self.train_batch_size is not None:
             mode += f", training judged at batch size {self.train_batch_size}"
+        elif self.evaluating:
+            mode += " (training-time batch statistics not judged: give a train batch size)"
         batch = [i for i in self.layers if i.batch_statistics and i.values_per_statistic]
         fewest = ""
-        if batch:
+        if batch and (self.train_batch_size is not None or not self.evaluating):
             low = min(batch, key=lambda i: i.values_per_statistic or 0)
             fewest = (
                 f"; fewest values per batch statistic: {low.values_per_statistic} "
@@ -169,7 +171,9 @@ class Report:
         else:
             lines.append("no findings")
         lines.append("")
-        lines.append(self.summary() + ("" if verbose else " (--verbose: every module and layer)"))
+        lines.append(self.summary())
+        if not verbose and (groups or self.layers):
+            lines.append("Every module and the layer table: --verbose (to_table(verbose=True)).")
         if verbose and self.layers:
             lines.append("")
             lines.extend(self._layer_table())
