@@ -70,9 +70,15 @@ class Group:
         return math.sqrt(mean_var(self.values)[1]) if self.n > 1 else float("nan")
 
 
+_TYPICAL = {"alpha": "0.05", "power": "0.8"}
+
+
 def _check_level(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
-        raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {value}")
+        raise ValueError(
+            f"{name} must be between 0 and 1 (exclusive), got {value}; a usual value is "
+            f"{_TYPICAL.get(name, '0.05')}"
+        )
 
 
 def _check_power(power: float, alpha: float) -> None:

@@ -40,10 +40,10 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compare",
         help="is the difference between settings real? Welch tests, effect sizes, runs needed",
-        description="Compare a metric between two or more settings (one value per run/seed): "
-        "per pair Welch's t-test, the 95%% CI of the difference, Hedges' g and a verdict; "
-        "the smallest difference the runs resolve; the runs per setting needed to resolve "
-        "--delta (exact, noncentral t).",
+        description="Compare a metric between two or more settings, one value per run (seed):\n"
+        "per pair Welch's t-test, the 95% CI of the difference, Hedges' g and a verdict;\n"
+        "the smallest difference the runs resolve; with --delta, the runs per setting\n"
+        "needed to resolve it (exact, noncentral t). Give the NAME=... groups first.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -51,10 +51,15 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
         "groups", nargs="*", metavar="NAME=V1,V2,...", help="a group per argument: its runs' values"
     )
     src = p.add_argument_group("or read the groups from a file")
-    src.add_argument("--csv", type=Path, help="long-format CSV, one row per run")
-    src.add_argument("--group", help="with --csv: the column naming the setting")
-    src.add_argument("--metric", help="with --csv: the column holding the metric")
-    src.add_argument("--db", type=Path, help="a sweep store; the metric is final test error (%%)")
+    src.add_argument("--csv", type=Path, metavar="FILE", help="long-format CSV, one row per run")
+    src.add_argument("--group", metavar="COLUMN", help="with --csv: the column naming the setting")
+    src.add_argument("--metric", metavar="COLUMN", help="with --csv: the column holding the metric")
+    src.add_argument(
+        "--db",
+        type=Path,
+        metavar="STORE",
+        help="a sweep store; the metric is final test error (%%)",
+    )
     src.add_argument(
         "--cells",
         help="with --db: comma-separated cells NORM@BATCH (bn@2,bn@32); add [PROTOCOL] "
@@ -75,17 +80,26 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
         const=False,
         help="the metric is an error or a loss (the default with --db)",
     )
-    p.add_argument("--alpha", type=_float, default=0.05, help="significance level (%(default)s)")
+    p.add_argument(
+        "--alpha", type=_float, default=0.05, help="significance level (default: %(default)s)"
+    )
     p.add_argument(
         "--power", type=_float, default=0.8, help="power for planning (default: %(default)s)"
     )
-    p.add_argument("--delta", type=_float, help="the difference to resolve: runs needed for it")
+    p.add_argument(
+        "--delta", type=_float, metavar="D", help="the difference to resolve: runs needed for it"
+    )
     p.add_argument(
         "--std",
         type=_float,
+        metavar="S",
         help="run-to-run std to plan with, instead of the one observed in the groups",
     )
-    p.add_argument("--json", help="also write the result as JSON to this path ('-': stdout only)")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the result as JSON to this path ('-': stdout only)",
+    )
 
 
 def _read_groups(args: argparse.Namespace) -> list[Any]:
