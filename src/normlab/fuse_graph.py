@@ -173,8 +173,8 @@ def find_uses(model: nn.Module) -> Discovery:
                         detail = f"it follows {type(a).__name__} in an nn.Sequential"
                         found.add(b, BNUse(None, "not_fed_by_conv", detail))
             if kids and is_bn_like(kids[0]):
-                detail = "it is the first layer of an nn.Sequential"
-                found.add(kids[0], BNUse(None, "not_fed_by_conv", detail))
+                detail = "it opens an nn.Sequential whose caller did not trace"
+                found.add(kids[0], BNUse(None, "not_analysed", detail))
                 used = True
             if used:
                 found.sequential_fallback.append(path or "<model>")
