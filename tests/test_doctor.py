@@ -43,6 +43,15 @@ def calibrate(model: nn.Module, batches) -> nn.Module:
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread is as fast, and does not spin on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clean_model():
     """32/64 channels, statistics computed on other batches than X (fresh, off-center data)."""
