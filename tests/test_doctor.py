@@ -264,12 +264,15 @@ class TrainableFrozenBN(nn.Module):
         self.register_buffer("running_var", torch.ones(n))
 
     def forward(self, x):
+        self.running_var.add_(0.1)  # and leaks: two findings, one module in the group
         return x * self.weight[:, None, None]
 
 
 def test_frozen_bn_changes():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), LeakyFrozenBatchNorm2d(4), TrainableFrozenBN(4)).eval()
-    assert codes_at(diagnose(net, X), "frozen_bn_changes") == {"1": "error", "2": "error"}
+    report = diagnose(net, X)
+    assert codes_at(report, "frozen_bn_changes") == {"1": "error", "2": "error"}
+    assert len(report.findings) == 3 and report.groups[0].modules == ["1", "2"]
     ok = nn.Sequential(nn.Conv2d(3, 4, 1), nnl.FrozenBatchNorm2d(4)).train()
     assert diagnose(ok, X).findings == []
 

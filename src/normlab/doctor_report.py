@@ -95,7 +95,8 @@ class Report:
         for code, found in by_code.items():
             why, fix = CODES.get(code, (found[0].message, found[0].fix))
             worst = min((f.severity for f in found), key=SEVERITY_ORDER.__getitem__)
-            groups.append(FindingGroup(code, worst, [f.module for f in found], why, fix, found))
+            modules = list(dict.fromkeys(f.module for f in found))  # in order, once each
+            groups.append(FindingGroup(code, worst, modules, why, fix, found))
         groups.sort(key=lambda g: SEVERITY_ORDER[g.severity])
         return groups
 
