@@ -205,6 +205,8 @@ def test_cli_json(capsys, tmp_path):
         (["--csv", "x.csv", "--metric", "AP"], "--csv needs --group COLUMN"),
         (["--db", "x.db"], "--db needs --cells"),
         (["a=1,2", "b=3,4", "--cells", "bn@2"], "--cells goes with --db"),
+        (["--db", "x.db", "--cells", "bn@2", "--metric", "AP"], "--metric goes with --csv"),
+        (["a=1,2", "b=3,4", "--json", "/proc/no/c.json"], "cannot write --json"),
     ],
 )
 def test_cli_errors_are_one_line(capsys, argv, message):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # scipy loads only when compare runs, not for every `normlab` command
-    from .compare import CompareResult
+    from .compare import CompareResult, Group
 
 __all__ = ["add_compare", "render_text", "result_dict", "run_compare"]
 
@@ -102,7 +102,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     )
 
 
-def _read_groups(args: argparse.Namespace) -> list[Any]:
+def _read_groups(args: argparse.Namespace) -> list[Group]:
     from .compare_io import groups_from_csv, groups_from_specs, groups_from_store
 
     sources = [
@@ -115,6 +115,12 @@ def _read_groups(args: argparse.Namespace) -> list[Any]:
             "give the groups one way: NAME=V1,V2,... arguments, --csv FILE, or --db STORE"
             + (f" (got {' and '.join(sources)})" if sources else "")
         )
+    misplaced = {"NAME=...": ("group", "metric", "cells"), "--csv": ("cells",)}
+    misplaced["--db"] = ("group", "metric")
+    for flag in misplaced[sources[0]]:
+        if getattr(args, flag) is not None:
+            owner = "--db" if flag == "cells" else "--csv"
+            raise ValueError(f"--{flag} goes with {owner}, not with {sources[0]}")
     if args.csv is not None:
         missing = [f for f in ("group", "metric") if getattr(args, f) is None]
         if missing:
@@ -126,9 +132,6 @@ def _read_groups(args: argparse.Namespace) -> list[Any]:
         if not args.cells:
             raise ValueError("--db needs --cells, e.g. --cells bn@2,bn@32")
         return groups_from_store(args.db, [c for c in args.cells.split(",") if c.strip()])
-    for flag in ("group", "metric", "cells"):
-        if getattr(args, flag) is not None:
-            raise ValueError(f"--{flag} goes with --{'db' if flag == 'cells' else 'csv'}")
     return groups_from_specs(args.groups)
 
 
@@ -154,8 +157,12 @@ def run_compare(args: argparse.Namespace) -> int:
         return 0
     if args.json:
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result_dict(result, metric), indent=2) + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result_dict(result, metric), indent=2) + "\n")
+        except OSError as e:
+            msg = f"cannot write --json {path} ({e.strerror or e}); pass another path"
+            raise ValueError(msg) from None
     print(render_text(result, metric))
     if args.json:
         print(f"\nwrote {args.json}")

@@ -91,6 +91,8 @@ def groups_from_csv(path: str | Path, group: str, metric: str) -> list[Group]:
                 values.setdefault(key, []).append(parse_number(cell, where))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file; pass the CSV of your runs to --csv") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{path}: not a readable UTF-8 CSV ({e})") from None
     if not values:
