@@ -113,4 +113,5 @@ def test_second_ctrl_c_is_quiet(tmp_path, tiny_npz):
     assert elapsed < 5.0
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "interrupted" in err
-    assert _stored(db) <= {r.key() for r in SweepConfig(**GRID, data=str(tiny_npz)).runs()}
+    planned = SweepConfig(**GRID, data=str(tiny_npz), max_train=None).runs()
+    assert _stored(db) <= {r.key() for r in planned}
