@@ -257,3 +257,18 @@ def test_cli_store(capsys, tmp_path):
     assert code == 2 and "no runs in cell 'bn@8'; the cells are bn@2, bn@32, gn@2" in err
     code, _, err = _cli(capsys, "--db", str(tmp_path / "none.db"), "--cells", "bn@2,bn@8")
     assert code == 2 and "no such run store" in err
+
+
+def test_cli_store_protocols(capsys, tmp_path):
+    db = tmp_path / "runs.db"
+    with RunStore(db, allow_mixed_protocols=True) as store:
+        for epochs, errors in ((1, (30.0, 31.0)), (2, (25.0, 26.0))):
+            for seed, e in enumerate(errors):
+                cfg = RunConfig(norm="bn", batch_size=2, seed=seed, epochs=epochs)
+                store.add(RunRecord(cfg, [EpochStats(1, 1.0, e, e, 0.01)], e, 1.0, False, 8, 4, 1))
+    code, _, err = _cli(capsys, "--db", str(db), "--cells", "bn@2,bn@2[epochs=2]")
+    assert (
+        code == 2 and "holds runs of 2 protocols; name one: bn@2[epochs=1], bn@2[epochs=2]" in err
+    )
+    code, out, _ = _cli(capsys, "--db", str(db), "--cells", "bn@2[epochs=1],bn@2[epochs=2]")
+    assert code == 0 and "bn@2[epochs=2] is better than bn@2[epochs=1]: lower by 5.00" in out
