@@ -115,7 +115,7 @@ def progress_bar(
     if progress is False:
         return contextlib.nullcontext(None)
     try:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return contextlib.nullcontext(None)
     disable = None if progress is None else False
@@ -310,6 +310,11 @@ def exact_passes(
         plan = lv.graph_levels(order, deps)
     else:
         plan = lv.sequential_levels(order, ncalls)
+    # Layers the traced batch did not reach (a data-dependent branch) go last, together.
+    reached = set(order)
+    missing = [lid for lid in survey.layers if lid not in reached]
+    if missing:
+        plan.append((missing, False))
     count, passes = 0, 0
     calls: list[dict[int, int]] = []  # per batch, filled by the first pass
     with progress_bar(progress, "recalibrate (exact)", "pass", len(plan)) as bar:
@@ -347,11 +352,10 @@ def exact_passes(
                     f"still changed by {change:.2g} (relative) after {_MAX_REPEATS} passes; "
                     "they are not at the fixed point. Call recalibrate again or feed more data.",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=3,
                 )
             if bar is not None:
                 bar.update(1)
-    # Layers the trace never reached (a data-dependent branch) get nothing: unseen.
     return count, passes, [[survey.layers[lid][1] for lid in ids] for ids, _ in plan]
 
 
