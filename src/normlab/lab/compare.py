@@ -187,7 +187,7 @@ def _pair(a: Group, b: Group, alpha: float, power: float, dec: int) -> tuple[Com
         verdict = (
             f"no verdict: {single} {'has' if ' and ' not in single else 'have'} a single run, "
             f"so the seed-to-seed spread is unknown and the difference {_fmt(diff, dec)} cannot be "
-            "told from luck; run >= 2 seeds per setting (the plan below says how many)"
+            "told from luck; run >= 2 seeds per setting (how many: see below)"
         )
         return ComparePair(
             a.name, b.name, diff, nan, nan, nan, nan, nan, nan, nan, nan, False, False, verdict
