@@ -189,6 +189,10 @@ def test_cli_json(capsys, tmp_path):
     data = json.loads(path.read_text())
     assert data["pairs"][0]["p"] is None and data["plans"][0]["runs_per_setting"] >= 2
     assert "no verdict" in out
+    # No spread: t is infinite, written as null so that the file stays strict JSON.
+    code, out, _ = _cli(capsys, "a=1,1,1", "b=2,2,2", "--json", "-")
+    data = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert data["pairs"][0]["t"] is None and data["pairs"][0]["p"] == 0.0
 
 
 @pytest.mark.parametrize(

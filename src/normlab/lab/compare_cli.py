@@ -169,12 +169,13 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _num(x: float, dec: int = 4) -> float | None:
-    return None if math.isnan(x) else round(x, dec) if math.isfinite(x) else x
+def _num(x: float) -> float | None:
+    """A float for JSON: undefined (NaN) and infinite values (no spread) become null."""
+    return float(x) if math.isfinite(x) else None
 
 
 def result_dict(r: CompareResult, metric: str | None = None) -> dict[str, Any]:
-    """The result as JSON-ready data; NaN (undefined) becomes ``null``."""
+    """The result as JSON-ready data, numbers unrounded; undefined ones are ``null``."""
     effect = "Hedges' g (pooled std, exact small-sample correction)"
     return {
         "metric": metric,
@@ -182,26 +183,25 @@ def result_dict(r: CompareResult, metric: str | None = None) -> dict[str, Any]:
         "alpha": r.alpha,
         "power": r.power,
         "groups": [
-            {"name": g.name, "n": g.n, "mean": _num(g.mean, 6), "std": _num(g.std, 6)}
-            for g in r.groups
+            {"name": g.name, "n": g.n, "mean": _num(g.mean), "std": _num(g.std)} for g in r.groups
         ],
-        "pooled_std": _num(r.pooled_std, 6),
+        "pooled_std": _num(r.pooled_std),
         "pooled_df": r.pooled_df,
         "pairs": [
             {
                 "a": p.a,
                 "b": p.b,
-                "diff": _num(p.diff, 6),
-                "ci": [_num(p.ci_low, 6), _num(p.ci_high, 6)],
+                "diff": _num(p.diff),
+                "ci": [_num(p.ci_low), _num(p.ci_high)],
                 "ci_level": 1.0 - r.alpha,
                 "test": "Welch's t-test, two-sided",
-                "t": _num(p.t, 6),
-                "df": _num(p.df, 4),
-                "p": _num(p.p, 8),
-                "p_holm": _num(p.p_adjusted, 8),
-                "effect_size": _num(p.hedges_g, 4),
+                "t": _num(p.t),
+                "df": _num(p.df),
+                "p": _num(p.p),
+                "p_holm": _num(p.p_adjusted),
+                "effect_size": _num(p.hedges_g),
                 "effect_size_kind": effect,
-                "resolvable_at_power": _num(p.resolvable, 6),
+                "resolvable_at_power": _num(p.resolvable),
                 "tested": p.tested,
                 "significant": p.significant,
                 "verdict": p.verdict,
@@ -211,13 +211,13 @@ def result_dict(r: CompareResult, metric: str | None = None) -> dict[str, Any]:
         "plans": [
             {
                 "delta": pl.delta,
-                "std": _num(pl.std, 6),
+                "std": _num(pl.std),
                 "std_source": pl.std_source,
                 "power": r.power,
                 "alpha": r.alpha,
                 "runs_per_setting": pl.n,
-                "achieved_power": _num(pl.achieved_power, 4),
-                "std_upper_80": None if pl.std_upper is None else _num(pl.std_upper, 6),
+                "achieved_power": _num(pl.achieved_power),
+                "std_upper_80": None if pl.std_upper is None else _num(pl.std_upper),
                 "runs_per_setting_at_std_upper": pl.n_upper,
             }
             for pl in r.plans
