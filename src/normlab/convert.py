@@ -258,7 +258,8 @@ def convert_norms(
     act_after = activation_after(model, match) if any("nonlinearity" in d for d in built) else {}
     model, replacements = replace(model, match, build_all)
     report = ConversionReport(replacements, warnings, skipped)
-    report.warnings.extend(summarise(replacements, act_after, describe(factory)))
+    name = f"{to!r} ({describe(factory)})" if isinstance(to, str) else describe(factory)
+    report.warnings.extend(summarise(replacements, act_after, name))
     if not replacements:
         if skipped:
             names = ", ".join(s.path or "<model>" for s in skipped[:8])
