@@ -231,10 +231,10 @@ class Untraceable(nn.Module):
         super().__init__()
         self.block = ConvBN(3, 4)
         self.seq = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), Gate(), nn.ReLU())
-        self.gate = Gate()
+        self.gate, self.tail = Gate(), nn.Sequential(nn.BatchNorm2d(4), Gate())
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.seq(self.block(x))
+        y = self.tail(self.seq(self.block(x)))
         return y if float(y.detach().mean()) > -1e9 else -y
 
 
@@ -254,11 +254,11 @@ def test_untraceable_model_traces_submodules_and_falls_back_to_sequential_order(
     x = offcenter(2, 3, 6, 6)
     want = model(x)
     _, report = fuse_conv_bn(model, x, return_report=True)
-    assert {p for p, _ in report.untraced} == {"<model>", "seq", "seq.2", "gate"}
-    assert report.traced == ["block"] and report.sequential_fallback == ["seq"]
+    assert {p for p, _ in report.untraced} == {"<model>", "seq", "seq.2", "gate", "tail", "tail.1"}
+    assert report.traced == ["block"] and report.sequential_fallback == ["seq", "tail"]
     assert {p.bn for p in report.fused} == {"block.bn", "seq.1"}
     skipped = {(s.bn, s.reason) for s in report.skipped}
-    assert skipped == {("seq.2.bn", "not_analysed"), ("gate.bn", "not_analysed")}
+    assert skipped == {(p, "not_analysed") for p in ("seq.2.bn", "gate.bn", "tail.0", "tail.1.bn")}
     assert_close(model(x), want)
 
 

@@ -85,7 +85,8 @@ def _describe(node: object, root: nn.Module) -> str:
     if node.op == "call_module":
         return f"{type(root.get_submodule(str(node.target))).__name__} ({node.target})"
     if node.op == "call_function":
-        return f"{getattr(node.target, '__module__', '') or ''}.{node.target.__name__}".lstrip(".")
+        name = getattr(node.target, "__name__", None) or repr(node.target)
+        return f"{getattr(node.target, '__module__', '') or ''}.{name}".lstrip(".")
     if node.op == "call_method":
         return f"the tensor method .{node.target}()"
     if node.op == "placeholder":
