@@ -20,9 +20,10 @@ statistics are taken from is the ``method``:
 ``method="exact"``: the eval-mode fixed point
     Every layer's running statistics equal the population statistics of its
     input when the whole model runs in *eval* mode with the *new* statistics of
-    the layers upstream of it; evaluating on these batches then normalizes every
-    layer's pooled input to zero mean and the stored variance exactly, and
-    calling :func:`recalibrate` again changes nothing. Eval-mode inputs depend
+    the layers upstream of it: evaluating on these batches, every layer's
+    normalized output (before γ and β) then has exactly zero mean and, up to eps
+    and n/(n − 1), unit variance per channel over the batches, and calling
+    :func:`recalibrate` again changes nothing. Eval-mode inputs depend
     on the upstream running statistics, so the layers are recalibrated level by
     level: one traced forward finds which layers feed which (see
     :mod:`normlab._recal_levels`), then one pass per dependency level, each
@@ -52,7 +53,9 @@ Which variance is stored (``variance``), for the batch kinds
     difference of 1/(n − 1) with n the values per channel over all batches).
     ``"per_batch"``: the BN paper's Algorithm 2, the mean of the per-batch
     unbiased variances, weighted by each batch's count (what torch's moving
-    average and ``torch.optim.swa_utils.update_bn`` estimate, unweighted).
+    average and ``torch.optim.swa_utils.update_bn`` estimate, unweighted). A
+    layer called twice in one forward normalizes each call with that call's
+    statistics in training, so each call counts as one batch.
 
 The protocol: which layers are recalibrated
     A module takes part when its class declares ``_recalibrate_kind`` (below) and
@@ -85,8 +88,10 @@ The protocol: which layers are recalibrated
     A class may also set ``_recalibrate_unbiased = False`` to store the biased
     (divide-by-n) variance instead of torch's unbiased one.
 
-Statistics that are not finite (NaN or inf activations) are refused with an
-error naming the layers, and the model is left as it was.
+Statistics that are not finite (NaN or inf activations, or too large for the
+buffer's dtype) are refused with an error naming the layers, and the model is
+left as it was. In a distributed job every process pools its own inputs: feed
+the same batches on every rank, or recalibrate on one rank and broadcast.
 """
 
 from __future__ import annotations
