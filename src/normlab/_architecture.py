@@ -7,8 +7,9 @@ activation this is a mild change; after one that is not — a residual branch's
 last BN, whose output is added to the skip path, or a linear bottleneck — it
 inserts a nonlinearity the architecture deliberately lacks (with τ = 0 a
 residual branch can only add, never subtract). Which BatchNorms are followed by
-an activation is read from a ``torch.fx`` trace of the model; a model that does
-not trace is reported without that split.
+an activation is read from a ``torch.fx`` trace of the model (looking through
+identity and dropout layers); a model that does not trace is reported without
+that split.
 """
 
 from __future__ import annotations
@@ -45,9 +46,18 @@ def _is_activation_module(m: nn.Module) -> bool:
     return type(m).__name__.lower() in _ACT_NAMES
 
 
-def _is_activation_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _is_passthrough_module(m: nn.Module) -> bool:
+    """Identity and dropout-style layers (Dropout, DropBlock, DropPath): not a change of kind."""
+    return isinstance(m, nn.Identity) or "Drop" in type(m).__name__
+
+
+def _is_activation_node(node: fx.Node, modules: dict[str, nn.Module], depth: int = 0) -> bool:
+    """True when ``node`` is an activation, or an identity / dropout whose users all are."""
     if node.op == "call_module":
-        return _is_activation_module(modules[str(node.target)])
+        m = modules[str(node.target)]
+        if _is_passthrough_module(m) and node.users and depth < 4:
+            return all(_is_activation_node(u, modules, depth + 1) for u in node.users)
+        return _is_activation_module(m)
     if node.op == "call_function":
         return getattr(node.target, "__name__", "").lower() in _ACT_NAMES
     if node.op == "call_method":
@@ -69,9 +79,9 @@ def activation_after(
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return (
-                id(m) in targets or _is_activation_module(m) or super().is_leaf_module(m, qualname)
-            )
+            if id(m) in targets or _is_activation_module(m) or _is_passthrough_module(m):
+                return True
+            return super().is_leaf_module(m, qualname)
 
     try:
         with warnings.catch_warnings():

@@ -176,6 +176,9 @@ def test_2d_only_target_is_refused_on_3d_bn(entry, target):
             ZOO["timm_efficientnet_b0"], 49, 16, id="timm_efficientnet_b0",
             marks=pytest.mark.slow,
         ),
+        # BN -> DropBlock (identity) -> act, and MONAI's norm -> dropout -> PReLU: followed
+        pytest.param(ZOO["timm_resnet50d"], 55, 20, id="timm_resnet50d", marks=pytest.mark.slow),
+        pytest.param(ZOO["monai_unet_2d"], 6, 0, id="monai_unet_2d", marks=pytest.mark.slow),
     ],
 )  # fmt: skip
 def test_added_nonlinearity_is_counted(entry, total, linear):
