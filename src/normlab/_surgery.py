@@ -87,7 +87,7 @@ def check_custom_forward(model: nn.Module, tool: str) -> None:
     custom = [
         f"{p or '<model>'} ({type(m).__name__})"
         for p, m in iter_matches(model, overrides_forward)
-        if not is_norm_act(m)
+        if not (is_norm_act(m) or _bare_norm_act(m))
     ]
     if custom:
         raise ValueError(
@@ -96,6 +96,13 @@ def check_custom_forward(model: nn.Module, tool: str) -> None:
             "by a plain norm would silently drop that. Nothing was changed. Replace these "
             "layers yourself (or subclass BatchNorm without overriding forward), then rerun."
         )
+
+
+def _bare_norm_act(m: nn.Module) -> bool:
+    """A norm + activation class holding neither ``act`` nor ``drop`` (timm's SyncBatchNormAct
+    built directly applies them only if present), so it computes a plain BatchNorm."""
+    name = type(m).__name__
+    return "Norm" in name and "Act" in name and not ({"act", "drop"} & set(m._modules))
 
 
 def with_tail(new: nn.Module, old: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
