@@ -3,7 +3,7 @@
 Run from the repository root (torchvision and fvcore installed):
 
     python benchmarks/recalibrate_depth.py [--steps 30] [--size 64] [--batch 8]
-        [--recal-batches 4] [--lr 0.2] [--no-exact] [name ...]
+        [--recal-batches 4] [--lr 0.05] [--no-exact] [name ...]
 
 Each torchvision model (default: resnet50 and mobilenet_v3_large, built without
 weights) is trained for ``--steps`` SGD steps (momentum 0.9) on random off-center
@@ -106,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", default=["resnet50", "mobilenet_v3_large"])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--recal-batches", type=int, default=4)
