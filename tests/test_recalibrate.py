@@ -177,6 +177,30 @@ def test_exact_is_the_eval_mode_fixed_point():
     assert (precise.head.fc[1].running_mean - model.head.fc[1].running_mean).abs().max() > 1e-3
 
 
+def test_exact_levels_with_inplace_ops_and_frozen_parameters():
+    """The trace sees through in-place activations and needs no parameter gradients."""
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+            self.b = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+
+        def forward(self, x):
+            y = self.a(x)
+            y += x  # in place on a BN output
+            return torch.relu_(self.b(y)) + x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+    model.append(Residual()).append(Residual()).double().eval().requires_grad_(False)
+    batches = make_batches((3, 2))
+    report = recalibrate(model, batches, method="exact", return_report=True)
+    assert report.levels == (("1",), ("3.a.1",), ("3.b.1",), ("4.a.1",), ("4.b.1",))
+    eval_x = layer_inputs(model, torch.cat(batches), train_layers=False)
+    for path, x in eval_x.items():
+        assert_close(model.get_submodule(path).running_var, np_channels(x).var(1, ddof=1))
+
+
 def test_exact_sequential_levels_agree_and_iterators_are_cached():
     model = make_model().eval()
     batches = make_batches()

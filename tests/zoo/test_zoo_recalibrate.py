@@ -97,6 +97,14 @@ def test_one_call_is_right_at_depth(entry):
     ema = running(model)
     assert max(rel(v, ema[k]) for k, v in running(ours).items()) > 0.01  # the EMA lagged
 
+    # exact: finite, same order, and a fixed point (in-place ReLUs after the BNs, SE blocks)
+    exact = recalibrate(copy.deepcopy(model), batches, method="exact", return_report=True)
+    assert 0.1 < max_logit(exact.model, held_out) / max_logit(swa, held_out) < 10
+    assert len(exact.levels) < len(exact.recalibrated) or entry.name != "tv_resnet50"
+    first = running(exact.model)
+    recalibrate(exact.model, batches, method="exact")
+    close_to(running(exact.model), first, 1e-6)
+
     # Every layer, at every depth: variance="per_batch" is update_bn's estimator
     # (equal batch sizes: count weighting changes nothing), from the same train-mode inputs.
     per_batch = recalibrate(copy.deepcopy(model), batches, variance="per_batch")
