@@ -212,6 +212,22 @@ def test_exact_sequential_levels_agree_and_iterators_are_cached():
     for k, v in running(graph).items():
         assert_close(running(seq.model)[k], v, rtol=1e-8, atol=1e-8)
 
+    def no_grad_forward(m, b):
+        with torch.no_grad():
+            return m(b)
+
+    # autograd off in the forward: the graph is invisible, sequential levels are used
+    blind = recalibrate(
+        copy.deepcopy(model),
+        batches,
+        method="exact",
+        forward_fn=no_grad_forward,
+        return_report=True,
+    )
+    assert blind.levels == seq.levels
+    for k, v in running(graph).items():
+        assert_close(running(blind.model)[k], v, rtol=1e-8, atol=1e-8)
+
 
 def test_exact_works_with_batches_of_one_and_precise_refuses_them():
     model = make_model().eval()

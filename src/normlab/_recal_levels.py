@@ -21,7 +21,9 @@ clone of it: numerically the same). Walking back through the autograd graph
 from a layer's input stops at those leaves, which name its direct
 dependencies. Dependencies that autograd does not record (``detach()``, code run
 under ``torch.no_grad()``, integer or boolean intermediates) are not seen;
-``levels="sequential"`` in :func:`normlab.recalibrate.recalibrate` needs none.
+``levels="sequential"`` in :func:`normlab.recalibrate.recalibrate` needs none, and
+is used instead when a layer runs with autograd off (a ``forward_fn`` or model
+that runs under ``torch.no_grad()`` or ``torch.inference_mode()``).
 """
 
 from __future__ import annotations
@@ -63,15 +65,19 @@ def trace(
     layers: dict[int, nn.Module],
     batch: Any,
     forward_fn: Callable[[nn.Module, Any], Any] | None,
-) -> tuple[list[int], dict[int, set[int]], dict[int, int]]:
-    """Run ``model`` once on ``batch``: layers in first-call order, dependencies, call counts."""
+) -> tuple[list[int], dict[int, set[int]], dict[int, int], bool]:
+    """Run ``model`` once on ``batch``: layers in first-call order, dependencies, call counts,
+    and whether some layer ran with autograd off (its dependencies are then unknown)."""
     owners: dict[int, int] = {}  # id(leaf output) -> layer id
     leaves: list[Tensor] = []  # keeps the leaves (and their ids) alive
     deps: dict[int, set[int]] = {lid: set() for lid in layers}
     order: list[int] = []
     calls: dict[int, int] = {}
+    blind = False
 
     def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+        nonlocal blind
+        blind = blind or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
         lid = id(module)
         if lid not in calls:
             order.append(lid)
@@ -84,7 +90,7 @@ def trace(
                     deps[lid].add(owners[id(x)])
 
     def post(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
-        if not isinstance(out, Tensor) or not out.is_floating_point():
+        if not isinstance(out, Tensor) or not out.is_floating_point() or blind:
             return None
         leaf = out.detach().requires_grad_(True)
         leaves.append(leaf)
@@ -101,7 +107,7 @@ def trace(
     finally:
         for h in handles:
             h.remove()
-    return order, deps, calls
+    return order, deps, calls, blind
 
 
 def graph_levels(order: list[int], deps: dict[int, set[int]]) -> list[Level]:

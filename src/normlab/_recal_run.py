@@ -305,8 +305,8 @@ def exact_passes(
             "statistics from (an exhausted iterator or generator?). Pass a fresh iterable."
         )
     modules = {lid: m for lid, (m, _, _) in survey.items()}
-    order, deps, ncalls = lv.trace(model, modules, first, forward_fn)
-    if levels == "graph":
+    order, deps, ncalls, blind = lv.trace(model, modules, first, forward_fn)
+    if levels == "graph" and not blind:
         plan = lv.graph_levels(order, deps)
     else:
         plan = lv.sequential_levels(order, ncalls)

@@ -212,8 +212,9 @@ def recalibrate(
         variance: ``"population"`` (pooled variance of all values) or
             ``"per_batch"`` (count-weighted mean of per-batch variances).
         levels: ``method="exact"`` only: ``"graph"`` reads the dependency levels
-            from autograd; ``"sequential"`` runs one layer per pass in call order
-            (slower; for models whose dependencies autograd does not see).
+            from autograd (``"sequential"`` when the forward runs with autograd
+            off); ``"sequential"`` runs one layer per pass in call order (slower;
+            for models whose dependencies autograd does not see, e.g. detached).
         progress: a tqdm progress bar: True, False, or None (only on a terminal).
         return_report: return a :class:`RecalibrationReport` instead of ``model``.
 
