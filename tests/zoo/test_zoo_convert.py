@@ -1,9 +1,9 @@
 """convert_norms / freeze_bn / unfreeze_bn on real architectures from torchvision, timm, smp, MONAI.
 
 Every target is trained for one step (forward, backward, SGD step, eval forward)
-on at least three models (see MATRIX): all of them on the small MONAI U-Nets
-(the 3-D one: every target with a 3-D variant), four on timm EfficientNet-B0
-(fused norm + activation layers), three on each large model. Freezing must keep
+on at least three models (see MATRIX): all of them on the MONAI U-Nets (the
+3-D one: every target with a 3-D variant) and on timm EfficientNet-B0 (fused
+norm + activation layers), three on each other model. Freezing must keep
 eval outputs and every activation; frozen BatchNorm from torchvision must be
 named and convertible on request; targets without a 3-D variant must be refused
 on a 3-D U-Net; the report must count the nonlinearities a target adds where
@@ -32,7 +32,7 @@ ALL = [
 MATRIX: dict[str, list[str]] = {
     "monai_unet_2d": ALL,
     "monai_unet_3d": [t for t in ALL if not t.startswith("evonorm")],  # no 3-D EvoNorm
-    "timm_efficientnet_b0": ["gn", "frn", "evonorm_b0", "evonorm_s0"],
+    "timm_efficientnet_b0": ALL,
     "tv_resnet50": ["gn", "frn", "frozen_bn"],
     "tv_resnext50_32x4d": ["ln", "brn", "evonorm_b0"],
     "tv_mobilenet_v3_large": ["in", "mabn", "frn_linear"],
