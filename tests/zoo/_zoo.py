@@ -79,6 +79,8 @@ def require(module: str) -> Any:
             if os.environ.get("CI"):
                 raise
             pytest.skip("torchvision is not installed (pip install -e '.[test]')")
+    if module.split(".")[0] in ("timm", "segmentation_models_pytorch"):
+        require("torchvision")  # both import torchvision, which needs the shim first
     if os.environ.get("CI"):
         return importlib.import_module(module)
     return pytest.importorskip(module)
