@@ -170,7 +170,11 @@ def test_json_keeps_groups_and_per_module_detail(target, capsys):
 
 @pytest.mark.parametrize("fmt", [["--json"], ["--verbose"]])
 def test_closed_pipe_is_quiet(target, fmt):
-    """``normlab doctor ... | head -1``: the reader leaves early; no traceback, status 141."""
+    """``normlab doctor ... | head -1``: the reader leaves early; no traceback.
+
+    Status 141 when the doctor was still writing as ``head`` left; 0 (this model has
+    no error findings) when its whole output fitted into the pipe's buffer first.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     args = " ".join(fmt)
     command = (
@@ -181,7 +185,7 @@ def test_closed_pipe_is_quiet(target, fmt):
         ["bash", "-c", command], capture_output=True, text=True, env=env, timeout=300
     )
     assert len(done.stdout.splitlines()) == 1, done.stderr
-    assert done.stderr == f"status={EXIT_CLOSED_PIPE}\n", done.stderr
+    assert done.stderr in (f"status={EXIT_CLOSED_PIPE}\n", "status=0\n"), done.stderr
 
 
 def test_help_documents_the_exit_codes(capsys):
