@@ -105,6 +105,19 @@ def _probe(new: nn.Module, rank: int | None, channels: int, path: str, source: s
     return None
 
 
+def _build_target(
+    make: Callable[..., nn.Module], channels: int, kwargs: dict[str, Any], no_bias: bool
+) -> nn.Module:
+    """``make(channels, **kwargs)``; for a BatchNorm built with ``bias=False``, the target
+    without a bias too where its constructor takes ``bias=`` (torch's own convention)."""
+    if no_bias and "bias" not in kwargs:
+        try:
+            return make(channels, bias=False, **kwargs)
+        except TypeError:
+            pass
+    return make(channels, **kwargs)
+
+
 def convert_norms(
     model: nn.Module,
     to: str | type | Callable[..., nn.Module],
@@ -184,8 +197,9 @@ def convert_norms(
         channels = num_channels(old)
         rank = rank_of(old)
         make = rank_matched(factory, rank)
+        no_bias = getattr(old, "weight", None) is not None and getattr(old, "bias", 1) is None
         try:
-            new = make(channels, **kwargs)
+            new = _build_target(make, channels, kwargs, no_bias)
         except Exception as e:  # say which layer, then re-raise with the cause
             raise type(e)(
                 f"convert_norms: building the target {describe(make)} for {path or '<model>'} "
@@ -205,7 +219,11 @@ def convert_norms(
             details["was_frozen"] = True
         weight, bias = getattr(old, "weight", None), getattr(old, "bias", None)
         affine = copy_into(new, "weight", weight, channels)
-        affine &= copy_into(new, "bias", bias, channels)
+        if no_bias:  # β stays the target's zero, or absent where the target took bias=False
+            if isinstance(getattr(new, "bias", None), nn.Parameter):
+                details["bias"] = "added, zero (the target takes no bias=False)"
+        else:
+            affine &= copy_into(new, "bias", bias, channels)
         if weight is not None and not affine:
             details["affine"] = "dropped (target has no per-channel weight/bias)"
         for p, src in (("weight", weight), ("bias", bias)):

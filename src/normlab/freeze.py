@@ -73,6 +73,7 @@ def freeze_bn(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             if old.weight is not None:
                 new.weight.copy_(old.weight)
+            if old.bias is not None:  # BatchNorm(bias=False): β stays 0
                 new.bias.copy_(old.bias)
             new.running_mean.copy_(old.running_mean)
             new.running_var.copy_(old.running_var)
