@@ -349,7 +349,7 @@ def test_messages_are_self_contained():
     """No finding points at a file users do not have, and every code has a why and a fix."""
     for code, (why, fix) in CODES.items():
         for text in (why, fix):
-            assert text and "LAB-NOTES" not in text and ".md" not in text, code
+            assert text and "NOTES" not in text and ".md" not in text, code
     f = Finding("x", "info", "m", "msg", "fix")
     assert f.detail == ""
 
