@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,9 +82,15 @@ def require(module: str) -> Any:
             pytest.skip("torchvision is not installed (pip install -e '.[test]')")
     if module.split(".")[0] in ("timm", "segmentation_models_pytorch"):
         require("torchvision")  # both import torchvision, which needs the shim first
-    if os.environ.get("CI"):
-        return importlib.import_module(module)
-    return pytest.importorskip(module)
+    # Import-time deprecation notices of these libraries (fvcore scripts a function with
+    # torch.jit.script at import) are theirs, not ours: the tests keep warnings as errors
+    # for everything they call afterwards.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        if os.environ.get("CI"):
+            return importlib.import_module(module)
+        return pytest.importorskip(module)
 
 
 def images(n: int = 2, c: int = 3, size: int = 64, *, seed: int = 0) -> Tensor:
