@@ -52,3 +52,27 @@ def numeric_grad(loss, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
         flat[i] = old
         gflat[i] = (plus - minus) / (2 * h)
     return grad
+
+
+def calibrate_bn(model: torch.nn.Module, batches) -> torch.nn.Module:
+    """Precise BN by hand: exact averages of the batch statistics of ``batches``, then eval.
+
+    Only the BatchNorm layers are in training mode, so detectors run as in inference (no
+    targets needed). Independent of normlab.recalibrate, so doctor tests do not rest on it.
+    """
+    from normlab.feed import feed
+    from normlab.kinds import is_batch_norm
+
+    bns = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats]
+    saved = [(m, m.momentum) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for batch in batches:
+            feed(model, batch)
+    for m, momentum in saved:
+        m.momentum = momentum
+    return model.eval()

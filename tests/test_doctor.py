@@ -11,6 +11,7 @@ from torch import nn
 
 import normlab.nn as nnl
 from _models import inputs, make_model
+from _testing import calibrate_bn
 from normlab.doctor import (
     DoctorForwardError,
     DoctorTargetError,
@@ -20,27 +21,11 @@ from normlab.doctor import (
     load_factory,
 )
 from normlab.doctor_codes import CODES
-from normlab.feed import feed
-from normlab.kinds import is_batch_norm
 
 X = inputs(16, dtype=torch.float32, seed=101)
 
 
-def calibrate(model: nn.Module, batches) -> nn.Module:
-    """Precise BN: exact averages of the batch statistics of ``batches``, then eval."""
-    bns = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats]
-    saved = [(m, m.momentum) for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
-        for batch in batches:
-            feed(model, batch)
-    for m, momentum in saved:
-        m.momentum = momentum
-    return model.eval()
+calibrate = calibrate_bn
 
 
 @pytest.fixture(autouse=True, scope="module")

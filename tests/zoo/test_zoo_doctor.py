@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import normlab.nn as nnl
+from _testing import calibrate_bn
 from normlab.doctor import diagnose
-from normlab.feed import feed
 from normlab.kinds import is_batch_norm
 from zoo._zoo import ZOO, images, zoo_params
 
@@ -20,25 +20,7 @@ CALIBRATION_IMAGES = 16
 DETECTOR_CALIBRATION_IMAGES = 6
 
 
-def calibrate(model: nn.Module, batches) -> nn.Module:
-    """Precise BN: exact averages of the batch statistics of ``batches``, then eval.
-
-    Only the BatchNorm layers are in training mode, so detectors run as in
-    inference (no targets needed).
-    """
-    bns = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats]
-    saved = [(m, m.momentum) for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
-        for batch in batches:
-            feed(model, batch)
-    for m, momentum in saved:
-        m.momentum = momentum
-    return model.eval()
+calibrate = calibrate_bn
 
 
 #: models several tests use: calibrated once, each test gets a deep copy
