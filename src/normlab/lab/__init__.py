@@ -8,7 +8,8 @@ stored runs into a table with spread, Welch tests, a plot and a Markdown report.
 from .data import DataError, ImageData, Split, load_images, split_data
 from .models import build_model
 from .report import ReportFiles, summarize, write_json, write_report
-from .store import RunStore, StoreError
+from .runner import SweepInterrupted
+from .store import ProtocolMismatchError, RunStore, StoreError
 from .sweep import SweepConfig, SweepResult, default_norms, merge_shards, run_sweep
 from .train import EpochStats, RunConfig, RunRecord, train_run
 
@@ -16,6 +17,7 @@ __all__ = [
     "DataError",
     "EpochStats",
     "ImageData",
+    "ProtocolMismatchError",
     "ReportFiles",
     "RunConfig",
     "RunRecord",
@@ -23,6 +25,7 @@ __all__ = [
     "Split",
     "StoreError",
     "SweepConfig",
+    "SweepInterrupted",
     "SweepResult",
     "build_model",
     "default_norms",
