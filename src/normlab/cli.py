@@ -126,8 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from .lab.data import DataError
-    from .lab.store import StoreError
+    from .lab.errors import DataError, StoreError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -3,15 +3,25 @@
 ``sweep.run_sweep`` trains the grid norms × batch sizes × seeds (``train.train_run`` per
 run), ``store.RunStore`` keeps every finished run in SQLite, and ``report`` turns the
 stored runs into a table with spread, Welch tests, a plot and a Markdown report.
+
+The exported names are imported from their submodules on first access (PEP 562), so that
+the torch-free parts (``compare``, ``stats``, ``power``) load without torch.
 """
 
-from .data import DataError, ImageData, Split, load_images, split_data
-from .models import build_model
-from .report import ReportFiles, summarize, write_json, write_report
-from .runner import SweepInterrupted
-from .store import ProtocolMismatchError, RunStore, StoreError
-from .sweep import SweepConfig, SweepResult, default_norms, merge_shards, run_sweep
-from .train import EpochStats, RunConfig, RunRecord, train_run
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .data import DataError, ImageData, Split, load_images, split_data
+    from .models import build_model
+    from .report import ReportFiles, summarize, write_json, write_report
+    from .runner import SweepInterrupted
+    from .store import ProtocolMismatchError, RunStore, StoreError
+    from .sweep import SweepConfig, SweepResult, default_norms, merge_shards, run_sweep
+    from .train import EpochStats, RunConfig, RunRecord, train_run
 
 __all__ = [
     "DataError",
@@ -38,3 +48,45 @@ __all__ = [
     "write_json",
     "write_report",
 ]
+
+#: Exported name -> the submodule it is imported from.
+_SOURCES = {
+    "DataError": "data",
+    "EpochStats": "train",
+    "ImageData": "data",
+    "ProtocolMismatchError": "store",
+    "ReportFiles": "report",
+    "RunConfig": "train",
+    "RunRecord": "train",
+    "RunStore": "store",
+    "Split": "data",
+    "StoreError": "store",
+    "SweepConfig": "sweep",
+    "SweepInterrupted": "runner",
+    "SweepResult": "sweep",
+    "build_model": "models",
+    "default_norms": "sweep",
+    "load_images": "data",
+    "merge_shards": "sweep",
+    "run_sweep": "sweep",
+    "split_data": "data",
+    "summarize": "report",
+    "train_run": "train",
+    "write_json": "report",
+    "write_report": "report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SOURCES:
+        value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+        value = importlib.import_module(f"{__name__}.{name}")  # any public submodule
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

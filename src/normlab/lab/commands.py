@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..cli import _int_list, _name_list
-from .devices import check_device
 
 if TYPE_CHECKING:
     from .runner import SweepInterrupted
@@ -68,8 +67,7 @@ def _add_report_outputs(p: argparse.ArgumentParser, *, progress: bool) -> None:
 
 
 def add_sweep(subparsers: argparse._SubParsersAction) -> None:
-    from .sweep import DEFAULT_BATCH_SIZES
-    from .train import RunConfig
+    from . import defaults
 
     p = subparsers.add_parser(
         "sweep",
@@ -86,7 +84,7 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-sizes",
         type=_int_list,
-        default=list(DEFAULT_BATCH_SIZES),
+        default=list(defaults.DEFAULT_BATCH_SIZES),
         help="comma-separated batch sizes (default: 2,4,8,16,32)",
     )
     p.add_argument(
@@ -98,13 +96,13 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--epochs",
         type=int,
-        default=RunConfig.epochs,
+        default=defaults.DEFAULT_EPOCHS,
         help="epochs at every batch size (default: %(default)s)",
     )
     p.add_argument(
         "--lr",
         type=float,
-        default=RunConfig.base_lr,
+        default=defaults.DEFAULT_BASE_LR,
         help="learning rate at batch 32; scaled linearly (default: %(default)s)",
     )
     p.add_argument(
@@ -115,13 +113,13 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--image-size",
         type=int,
-        default=RunConfig.image_size,
+        default=defaults.DEFAULT_IMAGE_SIZE,
         help="images are resized to this square size (default: %(default)s)",
     )
     p.add_argument(
         "--max-train",
         type=int,
-        default=RunConfig.max_train,
+        default=defaults.DEFAULT_MAX_TRAIN,
         help="training subset size; 0 = all (default: %(default)s)",
     )
     p.add_argument(
@@ -293,6 +291,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import bench_layers, write_csv
+    from .devices import check_device
 
     check_device(args.device)
     if args.suite == "kernels":

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
+
 __all__ = [
     "ANIMAL_MNIST_CLASSES",
     "DataError",
@@ -59,10 +61,6 @@ ANIMAL_MNIST_CLASSES = (
     "zebra",
 )
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class DataError(ValueError):
-    """The data cannot be used: empty, unreadable, or of an unknown format."""
 
 
 @dataclass(frozen=True)

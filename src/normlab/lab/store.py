@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import ProtocolMismatchError, StoreError
 from .protocol import describe_difference, differing_fields, protocol_key, protocol_of
 from .train import RunConfig, RunRecord
 
@@ -44,14 +45,6 @@ CREATE TABLE IF NOT EXISTS runs (
     record TEXT NOT NULL
 );
 """
-
-
-class StoreError(RuntimeError):
-    """The file is not a normlab run store (corrupt, foreign, or from a newer version)."""
-
-
-class ProtocolMismatchError(StoreError):
-    """A run's protocol differs from the stored runs' and mixing protocols was not allowed."""
 
 
 class RunStore:

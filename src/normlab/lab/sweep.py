@@ -28,6 +28,7 @@ import torch
 
 from ..registry import NORM_LAYERS
 from .data import check_batch_size, load_split
+from .defaults import DEFAULT_BATCH_SIZES
 from .devices import check_device
 from .models import resolve_norm
 from .runner import Progress, SweepInterrupted, execute_runs, sigint_guard
@@ -46,7 +47,6 @@ __all__ = [
     "run_sweep",
 ]
 
-DEFAULT_BATCH_SIZES = (2, 4, 8, 16, 32)
 #: The small-batch family, in the order they appear in the report when present.
 SMALL_BATCH_FAMILY = ("frn", "sn", "mabn", "brn")
 

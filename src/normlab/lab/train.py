@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Split, load_split
+from .defaults import DEFAULT_BASE_LR, DEFAULT_EPOCHS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_TRAIN
 from .models import build_model, final_spatial_size, resolve_norm
 from .packed import pack_states
 
@@ -59,19 +60,14 @@ class RunConfig:
     norm: str
     batch_size: int
     seed: int
-    # 1,200 images × 3 epochs: the 6-norm default grid in under 10 minutes on 2 cores.
-    # 1,500 × 4 (docs/results/long) took 14 min and was 1-3 points better at batch >= 8.
-    epochs: int = 3
-    # Measured on the embedded data (one seed, 4 epochs): lowering the base lr from
-    # 0.1 to 0.00625 cut GN's error at batch 32 from 43.7 % to 23.4 % and BN's from
-    # 18.0 % to 13.2 %; GN's rise from batch 2 to 32 shrank from 13 to 5 points. With
-    # the stride-2 stem, 0.003 and 0.025 were no better (3 seeds, batch 2 and 32).
-    base_lr: float = 0.00625
+    # The numbers of the defaults, and why, are in defaults.py.
+    epochs: int = DEFAULT_EPOCHS
+    base_lr: float = DEFAULT_BASE_LR
     warmup_epochs: float = 0.5
     weight_decay: float = 5e-4
     data: str | None = None
-    image_size: int = 16
-    max_train: int | None = 1200
+    image_size: int = DEFAULT_IMAGE_SIZE
+    max_train: int | None = DEFAULT_MAX_TRAIN
     widths: tuple[int, ...] = (16, 32, 64, 128)
     blocks: int = 1
     #: Stride of the stem conv: 2 halves 16×16 inputs before the first stage, so four

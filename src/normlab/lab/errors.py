@@ -1,0 +1,22 @@
+"""The lab's errors a user can fix, in a module without torch.
+
+:func:`normlab.cli.main` catches them to print one line and exit with status 2, and
+must do so without importing the torch-heavy modules that raise them;
+:mod:`normlab.lab.data` and :mod:`normlab.lab.store` re-export them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DataError", "ProtocolMismatchError", "StoreError"]
+
+
+class DataError(ValueError):
+    """The data cannot be used: empty, unreadable, or of an unknown format."""
+
+
+class StoreError(RuntimeError):
+    """The file is not a normlab run store (corrupt, foreign, or from a newer version)."""
+
+
+class ProtocolMismatchError(StoreError):
+    """A run's protocol differs from the stored runs' and mixing protocols was not allowed."""
