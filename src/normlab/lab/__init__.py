@@ -10,9 +10,9 @@ the torch-free parts (``compare``, ``stats``, ``power``) load without torch.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from .data import DataError, ImageData, Split, load_images, split_data
@@ -77,16 +77,6 @@ _SOURCES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SOURCES:
-        value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
-        value = importlib.import_module(f"{__name__}.{name}")  # any public submodule
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(
+    __name__, globals(), {k: (f".{v}", k) for k, v in _SOURCES.items()}, __all__
+)
