@@ -12,7 +12,7 @@ from ._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from . import functional, nn
-    from .functional._checks import NormShapeError
+    from ._core.checks import NormShapeError
 
 __version__ = "0.1.0"
 
@@ -20,7 +20,7 @@ __all__ = ["NormShapeError", "__version__", "functional", "nn"]
 
 #: Exported name -> (module it lives in, attribute there or None for the module itself).
 _LAZY = {
-    "NormShapeError": (".functional._checks", "NormShapeError"),
+    "NormShapeError": ("._core.checks", "NormShapeError"),
     "functional": (".functional", None),
     "nn": (".nn", None),
 }

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from . import nn as nnl
-from .functional._checks import divisors_up_to
+from ._core.checks import divisors_up_to
 
 __all__ = [
     "NORM_LAYERS",

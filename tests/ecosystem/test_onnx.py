@@ -7,7 +7,7 @@ stacked after convolutions (conv → layer → conv → a copy of the layer), wi
 random parameters and freshly initialized. Copies and fresh layers hold equal
 parameter values (a fresh BatchNorm's weight equals its running_var), which the
 TorchScript exporter deduplicates into ``Identity`` nodes: the graph shape that
-onnxruntime's optimizer used to break (see ``normlab.functional._export``). Each
+onnxruntime's optimizer used to break (see ``normlab._core.export``). Each
 file is loaded by onnxruntime with its default optimizations and compared with
 PyTorch on another off-center input than the one it was traced with.
 """
@@ -258,11 +258,11 @@ def test_auto_backend_is_torch_under_onnx_export(monkeypatch):
     """A CUDA input under export takes the torch path: ONNX has no Triton ops."""
     from types import SimpleNamespace
 
-    from normlab import kernels
-    from normlab.functional._checks import resolve_backend
+    from normlab._core import dispatch
+    from normlab._core.dispatch import resolve_backend
 
     cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.float32)  # a stand-in
-    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(dispatch, "available", lambda: True)
     assert resolve_backend("frozen_batch_norm", "auto", cuda_x) == "triton"
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     for op in ("frozen_batch_norm", "batch_norm (eval)", "group_norm", "filter_response_norm"):

@@ -16,7 +16,8 @@ from _kernel_cases import DEVICE, check, make_param, make_x, requires_kernels
 import normlab.functional as NF
 import normlab.nn as nnl
 from normlab import kernels
-from normlab.functional._checks import resolve_backend
+from normlab._core import dispatch
+from normlab._core.dispatch import resolve_backend
 
 requires_kernels()
 
@@ -101,19 +102,19 @@ def test_auto_keeps_cpu_input_on_torch(monkeypatch):
 def test_auto_picks_triton_for_cuda_input_only_when_it_can(monkeypatch):
     """The decision itself, with a stand-in for a CUDA tensor."""
     cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.float16)
-    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(dispatch, "available", lambda: True)
     assert resolve_backend("group_norm", "auto", cuda_x) == "triton"
     assert resolve_backend("batch_norm (eval)", "auto", cuda_x) == "triton"
     assert resolve_backend("batch_norm", "auto", cuda_x) == "torch"  # training: no kernel
     assert resolve_backend("layer_norm", "auto", cuda_x) == "torch"
     int_x = SimpleNamespace(is_cuda=True, dtype=torch.float8_e4m3fn)
     assert resolve_backend("group_norm", "auto", int_x) == "torch"
-    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(dispatch, "available", lambda: False)
     assert resolve_backend("group_norm", "auto", cuda_x) == "torch"
 
 
 def test_triton_without_triton_installed_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(kernels, "_triton_importable", lambda: False)
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: False)
     assert not kernels.available()
     with pytest.raises(RuntimeError, match=r"pip install 'normlab\[triton\]'"):
         NF.group_norm(torch.randn(2, 4, 3), 2, backend="triton")

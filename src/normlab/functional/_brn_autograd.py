@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._core.running import update_running_stats
+from .._core.stats import centered, pivot
 from ._sn_autograd import _acc, _against, apply_dx, recompute_grads, shifted_moments, sums
-from ._stats import centered, pivot
-from .batch_norm import update_running_stats
 
 __all__ = ["BatchRenormFunction"]
 

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._core.export import rsqrt
+from .._core.normalize import channel_shape
+from .._core.stats import acc_dtype, centered, centered_moments, mix_group_moments, moments
 from ._evonorm_kernels import _b0_bwd, _b0_fwd, _s0_bwd, _s0_fwd, split_moments
-from ._export import rsqrt
 from ._frn_autograd import _composite_grads, autograd_needed
-from ._normalize import channel_shape
-from ._stats import acc_dtype, centered, centered_moments, mix_group_moments, moments
 from .group_norm import group_pivot
 
 __all__ = [

@@ -17,7 +17,7 @@ two-pass* algorithm per (n, c) over the spatial dims (:func:`split_moments`)::
 
 The mean stays split as ``m0 + md`` (never rounded back to one number), so
 the group/batch variances are exact mixtures of those moments
-(:func:`normlab.functional._stats.mix_group_moments`, the law of total
+(:func:`normlab._core.stats.mix_group_moments`, the law of total
 variance) around a pivot, and ``x − mean`` in backward is ``(x − m0) − md``:
 accurate on off-center data (mean 1e4, std 1e-2) in fp32.
 
@@ -60,11 +60,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._export import rsqrt
+from .._core.export import rsqrt
+from .._core.normalize import channel_shape
+from .._core.running import update_running_stats
+from .._core.stats import acc_dtype, mix_group_moments
 from ._frn_autograd import _cast, _p, dot_sums, sum_of_squares
-from ._normalize import channel_shape
-from ._stats import acc_dtype, mix_group_moments
-from .batch_norm import update_running_stats
 
 __all__ = ["split_moments"]
 

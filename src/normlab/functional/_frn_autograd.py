@@ -46,9 +46,9 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from ._export import rsqrt
-from ._normalize import channel_shape
-from ._stats import acc_dtype, mean_square, reduced_count
+from .._core.export import rsqrt
+from .._core.normalize import channel_shape
+from .._core.stats import acc_dtype, mean_square, reduced_count
 
 __all__ = [
     "eager_kernels_allowed",

@@ -39,8 +39,8 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
-from ._stats import acc_dtype, centered, pivot, rstd
-from .batch_norm import update_running_stats
+from .._core.running import update_running_stats
+from .._core.stats import acc_dtype, centered, pivot, rstd
 
 __all__ = [
     "SwitchableNormFunction",
@@ -97,7 +97,7 @@ def sums(dy: Tensor, x: Tensor, shift: Tensor | None, per_sample: bool) -> tuple
     without a full-size temporary (on CPU a fresh full-size buffer can cost
     more in page faults than the pass itself). ``shift`` is exact in ``x``'s
     dtype (a pivot is an element of ``x``), so ``x − shift`` rounds as
-    :func:`~normlab.functional._stats.centered` does. Other dtypes, layouts
+    :func:`~normlab._core.stats.centered` does. Other dtypes, layouts
     and planes of more than 2¹⁶ values: ``dy·(x − shift)`` as a temporary,
     reduced by ``torch.sum`` in the accumulation dtype.
     """
@@ -197,7 +197,7 @@ def _mix_forward(
     ``bn_mode``: "batch" (BN moments of this batch), "running" (BN moments
     from the running statistics) or "none". Each union's moments are those of
     its groups by the law of total variance (exact group variances, as
-    :func:`~normlab.functional._stats.mix_group_moments`): for LN, over the C
+    :func:`~normlab._core.stats.mix_group_moments`): for LN, over the C
     groups of a sample, ``μ_LN = mean_c μ̃``, ``v_LN = mean_c(v + (μ̃ − μ_LN)²)``,
     with ``μ̃ = μ + (s − s[:, 0])`` the group means relative to one pivot of
     the union (differences of nearby pivots are exact); for BN the same over N.

@@ -8,63 +8,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import (
+from .._core.checks import check_batch_count, check_eps, check_floating, check_param
+from .._core.collectives import (
     check_global_count,
     local_moments,
     resolve_process_group,
     safe_pivot,
     sync_moments,
 )
-from ._checks import (
-    check_batch_count,
-    check_eps,
-    check_floating,
-    check_param,
-    resolve_backend,
-)
-from ._normalize import affine_normalize
-from ._stats import acc_dtype, centered, pivot, reduced_count, rstd
+from .._core.dispatch import resolve_backend
+from .._core.normalize import affine_normalize
+from .._core.stats import acc_dtype, centered, pivot, reduced_count, rstd
 from .group_norm import activation, check_act
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+from .._core.running import snapshot, update_running_stats
 
 __all__ = ["batch_norm", "frozen_batch_norm", "snapshot", "update_running_stats"]
 
 
 def _cast(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if p is None else p.to(dtype)
-
-
-def snapshot(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Copies of buffers that are about to be updated in place, for values needed later.
-
-    Under ``torch.compile``, AOTAutograd's min-cut partitioner may *recompute* a
-    cheap read of a buffer in the backward pass instead of saving it; if forward
-    has meanwhile updated that buffer in place, the backward sees the new
-    contents and the gradient is silently wrong (pytorch/pytorch PR #197039).
-    ``torch.stack`` is not on the partitioner's recompute allowlist, so the
-    snapshot is saved. In eager mode it is one small copy per call.
-    """
-    both = torch.stack([t.detach() for t in tensors])
-    return tuple(both.unbind(0))
-
-
-def update_running_stats(
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    batch_mean: Tensor,
-    batch_var_unbiased: Tensor,
-    momentum: float,
-) -> None:
-    """torch's update, in place: ``running = (1 − m)·running + m·batch``."""
-    with torch.no_grad():
-        if running_mean is not None:
-            new = batch_mean.reshape(-1).to(running_mean.dtype)
-            running_mean.mul_(1.0 - momentum).add_(new, alpha=momentum)
-        if running_var is not None:
-            new = batch_var_unbiased.reshape(-1).to(running_var.dtype)
-            running_var.mul_(1.0 - momentum).add_(new, alpha=momentum)
 
 
 def batch_norm(
@@ -92,7 +58,7 @@ def batch_norm(
 
     Unlike torch's CPU kernel it stays accurate on off-center data: statistics
     and normalization work on ``x − pivot`` (one sample per channel), see
-    :mod:`normlab.functional._stats`.
+    :mod:`normlab._core.stats`.
 
     Args:
         input: (N, C) or (N, C, \*spatial), floating point.

@@ -7,26 +7,26 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..distributed import (
+from .._core.checks import (
+    check_batch_count,
+    check_eps,
+    check_floating,
+    check_param,
+    host_checks_allowed,
+)
+from .._core.collectives import (
     check_global_count,
     local_moments,
     resolve_process_group,
     safe_pivot,
     sync_moments,
 )
+from .._core.dispatch import resolve_backend
+from .._core.normalize import affine_normalize, channel_shape
+from .._core.running import snapshot, update_running_stats
+from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
 from ._brn_autograd import BatchRenormFunction
-from ._checks import (
-    check_batch_count,
-    check_eps,
-    check_floating,
-    check_param,
-    host_checks_allowed,
-    resolve_backend,
-)
-from ._normalize import affine_normalize, channel_shape
 from ._sn_autograd import fast_path_available
-from ._stats import acc_dtype, centered, centered_moments, pivot, reduced_count
-from .batch_norm import snapshot, update_running_stats
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -7,26 +7,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..distributed import (
+from .._core.checks import check_batch_count, check_eps, check_floating, check_groups, check_param
+from .._core.collectives import (
     check_global_count,
     local_moments,
     resolve_process_group,
     safe_pivot,
     sync_moments,
 )
-from ._checks import (
-    check_batch_count,
-    check_eps,
-    check_floating,
-    check_groups,
-    check_param,
-    resolve_backend,
-)
+from .._core.dispatch import resolve_backend
+from .._core.normalize import channel_shape
+from .._core.running import update_running_stats
+from .._core.stats import acc_dtype, centered, moments, reduced_count
 from ._evonorm_autograd import b0_apply, b0_normalize, s0_apply, s0_composite
 from ._frn_autograd import eager_kernels_allowed
-from ._normalize import channel_shape
-from ._stats import acc_dtype, centered, moments, reduced_count
-from .batch_norm import update_running_stats
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -5,16 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import (
-    check_eps,
-    check_floating,
-    check_param,
-    host_checks_allowed,
-    resolve_backend,
-)
+from .._core.checks import check_eps, check_floating, check_param, host_checks_allowed
+from .._core.dispatch import resolve_backend
+from .._core.normalize import channel_shape
+from .._core.stats import acc_dtype
 from ._frn_autograd import frn_apply
-from ._normalize import channel_shape
-from ._stats import acc_dtype
 
 __all__ = ["filter_response_norm", "frn_tlu", "tlu"]
 

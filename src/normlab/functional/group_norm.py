@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_eps, check_floating, check_groups, check_param, resolve_backend
-from ._stats import acc_dtype, centered
+from .._core.checks import check_eps, check_floating, check_groups, check_param
+from .._core.dispatch import resolve_backend
+from .._core.stats import acc_dtype, centered
 
 __all__ = ["activation", "check_act", "group_norm", "group_pivot"]
 

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_eps, check_floating, check_param, resolve_backend
-from ._normalize import affine_normalize
-from ._stats import acc_dtype, centered, centered_moments, pivot, reduced_count
-from .batch_norm import update_running_stats
+from .._core.checks import check_eps, check_floating, check_param
+from .._core.dispatch import resolve_backend
+from .._core.normalize import affine_normalize
+from .._core.running import update_running_stats
+from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
 
 __all__ = ["instance_norm"]
 

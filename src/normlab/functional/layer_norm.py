@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import NormShapeError, check_eps, check_floating, check_param, resolve_backend
-from ._stats import acc_dtype, centered, pivot
+from .._core.checks import NormShapeError, check_eps, check_floating, check_param
+from .._core.dispatch import resolve_backend
+from .._core.stats import acc_dtype, centered, pivot
 
 __all__ = ["layer_norm", "layer_norm2d"]
 

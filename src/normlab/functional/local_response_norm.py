@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._checks import check_floating, resolve_backend
-from ._stats import acc_dtype, window_mean
+from .._core.checks import check_floating
+from .._core.dispatch import resolve_backend
+from .._core.stats import acc_dtype, window_mean
 
 __all__ = ["local_response_norm"]
 

@@ -61,17 +61,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..distributed import all_reduce_sum, resolve_process_group, sync_moments
-from ._checks import (
-    check_eps,
-    check_floating,
-    check_param,
-    refuse_under_transforms,
-    resolve_backend,
-)
+from .._core.checks import check_eps, check_floating, check_param, refuse_under_transforms
+from .._core.collectives import all_reduce_sum, resolve_process_group, sync_moments
+from .._core.dispatch import resolve_backend
+from .._core.normalize import channel_shape
+from .._core.stats import acc_dtype, reduced_count, rstd
 from ._frn_autograd import dot_sums
-from ._normalize import channel_shape
-from ._stats import acc_dtype, reduced_count, rstd
 from .batch_norm import snapshot
 
 if TYPE_CHECKING:

@@ -7,16 +7,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..distributed import check_global_count, resolve_process_group, sync_moments
-from ._checks import (
-    check_batch_count,
-    check_eps,
-    check_floating,
-    check_param,
-    resolve_backend,
-)
-from ._sn_autograd import SwitchableNormFunction, fast_path_available
-from ._stats import (
+from .._core.checks import check_batch_count, check_eps, check_floating, check_param
+from .._core.collectives import check_global_count, resolve_process_group, sync_moments
+from .._core.dispatch import resolve_backend
+from .._core.running import update_running_stats
+from .._core.stats import (
     acc_dtype,
     centered,
     centered_moments,
@@ -25,7 +20,7 @@ from ._stats import (
     reduced_count,
     rstd,
 )
-from .batch_norm import update_running_stats
+from ._sn_autograd import SwitchableNormFunction, fast_path_available
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -71,9 +66,9 @@ def switchable_norm(
 
     **Statistics.** One reduction over ``x`` gives the per-(n, c) biased moments
     of ``x`` minus a per-(n, c) pivot (one sample of the group, see
-    :mod:`normlab.functional._stats`); the LN and BN moments are then the *exact*
+    :mod:`normlab._core.stats`); the LN and BN moments are then the *exact*
     moments of the union of those groups (law of total variance,
-    :func:`~normlab.functional._stats.mix_group_moments`). Unlike the paper's
+    :func:`~normlab._core.stats.mix_group_moments`). Unlike the paper's
     code, nothing divides by ``count − 1``, so H·W = 1 is fine (the IN variance
     is 0). Every mean is kept relative to the pivot, so fp32 data with mean 1e4
     and std 1e-2 keep their digits. One more pass normalizes.

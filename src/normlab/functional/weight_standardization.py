@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_eps, check_floating
-from ._stats import Moments, acc_dtype, centered, centered_moments, pivot, rstd
+from .._core.checks import check_eps, check_floating
+from .._core.stats import Moments, acc_dtype, centered, centered_moments, pivot, rstd
 
 __all__ = ["centered_weight", "standardized_weight"]
 

@@ -4,7 +4,7 @@ Importing this package does *not* import triton and detects no device: the kerne
 modules (:mod:`.group_norm`, :mod:`.filter_response_norm`, :mod:`.switchable_norm`,
 :mod:`.frozen_batch_norm`) are imported by the entry points below on first use.
 The functional ops choose these kernels through ``backend=`` (see
-:func:`normlab.functional._checks.resolve_backend`): ``"auto"`` takes them for CUDA
+:func:`normlab._core.dispatch.resolve_backend`): ``"auto"`` takes them for CUDA
 tensors when :func:`available` is true, ``"triton"`` forces them, ``"torch"`` never.
 
 On a machine without a GPU the kernels run on CPU tensors through Triton's
@@ -19,10 +19,9 @@ input's dtype and memory format.
 
 from __future__ import annotations
 
-import functools
-import os
-
 from torch import Tensor
+
+from .._core.dispatch import available, interpreting, missing
 
 __all__ = [
     "ACTIVATIONS",
@@ -37,50 +36,6 @@ __all__ = [
 
 #: The activations a kernel can apply after the affine map, in its own pass.
 ACTIVATIONS = (None, "silu", "relu")
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def available() -> bool:
-    """Whether the kernels can run here: triton imports, and there is a CUDA device or
-    the interpreter is on (``TRITON_INTERPRET=1``). Imports triton on the first call."""
-    return _triton_importable() and (_cuda_available() or interpreting())
-
-
-def missing(x: Tensor | None = None) -> str | None:
-    """Why the kernels cannot run on ``x`` here (a sentence with the fix), or None."""
-    if not _triton_importable():
-        return (
-            "triton is not installed (it is an optional dependency); install it with "
-            "pip install 'normlab[triton]'"
-        )
-    if x is not None and not x.is_cuda and not interpreting():
-        return (
-            f"the input is on {x.device.type}, and the kernels run on CUDA tensors (or on "
-            "CPU tensors only in Triton's interpreter, set TRITON_INTERPRET=1 before "
-            "triton is imported; for tests); move the input to a CUDA device"
-        )
-    if x is None and not _cuda_available() and not interpreting():
-        return "there is no CUDA device and TRITON_INTERPRET is not '1'"
-    return None
 
 
 def fused_group_norm(

@@ -11,7 +11,7 @@ fp64 input), where autograd sees them:
 and the kernel reads x once and writes y once. The form ``(x − μ)·s + β`` and not
 ``x·s + (β − μ·s)``: the folded one costs the same but cancels catastrophically on
 off-center data (mean 1e4, std 1e-2 loses every digit in fp32); see
-:func:`normlab.functional._normalize.affine_normalize`, which this matches.
+:func:`normlab._core.normalize.affine_normalize`, which this matches.
 
 **Backward**: :math:`dz = dy\cdot\mathrm{act}'(z)`, :math:`dx = dz\,s_c` (x is not even
 read without an activation or parameter gradients). When μ, s or β need a gradient

@@ -33,8 +33,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..functional._stats import mix_group_moments
-from ..functional.batch_norm import update_running_stats
+from .._core.running import update_running_stats
+from .._core.stats import mix_group_moments
 from ._common import (
     acc_dtype,
     add,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional._checks import (
+from .._core.checks import (
     check_channels,
     check_eps,
     check_floating,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..functional._checks import BACKENDS, check_channels, check_eps, check_floating, check_rank
+from .._core.checks import BACKENDS, check_channels, check_eps, check_floating, check_rank
 from ..functional.group_norm import check_act
 from ._base import _NormBase
 
@@ -40,7 +40,7 @@ class _BatchNorm(_NormBase):
       and zero gradients; it counts in ``num_batches_tracked`` but leaves the
       running statistics untouched.
 
-    Accurate on off-center data (see :mod:`normlab.functional._stats`).
+    Accurate on off-center data (see :mod:`normlab._core.stats`).
 
     Args:
         num_features: C.

@@ -7,9 +7,9 @@ from typing import Any
 from torch import Tensor
 
 from .. import functional as NF
+from .._core.checks import check_batch_count
+from .._core.stats import reduced_count
 from ..distributed import sync_active
-from ..functional._checks import check_batch_count
-from ..functional._stats import reduced_count
 from ._base import _NormBase
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]

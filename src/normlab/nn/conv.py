@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.common_types import _size_2_t
 
 from .. import functional as NF
-from ..functional._checks import check_eps
+from .._core.checks import check_eps
 
 __all__ = ["CenteredConv2d", "WSConv2d"]
 

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..distributed import sync_active
-from ..functional._checks import (
+from .._core.checks import (
     check_batch_count,
     check_channels,
     check_eps,
@@ -17,7 +16,8 @@ from ..functional._checks import (
     check_groups,
     check_rank,
 )
-from ..functional._stats import reduced_count
+from .._core.stats import reduced_count
+from ..distributed import sync_active
 
 __all__ = ["EvoNormB0_2d", "EvoNormS0_2d"]
 

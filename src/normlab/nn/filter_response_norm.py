@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..functional._checks import (
+from .._core.checks import (
     BACKENDS,
     check_channels,
     check_eps,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..functional._checks import BACKENDS, check_channels, check_eps, check_groups, check_rank
+from .._core.checks import BACKENDS, check_channels, check_eps, check_groups, check_rank
 from ..functional.group_norm import check_act
 
 __all__ = ["GroupNorm"]

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from .. import functional as NF
-from ..functional._checks import check_channels, check_floating, check_rank
+from .._core.checks import check_channels, check_floating, check_rank
 from ._base import _NormBase
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]

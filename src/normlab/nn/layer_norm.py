@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..functional._checks import check_channels, check_eps
+from .._core.checks import check_channels, check_eps
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 

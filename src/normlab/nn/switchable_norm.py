@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from ..functional._checks import BACKENDS
+from .._core.checks import BACKENDS
 from ..functional.switchable_norm import switchable_norm_components
 from ._base import _NormBase
 

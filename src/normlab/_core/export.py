@@ -10,7 +10,7 @@ training and eager numerics are unchanged.
   write as one ONNX ``BatchNormalization`` node: the standard op, which runtimes
   fold into a preceding ``Conv``. In eager mode normlab computes
   ``(x − μ)·γ/σ + β`` instead, accurate on off-center data (see
-  :mod:`normlab.functional._normalize`); a ``torch.jit.trace`` keeps that formula,
+  :mod:`normlab._core.normalize`); a ``torch.jit.trace`` keeps that formula,
   as it runs in PyTorch.
 * While a graph is recorded (:func:`recording`: ONNX export, or a
   ``torch.jit.trace`` that may be exported later), :func:`rsqrt` is written as

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._export import onnx_exporting
-from ._stats import acc_dtype, rstd
+from .export import onnx_exporting
+from .stats import acc_dtype, rstd
 
 
 def channel_shape(x: Tensor, channel_dim: int = 1) -> list[int]:
@@ -34,7 +34,7 @@ def affine_normalize(
 
     Under ONNX export it is :func:`torch.nn.functional.batch_norm` with these
     statistics instead, which exports as one ``BatchNormalization`` node (see
-    :mod:`normlab.functional._export`).
+    :mod:`normlab._core.export`).
     """
     acc = acc_dtype(x.dtype)
     if onnx_exporting():

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._export import recording, rsqrt
+from .export import recording, rsqrt
 
 __all__ = [
     "Moments",
