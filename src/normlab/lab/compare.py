@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from scipy import stats as _st
+from scipy import special
 
 from .power import (
     check_power,
@@ -281,7 +281,7 @@ def compare(
     else:
         upper = None
         if source == "observed" and pooled_df:
-            upper = plan_std * math.sqrt(pooled_df / float(_st.chi2.ppf(0.2, pooled_df)))
+            upper = plan_std * math.sqrt(pooled_df / float(special.chdtri(pooled_df, 0.8)))
         for d in deltas:
             ss = sample_size(d, plan_std, power, alpha)
             su = sample_size(d, upper, power, alpha) if upper is not None else None
