@@ -129,7 +129,14 @@ def _main(argv: Sequence[str] | None) -> int:
     from .lab.errors import DataError, StoreError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "compare":
+        # Groups may stand anywhere, also after options: argparse stops filling a
+        # positional list at the first option, so the later groups arrive as extras.
+        args.groups = list(args.groups) + [a for a in extra if not a.startswith("-")]
+        extra = [a for a in extra if a.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

@@ -176,6 +176,18 @@ def test_cli_readme_example(capsys):
     assert "to resolve a difference of 4 with 80% power" in out and "3 runs per setting" in out
 
 
+def test_cli_groups_may_follow_options(capsys):
+    """Groups after an option land in the same comparison as groups before it."""
+    ref = _cli(capsys, "bs4=74.1,73.0,75.2", "bs8=70.3,71.9,69.8", "--delta", "4")
+    mixed = _cli(capsys, "--delta", "4", "bs4=74.1,73.0,75.2", "bs8=70.3,71.9,69.8")
+    split = _cli(capsys, "bs4=74.1,73.0,75.2", "--delta", "4", "bs8=70.3,71.9,69.8")
+    assert ref[0] == 0 and "bs4 vs bs8" in ref[1]
+    assert mixed == ref and split == ref
+    with pytest.raises(SystemExit):  # an unknown option is still refused
+        main(["compare", "a=1,2", "--bogus", "b=3,4"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_cli_json(capsys, tmp_path):
     code, out, _ = _cli(capsys, "a=1,2,3", "b=2,3,5", "--json", "-")
     data = json.loads(out)
