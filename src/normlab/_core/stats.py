@@ -40,6 +40,7 @@ __all__ = [
     "reduced_count",
     "rstd",
     "mix_group_moments",
+    "union_moments",
     "mean_square",
 ]
 
@@ -165,9 +166,23 @@ def mix_group_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[T
     ``m`` so it stays stable (no raw second moments). Used by Switchable Norm
     and by instance-to-batch running statistics.
     """
-    m = mean.mean(dim=tuple(dims), keepdim=True)
-    v = (var + (mean - m).square()).mean(dim=tuple(dims), keepdim=True)
-    return m, v.clamp_min(0)
+    m, v, _ = union_moments(mean, var, dims)
+    return m, v
+
+
+def union_moments(
+    mean: Tensor, var: Tensor, dims: int | Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`mix_group_moments` plus each group's deviation ``μ_k − m`` (``mean``'s shape).
+
+    The deviation is what the adjoint of the union needs (Switchable Norm's
+    fused backward), so it is returned instead of being recomputed.
+    """
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    m = mean.mean(dim=dims, keepdim=True)
+    dev = mean - m
+    v = torch.addcmul(var, dev, dev).mean(dim=dims, keepdim=True)
+    return m, v.clamp_min(0), dev
 
 
 def window_mean(x: Tensor, dim: int, size: int) -> Tensor:

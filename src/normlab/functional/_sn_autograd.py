@@ -39,6 +39,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
+from .._core.mixing import mix_moments
 from .._core.running import update_running_stats
 from .._core.stats import acc_dtype, centered, pivot, rstd
 
@@ -181,58 +182,6 @@ def _acc(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _mix_forward(
-    mu: Tensor,
-    var: Tensor,
-    shift: Tensor,
-    wm: Tensor,
-    wv: Tensor,
-    names: tuple[str, ...],
-    bn_mode: str,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-) -> dict[str, Tensor]:
-    """The (N, C)-sized forward: IN/LN/BN moments from the per-(n, c) ones, and their mix.
-
-    ``bn_mode``: "batch" (BN moments of this batch), "running" (BN moments
-    from the running statistics) or "none". Each union's moments are those of
-    its groups by the law of total variance (exact group variances, as
-    :func:`~normlab._core.stats.mix_group_moments`): for LN, over the C
-    groups of a sample, ``μ_LN = mean_c μ̃``, ``v_LN = mean_c(v + (μ̃ − μ_LN)²)``,
-    with ``μ̃ = μ + (s − s[:, 0])`` the group means relative to one pivot of
-    the union (differences of nearby pivots are exact); for BN the same over N.
-    Every mean is then expressed relative to its group's own pivot ``s``.
-    """
-    d_ln = shift - shift[:, :1]
-    dev_ln = mu + d_ln  # μ̃
-    mu_ln = dev_ln.mean(1, keepdim=True)
-    dev_ln = dev_ln.sub_(mu_ln)  # μ̃ − μ_LN
-    means = {"in": mu, "ln": mu_ln - d_ln}
-    variances = {"in": var, "ln": torch.addcmul(var, dev_ln, dev_ln).mean(1, keepdim=True)}
-    out = {"dev_ln": dev_ln}
-    if bn_mode == "batch":
-        d_bn = shift - shift[:1]
-        dev_bn = mu + d_bn
-        mu_bn = dev_bn.mean(0, keepdim=True)
-        dev_bn = dev_bn.sub_(mu_bn)
-        var_bn = torch.addcmul(var, dev_bn, dev_bn).mean(0, keepdim=True)  # (1, C)
-        means["bn"], variances["bn"] = mu_bn - d_bn, var_bn
-        out.update(dev_bn=dev_bn, batch_mean=mu_bn + shift[:1], batch_var=var_bn)
-    elif bn_mode == "running":
-        assert running_mean is not None and running_var is not None
-        means["bn"] = _acc(running_mean, mu.dtype).reshape(1, -1) - shift
-        variances["bn"] = _acc(running_var, mu.dtype).reshape(1, -1)
-    # One (K, N, C) stack per moment: the mix is one product and one sum, and
-    # backward takes the logit gradients from the same stacks.
-    stack_m = torch.stack(torch.broadcast_tensors(*(means[k] for k in names)))
-    stack_v = torch.stack(torch.broadcast_tensors(*(variances[k] for k in names)))
-    out["M"] = (wm.view(-1, 1, 1) * stack_m).sum(0)
-    out["V"] = (wv.view(-1, 1, 1) * stack_v).sum(0)
-    out["dev_m"] = stack_m.sub_(out["M"])  # mₖ − M, for the logit gradients
-    out["dev_v"] = stack_v.sub_(out["V"])
-    return out
-
-
 def _mix_backward(
     d_mean: Tensor,
     d_var: Tensor,
@@ -240,7 +189,9 @@ def _mix_backward(
     names: tuple[str, ...],
     bn_mode: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""Adjoint of :func:`_mix_forward`: (dM, dV) → (dμ, dv, dλ, dλ'), all (N, C) or (K,).
+    r"""Adjoint of :func:`~normlab._core.mixing.mix_moments`: (dM, dV) → (dμ, dv, dλ, dλ').
+
+    All (N, C) matrices, or (K,) for the logits.
 
     With ``w = softmax(λ)``, ``M = Σₖ wₖ mₖ`` and ``V = Σₖ w'ₖ vₖ``:
 
@@ -313,17 +264,19 @@ class SwitchableNormFunction(torch.autograd.Function):
         u = centered(x, shift_x)  # the one full-size buffer (accumulation dtype); becomes y
         acc = u.dtype
         mu, var, count = shifted_moments(u, per_sample=True)  # (N, C)
-        wm = torch.softmax(_acc(mean_weight, acc), 0)
-        wv = torch.softmax(_acc(var_weight, acc), 0)
         shift = _acc(shift_x, acc).reshape(n, c)
-        mix = _mix_forward(mu, var, shift, wm, wv, names, bn_mode, running_mean, running_var)
+        mix = mix_moments(
+            shift, mu, var, mean_weight, var_weight, names, bn_mode, running_mean, running_var
+        )
         if bn_mode == "batch" and (running_mean is not None or running_var is not None):
+            assert mix.batch_mean is not None and mix.batch_var is not None
             total = n * count
-            unbiased = mix["batch_var"] * (total / (total - 1))
-            update_running_stats(running_mean, running_var, mix["batch_mean"], unbiased, momentum)
-        r = rstd(mix["V"], eps)  # (N, C)
+            unbiased = mix.batch_var * (total / (total - 1))
+            update_running_stats(running_mean, running_var, mix.batch_mean, unbiased, momentum)
+        m_mix = mix.mean
+        r = rstd(mix.var, eps)  # (N, C)
         a = r if weight is None else r * _acc(weight, acc)
-        b = -mix["M"] * a if bias is None else torch.addcmul(_acc(bias, acc), mix["M"], a, value=-1)
+        b = -m_mix * a if bias is None else torch.addcmul(_acc(bias, acc), m_mix, a, value=-1)
         y = u.mul_(_against(a, x)).add_(_against(b, x))  # (u − M)·A + β: u and M small
 
         # The eval-mode BN branch's running statistics as they were: only a
@@ -332,7 +285,11 @@ class SwitchableNormFunction(torch.autograd.Function):
         if bn_mode == "running":
             assert running_mean is not None and running_var is not None
             frozen = [running_mean.detach().clone(), running_var.detach().clone()]
-        small = dict(shift_x=shift_x, mu=mu, r=r, a=a, wm=wm, wv=wv, **mix)
+        small = dict(
+            shift_x=shift_x, mu=mu, r=r, a=a, M=m_mix, V=mix.var, wm=mix.wm, wv=mix.wv,
+            dev_ln=mix.dev_ln, dev_bn=mix.dev_bn,
+            dev_m=mix.stack_m.sub_(m_mix), dev_v=mix.stack_v.sub_(mix.var),  # mₖ − M, vₖ − V
+        )  # fmt: skip
         ctx.save_for_backward(
             x, mean_weight, var_weight, weight, bias, *frozen,
             *(small.get(key) for key in SwitchableNormFunction._SAVED),

@@ -10,16 +10,9 @@ from torch import Tensor
 from .._core.checks import check_batch_count, check_eps, check_floating, check_param
 from .._core.collectives import check_global_count, resolve_process_group, sync_moments
 from .._core.dispatch import resolve_backend
+from .._core.mixing import BnMerge, BnSource, mix_moments, mixed_scale
 from .._core.running import update_running_stats
-from .._core.stats import (
-    acc_dtype,
-    centered,
-    centered_moments,
-    mix_group_moments,
-    pivot,
-    reduced_count,
-    rstd,
-)
+from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
 from ._sn_autograd import SwitchableNormFunction, fast_path_available
 
 if TYPE_CHECKING:
@@ -242,57 +235,26 @@ def _switchable_norm_autograd(
     # The one reduction pass: biased moments of x − shift per (n, c). A zero shift
     # keeps the returned mean relative to the pivot instead of adding it back.
     inst = centered_moments(xc, spatial, torch.zeros((), dtype=acc, device=x.device))
-    mu_in, var_in = inst.mean, inst.var
+    bn: BnSource = ("batch" if training else "running") if using_bn else "none"
+    totals: list[Tensor] = []  # the merged batch's count, when synchronized
+    merge: BnMerge | None = None
+    if bn_from_batch and group is not None:
+        merge = _group_merge(layer, input.shape, n * hw, group, totals)
+    mix = mix_moments(
+        shift, inst.mean, inst.var, mean_weight, var_weight, names, bn,
+        running_mean, running_var, merge,
+    )  # fmt: skip
+    if bn_from_batch and (running_mean is not None or running_var is not None):
+        assert mix.batch_mean is not None and mix.batch_var is not None
+        with torch.no_grad():
+            count = n * hw
+            ratio = (totals[0] / (totals[0] - 1)).to(acc) if totals else count / (count - 1)
+            unbiased = mix.batch_var * ratio
+            update_running_stats(running_mean, running_var, mix.batch_mean, unbiased, momentum)
+    mean, var = mix.mean, mix.var
 
-    # Each union's mean is taken relative to one pivot of the union (the first
-    # channel's for LN, the first sample's for BN); differences of nearby pivots are
-    # exact, so the group means stay accurate. Every mean below is "minus shift".
-    d_ln = shift - shift[:, :1]
-    mu_ln, var_ln = mix_group_moments(mu_in + d_ln, var_in, (1,))
-    means = {"in": mu_in, "ln": mu_ln - d_ln}
-    variances = {"in": var_in, "ln": var_ln}
-    if using_bn:
-        stat_shape = [1, c] + [1] * len(spatial)
-        if bn_from_batch and group is not None:
-            # This rank's BN moments relative to its first sample's pivot (zeros for
-            # an empty rank), merged over the group; mean relative to that pivot.
-            shift_bn = shift[:1] if n > 0 else torch.zeros(stat_shape, dtype=acc, device=x.device)
-            d_bn = shift - shift_bn
-            if n > 0:
-                mu_bn, var_bn = mix_group_moments(mu_in + d_bn, var_in, (0,))
-            else:
-                mu_bn = var_bn = mu_in.sum(0, keepdim=True)  # zeros, still in the graph
-            g = sync_moments(mu_bn, var_bn, n * hw, shift_bn, group)
-            check_global_count(layer, input.shape, n * hw, g.count)
-            means["bn"] = g.mean - d_bn
-            variances["bn"] = g.var
-            unbiased = g.var.detach() * (g.count / (g.count - 1)).to(acc)
-            update_running_stats(running_mean, running_var, g.mean_abs, unbiased, momentum)
-        elif bn_from_batch:
-            d_bn = shift - shift[:1]
-            mu_bn, var_bn = mix_group_moments(mu_in + d_bn, var_in, (0,))
-            means["bn"] = mu_bn - d_bn
-            variances["bn"] = var_bn
-            if running_mean is not None or running_var is not None:
-                with torch.no_grad():
-                    count = n * hw
-                    batch_mean = mu_bn + shift[:1]
-                    unbiased = var_bn * (count / (count - 1))
-                    update_running_stats(running_mean, running_var, batch_mean, unbiased, momentum)
-        else:
-            assert running_mean is not None and running_var is not None
-            means["bn"] = running_mean.to(acc).reshape(stat_shape) - shift
-            variances["bn"] = running_var.to(acc).reshape(stat_shape)
-
-    wm = torch.softmax(mean_weight.to(acc), 0)
-    wv = torch.softmax(var_weight.to(acc), 0)
-    mean = sum(wm[k] * means[name] for k, name in enumerate(names))
-    var = sum(wv[k] * variances[name] for k, name in enumerate(names))
-
-    scale = rstd(var, eps)  # (N, C, 1...)
+    scale = mixed_scale(var, eps, weight)  # (N, C, 1...)
     param_shape = [1, c] + [1] * len(spatial)
-    if weight is not None:
-        scale = scale * weight.to(acc).reshape(param_shape)
     xn = xc - mean
     if bias is not None:
         y = torch.addcmul(bias.to(acc).reshape(param_shape), xn, scale)
@@ -300,3 +262,18 @@ def _switchable_norm_autograd(
         y = xn * scale
     y = y.to(input.dtype)
     return y if input.dim() > 2 else y.squeeze(-1)
+
+
+def _group_merge(
+    layer: str, shape: torch.Size, count: int, group: ProcessGroup, totals: list[Tensor]
+) -> BnMerge:
+    """The BN branch's cross-process merge over ``group``; appends the global count to
+    ``totals`` (for the running-variance correction) and refuses a global count <= 1."""
+
+    def merge(mean: Tensor, var: Tensor, shift_bn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        g = sync_moments(mean, var, count, shift_bn, group)
+        check_global_count(layer, shape, count, g.count)
+        totals.append(g.count)
+        return g.mean, g.var, g.mean_abs
+
+    return merge
