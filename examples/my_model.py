@@ -65,7 +65,7 @@ if __name__ == "__main__":
             factory, norm, num_classes=10, in_channels=1, image_size=16, seed=0
         )
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        for step in range(20):
+        for _ in range(20):
             i = torch.randint(0, 64, (8,))
             loss = nn.functional.cross_entropy(model(x[i]), y[i])
             opt.zero_grad()

@@ -200,12 +200,14 @@ def _attribute(module: Any, attr: str, name: str) -> Callable[..., Any]:
 
 
 def _defining_file(factory: Callable[..., Any]) -> Path | None:
-    code = getattr(factory, "__code__", None)
-    init = getattr(getattr(factory, "__init__", None), "__code__", None)
-    found = code or (init if isinstance(factory, type) else None)
-    if found is None or not Path(found.co_filename).is_file():
+    """The file that defines a function, or a class of an importable module; else None."""
+    if isinstance(factory, type):
+        found = getattr(sys.modules.get(factory.__module__), "__file__", None)
+    else:
+        found = getattr(getattr(factory, "__code__", None), "co_filename", None)
+    if found is None or not Path(found).is_file():
         return None
-    return Path(found.co_filename).resolve()
+    return Path(found).resolve()
 
 
 def _accepts(factory: Callable[..., Any], name: str) -> frozenset[str]:
