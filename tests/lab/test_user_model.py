@@ -258,7 +258,7 @@ def test_bn_becomes_normlabs_batch_norm_with_the_same_numbers():
     plain = ref.factory()
     model, s = build(f"{EXAMPLE}:build", "bn")
     assert s.new_types == {"normlab.nn.batch_norm.BatchNorm2d": 4}
-    assert any("as the lab's ResNet uses for 'bn'" in n for n in s.notes)
+    assert any("the class the lab's ResNet uses for 'bn'" in n for n in s.notes)
     x = 0.7 + 0.4 * torch.randn(4, 1, 16, 16)
     torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
     assert set(model.state_dict()) == set(plain.state_dict())
@@ -459,3 +459,23 @@ def test_segmentation_output_and_the_model_is_left_as_it_was():
         check_output(Seg(5), "classification", **kw)
     with pytest.raises(ValueError, match="unknown task 'detection'"):
         check_output(model, "detection", **kw)
+
+
+def test_build_for_segmentation(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        from torch import nn
+
+
+        def build(num_classes=10, in_channels=1):
+            return nn.Sequential(
+                nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                nn.Conv2d(8, num_classes, 1),
+            )
+        """,
+    )
+    model, s = build(f"{path}:build", "sn", num_classes=4, task="segmentation")
+    assert s.output_shape == (2, 4, 16, 16) and s.converted == 1
+    with pytest.raises(ModelFactoryError, match=r"needs \(2, 4\); flatten the pooled"):
+        build(f"{path}:build", "sn", num_classes=4, image_size=1)

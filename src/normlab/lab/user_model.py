@@ -69,8 +69,8 @@ def lab_target(norm: str) -> tuple[str | Callable[..., nn.Module], dict[str, Any
 
 
 _NOTES = {
-    "bn": "the model's BatchNorm layers become normlab's BatchNorm (same math and "
-    "state_dict as torch's), as the lab's ResNet uses for 'bn'",
+    "bn": "the BatchNorm layers are normlab's BatchNorm (same math and state_dict as "
+    "torch's), the class the lab's ResNet uses for 'bn'",
     "frn": "the lab's ResNet drops the ReLU after each FRN (its TLU is the activation); "
     "this model keeps its own activations after the TLU",
     "mabn": "the lab's ResNet feeds MABN from weight-centred convs (CenteredConv2d); this "
@@ -193,9 +193,8 @@ def build_user_model(
                 "--norms, or change that layer of the model."
             ) from e
     elif not built:
-        frozen_note = " (only frozen BatchNorm; pass frozen=True to convert them)" * any(
-            is_frozen_batch_norm(m) for m in model.modules()
-        )
+        only_frozen = any(is_frozen_batch_norm(m) for m in model.modules())
+        frozen_note = " (only frozen BatchNorm; frozen=True converts them)" if only_frozen else ""
         raise ModelFactoryError(
             f"{factory.name}: the model has no BatchNorm layer{frozen_note} and the factory "
             f"takes no norm_layer=, so norm {norm!r} would change nothing and every norm of "
