@@ -25,7 +25,7 @@ import normlab.reference as R
 requires_kernels()
 
 from normlab.kernels import _common, fused_frozen_batch_norm  # noqa: E402
-from normlab.kernels.frozen_batch_norm import _Plan  # noqa: E402
+from normlab.kernels.frozen_batch_norm import plan  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def test_frozen_bn_kernel_matches_reference(case: FBNCase, dtype, monkeypatch):
     )
     if case.split:
         _, _, sc, ss = _common.ncs(x)
-        assert _Plan(x, sc, ss).split > 1, "the case does not split H·W"
+        assert plan(x, sc, ss).split > 1, "the case does not split H·W"
 
     y, dy, grads = run(fused_frozen_batch_norm, inputs)
     z, cache = R.batch_norm_forward(

@@ -12,16 +12,23 @@ interpreter (``TRITON_INTERPRET=1`` in the environment *before* triton is import
 that is how the test suite checks them. It is slow and meant for tests only:
 ``backend="auto"`` never picks the interpreter.
 
-Every entry point is an ``autograd.Function`` over a forward and a backward kernel;
-statistics are accumulated in fp32 (fp64 for fp64 input) and the output has the
-input's dtype and memory format.
+Every entry point prepares its arguments in torch and applies an ``autograd.Function``
+over forward and backward kernels; statistics are accumulated in fp32 (fp64 for fp64
+input) and the output has the input's dtype and memory format. The entry points check
+only what the kernels themselves need (dtype, activation, rank, the Switchable Norm
+logits and batch size): the functional ops, which validate everything, call them with
+``backend="triton"``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from .._core.checks import check_batch_count
 from .._core.dispatch import available, interpreting, missing
+from .._core.running import update_running_stats
+from .._core.stats import acc_dtype
 
 __all__ = [
     "ACTIVATIONS",
@@ -34,8 +41,28 @@ __all__ = [
     "missing",
 ]
 
-#: The activations a kernel can apply after the affine map, in its own pass.
+#: The activations a kernel can apply after the affine map, in its own pass; a
+#: kernel receives the index into this tuple as a constexpr (0 none, 1 SiLU, 2 ReLU).
 ACTIVATIONS = (None, "silu", "relu")
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_dtype(layer: str, x: Tensor) -> None:
+    if x.dtype not in _DTYPES:
+        raise TypeError(
+            f"{layer}: the Triton kernels take float16, bfloat16, float32 or float64 input, "
+            f"got {x.dtype}; convert it or use backend='torch'."
+        )
+
+
+def _act_code(layer: str, act: str | None) -> int:
+    if act not in ACTIVATIONS:
+        raise ValueError(
+            f"{layer}: act must be one of {ACTIVATIONS} (the activations fused into the "
+            f"norm's kernel), got {act!r}; apply any other activation after the layer."
+        )
+    return ACTIVATIONS.index(act)
 
 
 def fused_group_norm(
@@ -51,12 +78,14 @@ def fused_group_norm(
 
     ``act(group_norm(input, num_groups, weight, bias, eps))`` with ``act`` one of
     :data:`ACTIVATIONS`. NCHW or channels_last (no copy), fp16/bf16/fp32/fp64.
-    No input validation beyond the kernel's own needs: call
-    :func:`normlab.functional.group_norm` with ``backend="triton"`` for that.
+    ``num_groups`` must divide C (:func:`normlab.functional.group_norm` checks it).
     """
-    from .group_norm import group_norm_triton
+    layer = "group_norm (triton)"
+    _check_dtype(layer, input)
+    code = _act_code(layer, act)
+    from .group_norm import GroupNormTriton
 
-    return group_norm_triton(input, num_groups, weight, bias, eps, act)
+    return GroupNormTriton.apply(input, weight, bias, num_groups, float(eps), code)
 
 
 def fused_frozen_batch_norm(
@@ -75,9 +104,13 @@ def fused_frozen_batch_norm(
     flow to every argument that requires them (input, weight, bias, and even the
     running statistics), through per-channel fp32 reductions.
     """
-    from .frozen_batch_norm import frozen_batch_norm_triton
+    layer = "frozen_batch_norm (triton)"
+    _check_dtype(layer, input)
+    code = _act_code(layer, act)
+    from .frozen_batch_norm import FrozenBatchNormTriton, affine_vectors
 
-    return frozen_batch_norm_triton(input, weight, bias, running_mean, running_var, eps, act)
+    vectors = affine_vectors(weight, bias, running_mean, running_var, eps, input.dtype)
+    return FrozenBatchNormTriton.apply(input, *vectors, code)
 
 
 def fused_filter_response_norm(
@@ -94,9 +127,21 @@ def fused_filter_response_norm(
     ``y = max(γ·x/sqrt(ν² + |ε|) + β, τ)``, ν² the mean of x² over the spatial dims.
     ``eps`` may be a one-element tensor (a learnable ε; it gets its gradient).
     """
-    from .filter_response_norm import filter_response_norm_triton
+    layer = "filter_response_norm (triton)"
+    _check_dtype(layer, input)
+    if input.dim() < 3:
+        raise ValueError(
+            f"{layer}: expected an (N, C, *spatial) input with at least one spatial dim, "
+            f"got shape {tuple(input.shape)}."
+        )
+    from .filter_response_norm import FilterResponseNormTriton
 
-    return filter_response_norm_triton(input, weight, bias, eps, tau)
+    acc = acc_dtype(input.dtype)
+    if isinstance(eps, Tensor):
+        e = eps.abs().reshape(1).to(acc)
+    else:
+        e = torch.full((1,), abs(float(eps)), dtype=acc, device=input.device)
+    return FilterResponseNormTriton.apply(input, weight, bias, tau, e)
 
 
 def fused_switchable_norm(
@@ -116,20 +161,36 @@ def fused_switchable_norm(
     r"""Switchable Norm: one statistics kernel, the tiny (N, C) mixing in torch, one
     apply kernel; see :mod:`.switchable_norm`. Same arguments and semantics as
     :func:`normlab.functional.switchable_norm` (without ``process_group``), including
-    the in-place running-statistics update in training.
+    the in-place running-statistics update in training (torch's momentum convention,
+    unbiased variance).
     """
-    from .switchable_norm import switchable_norm_triton
+    layer = "switchable_norm (triton)"
+    _check_dtype(layer, input)
+    if input.dim() < 2 or input.numel() == 0:
+        raise ValueError(
+            f"{layer}: expected a non-empty (N, C) or (N, C, *spatial) input, got shape "
+            f"{tuple(input.shape)}."
+        )
+    names = ("in", "ln", "bn") if input.dim() >= 3 else ("ln", "bn")
+    names = names if using_bn else names[:-1]
+    for label, logits in (("mean_weight", mean_weight), ("var_weight", var_weight)):
+        if tuple(logits.shape) != (len(names),):
+            raise ValueError(
+                f"{layer}: {label} has shape {tuple(logits.shape)}, expected ({len(names)},): "
+                f"one logit per normalizer ({', '.join(n.upper() for n in names)}) for a "
+                f"{input.dim()}-D input with using_bn={using_bn}."
+            )
+    bn = ("batch" if training else "running") if using_bn else "none"
+    count = input.numel() // input.shape[1]
+    if bn == "batch":
+        check_batch_count(layer, input, count)
+    from .switchable_norm import SwitchableNormTriton
 
-    return switchable_norm_triton(
-        input,
-        mean_weight,
-        var_weight,
-        weight,
-        bias,
-        running_mean=running_mean,
-        running_var=running_var,
-        training=training,
-        momentum=momentum,
-        eps=eps,
-        using_bn=using_bn,
+    running = (None, None) if bn == "batch" else (running_mean, running_var)
+    y, batch_mean, batch_var = SwitchableNormTriton.apply(
+        input, mean_weight, var_weight, weight, bias, *running, names, bn, float(eps)
     )
+    if bn == "batch" and (running_mean is not None or running_var is not None):
+        unbiased = batch_var * (count / (count - 1))
+        update_running_stats(running_mean, running_var, batch_mean, unbiased, momentum)
+    return y

@@ -1,5 +1,5 @@
-"""Helpers shared by the kernel files: (N, C, S) views by strides, tile sizes,
-allocation (poisonable for tests), activations, the partial-row reduction.
+"""Helpers shared by the kernel files: (N, C, S) views by strides, tile sizes and the
+launch plan, allocation (poisonable for tests), activations, the partial-row reduction.
 
 Every kernel sees its tensor as (N, C, S), S the flattened spatial dims, addressed
 as ``n·stride_n + c·stride_c + s·stride_s``. That covers NCHW-contiguous
@@ -17,9 +17,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-# Activation codes passed to the kernels as a constexpr.
-_ACT_CODES = {None: 0, "silu": 1, "relu": 2}
 
 # Elements of one program's tile. 2048 keeps 16 fp32 values per thread at 4 warps.
 # Chosen from the layout alone (no timing was possible when it was written): the
@@ -59,30 +56,10 @@ def empty_like(t: Tensor) -> Tensor:
     return out
 
 
-def act_code(act: str | None) -> int:
-    if act not in _ACT_CODES:
-        raise ValueError(
-            f"act must be one of {tuple(_ACT_CODES)}, got {act!r}; apply other activations "
-            "after the norm."
-        )
-    return _ACT_CODES[act]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype (NUMERICS rule 1): fp64 for fp64, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_acc(dtype: torch.dtype) -> tl.dtype:
+    """The kernels' accumulation dtype for input of ``dtype``, as
+    :func:`normlab._core.stats.acc_dtype`: fp64 for fp64, fp32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def check_dtype(name: str, x: Tensor) -> None:
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(
-            f"{name}: the Triton kernels take float16, bfloat16, float32 or float64 input, "
-            f"got {x.dtype}; convert it or use backend='torch'."
-        )
 
 
 def _flat_spatial_stride(t: Tensor) -> int | None:
@@ -161,6 +138,36 @@ def split_spatial(rows: int, s_len: int, block_s: int, device: torch.device) -> 
     return triton.cdiv(s_len, chunk), chunk
 
 
+class Plan:
+    """Launch geometry of one call over ``x`` seen as (N, C, S), shared by its forward
+    and its backward.
+
+    Axis 0 of the grid runs ``per_sample`` programs per sample (``rows`` in all):
+    with ``groups``, one per group of ``width`` = C/groups channels, which the program
+    walks in BLOCK_C tiles; without, one per block of BLOCK_C channels (``width`` = C).
+    Axis 1 splits the S positions into ``split`` chunks of ``chunk`` when ``rows``
+    programs alone would leave the device idle, for kernels that merge per-chunk
+    partial results (``may_split``); otherwise ``split`` is 1 and ``chunk`` is S.
+    """
+
+    def __init__(
+        self, x: Tensor, x_sc: int, x_ss: int, *, groups: int | None = None, may_split: bool = False
+    ) -> None:
+        self.n, self.c, self.s = x.shape[0], x.shape[1], spatial_size(x)
+        self.width = self.c if groups is None else self.c // groups
+        c_fast = channels_fastest(x_sc, x_ss, self.s)
+        self.block_c, self.block_s = tile(self.width, self.s, c_fast, tile_size(x.device))
+        self.per_sample = triton.cdiv(self.c, self.block_c) if groups is None else groups
+        self.rows = self.n * self.per_sample
+        if may_split and self.rows < target_programs(x.device):
+            self.split, self.chunk = split_spatial(self.rows, self.s, self.block_s, x.device)
+        else:
+            self.split, self.chunk = 1, self.s
+        self.grid = (self.rows, self.split)
+        self.block_p = triton.next_power_of_2(self.split)
+        self.warps = num_warps(self.block_c * self.block_s)
+
+
 # The kernels use builtins, not the @triton.jit helpers of triton.language.standard
 # (tl.sum, tl.zeros, tl.sigmoid): under TRITON_INTERPRET=1 those work only when the
 # variable was set before triton's first import, and torch._dynamo, for one, imports
@@ -189,6 +196,30 @@ def act_backward(dy, z, ACT: tl.constexpr):
     elif ACT == 2:
         dy = tl.where(z > 0, dy, 0.0)
     return dy
+
+
+@triton.jit
+def channel_block(CB, C, BLOCK_C: tl.constexpr):
+    """``(n, c, cm)`` of a program of a (N·CB,) grid: its sample n, its block of BLOCK_C
+    channel indices c (CB blocks per sample) and their mask ``c < C``."""
+    pid = tl.program_id(0)
+    n = pid // CB
+    c = (pid % CB) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, c, c < C
+
+
+@triton.jit
+def load_channels(
+    P, offs, mask, HAS: tl.constexpr, FILL: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """``P[offs]`` in ACC where ``mask`` (0 elsewhere) for a per-channel tensor that
+    was given (``HAS``), else FILL for every channel: γ of an affine-free norm is 1,
+    β is 0."""
+    if HAS:
+        v = tl.load(P + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        v = tl.full([BLOCK_C], FILL, ACC)
+    return v
 
 
 @triton.jit

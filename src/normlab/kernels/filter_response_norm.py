@@ -37,23 +37,19 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._common import (
-    acc_dtype,
+    Plan,
     add,
-    channels_fastest,
-    check_dtype,
+    channel_block,
     empty,
     empty_like,
+    load_channels,
     ncs,
-    num_warps,
-    spatial_size,
     sum_partials,
     sum_rows,
-    tile,
-    tile_size,
     tl_acc,
 )
 
-__all__ = ["FilterResponseNormFunction", "filter_response_norm_triton"]
+__all__ = ["FilterResponseNormTriton"]
 
 
 @triton.jit
@@ -81,10 +77,7 @@ def _frn_fwd(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // CB
-    c = (pid % CB) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    n, c, cm = channel_block(CB, C, BLOCK_C)
     cc = c[:, None].to(tl.int64)
     xb = X + n.to(tl.int64) * x_sn + cc * x_sc
     yb = Y + n.to(tl.int64) * y_sn + cc * y_sc
@@ -97,16 +90,9 @@ def _frn_fwd(
         acc += x * x
     rs = tl.rsqrt(tl.reduce(acc, 1, add) / S + tl.load(E))
     tl.store(RS + n.to(tl.int64) * C + c, rs, mask=cm)
-    if HAS_W:
-        scale = rs * tl.load(W + c, mask=cm, other=0.0).to(ACC)
-    else:
-        scale = rs
-    if HAS_B:
-        bias = tl.load(B + c, mask=cm, other=0.0).to(ACC)
-    else:
-        bias = tl.full([BLOCK_C], 0.0, ACC)
-    if HAS_TAU:
-        tau = tl.load(TAU + c, mask=cm, other=0.0).to(ACC)
+    scale = rs * load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C)
+    bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
+    tau = load_channels(TAU, c, cm, HAS_TAU, 0.0, ACC, BLOCK_C)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + offs_s
         mask = cm[:, None] & (s < S)[None, :]
@@ -149,26 +135,16 @@ def _frn_bwd_dx(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // CB
-    c = (pid % CB) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    n, c, cm = channel_block(CB, C, BLOCK_C)
     cc = c[:, None].to(tl.int64)
     xb = X + n.to(tl.int64) * x_sn + cc * x_sc
     dyb = DY + n.to(tl.int64) * dy_sn + cc * dy_sc
     dxb = DX + n.to(tl.int64) * dx_sn + cc * dx_sc
     nc = n.to(tl.int64) * C + c
     rs = tl.load(RS + nc, mask=cm, other=0.0)
-    if HAS_W:
-        w = tl.load(W + c, mask=cm, other=0.0).to(ACC)
-    else:
-        w = tl.full([BLOCK_C], 1.0, ACC)
-    if HAS_B:
-        bias = tl.load(B + c, mask=cm, other=0.0).to(ACC)
-    else:
-        bias = tl.full([BLOCK_C], 0.0, ACC)
-    if HAS_TAU:
-        tau = tl.load(TAU + c, mask=cm, other=0.0).to(ACC)
+    w = load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C)
+    bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
+    tau = load_channels(TAU, c, cm, HAS_TAU, 0.0, ACC, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     acc_a = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
@@ -218,13 +194,7 @@ def _frn_bwd_dwdb(
     sum_rows(DPART, OUT, P, C, ACC, BLOCK_P, BLOCK_C)
 
 
-def _plan(x: Tensor, x_sc: int, x_ss: int) -> tuple[int, int, int, int, int]:
-    c, s = x.shape[1], spatial_size(x)
-    block_c, block_s = tile(c, s, channels_fastest(x_sc, x_ss, s), tile_size(x.device))
-    return c, s, triton.cdiv(c, block_c), block_c, block_s
-
-
-class FilterResponseNormFunction(torch.autograd.Function):
+class FilterResponseNormTriton(torch.autograd.Function):
     """``max(γ·x/sqrt(ν² + e) + β, τ)`` (τ optional); ``e`` is a (1,) tensor holding
     |ε| in the accumulation dtype, and gets its gradient."""
 
@@ -240,19 +210,19 @@ class FilterResponseNormFunction(torch.autograd.Function):
         x, x_sn, x_sc, x_ss = ncs(x)
         y = empty_like(x)
         _, y_sn, y_sc, y_ss = ncs(y)
-        c, s, cb, block_c, block_s = _plan(x, x_sc, x_ss)
-        rs = empty((x.shape[0], c), e.dtype, x.device)
+        p = Plan(x, x_sc, x_ss)
+        rs = empty((p.n, p.c), e.dtype, x.device)
         if x.numel() > 0:
-            _frn_fwd[(x.shape[0] * cb,)](
+            _frn_fwd[(p.rows,)](
                 x, y,
                 x if weight is None else weight,
                 x if bias is None else bias,
                 x if tau is None else tau,
                 e, rs,
-                x_sn, x_sc, x_ss, y_sn, y_sc, y_ss, c, s, cb,
+                x_sn, x_sc, x_ss, y_sn, y_sc, y_ss, p.c, p.s, p.per_sample,
                 ACC=tl_acc(x.dtype), HAS_W=weight is not None, HAS_B=bias is not None,
-                HAS_TAU=tau is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-                num_warps=num_warps(block_c * block_s),
+                HAS_TAU=tau is not None, BLOCK_C=p.block_c, BLOCK_S=p.block_s,
+                num_warps=p.warps,
             )  # fmt: skip
         ctx.save_for_backward(x, weight, bias, tau, rs)
         return y
@@ -266,8 +236,8 @@ class FilterResponseNormFunction(torch.autograd.Function):
         dy, dy_sn, dy_sc, dy_ss = ncs(dy)
         dx = empty_like(x)
         _, dx_sn, dx_sc, dx_ss = ncs(dx)
-        c, s, cb, block_c, block_s = _plan(x, x_sc, x_ss)
-        n = x.shape[0]
+        p = Plan(x, x_sc, x_ss)
+        n, c = p.n, p.c
         acc = rs.dtype
         if x.numel() == 0:
             a = torch.zeros((n, c), dtype=acc, device=x.device)
@@ -275,17 +245,17 @@ class FilterResponseNormFunction(torch.autograd.Function):
         else:
             a = empty((n, c), acc, x.device)
             dpart = empty((3, n, c), acc, x.device)
-            _frn_bwd_dx[(n * cb,)](
+            _frn_bwd_dx[(p.rows,)](
                 x, dy, dx,
                 x if weight is None else weight,
                 x if bias is None else bias,
                 x if tau is None else tau,
                 rs, a, dpart,
                 x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss,
-                c, s, cb, n * c,
+                c, p.s, p.per_sample, n * c,
                 ACC=tl_acc(x.dtype), HAS_W=weight is not None, HAS_B=bias is not None,
-                HAS_TAU=tau is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-                num_warps=num_warps(block_c * block_s),
+                HAS_TAU=tau is not None, BLOCK_C=p.block_c, BLOCK_S=p.block_s,
+                num_warps=p.warps,
             )  # fmt: skip
             sums = sum_partials(_frn_bwd_dwdb, dpart)
         dw = sums[0].to(weight.dtype) if need[1] else None
@@ -293,32 +263,3 @@ class FilterResponseNormFunction(torch.autograd.Function):
         dtau = sums[2].to(tau.dtype) if need[3] else None
         de = (-0.5 * (rs * rs * a).sum()).reshape(1) if need[4] else None
         return (dx if need[0] else None, dw, db, dtau, de)
-
-
-def filter_response_norm_triton(
-    input: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float | Tensor = 1e-6,
-    tau: Tensor | None = None,
-) -> Tensor:
-    """FRN (+ TLU when ``tau`` is given) via :class:`FilterResponseNormFunction`;
-    (N, C, \\*spatial) input with at least one spatial dim, any memory format. ``eps``
-    is a float or a one-element tensor; ``|eps|`` is added to ν²."""
-    check_dtype("filter_response_norm (triton)", input)
-    if input.dim() < 3:
-        raise ValueError(
-            "filter_response_norm (triton): expected an (N, C, *spatial) input with at "
-            f"least one spatial dim, got shape {tuple(input.shape)}."
-        )
-    acc = acc_dtype(input.dtype)
-    if isinstance(eps, Tensor):
-        if eps.numel() != 1:
-            raise ValueError(
-                "filter_response_norm (triton): eps must be a float or a one-element "
-                f"tensor, got shape {tuple(eps.shape)}."
-            )
-        e = eps.abs().reshape(1).to(acc)
-    else:
-        e = torch.full((1,), abs(float(eps)), dtype=acc, device=input.device)
-    return FilterResponseNormFunction.apply(input, weight, bias, tau, e)

@@ -32,29 +32,22 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._core.stats import acc_dtype
 from ._common import (
-    acc_dtype,
+    Plan,
     act_backward,
-    act_code,
     add,
     apply_act,
-    channels_fastest,
-    check_dtype,
+    channel_block,
     empty,
     empty_like,
     ncs,
-    num_warps,
-    spatial_size,
-    split_spatial,
     sum_partials,
     sum_rows,
-    target_programs,
-    tile,
-    tile_size,
     tl_acc,
 )
 
-__all__ = ["FrozenBatchNormFunction", "frozen_batch_norm_triton"]
+__all__ = ["FrozenBatchNormTriton", "affine_vectors", "plan"]
 
 
 @triton.jit
@@ -79,11 +72,8 @@ def _frozen_bn_fwd(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    n, c, cm = channel_block(CB, C, BLOCK_C)
     sp = tl.program_id(1)
-    n = pid // CB
-    c = (pid % CB) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
     mean = tl.load(MEAN + c, mask=cm, other=0.0)
     scale = tl.load(SCALE + c, mask=cm, other=0.0)
     bias = tl.load(BIAS + c, mask=cm, other=0.0)
@@ -133,11 +123,8 @@ def _frozen_bn_bwd(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    n, c, cm = channel_block(CB, C, BLOCK_C)
     sp = tl.program_id(1)
-    n = pid // CB
-    c = (pid % CB) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
     mean = tl.load(MEAN + c, mask=cm, other=0.0)
     scale = tl.load(SCALE + c, mask=cm, other=0.0)
     bias = tl.load(BIAS + c, mask=cm, other=0.0)
@@ -183,24 +170,16 @@ def _frozen_bn_bwd_dwdb(
     sum_rows(DPART, OUT, P, C, ACC, BLOCK_P, BLOCK_C)
 
 
-class _Plan:
-    def __init__(self, x: Tensor, x_sc: int, x_ss: int) -> None:
-        self.n, self.c, self.s = x.shape[0], x.shape[1], spatial_size(x)
-        c_fast = channels_fastest(x_sc, x_ss, self.s)
-        self.block_c, self.block_s = tile(self.c, self.s, c_fast, tile_size(x.device))
-        self.cb = triton.cdiv(self.c, self.block_c)
-        rows = self.n * self.cb
-        if rows < target_programs(x.device):
-            self.split, self.chunk = split_spatial(rows, self.s, self.block_s, x.device)
-        else:
-            self.split, self.chunk = 1, self.s
-        self.grid = (rows, self.split)
-        self.warps = num_warps(self.block_c * self.block_s)
+def plan(x: Tensor, x_sc: int, x_ss: int) -> Plan:
+    """One program per (n, block of channels), the positions split over several
+    programs when those alone would leave the device idle."""
+    return Plan(x, x_sc, x_ss, may_split=True)
 
 
-class FrozenBatchNormFunction(torch.autograd.Function):
+class FrozenBatchNormTriton(torch.autograd.Function):
     """``act((x − μ)·s + β)`` per channel; μ, s, β are (C,) tensors in the accumulation
-    dtype, differentiable (autograd carries their gradients to γ, β, running stats)."""
+    dtype (see :func:`affine_vectors`), ``act`` the kernels' code (0 none, 1 SiLU,
+    2 ReLU)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -209,13 +188,13 @@ class FrozenBatchNormFunction(torch.autograd.Function):
         x, x_sn, x_sc, x_ss = ncs(x)
         y = empty_like(x)
         _, y_sn, y_sc, y_ss = ncs(y)
-        plan = _Plan(x, x_sc, x_ss)
+        p = plan(x, x_sc, x_ss)
         if x.numel() > 0:
-            _frozen_bn_fwd[plan.grid](
+            _frozen_bn_fwd[p.grid](
                 x, y, mean, scale, bias, x_sn, x_sc, x_ss, y_sn, y_sc, y_ss,
-                plan.c, plan.s, plan.cb, plan.chunk,
-                ACC=tl_acc(x.dtype), ACT=act, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-                num_warps=plan.warps,
+                p.c, p.s, p.per_sample, p.chunk,
+                ACC=tl_acc(x.dtype), ACT=act, BLOCK_C=p.block_c, BLOCK_S=p.block_s,
+                num_warps=p.warps,
             )  # fmt: skip
         ctx.save_for_backward(x, mean, scale, bias)
         ctx.act = act
@@ -231,19 +210,19 @@ class FrozenBatchNormFunction(torch.autograd.Function):
         dy, dy_sn, dy_sc, dy_ss = ncs(dy)
         dx = empty_like(x)
         _, dx_sn, dx_sc, dx_ss = ncs(dx)
-        plan = _Plan(x, x_sc, x_ss)
+        p = plan(x, x_sc, x_ss)
         acc = mean.dtype
-        rows = plan.n * plan.split
+        rows = p.n * p.split
         if x.numel() == 0:
-            sums = torch.zeros((2, plan.c), dtype=acc, device=x.device)
+            sums = torch.zeros((2, p.c), dtype=acc, device=x.device)
         else:
-            dpart = empty((2, rows, plan.c), acc, x.device) if need_dp else mean
-            _frozen_bn_bwd[plan.grid](
+            dpart = empty((2, rows, p.c), acc, x.device) if need_dp else mean
+            _frozen_bn_bwd[p.grid](
                 x, dy, dx, mean, scale, bias, dpart,
                 x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss,
-                plan.c, plan.s, plan.cb, plan.chunk, plan.split, rows * plan.c,
+                p.c, p.s, p.per_sample, p.chunk, p.split, rows * p.c,
                 ACC=tl_acc(x.dtype), ACT=ctx.act, NEED_DP=need_dp,
-                BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.warps,
+                BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.warps,
             )  # fmt: skip
             sums = sum_partials(_frozen_bn_bwd_dwdb, dpart) if need_dp else None
         dmean = dscale = dbias = None
@@ -254,29 +233,24 @@ class FrozenBatchNormFunction(torch.autograd.Function):
         return (dx if need[0] else None, dmean, dscale, dbias, None)
 
 
-def frozen_batch_norm_triton(
-    input: Tensor,
+def affine_vectors(
     weight: Tensor | None,
     bias: Tensor | None,
     running_mean: Tensor,
     running_var: Tensor,
-    eps: float = 1e-5,
-    act: str | None = None,
-) -> Tensor:
-    """``act((x − running_mean)·γ/sqrt(running_var + eps) + β)`` via
-    :class:`FrozenBatchNormFunction`; (N, C, \\*spatial) input, any memory format."""
-    check_dtype("frozen_batch_norm (triton)", input)
-    code = act_code(act)
-    if input.dim() < 2:
-        raise ValueError(
-            f"frozen_batch_norm (triton): expected (N, C, *spatial), got {tuple(input.shape)}."
-        )
-    acc = acc_dtype(input.dtype)
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(μ, s, β)``, the (C,) arguments of :class:`FrozenBatchNormTriton` for input of
+    ``dtype``, in its accumulation dtype and differentiable (autograd carries their
+    gradients to γ, β and the running statistics).
+
+    μ and β are copies: the Function saves them for its backward, and the buffers
+    themselves may be updated in place before it runs.
+    """
+    acc = acc_dtype(dtype)
     scale = torch.rsqrt(running_var.to(acc).clamp_min(0) + eps)
     if weight is not None:
         scale = scale * weight.to(acc)
-    # Copies (C values; autograd flows through them): the Function saves these for its
-    # backward, and the buffers themselves may be updated in place before it runs.
     shift = bias.to(acc).clone() if bias is not None else torch.zeros_like(scale)
-    mean = running_mean.to(acc).clone()
-    return FrozenBatchNormFunction.apply(input, mean, scale.contiguous(), shift, code)
+    return running_mean.to(acc).clone(), scale.contiguous(), shift

@@ -1,0 +1,301 @@
+"""GroupNorm backward: the gradient kernels and their launcher.
+
+The formulas and the deterministic dγ/dβ reduction are described in :mod:`.group_norm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._core.stats import acc_dtype
+from ._common import (
+    act_backward,
+    add,
+    empty,
+    empty_like,
+    load_channels,
+    ncs,
+    sum_partials,
+    sum_rows,
+    tl_acc,
+)
+from .group_norm_forward import plan
+
+__all__ = ["gradients"]
+
+
+@triton.jit
+def _group_bwd_sums(
+    xb,  # pointer to x[n, first channel of the group, 0]
+    dyb,  # pointer to dy[n, first channel of the group, 0]
+    W,
+    B,
+    DWDB,  # (2, P, C) ACC out: this program's row of Σ dz·x̂ and Σ dz per channel
+    row,
+    c_first,
+    shift,
+    mean,
+    rstd,
+    x_sc,
+    x_ss,
+    dy_sc,
+    dy_ss,
+    CPG,
+    s_lo,
+    s_hi,
+    PC,  # P·C, the plane stride of DWDB
+    C,
+    ACC: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Σ dx̂ and Σ dx̂·x̂ over channels [0, CPG) × positions [s_lo, s_hi) of one group;
+    also writes that range's dγ/dβ partial sums to row ``row`` of DWDB."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    sum1 = tl.full([], 0.0, ACC)
+    sum2 = tl.full([], 0.0, ACC)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = c0 + offs_c
+        cm = c < CPG
+        w = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C)
+        b = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
+        acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+        acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+        acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+        acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + offs_s
+            mask = cm[:, None] & (s < s_hi)[None, :]
+            cc = c[:, None].to(tl.int64)
+            ss = s[None, :].to(tl.int64)
+            x = tl.load(xb + cc * x_sc + ss * x_ss, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dyb + cc * dy_sc + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+            xhat = ((x - shift) - mean) * rstd
+            dz = dy
+            if ACT != 0:
+                dz = tl.where(mask, act_backward(dy, xhat * w[:, None] + b[:, None], ACT), 0.0)
+            dxhat = dz * w[:, None]
+            acc_dw += dz * xhat
+            acc_db += dz
+            acc1 += dxhat
+            acc2 += dxhat * xhat
+        out = DWDB + row * C + c_first + c
+        if HAS_W:
+            tl.store(out, tl.reduce(acc_dw, 1, add), mask=cm)
+        if HAS_B:
+            tl.store(out + PC, tl.reduce(acc_db, 1, add), mask=cm)
+        sum1 += tl.reduce(acc1, None, add)
+        sum2 += tl.reduce(acc2, None, add)
+    return sum1, sum2
+
+
+@triton.jit
+def _group_norm_bwd_stats(
+    X,  # (N, C, S) input
+    DY,  # (N, C, S) upstream gradient
+    W,  # (C,) γ when HAS_W
+    B,  # (C,) β when HAS_B
+    MEAN,  # (N·G,) ACC: mean of (x − pivot)
+    RSTD,  # (N·G,) ACC
+    PART,  # (2, N·G, SPLIT) ACC out: Σ dx̂ and Σ dx̂·x̂ per split
+    DWDB,  # (2, N·SPLIT, C) ACC out: dγ/dβ partial rows
+    x_sn,
+    x_sc,
+    x_ss,
+    dy_sn,
+    dy_sc,
+    dy_ss,
+    C,
+    S,
+    G,
+    CPG,
+    SPLIT,
+    CHUNK,
+    PC,
+    ACC: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    ng = tl.program_id(0)
+    sp = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    c_first = g * CPG
+    xb = X + n.to(tl.int64) * x_sn + c_first.to(tl.int64) * x_sc
+    dyb = DY + n.to(tl.int64) * dy_sn + c_first.to(tl.int64) * dy_sc
+    shift = tl.load(xb).to(ACC)
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    s_lo = sp * CHUNK
+    s_hi = tl.minimum(s_lo + CHUNK, S)
+    row = n.to(tl.int64) * SPLIT + sp
+    sum1, sum2 = _group_bwd_sums(
+        xb, dyb, W, B, DWDB, row, c_first, shift, mean, rstd, x_sc, x_ss, dy_sc, dy_ss,
+        CPG, s_lo, s_hi, PC, C, ACC, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S,
+    )  # fmt: skip
+    plane = tl.num_programs(0) * SPLIT
+    tl.store(PART + ng * SPLIT + sp, sum1)
+    tl.store(PART + plane + ng * SPLIT + sp, sum2)
+
+
+@triton.jit
+def _group_norm_bwd_dx(
+    X,  # (N, C, S) input
+    DY,  # (N, C, S) upstream gradient
+    DX,  # (N, C, S) out, x's dtype
+    W,  # (C,) γ when HAS_W
+    B,  # (C,) β when HAS_B
+    MEAN,  # (N·G,) ACC
+    RSTD,  # (N·G,) ACC
+    PART,  # (2, N·G, SPLIT) ACC in when not ONE_PASS: Σ dx̂, Σ dx̂·x̂ per split
+    DWDB,  # (2, N, C) ACC out when ONE_PASS: dγ/dβ partial rows
+    x_sn,
+    x_sc,
+    x_ss,
+    dy_sn,
+    dy_sc,
+    dy_ss,
+    dx_sn,
+    dx_sc,
+    dx_ss,
+    C,
+    S,
+    G,
+    CPG,
+    SPLIT,
+    CHUNK,
+    PC,
+    ACC: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    ng = tl.program_id(0)
+    sp = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    c_first = g * CPG
+    xb = X + n.to(tl.int64) * x_sn + c_first.to(tl.int64) * x_sc
+    dyb = DY + n.to(tl.int64) * dy_sn + c_first.to(tl.int64) * dy_sc
+    dxb = DX + n.to(tl.int64) * dx_sn + c_first.to(tl.int64) * dx_sc
+    shift = tl.load(xb).to(ACC)
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    if ONE_PASS:
+        sum1, sum2 = _group_bwd_sums(
+            xb, dyb, W, B, DWDB, n.to(tl.int64), c_first, shift, mean, rstd, x_sc, x_ss,
+            dy_sc, dy_ss, CPG, 0, S, PC, C, ACC, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S,
+        )  # fmt: skip
+    else:
+        p = tl.arange(0, BLOCK_P)
+        pm = p < SPLIT
+        plane = tl.num_programs(0) * SPLIT
+        sum1 = tl.reduce(tl.load(PART + ng * SPLIT + p, mask=pm, other=0.0), None, add)
+        sum2 = tl.reduce(tl.load(PART + plane + ng * SPLIT + p, mask=pm, other=0.0), None, add)
+    c1 = sum1 / (CPG * S)
+    c2 = sum2 / (CPG * S)
+
+    s_lo = sp * CHUNK
+    s_hi = tl.minimum(s_lo + CHUNK, S)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = c0 + offs_c
+        cm = c < CPG
+        w = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C)
+        b = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + offs_s
+            mask = cm[:, None] & (s < s_hi)[None, :]
+            cc = c[:, None].to(tl.int64)
+            ss = s[None, :].to(tl.int64)
+            x = tl.load(xb + cc * x_sc + ss * x_ss, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dyb + cc * dy_sc + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+            xhat = ((x - shift) - mean) * rstd
+            if ACT != 0:
+                dy = act_backward(dy, xhat * w[:, None] + b[:, None], ACT)
+            dxhat = dy * w[:, None]
+            dx = (dxhat - c1 - xhat * c2) * rstd
+            tl.store(dxb + cc * dx_sc + ss * dx_ss, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_bwd_dwdb(
+    DWDB,  # (2, P, C) ACC: per-row partial Σ dz·x̂ (plane 0) and Σ dz (plane 1)
+    OUT,  # (2, C) ACC out: dγ, dβ
+    P,
+    C,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    sum_rows(DWDB, OUT, P, C, ACC, BLOCK_P, BLOCK_C)
+
+
+def gradients(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    act: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(dx, dγ, dβ)`` from the forward's saved ``x``, ``mean`` and ``rstd``; dγ/dβ are
+    None where ``weight`` / ``bias`` are."""
+    x, x_sn, x_sc, x_ss = ncs(x)
+    dy, dy_sn, dy_sc, dy_ss = ncs(dy)
+    p = plan(x, num_groups, x_sc, x_ss)
+    acc = acc_dtype(x.dtype)
+    dx = empty_like(x)
+    _, dx_sn, dx_sc, dx_ss = ncs(dx)
+    has_w, has_b = weight is not None, bias is not None
+    if x.numel() == 0:
+        dw = None if weight is None else torch.zeros_like(weight)
+        db = None if bias is None else torch.zeros_like(bias)
+        return dx, dw, db
+    one_pass = p.split == 1
+    rows = p.n * p.split
+    dwdb = empty((2, rows, p.c), acc, x.device) if has_w or has_b else mean
+    part = mean if one_pass else empty((2, p.rows, p.split), acc, x.device)
+    pc = rows * p.c
+    wb = (x if weight is None else weight, x if bias is None else bias)
+    common: dict[str, Any] = dict(
+        ACC=tl_acc(x.dtype), HAS_W=has_w, HAS_B=has_b, ACT=act,
+        BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.warps,
+    )  # fmt: skip
+    if not one_pass:
+        _group_norm_bwd_stats[p.grid](
+            x, dy, *wb, mean, rstd, part, dwdb,
+            x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss,
+            p.c, p.s, num_groups, p.width, p.split, p.chunk, pc, **common,
+        )  # fmt: skip
+    _group_norm_bwd_dx[p.grid](
+        x, dy, dx, *wb, mean, rstd, part, dwdb,
+        x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss,
+        p.c, p.s, num_groups, p.width, p.split, p.chunk, pc,
+        ONE_PASS=one_pass, BLOCK_P=p.block_p, **common,
+    )  # fmt: skip
+    dw = db = None
+    if has_w or has_b:
+        sums = sum_partials(_group_norm_bwd_dwdb, dwdb)
+        dw = None if weight is None else sums[0].to(weight.dtype)
+        db = None if bias is None else sums[1].to(bias.dtype)
+    return dx, dw, db

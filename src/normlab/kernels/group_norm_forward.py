@@ -1,0 +1,210 @@
+"""GroupNorm forward: the statistics and normalize kernels and their launcher.
+
+The math, the statistics and the parallelism are described in :mod:`.group_norm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._core.stats import acc_dtype
+from ._common import Plan, add, apply_act, empty, empty_like, load_channels, ncs, tl_acc
+
+__all__ = ["normalize", "plan"]
+
+
+def plan(x: Tensor, num_groups: int, x_sc: int, x_ss: int) -> Plan:
+    """One program per (n, group), the positions split over several programs per
+    group when N·G programs alone would leave the device idle."""
+    return Plan(x, x_sc, x_ss, groups=num_groups, may_split=True)
+
+
+@triton.jit
+def _group_moments(
+    xb,  # pointer to x[n, first channel of the group, 0]
+    shift,  # scalar ACC: the pivot subtracted from every element
+    x_sc,
+    x_ss,
+    CPG,
+    s_lo,
+    s_hi,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Count, mean and M2 of ``x − shift`` over channels [0, CPG) × positions [s_lo, s_hi)."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    count = tl.full([], 0.0, ACC)
+    mean = tl.full([], 0.0, ACC)
+    m2 = tl.full([], 0.0, ACC)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = c0 + offs_c
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + offs_s
+            mask = (c < CPG)[:, None] & (s < s_hi)[None, :]
+            ptrs = xb + c[:, None].to(tl.int64) * x_sc + s[None, :].to(tl.int64) * x_ss
+            d = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
+            # The tile's exact two-pass moments, then Chan's merge into the running ones.
+            nb = tl.reduce(mask.to(ACC), None, add)
+            mb = tl.reduce(d, None, add) / nb
+            e = tl.where(mask, d - mb, 0.0)
+            m2b = tl.reduce(e * e, None, add)
+            tot = count + nb
+            delta = mb - mean
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + m2b + delta * delta * (count * (nb / tot))
+            count = tot
+    return count, mean, m2
+
+
+@triton.jit
+def _group_norm_fwd_stats(
+    X,  # (N, C, S) input, strides (x_sn, x_sc, x_ss)
+    PART,  # (3, N·G, SPLIT) ACC out: count, mean and M2 of (x − pivot) per split
+    x_sn,
+    x_sc,
+    x_ss,
+    S,
+    G,
+    CPG,
+    SPLIT,
+    CHUNK,  # positions per split
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    ng = tl.program_id(0)
+    sp = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    xb = X + n.to(tl.int64) * x_sn + (g * CPG).to(tl.int64) * x_sc
+    shift = tl.load(xb).to(ACC)
+    s_lo = sp * CHUNK
+    s_hi = tl.minimum(s_lo + CHUNK, S)
+    count, mean, m2 = _group_moments(xb, shift, x_sc, x_ss, CPG, s_lo, s_hi, ACC, BLOCK_C, BLOCK_S)
+    plane = tl.num_programs(0) * SPLIT
+    out = PART + ng * SPLIT + sp
+    tl.store(out, count)
+    tl.store(out + plane, mean)
+    tl.store(out + 2 * plane, m2)
+
+
+@triton.jit
+def _group_norm_fwd(
+    X,  # (N, C, S) input, strides (x_sn, x_sc, x_ss)
+    Y,  # (N, C, S) output in x's dtype, strides (y_sn, y_sc, y_ss)
+    W,  # (C,) γ, read when HAS_W
+    B,  # (C,) β, read when HAS_B
+    MEAN,  # (N·G,) ACC out: mean of (x − pivot)
+    RSTD,  # (N·G,) ACC out: 1/sqrt(var + eps)
+    PART,  # (3, N·G, SPLIT) ACC in when not ONE_PASS: count, mean, M2 per split
+    x_sn,
+    x_sc,
+    x_ss,
+    y_sn,
+    y_sc,
+    y_ss,
+    S,
+    G,
+    CPG,
+    SPLIT,
+    CHUNK,
+    eps,
+    ACC: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # SPLIT == 1: compute the statistics here
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,  # 0 none, 1 SiLU, 2 ReLU
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # >= SPLIT
+):
+    ng = tl.program_id(0)
+    sp = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    c_first = g * CPG
+    xb = X + n.to(tl.int64) * x_sn + c_first.to(tl.int64) * x_sc
+    yb = Y + n.to(tl.int64) * y_sn + c_first.to(tl.int64) * y_sc
+    shift = tl.load(xb).to(ACC)
+    if ONE_PASS:
+        count, mean, m2 = _group_moments(xb, shift, x_sc, x_ss, CPG, 0, S, ACC, BLOCK_C, BLOCK_S)
+    else:
+        # Merge the splits: mean = Σ n_i m_i / n, M2 = Σ M2_i + Σ n_i (m_i − mean)².
+        p = tl.arange(0, BLOCK_P)
+        pm = p < SPLIT
+        plane = tl.num_programs(0) * SPLIT
+        row = PART + ng * SPLIT + p
+        cnt = tl.load(row, mask=pm, other=0.0)
+        mu = tl.load(row + plane, mask=pm, other=0.0)
+        q = tl.load(row + 2 * plane, mask=pm, other=0.0)
+        count = tl.reduce(cnt, None, add)
+        mean = tl.reduce(cnt * mu, None, add) / count
+        dev = tl.where(pm, mu - mean, 0.0)
+        m2 = tl.reduce(q, None, add) + tl.reduce(cnt * dev * dev, None, add)
+    var = tl.maximum(m2 / count, 0.0)
+    rstd = tl.rsqrt(var + eps)
+    if sp == 0:
+        tl.store(MEAN + ng, mean)
+        tl.store(RSTD + ng, rstd)
+
+    s_lo = sp * CHUNK
+    s_hi = tl.minimum(s_lo + CHUNK, S)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = c0 + offs_c
+        cm = c < CPG
+        # Fold rstd into the scale: z = (x − pivot − mean)·(r·γ) + β.
+        scale = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C) * rstd
+        shift_out = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + offs_s
+            mask = cm[:, None] & (s < s_hi)[None, :]
+            cc = c[:, None].to(tl.int64)
+            ss = s[None, :].to(tl.int64)
+            x = tl.load(xb + cc * x_sc + ss * x_ss, mask=mask, other=0.0).to(ACC)
+            y = ((x - shift) - mean) * scale[:, None] + shift_out[:, None]
+            if ACT != 0:
+                y = apply_act(y, ACT)
+            tl.store(yb + cc * y_sc + ss * y_ss, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def normalize(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, act: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x', y, mean, rstd)``: ``x'`` is ``x`` as the kernels read it (saved for the
+    backward), ``mean`` (of x − pivot) and ``rstd`` are (N·G,) in the accumulation dtype."""
+    x, x_sn, x_sc, x_ss = ncs(x)
+    p = plan(x, num_groups, x_sc, x_ss)
+    acc = acc_dtype(x.dtype)
+    y = empty_like(x)
+    _, y_sn, y_sc, y_ss = ncs(y)
+    mean = empty((p.rows,), acc, x.device)
+    rstd = empty((p.rows,), acc, x.device)
+    if x.numel() == 0:
+        return x, y, mean, rstd
+    one_pass = p.split == 1
+    part = mean if one_pass else empty((3, p.rows, p.split), acc, x.device)
+    common: dict[str, Any] = dict(ACC=tl_acc(x.dtype), BLOCK_C=p.block_c, BLOCK_S=p.block_s)
+    if not one_pass:
+        _group_norm_fwd_stats[p.grid](
+            x, part, x_sn, x_sc, x_ss, p.s, num_groups, p.width, p.split, p.chunk,
+            num_warps=p.warps, **common,
+        )  # fmt: skip
+    _group_norm_fwd[p.grid](
+        x, y,
+        x if weight is None else weight,
+        x if bias is None else bias,
+        mean, rstd, part,
+        x_sn, x_sc, x_ss, y_sn, y_sc, y_ss,
+        p.s, num_groups, p.width, p.split, p.chunk, eps,
+        ONE_PASS=one_pass, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
+        BLOCK_P=p.block_p, num_warps=p.warps, **common,
+    )  # fmt: skip
+    return x, y, mean, rstd
