@@ -58,7 +58,7 @@ def empty_like(t: Tensor) -> Tensor:
 
 def tl_acc(dtype: torch.dtype) -> tl.dtype:
     """The kernels' accumulation dtype for input of ``dtype``, as
-    :func:`normlab._core.stats.acc_dtype`: fp64 for fp64, fp32 otherwise."""
+    :func:`normlab._core.stats.acc_dtype` (``docs/numerics.md`` rule 1)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 

@@ -9,10 +9,10 @@ Per (sample n, group g) of C/G channels, over those channels and every position:
 :mod:`._common`): NCHW and channels_last go through the same kernels without a copy;
 each program walks its group in (BLOCK_C, BLOCK_S) tiles laid along the contiguous axis.
 
-**Statistics** (NUMERICS rules 1-2). Everything is shifted by a pivot, the group's
-first element (exact for nearby values, so data with mean 1e4 and std 1e-2 keep their
-digits); each tile gives an exact two-pass mean and M2 in registers, and tiles are
-merged with Chan's parallel formula. The variance is clamped at 0 before eps.
+**Statistics** (``docs/numerics.md`` rules 1-2). Everything is shifted by a pivot,
+the group's first element (exact for nearby values, so data with mean 1e4 and std 1e-2
+keep their digits); each tile gives an exact two-pass mean and M2 in registers, and
+tiles are merged with Chan's parallel formula. The variance is clamped at 0 before eps.
 
 **Parallelism.** One program per (n, g) when N·G fills the device; otherwise the
 positions are split over SPLIT programs per group: ``_group_norm_fwd_stats`` writes
