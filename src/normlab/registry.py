@@ -70,11 +70,11 @@ NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "in": functools.partial(nnl.InstanceNorm2d, affine=True),
     "frn": nnl.FilterResponseNorm2d,
     "frn_linear": functools.partial(nnl.FilterResponseNorm2d, tlu=False),
+    "sn": nnl.SwitchableNorm2d,
+    "mabn": nnl.MovingAverageBatchNorm2d,
     "brn": nnl.BatchRenorm2d,
     "evonorm_b0": nnl.EvoNormB0_2d,
     "evonorm_s0": _evonorm_s0,
-    "sn": nnl.SwitchableNorm2d,
-    "mabn": nnl.MovingAverageBatchNorm2d,
 }
 
 

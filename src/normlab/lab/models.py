@@ -30,7 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..registry import NORM_LAYERS, auto_groups, create_norm
+from ..nn.traits import traits_of
+from ..registry import NORM_LAYERS, auto_groups, create_norm, rank_matched
 
 __all__ = [
     "CHANNEL_SEPARABLE",
@@ -46,8 +47,6 @@ __all__ = [
 #: Lab-only variants: ``name -> registry layer``. ``bn+recal`` trains exactly like BN;
 #: the trainer recalibrates its running statistics before evaluation.
 VARIANTS = {"bn+recal": "bn"}
-#: Registry names whose layers take ``process_group`` and so have a ``+sync`` variant.
-SYNCABLE = ("bn", "sn", "mabn", "brn", "evonorm_b0")
 
 
 def _known_names() -> list[str]:
@@ -76,13 +75,6 @@ def resolve_norm(name: str) -> str:
 def is_synced(name: str) -> bool:
     """True for a ``"<norm>+sync"`` lab name."""
     return name.lower().replace("-", "_").endswith("+sync")
-
-
-#: Norms whose every statistic and parameter is per channel (or per group of channels):
-#: S seeds' layers of C channels are exactly one layer of S·C channels (S·G groups).
-CHANNEL_SEPARABLE = frozenset(
-    {"bn", "brn", "mabn", "gn", "in", "evonorm_b0", "evonorm_s0", "frozen_bn"}
-)
 
 
 class SplitNorm(nn.Module):
@@ -125,6 +117,20 @@ def _norm_packed(name: str, channels: int, packs: int) -> nn.Module:
     if name == "evonorm_s0":
         return create_norm(name, packs * channels, groups=packs * auto_groups(channels))
     return create_norm(name, packs * channels)
+
+
+def _lab_traits(trait: str) -> tuple[str, ...]:
+    """The lab's norm names (registry names of 2-D layers, in registry order) whose layer,
+    as the lab builds it, has ``trait`` (see :mod:`normlab.nn.traits`)."""
+    names = [n for n, f in NORM_LAYERS.items() if rank_matched(f, 2) is f]
+    return tuple(n for n in names if getattr(traits_of(_norm(n, 8)), trait, False))
+
+
+#: Lab norm names whose layers take ``process_group`` and so have a ``+sync`` variant.
+SYNCABLE = _lab_traits("syncable")
+#: Norms whose every statistic and parameter is per channel (or per group of channels):
+#: S seeds' layers of C channels are exactly one layer of S·C channels (S·G groups).
+CHANNEL_SEPARABLE = frozenset(_lab_traits("channel_separable"))
 
 
 def _activation_after(norm: str) -> nn.Module:
