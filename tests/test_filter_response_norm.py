@@ -576,7 +576,7 @@ def test_forward_mode_ad():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "large-plane"])
 def test_dot_sums_match_plain_sums(per_sample, layout):
     """The backward's fused Σa, Σa·b (torch's BN-backward reduction) against plain sums."""
-    from normlab.functional._frn_autograd import dot_sums
+    from normlab._core.stats import dot_sums
 
     shape = (2, 3, 300, 300) if layout == "large-plane" else (3, 4, 5, 6)  # 9e4 > 2¹⁶
     a = offcenter(*shape, seed=31, dtype=torch.float32)

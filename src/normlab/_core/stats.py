@@ -42,6 +42,9 @@ __all__ = [
     "mix_group_moments",
     "union_moments",
     "mean_square",
+    "NATIVE_PLANE",
+    "dot_sums",
+    "sum_of_squares",
 ]
 
 
@@ -224,3 +227,81 @@ def mean_square(x: Tensor, dims: Sequence[int]) -> Tensor:
     """
     xa = x.to(acc_dtype(x.dtype))
     return (xa * xa).mean(dim=_norm_dims(x, dims), keepdim=True)
+
+
+# ----------------------------------------------------------- reductions of the fused Functions
+
+NATIVE_PLANE = 2**16
+"""Most values per statistic that :func:`dot_sums` reduces with torch's batch-norm
+backward kernel. That kernel accumulates each plane in a few lanes of the input's
+dtype, whose rounding error grows with the plane; beyond this size ``torch.sum``'s
+cascade keeps fp32 sums to about 1e-7 relative, so the larger planes use it."""
+
+
+def dot_sums(
+    a: Tensor, b: Tensor, per_sample: bool, shift: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(Σ a, Σ a·(b − shift))`` per (n, c) (``per_sample``) or per channel, kept dims.
+
+    Args:
+        a, b: (N, C, *S) tensors; ``a`` is typically an upstream gradient.
+        per_sample: sums over the spatial dims (one statistic per (n, c)) or over N
+            and the spatial dims (one per channel).
+        shift: one value per statistic, (N, C, 1, ...) or (1, C, 1, ...), in
+            ``b``'s dtype; None is a zero shift. A pivot (an element of ``b``)
+            makes ``b − shift`` exact, as :func:`centered`.
+
+    Returns:
+        Two tensors of shape (N or 1, C, 1, ...) in the accumulation dtype of ``b``.
+
+    For fp32/fp64 contiguous tensors of at most :data:`NATIVE_PLANE` values per
+    statistic this is torch's batch-norm backward reduction: with ``mean = shift``
+    and ``invstd = 1`` its ``grad_bias`` is ``Σ a`` and its ``grad_weight`` is
+    ``Σ a·(b − shift)``, both from one read of ``a`` and ``b`` and without a
+    full-size ``a·b`` temporary (on CPU a fresh full-size buffer can cost more in
+    page faults than the pass itself); per (n, c) by viewing (N, C, *S) as one
+    sample with N·C channels. Otherwise (half inputs, other layouts, larger
+    planes): ``a·(b − shift)`` and ``torch.sum`` in the accumulation dtype.
+    """
+    n, c = a.shape[:2]
+    dims = tuple(range(2, a.dim())) if per_sample else (0, *range(2, a.dim()))
+    count = 1
+    for d in dims:
+        count *= a.shape[d]
+    acc = acc_dtype(b.dtype)
+    native = (
+        a.dtype == b.dtype == acc
+        and (shift is None or shift.dtype == acc)
+        and count <= NATIVE_PLANE
+        and a.is_contiguous()
+        and b.is_contiguous()
+    )
+    if not native:
+        bc = b if shift is None else centered(b, shift)
+        return (
+            a.sum(dim=dims, keepdim=True, dtype=acc),
+            (a * bc).sum(dim=dims, keepdim=True, dtype=acc),
+        )
+    rows = n if per_sample else 1
+    if per_sample:
+        a, b = a.view(1, n * c, -1), b.view(1, n * c, -1)
+    mean = a.new_zeros(rows * c) if shift is None else shift.reshape(-1)
+    _, s_ab, s_a = torch.ops.aten.native_batch_norm_backward(
+        a, b, None, None, None, mean, torch.ones_like(mean), True, 0.0, [False, True, True]
+    )
+    shape = [rows, c] + [1] * (len(dims) if per_sample else len(dims) - 1)
+    return s_a.view(shape), s_ab.view(shape)
+
+
+def sum_of_squares(x: Tensor, dims: Sequence[int], out: Tensor | None = None) -> Tensor:
+    """``Σ x²`` over ``dims`` (kept), one read of ``x``, in ``x``'s dtype.
+
+    ``vector_norm`` reduces contiguous memory in one vectorized pass without a
+    temporary; on other layouts (channels_last) its reduction is slow, and
+    ``x·x`` (written into ``out`` when given, which may be ``x`` itself) then a
+    sum is faster.
+    """
+    if x.is_contiguous():
+        return torch.linalg.vector_norm(x, 2, dim=tuple(dims), keepdim=True).square_()
+    sq = x * x if out is None else torch.mul(x, x, out=out)
+    return sq.sum(dim=tuple(dims), keepdim=True)

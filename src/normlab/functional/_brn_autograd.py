@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._core.fused import against, apply_dx, cast, composite_grads
 from .._core.running import update_running_stats
-from .._core.stats import centered, pivot
-from ._sn_autograd import _acc, _against, apply_dx, recompute_grads, shifted_moments, sums
+from .._core.stats import centered, dot_sums, pivot
+from ._sn_autograd import shifted_moments
 
 __all__ = ["BatchRenormFunction"]
 
@@ -62,7 +63,7 @@ class BatchRenormFunction(torch.autograd.Function):
     Updates ``running_mean`` / ``running_var`` in place after r and d are
     computed from their previous values. Saves ``x`` and (C,)-sized tensors
     only. A backward with ``create_graph=True`` differentiates the plain
-    graph instead (:func:`~normlab.functional._sn_autograd.recompute_grads`).
+    graph instead (:func:`~normlab._core.fused.composite_grads`).
     """
 
     @staticmethod
@@ -83,23 +84,23 @@ class BatchRenormFunction(torch.autograd.Function):
         u = centered(x, shift_x)  # the one full-size buffer (accumulation dtype); becomes y
         acc = u.dtype
         mean, var, count = shifted_moments(u, per_sample=False)  # (1, C); mean rel. to s
-        shift = _acc(shift_x, acc).reshape(1, -1)
+        shift = cast(shift_x, acc).reshape(1, -1)
         sigma_b = torch.sqrt(var + eps)
         # r and d from the running statistics *before* this step's update.
-        rm = _acc(running_mean.detach(), acc).reshape(1, -1)
-        rv = _acc(running_var.detach(), acc).reshape(1, -1)
+        rm = cast(running_mean.detach(), acc).reshape(1, -1)
+        rv = cast(running_var.detach(), acc).reshape(1, -1)
         sigma = torch.sqrt(rv.clamp_min(0) + eps)
         r_hi, d_hi = _limit(r_max, acc, x.device), _limit(d_max, acc, x.device)
         r = torch.clamp(sigma_b / sigma, min=1.0 / r_hi, max=r_hi)
         # μ_B − μ as (mean of the shifted data) + (shift − μ): both small differences.
         d = torch.clamp((mean + (shift - rm)) / sigma, min=-d_hi, max=d_hi)
-        g = r if weight is None else r * _acc(weight, acc)  # γ·r
+        g = r if weight is None else r * cast(weight, acc)  # γ·r
         a = g / sigma_b
-        b = d if weight is None else d * _acc(weight, acc)
+        b = d if weight is None else d * cast(weight, acc)
         if bias is not None:
-            b = b + _acc(bias, acc)
+            b = b + cast(bias, acc)
         b = torch.addcmul(b, mean, a, value=-1)
-        y = u.mul_(_against(a, x)).add_(_against(b, x))  # (u − μ)·A + γd + β
+        y = u.mul_(against(a, x)).add_(against(b, x))  # (u − μ)·A + γd + β
 
         frozen = (rm.reshape(-1).clone(), rv.reshape(-1).clone())  # for a recompute
         batch_mean = mean + shift
@@ -121,7 +122,10 @@ class BatchRenormFunction(torch.autograd.Function):
         x, weight, bias, rm, rv, shift_x, mean, sigma_b, r, d, batch_mean = ctx.saved_tensors
         tail = (None,) * 7
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain graph
-            return recompute_grads(ctx, dy, (x, weight, bias), rm, rv) + tail
+            grads = composite_grads(
+                ctx.needs_input_grad, dy, lambda *i: ctx.recompute(*i, rm, rv), x, weight, bias
+            )
+            return grads + tail
         needs = ctx.needs_input_grad
         n = ctx.count
         if needs[0] and ctx.one_call and dy.dtype == x.dtype:
@@ -134,7 +138,8 @@ class BatchRenormFunction(torch.autograd.Function):
             d_w = (r * dot + d * s0).reshape(-1).to(weight.dtype) if needs[1] else None
             d_b = s0.reshape(-1).to(bias.dtype) if bias is not None and needs[2] else None
             return (dx, d_w if weight is not None else None, d_b) + tail
-        s0, s1 = sums(dy, x, shift_x, per_sample=False)  # Σdy, Σdy·u: (1, C)
+        sums = dot_sums(dy, x, per_sample=False, shift=shift_x)
+        s0, s1 = (t.reshape(1, -1) for t in sums)  # Σdy, Σdy·u: (1, C)
         dot = (s1 - mean * s0) / sigma_b  # Σ dy·x̂
         d_w = (
             (r * dot + d * s0).reshape(-1).to(weight.dtype)
@@ -148,5 +153,5 @@ class BatchRenormFunction(torch.autograd.Function):
             p = -a * dot / (n * sigma_b)
             q = -a * s0 / n - p * mean
             u = centered(x, shift_x)
-            dx = apply_dx(u, dy, *(_against(t, x) for t in (a, p, q)), x.dtype)
+            dx = apply_dx(u, dy, *(against(t, x) for t in (a, p, q)), x.dtype)
         return (dx, d_w, d_b) + tail

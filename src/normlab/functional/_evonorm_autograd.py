@@ -1,7 +1,7 @@
 """EvoNorm-B0 and EvoNorm-S0: their autograd.Functions, launchers and plain composites.
 
-As for Filter Response Norm (see :mod:`normlab.functional._frn_autograd`, which
-also owns the path selection): the Functions save **only x** plus
+As for Filter Response Norm (see :mod:`normlab.functional._frn_autograd`; the
+shared machinery is :mod:`normlab._core.fused`): the Functions save **only x** plus
 per-(sample, channel) vectors, recompute the rest in backward with a
 hand-derived gradient, and write every full-tensor step into a buffer they own.
 The kernels, with the statistics and the gradient formulas, are in
@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from .._core.export import rsqrt
+from .._core.fused import autograd_needed, composite_grads
 from .._core.normalize import channel_shape
 from .._core.stats import acc_dtype, centered, centered_moments, mix_group_moments, moments
 from ._evonorm_kernels import _b0_bwd, _b0_fwd, _s0_bwd, _s0_fwd, split_moments
-from ._frn_autograd import _composite_grads, autograd_needed
 from .group_norm import group_pivot
 
 __all__ = [
@@ -110,7 +110,7 @@ class _EvoNormB0Function(torch.autograd.Function):
             def b0(x: Tensor, v: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
                 return _b0_composite(x, v, w, b, ctx.eps, running_std)
 
-            grads = _composite_grads(needs, dy, b0, x, v, weight, bias)
+            grads = composite_grads(needs, dy, b0, x, v, weight, bias)
         else:
             grads = _b0_bwd(dy, x, v, weight, bias, sig_i, sig_b, m0, md, dmu, needs)
         return (*grads, None, None, None, None)
@@ -193,7 +193,7 @@ class _EvoNormS0Function(torch.autograd.Function):
             def s0(x: Tensor, v: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
                 return s0_composite(x, ctx.num_groups, v, w, b, ctx.eps)
 
-            grads = _composite_grads(needs, dy, s0, x, v, weight, bias)
+            grads = composite_grads(needs, dy, s0, x, v, weight, bias)
         else:
             grads = _s0_bwd(dy, x, v, weight, bias, r, pivot, mean_rel, ctx.num_groups, needs)
         return (*grads, None, None)

@@ -61,10 +61,10 @@ import torch
 from torch import Tensor
 
 from .._core.export import rsqrt
+from .._core.fused import cast, param
 from .._core.normalize import channel_shape
 from .._core.running import update_running_stats
-from .._core.stats import acc_dtype, mix_group_moments
-from ._frn_autograd import _cast, _p, dot_sums, sum_of_squares
+from .._core.stats import acc_dtype, dot_sums, mix_group_moments, sum_of_squares
 
 __all__ = ["split_moments"]
 
@@ -117,7 +117,7 @@ def _b0_fwd(
     acc = acc_dtype(x.dtype)
     shape = channel_shape(x)
     spatial = tuple(range(2, x.dim()))
-    xa = _cast(x, acc)
+    xa = cast(x, acc)
     buf = torch.empty_like(xa)
     m0, md, var_i = split_moments(xa, spatial, workspace=buf)
     sig_i = torch.sqrt(var_i + eps)  # (N, C, 1, ...)
@@ -133,15 +133,15 @@ def _b0_fwd(
             update_running_stats(None, running_var, mean_b, var_b * (n / (n - 1)), momentum)
     else:
         assert running_var is not None  # checked by the caller
-        var_b = _cast(running_var, acc).reshape(shape)
+        var_b = cast(running_var, acc).reshape(shape)
     sig_b = torch.sqrt(var_b.clamp_min(0) + eps)  # (1, C, 1, ...)
     rb = sig_b.reciprocal()
     y = _b0_den(xa, v, sig_i, rb, out=buf)
     y = torch.div(xa, y, out=y)
-    y.mul_(rb if weight is None else rb * _p(weight, acc, shape))
+    y.mul_(rb if weight is None else rb * param(weight, acc, shape))
     if bias is not None:
-        y.add_(_p(bias, acc, shape))
-    return _cast(y, x.dtype), sig_i, sig_b, m0, md, dmu
+        y.add_(param(bias, acc, shape))
+    return cast(y, x.dtype), sig_i, sig_b, m0, md, dmu
 
 
 def _b0_den(xa: Tensor, v: Tensor, sig_i: Tensor, rb: Tensor, out: Tensor | None = None) -> Tensor:
@@ -152,7 +152,7 @@ def _b0_den(xa: Tensor, v: Tensor, sig_i: Tensor, rb: Tensor, out: Tensor | None
     threshold: no mask tensor, no per-channel comparison. The composite's
     where(i > σ_B, i, σ_B) gives the same value (only a NaN differs: it propagates).
     """
-    vb = _p(v, xa.dtype, channel_shape(xa)).mul(rb)
+    vb = param(v, xa.dtype, channel_shape(xa)).mul(rb)
     e = xa * vb if out is None else torch.mul(xa, vb, out=out)
     return e.add_(sig_i * rb).clamp_min_(1.0)
 
@@ -178,10 +178,10 @@ def _b0_bwd(
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
     all_dims = (0, *dims)
-    xa = _cast(x, acc)
-    dya = _cast(dy, acc)
+    xa = cast(x, acc)
+    dya = cast(dy, acc)
     rb = sig_b.reciprocal()
-    g_rb = rb if weight is None else rb * _p(weight, acc, shape)  # γ·rb
+    g_rb = rb if weight is None else rb * param(weight, acc, shape)  # γ·rb
     neg_g = -g_rb * rb  # −γ·rb²: ∂L/∂den = neg_g·w
     e = _b0_den(xa, v, sig_i, rb)
     w = torch.mul(dya, xa).div_(e).div_(e)  # dy·x/e²
@@ -203,9 +203,9 @@ def _b0_bwd(
             k = k + k_b
             shift = -k * md + k_b * dmu
         # γ·t − γ·v·wm + K·((x − m0) − md) + K_B·(μ_I − μ_B), t = dy/e (in e's buffer)
-        dx = torch.div(dya, e, out=e).mul_(g_rb).addcmul_(wm, neg_g * _p(v, acc, shape))
+        dx = torch.div(dya, e, out=e).mul_(g_rb).addcmul_(wm, neg_g * param(v, acc, shape))
         dx.addcmul_(torch.sub(xa, m0, out=w), k).add_(shift)
-        dx = _cast(dx, x.dtype)
+        dx = cast(dx, x.dtype)
     return dx, dv, dweight, dbias
 
 
@@ -229,7 +229,7 @@ def _s0_fwd(
     acc = acc_dtype(x.dtype)
     shape = channel_shape(x)
     ones = [1] * (x.dim() - 2)
-    xa = _cast(x, acc)
+    xa = cast(x, acc)
     buf = torch.empty_like(xa)
     m0, md, var = split_moments(xa, tuple(range(2, x.dim())), workspace=buf)
     m0 = m0.reshape(n, num_groups, cpg)
@@ -243,11 +243,11 @@ def _s0_fwd(
         return t.expand(n, num_groups, cpg).reshape(n, c, *ones)
 
     r = per_channel(rsqrt(group_var + eps))
-    f = torch.mul(xa, _p(v, acc, shape), out=buf).sigmoid_().mul_(xa)
-    f.mul_(r if weight is None else r * _p(weight, acc, shape))
+    f = torch.mul(xa, param(v, acc, shape), out=buf).sigmoid_().mul_(xa)
+    f.mul_(r if weight is None else r * param(weight, acc, shape))
     if bias is not None:
-        f.add_(_p(bias, acc, shape))
-    return _cast(f, x.dtype), r, per_channel(pivot), per_channel(mean_rel)
+        f.add_(param(bias, acc, shape))
+    return cast(f, x.dtype), r, per_channel(pivot), per_channel(mean_rel)
 
 
 def _s0_bwd(
@@ -268,10 +268,10 @@ def _s0_bwd(
     dims = tuple(range(2, x.dim()))
     all_dims = (0, *dims)
     n, c = x.shape[:2]
-    xa = _cast(x, acc)
-    dya = _cast(dy, acc)
-    vb = _p(v, acc, shape)
-    gamma = _p(weight, acc, shape)
+    xa = cast(x, acc)
+    dya = cast(dy, acc)
+    vb = param(v, acc, shape)
+    gamma = param(weight, acc, shape)
     gr = r if gamma is None else gamma * r
     s = (xa * vb).sigmoid_()
     p = torch.ops.aten.sigmoid_backward(dya, s)  # dy·s(1 − s)
@@ -294,5 +294,5 @@ def _s0_bwd(
         # γ·r·dy·silu'(v·x) + k·((x − pivot) − mean_rel)
         dx = w.addcmul_(xp, vb).mul_(gr)
         dx.addcmul_(torch.sub(xa, pivot, out=p), k).sub_(k * mean_rel)
-        dx = _cast(dx, x.dtype)
+        dx = cast(dx, x.dtype)
     return dx, dv, dweight, dbias

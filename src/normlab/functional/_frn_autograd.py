@@ -32,7 +32,7 @@ autograd needs it and the forward kernel alone otherwise; the composite on
 other devices and under ``torch.compile``/``torch.export``, ``torch.func``
 transforms, forward-mode AD, TorchScript tracing and tensor subclasses, where
 plain differentiable ops are what those tools understand (inductor fuses the
-composite anyway) — see :func:`eager_kernels_allowed`. A backward run with
+composite anyway) — see :func:`normlab._core.fused.fused_allowed`. A backward run with
 ``create_graph=True`` (double backward) recomputes the composite and
 differentiates it, so higher-order gradients stay exact.
 """
@@ -43,117 +43,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from .._core.export import rsqrt
+from .._core.fused import autograd_needed, cast, composite_grads, fused_allowed, param
 from .._core.normalize import channel_shape
-from .._core.stats import acc_dtype, mean_square, reduced_count
+from .._core.stats import acc_dtype, dot_sums, mean_square, reduced_count, sum_of_squares
 
-__all__ = [
-    "eager_kernels_allowed",
-    "autograd_needed",
-    "frn_apply",
-    "frn_composite",
-    "dot_sums",
-    "sum_of_squares",
-]
-
-
-def eager_kernels_allowed(x: Tensor, *tensors: Tensor | None) -> bool:
-    """Whether the in-place eager kernels may run on input ``x`` instead of the composite.
-
-    CPU only: they are written and measured for CPU (other devices keep the
-    plain path, and ``normlab.kernels`` on CUDA). Not under ``torch.compile`` /
-    ``torch.export`` (dynamo traces the composite and fuses it), ``torch.func``
-    transforms (vmap/grad batch or differentiate the composite), forward-mode AD
-    (``torch.autograd.forward_ad``: the kernels' ``out=`` ops have no tangent
-    formula, the Functions no ``jvp``), TorchScript tracing, or for tensor
-    subclasses with ``__torch_function__`` (DTensor & co. dispatch the
-    composite's ops).
-    """
-    present = [t for t in (x, *tensors) if t is not None]
-    return x.device.type == "cpu" and not (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or forward_ad._current_level >= 0
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.overrides.has_torch_function(present)
-    )
-
-
-def autograd_needed(*tensors: Tensor | float | None) -> bool:
-    """Whether autograd records this call (grad mode on and some input requires grad)."""
-    return torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in tensors
-    )
-
-
-def sum_of_squares(x: Tensor, dims: Sequence[int], out: Tensor | None = None) -> Tensor:
-    """``Σ x²`` over ``dims`` (kept), one read of ``x``.
-
-    ``vector_norm`` reduces contiguous memory in one vectorized pass without a
-    temporary; on other layouts (channels_last) its reduction is slow, and
-    ``x·x`` (written into ``out`` when given, which may be ``x`` itself) then a
-    sum is faster.
-    """
-    if x.is_contiguous():
-        return torch.linalg.vector_norm(x, 2, dim=tuple(dims), keepdim=True).square_()
-    sq = x * x if out is None else torch.mul(x, x, out=out)
-    return sq.sum(dim=tuple(dims), keepdim=True)
-
-
-# Largest number of values per reduced plane summed by torch's batch-norm backward
-# kernel in :func:`dot_sums` (it accumulates each plane in a few lanes of x's dtype:
-# ~1e-6 relative in fp32 at 2¹⁶ values, growing beyond); bigger planes use torch.sum.
-_NATIVE_PLANE = 2**16
-
-
-def dot_sums(a: Tensor, b: Tensor, per_sample: bool) -> tuple[Tensor, Tensor]:
-    """``(Σ a, Σ a·b)`` per (n, c) (``per_sample``) or per channel, kept dims.
-
-    For fp32/fp64 contiguous tensors this is torch's batch-norm backward
-    reduction (``mean = 0``, ``invstd = 1``: ``grad_bias = Σ a``,
-    ``grad_weight = Σ a·b``), both from one read of ``a`` and ``b`` and without
-    a full-size ``a·b`` temporary, which on CPU can cost more in page faults
-    than the pass itself; per (n, c) by viewing (N, C, *S) as one sample with
-    N·C channels. Otherwise (half, other layouts, planes of more than 2¹⁶
-    values): ``a·b`` and ``torch.sum``. Results in the (N or 1, C, 1, ...) shape.
-    """
-    n, c = a.shape[:2]
-    dims = tuple(range(2, a.dim())) if per_sample else (0, *range(2, a.dim()))
-    count = 1
-    for d in dims:
-        count *= a.shape[d]
-    native = (
-        a.dtype == b.dtype
-        and a.dtype in (torch.float32, torch.float64)
-        and count <= _NATIVE_PLANE
-        and a.is_contiguous()
-        and b.is_contiguous()
-    )
-    if not native:
-        return a.sum(dim=dims, keepdim=True), (a * b).sum(dim=dims, keepdim=True)
-    rows = n if per_sample else 1
-    if per_sample:
-        a, b = a.view(1, n * c, -1), b.view(1, n * c, -1)
-    zeros = a.new_zeros(rows * c)
-    _, s_ab, s_a = torch.ops.aten.native_batch_norm_backward(
-        a, b, None, None, None, zeros, torch.ones_like(zeros), True, 0.0, [False, True, True]
-    )
-    shape = [rows, c] + [1] * (len(dims) if per_sample else len(dims) - 1)
-    return s_a.view(shape), s_ab.view(shape)
-
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)`` without a dispatcher call when it is already ``dtype``."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _p(t: Tensor | None, acc: torch.dtype, shape: list[int]) -> Tensor | None:
-    """A (C,) parameter as a broadcastable (1, C, 1, ...) tensor in the accumulation dtype."""
-    return None if t is None else _cast(t, acc).reshape(shape)
+__all__ = ["frn_apply", "frn_composite"]
 
 
 # ----------------------------------------------------------------------------- composite
@@ -199,20 +96,20 @@ def _frn_fwd(
     acc = acc_dtype(x.dtype)
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
-    xa = _cast(x, acc)
+    xa = cast(x, acc)
     # One full-size allocation: the output (the half-input copy is reused for it).
     y = xa if xa is not x else torch.empty_like(xa)
     ss = sum_of_squares(xa, dims, out=None if y is xa else y)
     r = rsqrt(ss.div_(reduced_count(x, dims)).add_(eps))
-    a = r if weight is None else r * _p(weight, acc, shape)
+    a = r if weight is None else r * param(weight, acc, shape)
     y = torch.mul(xa, a, out=y)
     if bias is not None:
-        y.add_(_p(bias, acc, shape))
+        y.add_(param(bias, acc, shape))
     if tau is not None:
         # max(z, τ): the value of the composite's where(z > τ, z, τ) for every
         # number (a NaN propagates here instead of becoming τ).
-        y.clamp_min_(_p(tau, acc, shape))
-    return _cast(y, x.dtype), r
+        y.clamp_min_(param(tau, acc, shape))
+    return cast(y, x.dtype), r
 
 
 def _frn_bwd(
@@ -228,17 +125,17 @@ def _frn_bwd(
     shape = channel_shape(x)
     dims = tuple(range(2, x.dim()))
     all_dims = (0, *dims)
-    xa = _cast(x, acc)
-    dya = _cast(dy, acc)
-    gamma = _p(weight, acc, shape)
+    xa = cast(x, acc)
+    dya = cast(dy, acc)
+    gamma = param(weight, acc, shape)
     a = r if gamma is None else r * gamma
     if tau is not None:
         # z − τ recomputed exactly as in forward; its sign is exact, so the mask
         # z > τ equals the forward's (ties: the gradient goes to τ).
         z = xa * a
         if bias is not None:
-            z.add_(_p(bias, acc, shape))
-        z.sub_(_p(tau, acc, shape))
+            z.add_(param(bias, acc, shape))
+        z.sub_(param(tau, acc, shape))
         g = torch.ops.aten.threshold_backward.grad_input(dya, z, 0, grad_input=z)
     else:
         g = dya
@@ -251,7 +148,7 @@ def _frn_bwd(
             dx = g.mul_(a).addcmul_(xa, coef_x)
         else:
             dx = torch.mul(xa, coef_x).addcmul_(g, a)
-        dx = _cast(dx, x.dtype)
+        dx = cast(dx, x.dtype)
     if weight is not None and needs[1]:
         dweight = (r * p).sum(dim=0).reshape(-1).to(weight.dtype)
     sum_g = sum_g.sum(dim=0).reshape(-1)  # Σ_{n,s} g per channel
@@ -287,28 +184,10 @@ class _FRNFunction(torch.autograd.Function):
         x, weight, bias, tau, eps_t, r = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite
             eps = eps_t if eps_t is not None else ctx.eps
-            return _composite_grads(
+            return composite_grads(
                 ctx.needs_input_grad, dy, frn_composite, x, weight, bias, tau, eps
             )
         return _frn_bwd(dy, x, weight, bias, tau, r, ctx.needs_input_grad)
-
-
-def _composite_grads(needs: Sequence[bool], dy: Tensor, fn: Any, *inputs: Any) -> tuple:
-    """Gradients of ``fn(*inputs)`` for double backward: recompute, then differentiate.
-
-    Called from a backward with ``create_graph=True``; the saved inputs carry their
-    autograd history, so the returned gradients are differentiable again.
-    """
-    with torch.enable_grad():
-        out = fn(*inputs)
-    wrt = [i for i, t in enumerate(inputs) if needs[i] and isinstance(t, Tensor)]
-    grads = torch.autograd.grad(
-        out, [inputs[i] for i in wrt], dy, create_graph=True, allow_unused=True
-    )
-    result: list[Tensor | None] = [None] * len(needs)
-    for i, gi in zip(wrt, grads, strict=True):
-        result[i] = gi
-    return tuple(result)
 
 
 def frn_apply(
@@ -320,7 +199,7 @@ def frn_apply(
 ) -> Tensor:
     """Run FRN (+TLU) on validated inputs with the best path for the context."""
     eps_t = eps if isinstance(eps, Tensor) else None
-    if not eager_kernels_allowed(x, weight, bias, tau, eps_t):
+    if not fused_allowed(x, weight, bias, tau, eps_t):
         return frn_composite(x, weight, bias, tau, eps)
     if autograd_needed(x, weight, bias, tau, eps_t):
         return _FRNFunction.apply(x, weight, bias, tau, eps)

@@ -26,8 +26,9 @@ Notation, per group (n, c) of ``L`` values (the spatial dims)::
 The mixing follows :func:`normlab.functional.switchable_norm`'s plain path
 term for term (same pivots, same group formulas), so the two agree to rounding.
 
-The helpers :func:`sums`, :func:`shifted_moments` and :func:`apply_dx` serve
-Batch Renormalization's Function as well (per channel instead of per (n, c)).
+The passes and the casts are the shared ones of :mod:`normlab._core.fused` and
+:mod:`normlab._core.stats`; Batch Renormalization's Function uses the same
+(per channel instead of per (n, c)).
 """
 
 from __future__ import annotations
@@ -36,99 +37,25 @@ import math
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
+from .._core.fused import against, apply_dx, cast, composite_grads
 from .._core.mixing import mix_moments
 from .._core.running import update_running_stats
-from .._core.stats import acc_dtype, centered, pivot, rstd
+from .._core.stats import centered, dot_sums, pivot, rstd
 
-__all__ = [
-    "SwitchableNormFunction",
-    "apply_dx",
-    "fast_path_available",
-    "recompute_grads",
-    "shifted_moments",
-    "sums",
-]
+__all__ = ["SwitchableNormFunction", "shifted_moments"]
 
 # μ²/v above which the shifted one-pass variance Σu²/L − μ² would cancel more
 # than ~6 of fp32's 24 bits; such groups (a pivot far out in its group's tail)
 # are recomputed with a two-pass variance. Gaussian data never get there.
 _SHIFT_LIMIT = 64.0
 
-# Largest spatial plane (values per (n, c)) reduced by torch's batch-norm backward
-# kernel in :func:`sums`; bigger planes use torch.sum (see there).
-_NATIVE_PLANE = 2**16
-
-
-def fast_path_available(x: Tensor) -> bool:
-    """Whether the fused autograd.Functions may run on ``x``.
-
-    CPU tensors in eager mode, not empty. Not under ``torch.compile`` /
-    ``torch.export`` (the compiler fuses the plain ops itself, and the
-    exporters need them), ``torch.jit.trace``, ``torch.func`` transforms or
-    forward-mode AD (the Functions define no vmap or jvp rule). Those take the
-    plain autograd path, which computes the same values. On other devices the
-    Functions' data-dependent choices (the outlier-pivot check, Batch Renorm's
-    backward path) would be host syncs, and they are untested there: CUDA keeps
-    the plain path (and normlab.kernels).
-    """
-    return (
-        x.device.type == "cpu"
-        and x.numel() > 0
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch._C._are_functorch_transforms_active()
-        and _fwad._current_level < 0
-    )
-
-
-def sums(dy: Tensor, x: Tensor, shift: Tensor | None, per_sample: bool) -> tuple[Tensor, Tensor]:
-    """``Σ dy`` and ``Σ dy·(x − shift)`` per (n, c) or per channel, as (N or 1, C) matrices.
-
-    ``shift`` holds one value per group, (N, C, 1...) for ``per_sample`` (sums
-    over the spatial dims) or (1, C, 1...) (sums over N and the spatial dims);
-    None is a zero shift, so ``sums(u, u, None, ...)`` gives ``Σu`` and ``Σu²``.
-
-    For fp32/fp64 (NCHW-contiguous, for per-(n, c) sums) this is torch's
-    batch-norm backward reduction: with ``mean = shift`` and ``invstd = 1`` its
-    ``grad_weight`` is ``Σ dy·(x − shift)`` and its ``grad_bias`` is ``Σ dy``,
-    both from one pass over ``dy`` and ``x``, accumulated in ``x``'s dtype and
-    without a full-size temporary (on CPU a fresh full-size buffer can cost
-    more in page faults than the pass itself). ``shift`` is exact in ``x``'s
-    dtype (a pivot is an element of ``x``), so ``x − shift`` rounds as
-    :func:`~normlab._core.stats.centered` does. Other dtypes, layouts
-    and planes of more than 2¹⁶ values: ``dy·(x − shift)`` as a temporary,
-    reduced by ``torch.sum`` in the accumulation dtype.
-    """
-    acc = acc_dtype(x.dtype)
-    n, c = x.shape[:2]
-    rows = n if per_sample else 1
-    native = dy.dtype == x.dtype == acc and (shift is None or shift.dtype == acc)
-    # The kernel accumulates each (n, c) plane in a few fp32 lanes: relative error
-    # ~1e-6 at 2¹⁶ values per plane, growing beyond; torch.sum's cascade stays ~1e-7.
-    native = native and math.prod(x.shape[2:]) <= _NATIVE_PLANE
-    if native and per_sample:
-        native = x.is_contiguous() and dy.is_contiguous()
-    if not native:
-        dims = tuple(range(2, x.dim())) if per_sample else (0, *range(2, x.dim()))
-        s0 = dy.sum(dims, dtype=acc)
-        s1 = (dy * (x if shift is None else centered(x, shift))).sum(dims, dtype=acc)
-        return s0.reshape(rows, c), s1.reshape(rows, c)
-    if per_sample:  # (N, C, *S) as a batch of one with N·C channels
-        x, dy = x.view(1, n * c, -1), dy.view(1, n * c, -1)
-    mean = x.new_zeros(rows * c) if shift is None else shift.reshape(-1)
-    _, s1, s0 = torch.ops.aten.native_batch_norm_backward(
-        dy, x, None, None, None, mean, torch.ones_like(mean), True, 0.0, [False, True, True]
-    )
-    return s0.reshape(rows, c), s1.reshape(rows, c)
-
 
 def shifted_moments(u: Tensor, per_sample: bool) -> tuple[Tensor, Tensor, int]:
     """Mean and biased variance of ``u = x − pivot`` per (n, c) or per channel.
 
-    One pass, :func:`sums` of ``u²`` and ``u``, then
+    One pass, :func:`~normlab._core.reductions.dot_sums` of ``u²`` and ``u``, then
     ``v = Σu²/L − μ²``: the *shifted* one-pass formula of
     ``docs/numerics.md`` rule 2. ``u`` is centred on an element of
     its own group, so ``μ`` is a few standard deviations at most and the
@@ -141,45 +68,12 @@ def shifted_moments(u: Tensor, per_sample: bool) -> tuple[Tensor, Tensor, int]:
     """
     dims = tuple(range(2, u.dim())) if per_sample else (0, *range(2, u.dim()))
     count = math.prod(u.shape[d] for d in dims)
-    s0, s1 = sums(u, u, None, per_sample)
+    s0, s1 = (t.reshape(-1, u.shape[1]) for t in dot_sums(u, u, per_sample))
     mean = s0 / count
     var = s1 / count - mean * mean
     if bool((mean * mean > _SHIFT_LIMIT * var).any()):
         var = torch.var(u, dims, correction=0).reshape(var.shape)
     return mean, var.clamp_min(0), count
-
-
-def apply_dx(u: Tensor, dy: Tensor, a: Tensor, p: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
-    """``dx = u·p + q + a·dy`` written into ``u`` (consumed), returned in ``dtype``.
-
-    ``a``, ``p``, ``q`` broadcast against ``u``. Three in-place passes, each
-    with a single broadcast operand, which keeps every one on torch's
-    vectorized CPU loop (``addcmul`` with two broadcast operands is not).
-    """
-    return u.mul_(p).add_(q).addcmul_(dy, a).to(dtype)
-
-
-def recompute_grads(
-    ctx: Any, dy: Tensor, inputs: tuple[Tensor | None, ...], *args: Any
-) -> tuple[Tensor | None, ...]:
-    """Gradients of the plain autograd graph, recomputed from the saved inputs.
-
-    For a backward that records a graph (``create_graph=True``, as in double
-    backward or ``gradgradcheck``): ``ctx.recompute(*inputs, *args)`` rebuilds
-    the forward in plain ops, so the returned gradients are differentiable
-    functions of the inputs and of ``dy``, exactly as without the Function.
-    """
-    needs = ctx.needs_input_grad[: len(inputs)]
-    with torch.enable_grad():
-        y = ctx.recompute(*inputs, *args)
-        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
-        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in needs)
-
-
-def _acc(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype`` (no dispatch when it already is: these run on every call)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _mix_backward(
@@ -226,17 +120,12 @@ def _mix_backward(
     return d_mu, d_v, d_lm, d_lv
 
 
-def _against(t: Tensor, x: Tensor) -> Tensor:
-    """An (N or 1, C or 1) matrix as a view that broadcasts against (N, C, *S) ``x``."""
-    return t.view(*t.shape, *([1] * (x.dim() - 2)))
-
-
 class SwitchableNormFunction(torch.autograd.Function):
     """``y = (x − M)·γ/sqrt(V + ε) + β`` with IN/LN/BN moments mixed by softmax weights.
 
     Saves ``x`` and (N, C)-sized tensors only. A backward with
     ``create_graph=True`` differentiates the plain graph instead
-    (:func:`recompute_grads`), so higher derivatives stay exact.
+    (:func:`~normlab._core.fused.composite_grads`), so higher derivatives stay exact.
     """
 
     # (N, C)-sized results of forward that backward reads, in save order.
@@ -264,7 +153,7 @@ class SwitchableNormFunction(torch.autograd.Function):
         u = centered(x, shift_x)  # the one full-size buffer (accumulation dtype); becomes y
         acc = u.dtype
         mu, var, count = shifted_moments(u, per_sample=True)  # (N, C)
-        shift = _acc(shift_x, acc).reshape(n, c)
+        shift = cast(shift_x, acc).reshape(n, c)
         mix = mix_moments(
             shift, mu, var, mean_weight, var_weight, names, bn_mode, running_mean, running_var
         )
@@ -275,9 +164,9 @@ class SwitchableNormFunction(torch.autograd.Function):
             update_running_stats(running_mean, running_var, mix.batch_mean, unbiased, momentum)
         m_mix = mix.mean
         r = rstd(mix.var, eps)  # (N, C)
-        a = r if weight is None else r * _acc(weight, acc)
-        b = -m_mix * a if bias is None else torch.addcmul(_acc(bias, acc), m_mix, a, value=-1)
-        y = u.mul_(_against(a, x)).add_(_against(b, x))  # (u − M)·A + β: u and M small
+        a = r if weight is None else r * cast(weight, acc)
+        b = -m_mix * a if bias is None else torch.addcmul(cast(bias, acc), m_mix, a, value=-1)
+        y = u.mul_(against(a, x)).add_(against(b, x))  # (u − M)·A + β: u and M small
 
         # The eval-mode BN branch's running statistics as they were: only a
         # double backward (the recompute) reads them.
@@ -304,10 +193,16 @@ class SwitchableNormFunction(torch.autograd.Function):
         x, mean_weight, var_weight, weight, bias = inputs
         tail = (None,) * 7
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain graph
-            return recompute_grads(ctx, dy, inputs, saved[5], saved[6]) + tail
+            rm, rv = saved[5], saved[6]
+            grads = composite_grads(
+                ctx.needs_input_grad, dy, lambda *i: ctx.recompute(*i, rm, rv), *inputs
+            )
+            return grads + tail
         s = dict(zip(SwitchableNormFunction._SAVED, saved[7:], strict=True))
         needs = ctx.needs_input_grad
-        s0, s1 = sums(dy, x, s["shift_x"], per_sample=True)  # Σdy, Σdy·u: (N, C)
+        n, c = x.shape[:2]
+        sums = dot_sums(dy, x, per_sample=True, shift=s["shift_x"])
+        s0, s1 = (t.reshape(n, c) for t in sums)  # Σdy, Σdy·u: (N, C)
 
         # y = (u − M)·A + β with A = γ·r, r = (max(V, 0) + ε)^(−1/2):
         #   h = Σ dy·(u − M) = Σdy·u − M·Σdy                  (= ∂L/∂A)
@@ -324,7 +219,6 @@ class SwitchableNormFunction(torch.autograd.Function):
             d_var = d_var.masked_fill_(s["V"] < 0, 0.0)
         d_mean = (a * s0).neg_()
         # The weights over each normalizer's group size (1 for IN, C for LN, N for BN).
-        n, c = x.shape[:2]
         size = r.new_tensor([{"in": 1, "ln": c, "bn": n}[k] for k in ctx.names])
         s["wm_g"], s["wv_g"] = s["wm"] / size, s["wv"] / size
         d_mu, d_v, d_lm, d_lv = _mix_backward(d_mean, d_var, s, ctx.names, ctx.bn_mode)
@@ -337,7 +231,7 @@ class SwitchableNormFunction(torch.autograd.Function):
             p = d_v.mul_(2.0 / count)
             q = torch.addcmul(d_mu.div_(count), p, s["mu"], value=-1)
             u = centered(x, s["shift_x"])
-            dx = apply_dx(u, dy, *(_against(t, x) for t in (a, p, q)), x.dtype)
+            dx = apply_dx(u, dy, *(against(t, x) for t in (a, p, q)), x.dtype)
         d_lm = d_lm.to(mean_weight.dtype) if needs[1] else None
         d_lv = d_lv.to(var_weight.dtype) if needs[2] else None
         return (dx, d_lm, d_lv, d_w, d_b) + tail

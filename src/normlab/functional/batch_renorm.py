@@ -22,11 +22,11 @@ from .._core.collectives import (
     sync_moments,
 )
 from .._core.dispatch import resolve_backend
+from .._core.fused import fused_allowed
 from .._core.normalize import affine_normalize, channel_shape
 from .._core.running import snapshot, update_running_stats
 from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
 from ._brn_autograd import BatchRenormFunction
-from ._sn_autograd import fast_path_available
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -142,7 +142,9 @@ def batch_renorm(
     group = resolve_process_group(process_group)
     if group is None:
         check_batch_count(layer, input, reduced_count(input, dims))
-    if group is not None or not fast_path_available(input):
+    if group is not None or not fused_allowed(
+        input, weight, bias, running_mean, running_var, r_max, d_max
+    ):
         return _batch_renorm_autograd(
             input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max, group
         )

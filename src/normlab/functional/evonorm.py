@@ -16,11 +16,11 @@ from .._core.collectives import (
     sync_moments,
 )
 from .._core.dispatch import resolve_backend
+from .._core.fused import fused_allowed
 from .._core.normalize import channel_shape
 from .._core.running import update_running_stats
 from .._core.stats import acc_dtype, centered, moments, reduced_count
 from ._evonorm_autograd import b0_apply, b0_normalize, s0_apply, s0_composite
-from ._frn_autograd import eager_kernels_allowed
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -129,7 +129,7 @@ def evonorm_b0(
 
 def _eager(input: Tensor, *params: Tensor | None) -> bool:
     """The eager kernels, unless a buffer asks for a gradient (only the composite gives one)."""
-    return eager_kernels_allowed(input, *params) and not any(
+    return fused_allowed(input, *params) and not any(
         p is not None and p.requires_grad for p in params[3:]
     )
 
@@ -180,7 +180,7 @@ def evonorm_s0(
         check_param(layer, name, p, (c,))
     if v is None:
         raise ValueError(f"{layer}: v (shape ({c},)) is required.")
-    if eager_kernels_allowed(input, v, weight, bias):
+    if fused_allowed(input, v, weight, bias):
         # Eager: an autograd.Function that saves only the input (see _evonorm_autograd).
         return s0_apply(input, num_groups, v, weight, bias, eps)
     return s0_composite(input, num_groups, v, weight, bias, eps)

@@ -65,8 +65,7 @@ from .._core.checks import check_eps, check_floating, check_param, refuse_under_
 from .._core.collectives import all_reduce_sum, resolve_process_group, sync_moments
 from .._core.dispatch import resolve_backend
 from .._core.normalize import channel_shape
-from .._core.stats import acc_dtype, reduced_count, rstd
-from ._frn_autograd import dot_sums
+from .._core.stats import acc_dtype, dot_sums, reduced_count, rstd
 from .batch_norm import snapshot
 
 if TYPE_CHECKING:

@@ -10,10 +10,11 @@ from torch import Tensor
 from .._core.checks import check_batch_count, check_eps, check_floating, check_param
 from .._core.collectives import check_global_count, resolve_process_group, sync_moments
 from .._core.dispatch import resolve_backend
+from .._core.fused import fused_allowed
 from .._core.mixing import BnMerge, BnSource, mix_moments, mixed_scale
 from .._core.running import update_running_stats
 from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
-from ._sn_autograd import SwitchableNormFunction, fast_path_available
+from ._sn_autograd import SwitchableNormFunction
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -168,7 +169,9 @@ def switchable_norm(
             )
     if group is None and bn_from_batch:
         check_batch_count(layer, input, input.numel() // max(c, 1))
-    if group is not None or not fast_path_available(input):
+    if group is not None or not fused_allowed(
+        input, mean_weight, var_weight, weight, bias, running_mean, running_var
+    ):
         return _switchable_norm_autograd(
             input, mean_weight, var_weight, weight, bias, running_mean, running_var,
             training, momentum, eps, using_bn, group,
