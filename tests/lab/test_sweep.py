@@ -114,14 +114,19 @@ def test_packed_seeds_store_resume_and_match_unpacked(tmp_path, tiny_kwargs):
     assert {r.key: r.final_error for r in plain.records} == packed_err
 
 
-def test_simulated_ranks_merge(tmp_path, tiny_kwargs):
+def test_merge_shards_of_old_shard_files(tmp_path, tiny_kwargs):
+    """Shard stores ``DB.rank<r>`` that earlier torchrun sweeps wrote merge into ``DB``;
+    a sweep then resumes from the merged store (tests/lab/test_torchrun.py: no shards)."""
     cfg = SweepConfig(norms=("bn", "gn"), batch_sizes=(2, 4), **tiny_kwargs)
     db = tmp_path / "runs.db"
-    r1 = run_sweep(cfg, db, workers=1, progress=False, rank=1, world_size=2)
-    assert len(r1.records) == 2 and r1.db.name == "runs.db.rank1"
-    r0 = run_sweep(cfg, db, workers=1, progress=False, rank=0, world_size=2)
-    assert r0.new_runs == 2 and len(r0.records) == 4 and r0.db == db
+    runs = cfg.runs()
+    for r in range(2):
+        with RunStore(tmp_path / f"runs.db.rank{r}") as shard:
+            assert shard.add_many(train_run(run) for run in runs[r::2]) == 2
+    assert merge_shards(db, 2) == 4
     assert merge_shards(db, 2) == 0  # merging again adds nothing
+    again = run_sweep(cfg, db, workers=1, progress=False)
+    assert again.new_runs == 0 and again.skipped_runs == 4 and len(again.records) == 4
 
 
 def test_default_norms_and_all():

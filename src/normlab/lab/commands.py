@@ -149,16 +149,15 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--per-rank-batch",
         action="store_true",
-        help="under torchrun: train each run data-parallel over all ranks, batch sizes per "
-        "rank (BN sees the per-rank batch, bn+sync the global one; default norms: "
-        "bn,bn+sync,gn). Without it torchrun shards whole runs over the ranks.",
+        help="under torchrun: the ranks train each run together (DDP), batch sizes per rank: "
+        "BN sees the per-rank batch, bn+sync the global one (default norms bn,bn+sync,gn)",
     )
     _add_report_outputs(p, progress=True)
 
 
 def run_sweep(args: argparse.Namespace) -> int:
     from .report import summarize, write_json, write_report
-    from .sweep import SweepConfig, SweepInterrupted, default_norms, expand_norms
+    from .sweep import RankFailedError, SweepConfig, SweepInterrupted, default_norms, expand_norms
     from .sweep import run_sweep as sweep
 
     config = SweepConfig(
@@ -192,8 +191,11 @@ def run_sweep(args: argparse.Namespace) -> int:
             "command to resume.",
         )
         raise
+    except RankFailedError as e:  # under torchrun: a rank failed, every rank stopped
+        print(f"normlab sweep: error: {e}", file=sys.stderr)
+        return 1
     if not result.records or os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun, rank 0 alone reports (it holds the merged store)
+        return 0  # under torchrun rank 0 alone, which holds the store, reports
     files = write_report(result.records, args.out)
     if args.json:
         write_json(summarize(result.records), args.json)

@@ -5,14 +5,12 @@ processes (one torch thread each; on a 2-core CPU two single-thread processes do
 the throughput of one), or ``workers=1`` to run in this process. The parent process is
 the only writer of the store and commits each run the moment it arrives.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) rank r takes the runs whose
-index i in the plan has ``i % world_size == r`` and stores them in its own shard
-``DB.rank<r>``; after a barrier rank 0 merges every shard into ``DB``.
-
-With ``per_rank_batch=True`` under ``torchrun`` the ranks instead train every run
-*together*, data-parallel (:func:`normlab.lab.train.train_model`): a batch size in the grid
-is the per-rank batch, so plain BN sees ``b`` images per statistic while ``bn+sync``
-sees the global ``K·b``; rank 0 alone writes the store.
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the ranks share out the
+pending runs and send each finished run to rank 0, which alone writes the store: no
+shared file system is needed (:mod:`normlab.lab.ranks`). With ``per_rank_batch=True``
+the ranks instead train every run *together*, data-parallel
+(:func:`normlab.lab.train.train_model`): a batch size in the grid is the per-rank batch,
+so plain BN sees ``b`` images per statistic while ``bn+sync`` sees the global ``K·b``.
 """
 
 from __future__ import annotations
@@ -22,21 +20,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from ..registry import NORM_LAYERS
 from .data import check_batch_size, load_split
+from .data_parallel import run_data_parallel
 from .defaults import DEFAULT_BATCH_SIZES
 from .devices import check_device
 from .models import resolve_norm
+from .ranks import RankFailedError, merge_shards, run_sharded
 from .runner import Progress, SweepInterrupted, execute_runs, sigint_guard
-from .store import ProtocolMismatchError, RunStore
-from .train import RunConfig, RunRecord, train_run
+from .store import RunStore
+from .train import RunConfig, RunRecord
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
+    "RankFailedError",
     "SweepConfig",
     "SweepInterrupted",
     "SweepResult",
@@ -157,12 +155,6 @@ class SweepResult:
     db: Path
 
 
-def _device_for_rank(device: str) -> str:
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
 def run_sweep(
     config: SweepConfig,
     db: str | Path,
@@ -185,18 +177,21 @@ def run_sweep(
         workers: worker processes (``1``: run in this process).
         progress: show a tqdm bar with ETA on stderr.
         on_record: called after each run is committed to the store.
-        rank, world_size: shard of this process; default from ``RANK`` / ``WORLD_SIZE``.
+        rank, world_size: this process's rank under torchrun; default from ``RANK`` /
+            ``WORLD_SIZE``. With ``world_size`` > 1 every rank calls this (see
+            :mod:`normlab.lab.ranks`); rank 0 alone writes ``db``.
         allow_mixed_protocols: store runs into a ``db`` that holds runs of another
             protocol (the report keeps them in separate rows).
 
     Returns:
         the stored records of the whole grid (finished earlier or now) on rank 0; on
-        other ranks, those of its own shard.
+        other ranks, the runs that rank trained.
 
     Raises:
         DataError: the data cannot be loaded or is too small for the batch sizes.
         ProtocolMismatchError: ``db`` holds runs of another protocol.
         SweepInterrupted: Ctrl-C; finished runs are stored (:mod:`normlab.lab.runner`).
+        RankFailedError: under torchrun, another rank failed; the sweep stopped.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -205,153 +200,31 @@ def run_sweep(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     db = Path(db)
-    data_parallel = config.per_rank_batch and world_size > 1
-    split = load_split(config.data, config.image_size, config.max_train)
-    check_batch_size(split, max(config.batch_sizes) * (world_size if data_parallel else 1))
-    if data_parallel:
-        return _run_data_parallel(
-            config, db, progress, on_record, rank, world_size, allow_mixed_protocols
+    if world_size > 1:
+        common = dict(
+            progress=progress,
+            on_record=on_record,
+            rank=rank,
+            world_size=world_size,
+            allow_mixed_protocols=allow_mixed_protocols,
         )
+        if config.per_rank_batch:
+            return run_data_parallel(config, db, **common)
+        return run_sharded(config, db, workers=workers, **common)
+    split = load_split(config.data, config.image_size, config.max_train)
+    check_batch_size(split, max(config.batch_sizes))
     start = time.perf_counter()
     planned = plan_runs(config)
-    mine = [r for i, r in enumerate(planned) if i % world_size == rank]
-    if world_size > 1:
-        device = _device_for_rank(config.device)
-        mine = [RunConfig.from_dict({**r.to_dict(), "device": device}) for r in mine]
-    target = db if world_size == 1 else _shard_path(db, rank)
-    done: set[str] = set()
-    if world_size > 1 and db.exists():
-        with RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as main_store:
-            main_store.check_protocol(planned[0])
-            done = main_store.keys()
-    with sigint_guard(), RunStore(target, allow_mixed_protocols=allow_mixed_protocols) as store:
+    with sigint_guard(), RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
         store.check_protocol(planned[0])  # every planned run shares one protocol
-        done |= store.keys()
-        pending = [r for r in mine if r.key() not in done]
+        done = store.keys()
+        pending = [r for r in planned if r.key() not in done]
         bar = Progress(sum(r.epochs for r in pending), len(pending), progress)
         try:
             new = execute_runs(pending, store, workers, bar, on_record, config.pack)
         finally:
             bar.close()
-    skipped = len(mine) - len(pending)
-    if world_size > 1:
-        _barrier()
-        if rank == 0:
-            merge_shards(db, world_size, allow_mixed_protocols=allow_mixed_protocols)
-            target = db
-    keys = {r.key() for r in (planned if target == db else mine)}
-    with RunStore(target) as store:
+    keys = {r.key() for r in planned}
+    with RunStore(db) as store:
         records = [r for r in store.records() if r.key in keys]
-    return SweepResult(records, new, skipped, time.perf_counter() - start, target)
-
-
-# -- torchrun: data-parallel runs (--per-rank-batch) ----------------------------------------
-
-
-def _run_data_parallel(
-    config: SweepConfig,
-    db: Path,
-    progress: bool,
-    on_record: Callable[[RunRecord], None] | None,
-    rank: int,
-    world_size: int,
-    allow_mixed_protocols: bool,
-) -> SweepResult:
-    """Every rank trains every pending run together; rank 0 stores them."""
-    import torch.distributed as dist
-
-    start = time.perf_counter()
-    device = _device_for_rank(config.device)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if dist.get_world_size() != world_size:
-        raise RuntimeError(
-            f"the process group has {dist.get_world_size()} ranks, the sweep was told {world_size}"
-        )
-    try:
-        planned = [
-            RunConfig.from_dict({**r.to_dict(), "device": device})
-            for r in plan_runs(config, ranks=world_size)
-        ]
-        # Rank 0 owns the store and decides what is pending (or refuses the protocol,
-        # for every rank); the others follow.
-        pending_idx: list[Any] = [None]
-        if rank == 0:
-            with RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
-                try:
-                    store.check_protocol(planned[0])
-                except ProtocolMismatchError as e:
-                    pending_idx = [str(e)]
-                else:
-                    done = store.keys()
-                    pending_idx = [[i for i, r in enumerate(planned) if r.key() not in done]]
-        dist.broadcast_object_list(pending_idx, src=0)
-        if isinstance(pending_idx[0], str):
-            raise ProtocolMismatchError(pending_idx[0])
-        pending = [planned[i] for i in pending_idx[0]]
-        bar = Progress(sum(r.epochs for r in pending), len(pending), progress and rank == 0)
-        ran: list[RunRecord] = []
-        store = RunStore(db, allow_mixed_protocols=allow_mixed_protocols) if rank == 0 else None
-        try:
-            for run in pending:
-                record = train_run(run, on_epoch=lambda _: bar.epoch())
-                ran.append(record)
-                bar.run_done()
-                if store is not None:
-                    store.add(record)  # committed now: a kill loses no finished run
-                    if on_record is not None:
-                        on_record(record)
-        finally:
-            bar.close()
-            if store is not None:
-                store.close()
-        dist.barrier()
-    finally:
-        if created:
-            dist.destroy_process_group()
-    records = ran
-    if rank == 0:
-        keys = {r.key() for r in planned}
-        with RunStore(db) as store:
-            records = [r for r in store.records() if r.key in keys]
-    return SweepResult(
-        records, len(pending), len(planned) - len(pending), time.perf_counter() - start, db
-    )
-
-
-# -- torchrun sharding ---------------------------------------------------------------------
-
-
-def _shard_path(db: Path, rank: int) -> Path:
-    return db.with_name(f"{db.name}.rank{rank}")
-
-
-def _barrier() -> None:
-    """Wait for every rank (torch.distributed, gloo) when launched by torchrun."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or "MASTER_ADDR" not in os.environ:
-        return
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
-    try:
-        dist.barrier()
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def merge_shards(db: str | Path, world_size: int, *, allow_mixed_protocols: bool = False) -> int:
-    """Merge the shard stores ``DB.rank0 … DB.rank<world_size-1>`` that exist into ``DB``."""
-    db = Path(db)
-    added = 0
-    with RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
-        for r in range(world_size):
-            shard = _shard_path(db, r)
-            if shard.exists():
-                added += store.merge_from(shard)
-    return added
+    return SweepResult(records, new, len(planned) - len(pending), time.perf_counter() - start, db)
