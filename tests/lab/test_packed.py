@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
+from normlab.lab import loop as lab_loop
 from normlab.lab import models as lab_models
-from normlab.lab import train as lab_train
 from normlab.lab.data import load_split
 from normlab.lab.models import build_model
 from normlab.lab.packed import pack_states, unpack_state
@@ -125,7 +125,7 @@ def test_mixing_is_detected_by_the_comparison(tiny_npz, monkeypatch, norm):
 def test_a_diverging_seed_leaves_the_others_untouched(tiny_npz, monkeypatch):
     split = _split(tiny_npz)
     configs = _configs(tiny_npz, "bn", seeds=(3, 11, 5))
-    real_pack = lab_train.pack_states
+    real_pack = lab_loop.pack_states
 
     def poison_seed_1(packed, plains):
         real_pack(packed, plains)
@@ -133,7 +133,7 @@ def test_a_diverging_seed_leaves_the_others_untouched(tiny_npz, monkeypatch):
         with torch.no_grad():
             packed.head.bias[k : 2 * k] = float("inf")
 
-    monkeypatch.setattr(lab_train, "pack_states", poison_seed_1)
+    monkeypatch.setattr(lab_loop, "pack_states", poison_seed_1)
     packed, results = train_packed(configs, split)
     assert results[1][1] and len(results[1][0]) == 1 and math.isnan(results[1][0][0].train_loss)
     for s in (0, 2):

@@ -41,12 +41,16 @@ __all__ = [
     "build_model",
     "final_spatial_size",
     "is_synced",
+    "recal_variance",
     "resolve_norm",
 ]
 
 #: Lab-only variants: ``name -> registry layer``. ``bn+recal`` trains exactly like BN;
 #: the trainer recalibrates its running statistics before evaluation.
 VARIANTS = {"bn+recal": "bn"}
+#: Recalibrated variants -> the ``variance`` estimator the trainer passes to
+#: :func:`normlab.recalibrate.recalibrate` (precise BN) before each evaluation.
+RECALIBRATED = {"bn+recal": "population"}
 
 
 def _known_names() -> list[str]:
@@ -70,6 +74,12 @@ def resolve_norm(name: str) -> str:
             f"Known names: {', '.join(_known_names())}"
         )
     return base
+
+
+def recal_variance(name: str) -> str | None:
+    """The recalibration variance of a recalibrated lab norm (see :data:`RECALIBRATED`);
+    None for a norm the trainer does not recalibrate."""
+    return RECALIBRATED.get(name.lower().replace("-", "_"))
 
 
 def is_synced(name: str) -> bool:

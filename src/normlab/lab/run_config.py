@@ -1,0 +1,172 @@
+"""What a lab run is and what it returns: :class:`RunConfig` in, :class:`RunRecord` out.
+
+A :class:`RunConfig` holds every setting that determines one run; its :meth:`~RunConfig.key`
+names the run in the store. A :class:`RunRecord` holds the outcome: the config, one
+:class:`EpochStats` per evaluation point, the final test error and provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+from .defaults import DEFAULT_BASE_LR, DEFAULT_EPOCHS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_TRAIN
+from .models import resolve_norm
+
+__all__ = ["EpochStats", "RunConfig", "RunRecord", "versions"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one run; its :meth:`key` identifies it in the store."""
+
+    norm: str
+    batch_size: int
+    seed: int
+    # The numbers of the defaults, and why, are in defaults.py.
+    epochs: int = DEFAULT_EPOCHS
+    base_lr: float = DEFAULT_BASE_LR
+    warmup_epochs: float = 0.5
+    weight_decay: float = 5e-4
+    data: str | None = None
+    image_size: int = DEFAULT_IMAGE_SIZE
+    max_train: int | None = DEFAULT_MAX_TRAIN
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    blocks: int = 1
+    #: Stride of the stem conv: 2 halves 16×16 inputs before the first stage, so four
+    #: stages end at 1×1 (8, 4, 2, 1).
+    stem_stride: int = 2
+    ranks: int = 1
+    device: str = "cpu"
+    #: Train for exactly this many optimizer steps instead of ``epochs`` passes over the
+    #: data (None: fixed epochs), so that large batches are not simply given fewer
+    #: steps. The data order still reshuffles at every pass, ``epochs`` still sets the
+    #: number of evaluation points (after steps ``⌊k · steps / epochs⌋``, k = 1 … epochs)
+    #: and the warm-up stays the same fraction of training, ``warmup_epochs / epochs``.
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        resolve_norm(self.norm)
+        if self.ranks < 1:
+            raise ValueError(f"ranks must be >= 1, got {self.ranks}")
+        if self.batch_size < 2:
+            raise ValueError(
+                f"batch_size must be >= 2, got {self.batch_size}: batch statistics need at "
+                "least two samples"
+            )
+        if self.stem_stride < 1:
+            raise ValueError(f"stem_stride must be >= 1, got {self.stem_stride}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.steps is not None and self.steps < self.epochs:
+            raise ValueError(
+                f"steps must be >= epochs ({self.epochs}), got {self.steps}: with fixed steps, "
+                "epochs is the number of evaluation points and each needs at least one step"
+            )
+        if self.base_lr <= 0:
+            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw.setdefault("stem_stride", 1)  # stored before the field existed: a stride-1 stem
+        if "widths" in kw:
+            kw["widths"] = tuple(kw["widths"])
+        return cls(**kw)
+
+    def key(self) -> str:
+        """Stable identity of the run: a hash of every field except the device.
+
+        The device does not change what is measured, so a sweep started on CPU resumes
+        on GPU without repeating finished runs.
+        """
+        d = self.to_dict()
+        d.pop("device")
+        # Fields added later drop out at the value runs had before they existed, so
+        # stores written then still resume.
+        if d["ranks"] == 1:
+            d.pop("ranks")
+        if d["stem_stride"] == 1:
+            d.pop("stem_stride")
+        if d["steps"] is None:
+            d.pop("steps")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass
+class EpochStats:
+    """One evaluation point of a run: after epoch ``epoch`` (with ``RunConfig.steps``: after
+    the ``epoch``-th of ``epochs`` equal shares of the steps). The train loss and error
+    are averages over the steps since the previous point; the test error is in %."""
+
+    epoch: int
+    train_loss: float
+    train_error: float
+    test_error: float
+    lr: float
+    #: Optimizer steps taken when the point was evaluated (None: stored before it was kept).
+    step: int | None = None
+
+
+@dataclass
+class RunRecord:
+    """The outcome of one run: config, per-epoch curves, final test error (%), provenance."""
+
+    config: RunConfig
+    epochs: list[EpochStats]
+    final_error: float
+    wall_time: float
+    diverged: bool
+    num_train: int
+    num_test: int
+    final_map: int
+    versions: dict[str, str] = field(default_factory=dict)
+    #: Seeds trained side by side in one packed model with this run (1: alone); a packed
+    #: run's ``wall_time`` is its equal share of the job's wall time.
+    packed: int = 1
+
+    @property
+    def key(self) -> str:
+        return self.config.key()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
+        d = dict(d)
+        d["config"] = RunConfig.from_dict(d["config"])
+        d["epochs"] = [EpochStats(**e) for e in d["epochs"]]
+        return cls(**d)
+
+
+def versions() -> dict[str, str]:
+    """Provenance of a run: library versions, Python, platform."""
+    import numpy as np
+    import torch
+
+    from .. import __version__
+
+    return {
+        "normlab": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+    }
