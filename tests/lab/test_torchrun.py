@@ -87,16 +87,34 @@ def _setup(tmp_path: Path) -> Path:
     return tmp_path
 
 
+_TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK")
+
+
 def _sweep_pair(
-    root: Path, data: str, fault: str | None = None, env: dict[str, str] | None = None
+    root: Path,
+    data: str,
+    fault: str | None = None,
+    env: dict[str, str] | None = None,
+    torchrun: bool = False,
 ) -> dict[int, _Ended]:
-    """Run both ranks to their end (rank 1 is killed once rank 0 ended, if it hangs)."""
+    """Run both ranks to their end (rank 1 is killed once rank 0 ended, if it hangs).
+
+    ``torchrun``: start each rank under a torchrun agent of its own, as on two machines
+    (``--nnodes 2 --node-rank r``); else set the variables torchrun would set.
+    """
     port = _free_port()
     procs, logs = [], []
     for rank in range(2):
-        penv = {**os.environ, **(env or {})}
-        penv.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
-        penv.update(WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", OMP_NUM_THREADS="1")
+        penv = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
+        penv.update(env or {}, OMP_NUM_THREADS="1")
+        launcher = [sys.executable]
+        if torchrun:
+            launcher += ["-m", "torch.distributed.run", "--nnodes", "2", "--node-rank"]
+            launcher += [str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1"]
+            launcher += ["--master-port", str(port)]
+        else:
+            penv.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
+            penv.update(WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         penv.pop("NORMLAB_TEST_FAULT", None)
         if fault and rank == 1:
             penv["NORMLAB_TEST_FAULT"] = fault
@@ -106,7 +124,7 @@ def _sweep_pair(
         with open(out, "w") as o, open(err, "w") as e:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(root / "launch.py"), *args, "--out", "report"],
+                    [*launcher, str(root / "launch.py"), *args, "--out", "report"],
                     cwd=root / f"rank{rank}",
                     env=penv,
                     stdout=o,
@@ -197,6 +215,22 @@ def test_a_killed_rank_stops_rank0_which_keeps_what_arrived(tmp_path, tiny_npz):
     assert "rerun the same command" in msg
     assert got[0].at - got[1].at < 30
     assert ("gn", 0) in _stored(root)
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_as_on_two_machines(tmp_path, tiny_npz):
+    """Each rank under a torchrun of its own (its rendezvous store is the agents')."""
+    root = _setup(tmp_path)
+    got = _sweep_pair(root, str(tiny_npz), fault="kill", torchrun=True)
+    assert got[0].returncode == 1, got[0].err[-3000:]
+    assert "normlab sweep: error: rank 1 of 2 closed its connection" in got[0].err
+    kept = _stored(root)
+    assert ("gn", 0) in kept and ("gn", 1) not in kept
+    again = _sweep_pair(root, str(tiny_npz), torchrun=True)
+    assert again[0].returncode == 0 and again[1].returncode == 0, again[0].err[-3000:]
+    assert f"{4 - len(kept)} new run(s), {len(kept)} already stored" in again[0].out
+    assert _stored(root) == _all_runs()
+    assert list((root / "rank1").iterdir()) == []
 
 
 @pytest.mark.slow

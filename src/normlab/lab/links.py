@@ -45,6 +45,7 @@ __all__ = [
     "Channel",
     "Kind",
     "RankFailedError",
+    "gist",
     "open_group",
     "rank_timeout",
 ]
@@ -91,7 +92,7 @@ def rank_timeout() -> float:
     return value
 
 
-def _first_line(e: BaseException) -> str:
+def gist(e: BaseException) -> str:
     """The gist of a torch.distributed error: its first sentence, without the source
     location gloo puts in front."""
     text = str(e).strip().splitlines()
@@ -131,7 +132,7 @@ def open_group(rank: int, world_size: int, timeout: float) -> tuple[Any, Any]:
     except RuntimeError as e:  # torch's DistError and gloo's errors are RuntimeErrors
         raise RankFailedError(
             f"rank {rank}: the {world_size} ranks did not all join within {timeout:.0f} s "
-            f"({_first_line(e)}). A rank failed to start (see its output) or cannot reach "
+            f"({gist(e)}). A rank failed to start (see its output) or cannot reach "
             f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}; fix that and rerun "
             f"the same command on every machine (raise {TIMEOUT_ENV} if they start slowly)"
         ) from e
@@ -224,5 +225,5 @@ class Channel:
             )
         return (
             "closed its connection without reporting an error: its process was killed "
-            f"(out of memory?) or its machine went down ({_first_line(e)})"
+            f"(out of memory?) or its machine went down ({gist(e)})"
         )

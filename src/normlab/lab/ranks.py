@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .data import check_batch_size, load_split
-from .links import Channel, Kind, RankFailedError, open_group, rank_timeout
+from .links import Channel, Kind, RankFailedError, gist, open_group, rank_timeout
 from .runner import Progress, _jobs, execute_runs, sigint_guard
 from .store import RunStore
 from .train import RunConfig, RunRecord
@@ -177,7 +177,7 @@ class _Outbox:
         try:
             self.session.channels[0].send(Kind.RECORD, json.dumps(record.to_dict()))
         except RuntimeError as e:
-            self.session.fail(f"rank 0 could not be reached to store a run ({e})")
+            self.session.fail(f"rank 0 could not be reached to store a run ({gist(e)})")
             self.session.check()
         self.sent.append(record)
         return True
