@@ -21,7 +21,7 @@ from normlab.lab.seg_data import (
 
 @pytest.fixture(scope="module")
 def scenes():
-    return silhouette_scenes(n_train=96, n_test=24, image_size=32, seed=3)
+    return silhouette_scenes(n_train=96, n_test=24, image_size=32, labels="animals", seed=3)
 
 
 def test_shapes_types_and_classes(scenes):
@@ -46,14 +46,14 @@ def test_standardized_with_the_training_statistics(scenes):
 
 
 def test_deterministic_from_the_seed(scenes):
-    again = silhouette_scenes(n_train=96, n_test=24, image_size=32, seed=3)
+    again = silhouette_scenes(n_train=96, n_test=24, image_size=32, labels="animals", seed=3)
     assert torch.equal(again.x_train, scenes.x_train) and torch.equal(again.y_test, scenes.y_test)
-    other = silhouette_scenes(n_train=96, n_test=24, image_size=32, seed=4)
+    other = silhouette_scenes(n_train=96, n_test=24, image_size=32, labels="animals", seed=4)
     assert not torch.equal(other.y_train, scenes.y_train)
 
 
 def test_test_scenes_do_not_depend_on_the_training_count(scenes):
-    more = silhouette_scenes(n_train=40, n_test=24, image_size=32, seed=3)
+    more = silhouette_scenes(n_train=40, n_test=24, image_size=32, labels="animals", seed=3)
     assert torch.equal(more.y_test, scenes.y_test)
 
 
@@ -79,8 +79,8 @@ def test_objects_are_painted_with_their_colour_over_the_background():
 
 
 def test_foreground_labels():
-    fg = silhouette_scenes(n_train=16, n_test=4, image_size=16, labels="foreground", seed=3)
-    animals = silhouette_scenes(n_train=16, n_test=4, image_size=16, seed=3)
+    fg = silhouette_scenes(n_train=16, n_test=4, image_size=16, seed=3)
+    animals = silhouette_scenes(n_train=16, n_test=4, image_size=16, labels="animals", seed=3)
     assert fg.num_classes == 2 and fg.classes == ("background", "animal")
     assert torch.equal(fg.y_train, (animals.y_train > 0).long())
     assert torch.equal(fg.x_train, animals.x_train)
