@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..cli import _int_list, _name_list
+from .cli_length import add_length_arguments
 
 if TYPE_CHECKING:
     from .runner import SweepInterrupted
@@ -93,12 +94,7 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
         default=[0, 1, 2],
         help="number of seeds, or comma-separated seeds (default: 3)",
     )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=defaults.DEFAULT_EPOCHS,
-        help="epochs at every batch size (default: %(default)s)",
-    )
+    add_length_arguments(p, defaults.DEFAULT_EPOCHS)
     p.add_argument(
         "--lr",
         type=float,
@@ -165,6 +161,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes,
         seeds=args.seeds,
         epochs=args.epochs,
+        steps=args.steps,
         base_lr=args.lr,
         data=args.data,
         image_size=args.image_size,

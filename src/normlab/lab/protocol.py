@@ -48,7 +48,7 @@ def differing_fields(protocols: Sequence[Protocol]) -> list[str]:
 
 
 #: How ``None`` reads in a protocol field.
-_NONE = {"data": "embedded", "max_train": "all"}
+_NONE = {"data": "embedded", "max_train": "all", "steps": "off"}
 
 
 def _fmt(name: str, value: Any) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .protocol import protocol_key, protocol_names, protocol_of
 from .stats import WelchResult, mean_ci, welch_test
-from .train import RunRecord
+from .train import RunConfig, RunRecord
 
 __all__ = [
     "Cell",
@@ -252,8 +252,8 @@ def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
         f"{list(c.widths)}, {c.blocks} basic block(s) per stage, last stage at "
         f"{r.final_map}×{r.final_map}.",
         f"- SGD momentum 0.9, weight decay {c.weight_decay}, lr = {c.base_lr} × batch / 32, "
-        f"{c.warmup_epochs} epoch(s) linear warm-up then cosine, {c.epochs} epochs at every "
-        "batch size; test error in eval mode (BN: running statistics).",
+        + _length(c)
+        + "; test error in eval mode (BN: running statistics).",
         f"- Values behind each batch statistic at the deepest BN layers (N × H × W): {values}.",
         *_ranks_lines(records),
         f"- {len(records)} runs, {wall:.0f} s of training in total (sum over runs).",
@@ -262,6 +262,20 @@ def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in sorted(r.versions.items()) if k != "platform")
         + f"; {r.versions.get('platform', '')}; device {c.device}.",
     ]
+
+
+def _length(c: RunConfig) -> str:
+    """How long every run trained: fixed epochs, or fixed optimizer steps."""
+    if c.steps is None:
+        return (
+            f"{c.warmup_epochs} epoch(s) linear warm-up then cosine, {c.epochs} epochs at "
+            "every batch size"
+        )
+    return (
+        f"linear warm-up over {c.warmup_epochs}/{c.epochs} of training then cosine, "
+        f"{c.steps} optimizer steps at every batch size (data reshuffled every pass), "
+        f"evaluated {c.epochs} times"
+    )
 
 
 def _packed_lines(records: Sequence[RunRecord]) -> list[str]:

@@ -93,6 +93,8 @@ class SweepConfig:
     #: Train the seeds of each (norm, batch size) cell side by side in one packed model
     #: (:mod:`normlab.lab.packed`): same runs up to float rounding, a fraction of the time.
     pack: bool = True
+    #: Optimizer steps of every run instead of fixed epochs (see :class:`RunConfig`).
+    steps: int | None = RunConfig.steps
 
     def __post_init__(self) -> None:
         if not self.norms:
@@ -127,6 +129,7 @@ def plan_runs(config: SweepConfig, ranks: int = 1) -> list[RunConfig]:
             batch_size=int(b),
             seed=int(s),
             epochs=config.epochs,
+            steps=config.steps,
             base_lr=config.base_lr,
             data=config.data,
             image_size=config.image_size,

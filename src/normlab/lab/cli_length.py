@@ -1,0 +1,67 @@
+"""``normlab sweep``'s training-length options: ``--epochs E`` or ``--steps N``, not both.
+
+Built without torch (every ``normlab`` command builds the sweep's parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["add_length_arguments"]
+
+
+class _OneLength(argparse.Action):
+    """Store the value; refuse the other length option if it was given too.
+
+    argparse's mutually exclusive groups miss an option given at its default value
+    (``--epochs 3 --steps 500``), so the actions keep track of what was given.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        given = getattr(namespace, "length_option", None)
+        if given is not None and given != self.dest:
+            raise argparse.ArgumentError(
+                self,
+                f"not allowed with --{given}: a run is as long as either a number of epochs "
+                "or a number of optimizer steps; give one of them",
+            )
+        namespace.length_option = self.dest
+        setattr(namespace, self.dest, values)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def add_length_arguments(p: argparse.ArgumentParser, default_epochs: int) -> None:
+    """Add ``--epochs`` (default ``default_epochs``) and ``--steps`` (default None) to ``p``."""
+    p.add_argument(
+        "--epochs",
+        type=int,
+        action=_OneLength,
+        default=default_epochs,
+        help="epochs at every batch size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        action=_OneLength,
+        help="instead of --epochs: exactly this many optimizer steps at every batch size, "
+        f"so that large batches are not simply undertrained; the data still reshuffles "
+        f"every pass, the run is evaluated {default_epochs} times and the warm-up is the "
+        "same fraction of training as with epochs",
+    )
