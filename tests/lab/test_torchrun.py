@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from normlab.lab.links import DEFAULT_TIMEOUT, TIMEOUT_ENV, rank_timeout
+from normlab.lab.links import DEFAULT_TIMEOUT, TIMEOUT_ENV, gist, rank_timeout
 from normlab.lab.store import RunStore
 from normlab.lab.sweep import SweepConfig, run_sweep
 
@@ -57,9 +57,10 @@ if fault:
 
     ranks.execute_runs = lambda runs, store, *a: real(runs, Faulty(store), *a)
 
-from normlab.cli import main
+if __name__ == "__main__":  # not in the spawned worker processes of --workers > 1
+    from normlab.cli import main
 
-sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
 """
 
 # bn and gn are one packed job each: rank 0 trains bn's two seeds, rank 1 gn's.
@@ -274,3 +275,15 @@ def test_rank_timeout_from_the_environment(monkeypatch):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match="not a positive number of seconds"):
             rank_timeout()
+
+
+def test_gist_of_gloo_errors():
+    closed = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
+        "peer [10.0.0.7]:4242. This is typically caused by a remote worker crashing.\nmore"
+    )
+    assert gist(closed) == "Connection closed by peer [10.0.0.7]:4242"
+    assert gist(RuntimeError("Timed out after 11 seconds. 1/2 joined.")) == (
+        "Timed out after 11 seconds"
+    )
+    assert gist(RuntimeError("")) == "RuntimeError"

@@ -110,9 +110,14 @@ class _Session:
             with self._lock:
                 self._training = False
 
-    def send_all(self, kind: Kind, body: str = "") -> None:
-        for channel in self.channels.values():
-            channel.send(kind, body)
+    def send(self, peer: int, kind: Kind, body: str = "") -> None:
+        """Send a message; if ``peer`` is gone, that is the sweep's failure."""
+        try:
+            self.channels[peer].send(kind, body)
+        except RuntimeError as e:
+            self.lost.add(peer)
+            self.fail(f"rank {peer} of {self.world_size} could not be reached ({gist(e)})")
+        self.check()
 
     def receive(self, kind: Kind) -> str:
         """The body of the next message from rank 0, which must be of ``kind``."""
@@ -174,11 +179,7 @@ class _Outbox:
         self.sent: list[RunRecord] = []
 
     def add(self, record: RunRecord) -> bool:
-        try:
-            self.session.channels[0].send(Kind.RECORD, json.dumps(record.to_dict()))
-        except RuntimeError as e:
-            self.session.fail(f"rank 0 could not be reached to store a run ({gist(e)})")
-            self.session.check()
+        self.session.send(0, Kind.RECORD, json.dumps(record.to_dict()))
         self.sent.append(record)
         return True
 
@@ -248,7 +249,8 @@ def run_sharded(
                 done = store.keys()
                 pending = [r for r in planned if r.key() not in done]
                 session.start_collector(allow_mixed_protocols)
-                session.send_all(Kind.PLAN, json.dumps([r.key() for r in pending]))
+                for peer in session.channels:
+                    session.send(peer, Kind.PLAN, json.dumps([r.key() for r in pending]))
                 mine = _share(pending, 0, world_size, config)
                 new = _train(session, mine, store, workers, progress, on_record, config.pack)
             session.wait_until_all_done()
@@ -264,7 +266,7 @@ def run_sharded(
             outbox = _Outbox(session)
             mine = _share(pending, rank, world_size, config)
             new = _train(session, mine, outbox, workers, progress, on_record, config.pack)
-            session.channels[0].send(Kind.DONE)
+            session.send(0, Kind.DONE)
             session.receive(Kind.FINISHED)
         session.stop(Kind.FINISHED)
     except BaseException as e:
