@@ -149,9 +149,14 @@ def _backgrounds(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     amp = rng.uniform(0.0, 0.2, size=(n, _GRATINGS, 3))
     coords = np.arange(size, dtype=np.float64) / size
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    proj = np.cos(theta)[..., None, None] * xx + np.sin(theta)[..., None, None] * yy
-    waves = np.sin(2 * np.pi * freq[..., None, None] * proj + phase[..., None, None])
-    return base + np.einsum("nkc,nkhw->nchw", amp, waves)
+    images = np.repeat(base, size, axis=2).repeat(size, axis=3)
+    for k in range(_GRATINGS):  # one grating at a time: memory stays O(n · S²)
+        c, s = (f[:, k, None, None] for f in (np.cos(theta), np.sin(theta)))
+        wave = np.sin(
+            2 * np.pi * freq[:, k, None, None] * (c * xx + s * yy) + phase[:, k, None, None]
+        )
+        images += amp[:, k, :, None, None] * wave[:, None]
+    return images
 
 
 def _compose(
