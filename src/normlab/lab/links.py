@@ -109,11 +109,18 @@ def open_group(rank: int, world_size: int, timeout: float) -> tuple[Any, Any]:
     which case a gloo group is added to it.
 
     Raises:
-        ValueError: no launcher set ``MASTER_ADDR`` / ``MASTER_PORT``.
-        RankFailedError: not every rank joined within ``timeout`` seconds.
+        ValueError: no launcher set ``MASTER_ADDR`` / ``MASTER_PORT``, or the existing
+            process group has another size.
+        RankFailedError: the ranks could not meet (one did not start within ``timeout``
+            seconds, or the address is unusable).
     """
     wait = datetime.timedelta(seconds=timeout)
     if dist.is_initialized():
+        if dist.get_world_size() != world_size:
+            raise ValueError(
+                f"the process group has {dist.get_world_size()} ranks, the sweep was told "
+                f"{world_size}"
+            )
         return dist.new_group(backend="gloo", timeout=wait), None
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
@@ -130,11 +137,12 @@ def open_group(rank: int, world_size: int, timeout: float) -> tuple[Any, Any]:
         prefix = f"normlab-sweep-messages/{next(_groups)}"
         group = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, wait)
     except RuntimeError as e:  # torch's DistError and gloo's errors are RuntimeErrors
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         raise RankFailedError(
-            f"rank {rank}: the {world_size} ranks did not all join within {timeout:.0f} s "
-            f"({gist(e)}). A rank failed to start (see its output) or cannot reach "
-            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}; fix that and rerun "
-            f"the same command on every machine (raise {TIMEOUT_ENV} if they start slowly)"
+            f"rank {rank}: the {world_size} ranks could not meet at {where} ({gist(e)}). "
+            f"A rank failed to start or came more than {timeout:.0f} s late (see its output; "
+            f"{TIMEOUT_ENV} sets the wait), the port is taken, or the address cannot be "
+            "reached. Fix that and rerun the same command on every machine"
         ) from e
     return group, store
 
