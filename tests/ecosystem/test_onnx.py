@@ -265,7 +265,7 @@ def test_auto_backend_is_torch_under_onnx_export(monkeypatch):
     monkeypatch.setattr(dispatch, "available", lambda: True)
     assert resolve_backend("frozen_batch_norm", "auto", cuda_x) == "triton"
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    for op in ("frozen_batch_norm", "batch_norm (eval)", "group_norm", "filter_response_norm"):
+    for op in ("frozen_batch_norm", "batch_norm_eval", "group_norm", "filter_response_norm"):
         assert resolve_backend(op, "auto", cuda_x) == "torch", op
 
 

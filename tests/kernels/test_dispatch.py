@@ -104,7 +104,7 @@ def test_auto_picks_triton_for_cuda_input_only_when_it_can(monkeypatch):
     cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.float16)
     monkeypatch.setattr(dispatch, "available", lambda: True)
     assert resolve_backend("group_norm", "auto", cuda_x) == "triton"
-    assert resolve_backend("batch_norm (eval)", "auto", cuda_x) == "triton"
+    assert resolve_backend("batch_norm_eval", "auto", cuda_x) == "triton"
     assert resolve_backend("batch_norm", "auto", cuda_x) == "torch"  # training: no kernel
     assert resolve_backend("layer_norm", "auto", cuda_x) == "torch"
     int_x = SimpleNamespace(is_cuda=True, dtype=torch.float8_e4m3fn)

@@ -1,7 +1,16 @@
-"""Which implementation runs an op: the Triton kernels or PyTorch.
+"""Which implementation runs an op: a Triton kernel, a fused Function or plain autograd.
 
-One decision, made here for every functional op: :func:`resolve_backend` answers
-``"torch"`` or ``"triton"`` from the op, the ``backend=`` argument and the input.
+One decision, made here for every functional op by :func:`choose_path`, from a
+table (:data:`TABLE`: which paths each op has, and why the others are missing),
+the input, the ``backend=`` argument, the process group and the context
+(``torch.compile``, export, ``torch.func`` transforms, tensor subclasses):
+
+* :attr:`Path.TRITON`: :mod:`normlab.kernels` on CUDA tensors (or on CPU tensors
+  under Triton's interpreter, for tests).
+* :attr:`Path.FUSED`: a hand-written CPU autograd.Function that saves only the
+  input and small statistics (:mod:`normlab._core.fused`).
+* :attr:`Path.AUTOGRAD`: plain torch ops, which every tool understands.
+
 Whether the kernels can run on this machine (:func:`available`, :func:`missing`) is
 decided here too, without importing triton until it is asked.
 """
@@ -10,13 +19,118 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .checks import BACKENDS
+from .fused import fused_allowed
 
-__all__ = ["TRITON_OPS", "available", "interpreting", "missing", "resolve_backend"]
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = [
+    "TABLE",
+    "Op",
+    "OpPaths",
+    "Path",
+    "available",
+    "check_backend",
+    "choose_path",
+    "interpreting",
+    "missing",
+    "resolve_backend",
+]
+
+
+class Path(Enum):
+    """An implementation of an op."""
+
+    TRITON = "triton"
+    FUSED = "fused"
+    AUTOGRAD = "autograd"
+
+
+class Op(str, Enum):
+    """The ops that the functionals dispatch; the value is the op's identifier."""
+
+    BATCH_NORM = "batch_norm"
+    BATCH_NORM_EVAL = "batch_norm_eval"
+    FROZEN_BATCH_NORM = "frozen_batch_norm"
+    BATCH_RENORM = "batch_renorm"
+    BATCH_RENORM_EVAL = "batch_renorm_eval"
+    MOVING_AVERAGE_BATCH_NORM = "moving_average_batch_norm"
+    MOVING_AVERAGE_BATCH_NORM_EVAL = "moving_average_batch_norm_eval"
+    GROUP_NORM = "group_norm"
+    INSTANCE_NORM = "instance_norm"
+    LAYER_NORM = "layer_norm"
+    LAYER_NORM2D = "layer_norm2d"
+    LOCAL_RESPONSE_NORM = "local_response_norm"
+    SWITCHABLE_NORM = "switchable_norm"
+    FILTER_RESPONSE_NORM = "filter_response_norm"
+    FRN_TLU = "frn_tlu"
+    TLU = "tlu"
+    EVONORM_B0 = "evonorm_b0"
+    EVONORM_S0 = "evonorm_s0"
+
+
+class OpPaths(NamedTuple):
+    """Which paths an op has. ``label`` names the op in error messages; each other
+    field is None where the op has that path, or the reason it has not."""
+
+    label: str
+    triton: str | None
+    fused: str | None
+    autograd: str | None = None
+
+
+_NO_KERNEL = "normlab ships no Triton kernel for it"
+_NATIVE = "torch's own kernel already computes it in one or two passes"
+_ELEMENTWISE = "it is one elementwise pass with fixed statistics"
+_ONLY_AUTOGRAD = "its plain ops already save no full-size intermediate"
+
+TABLE: dict[Op, OpPaths] = {
+    Op.BATCH_NORM: OpPaths(
+        "batch_norm",
+        "only eval mode (training=False: running statistics) has a Triton kernel",
+        _NATIVE,
+    ),
+    Op.BATCH_NORM_EVAL: OpPaths("batch_norm (eval)", None, _ELEMENTWISE),
+    Op.FROZEN_BATCH_NORM: OpPaths("frozen_batch_norm", None, _ELEMENTWISE),
+    Op.BATCH_RENORM: OpPaths("batch_renorm", _NO_KERNEL, None),
+    Op.BATCH_RENORM_EVAL: OpPaths("batch_renorm", _NO_KERNEL, _ELEMENTWISE),
+    Op.MOVING_AVERAGE_BATCH_NORM: OpPaths(
+        "moving_average_batch_norm",
+        _NO_KERNEL,
+        None,
+        "its backward writes the ψ moving-average window in place (a stateful "
+        "autograd.Function that functorch cannot batch or differentiate twice). Use "
+        "training=False / .eval() (running_var only), train the layer without the "
+        "transform, or use a batch-independent norm (GroupNorm, FilterResponseNorm) "
+        "for per-sample gradients and model ensembles.",
+    ),
+    Op.MOVING_AVERAGE_BATCH_NORM_EVAL: OpPaths(
+        "moving_average_batch_norm", _NO_KERNEL, _ELEMENTWISE
+    ),
+    Op.GROUP_NORM: OpPaths("group_norm", None, _NATIVE),
+    Op.INSTANCE_NORM: OpPaths("instance_norm", _NO_KERNEL, _NATIVE),
+    Op.LAYER_NORM: OpPaths("layer_norm", _NO_KERNEL, _NATIVE),
+    Op.LAYER_NORM2D: OpPaths("layer_norm2d", _NO_KERNEL, _NATIVE),
+    Op.LOCAL_RESPONSE_NORM: OpPaths("local_response_norm", _NO_KERNEL, _ONLY_AUTOGRAD),
+    Op.SWITCHABLE_NORM: OpPaths("switchable_norm", None, None),
+    Op.FILTER_RESPONSE_NORM: OpPaths("filter_response_norm", None, None),
+    Op.FRN_TLU: OpPaths("frn_tlu", None, None),
+    Op.TLU: OpPaths("tlu", _NO_KERNEL, _ELEMENTWISE),
+    Op.EVONORM_B0: OpPaths("evonorm_b0", _NO_KERNEL, None),
+    Op.EVONORM_S0: OpPaths("evonorm_s0", _NO_KERNEL, None),
+}
+"""Every dispatched op and its paths. An op gains a path in the same change that
+wires its functional to the implementation."""
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def interpreting() -> bool:
@@ -61,71 +175,128 @@ def missing(x: Tensor | None = None) -> str | None:
     return None
 
 
-# Ops whose functional calls normlab.kernels when resolve_backend answers "triton".
-# An op joins this set in the same change that wires its functional to the kernel.
-TRITON_OPS = frozenset(
-    {
-        "group_norm",
-        "batch_norm (eval)",
-        "frozen_batch_norm",
-        "switchable_norm",
-        "filter_response_norm",
-        "frn_tlu",
-    }
-)
-
-# Why an op without dispatch has none, for the error message.
-_NO_TRITON = {
-    "batch_norm": "only eval mode (training=False: running statistics) has a Triton kernel",
-}
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def resolve_backend(op: str, backend: str, x: Tensor) -> str:
-    """Pick the implementation of ``op`` for input ``x``: ``"torch"`` or ``"triton"``.
-
-    * ``"torch"``: always the PyTorch path.
-    * ``"auto"``: the Triton kernels when ``x`` is a CUDA tensor, ``op`` has them
-      (:data:`TRITON_OPS`), triton imports, the dtype is supported, and the call is
-      neither traced by ``torch.compile`` (inductor fuses the torch path itself),
-      nor by ``torch.onnx.export`` (ONNX has no Triton ops), nor under a
-      ``torch.func`` transform. Otherwise torch; CPU input is always torch,
-      even with ``TRITON_INTERPRET=1`` (the interpreter is for tests), and then
-      triton is not even imported.
-    * ``"triton"``: the kernels, on a CUDA tensor or (for tests) a CPU tensor under
-      Triton's interpreter; a RuntimeError that names what is missing otherwise.
-    """
+def check_backend(label: str, backend: str) -> None:
+    """Refuse a ``backend=`` value other than "auto", "torch" or "triton"."""
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}.")
+        raise ValueError(f"{label}: backend must be one of {BACKENDS}, got {backend!r}.")
+
+
+def _lookup(op: Op | str) -> OpPaths:
+    try:
+        return TABLE[Op(op)]
+    except ValueError:
+        raise ValueError(
+            f"unknown op {op!r}; the dispatched ops are {[o.value for o in Op]}."
+        ) from None
+
+
+def _triton(paths: OpPaths, x: Any, backend: str, group: ProcessGroup | None) -> bool:
+    """The Triton part of :func:`choose_path` (reads only ``x.is_cuda``/``x.dtype``
+    unless the kernels were requested)."""
+    label = paths.label
     if backend == "torch":
-        return "torch"
+        return False
     if backend == "auto":
-        if (
-            not x.is_cuda
-            or op not in TRITON_OPS
-            or x.dtype not in _KERNEL_DTYPES
-            or torch.compiler.is_compiling()
-            or torch.onnx.is_in_onnx_export()
-            or torch._C._are_functorch_transforms_active()
-        ):
-            return "torch"
-        return "triton" if available() else "torch"
-    if op not in TRITON_OPS:
-        why = _NO_TRITON.get(op, "normlab ships no Triton kernel for it")
+        return (
+            x.is_cuda
+            and paths.triton is None
+            and group is None
+            and x.dtype in _KERNEL_DTYPES
+            and not torch.compiler.is_compiling()
+            and not torch.onnx.is_in_onnx_export()
+            and not torch._C._are_functorch_transforms_active()
+            and available()
+        )
+    if paths.triton is not None:
         raise RuntimeError(
-            f"{op}: backend='triton' was requested, but {why}. Use backend='auto' or "
-            "backend='torch'."
+            f"{label}: backend='triton' was requested, but {paths.triton}. Use "
+            "backend='auto' or backend='torch'."
         )
     why_not = missing(x)
     if why_not is not None:
         raise RuntimeError(
-            f"{op}: backend='triton' was requested, but {why_not}. Or use backend='auto' "
+            f"{label}: backend='triton' was requested, but {why_not}. Or use backend='auto' "
             "(Triton on CUDA when it can, torch otherwise) or backend='torch'."
         )
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError(
-            f"{op}: backend='triton' cannot run under torch.func transforms (vmap, grad, "
+            f"{label}: backend='triton' cannot run under torch.func transforms (vmap, grad, "
             "...): its autograd.Function has no vmap rule. Use backend='torch' there."
         )
-    return "triton"
+    if group is not None:
+        raise RuntimeError(
+            f"{label}: backend='triton' computes local statistics only, but a "
+            "process_group asks for cross-process BN statistics; use backend='auto' "
+            "or 'torch' with process_group, or drop process_group."
+        )
+    return True
+
+
+def choose_path(
+    op: Op | str,
+    x: Tensor,
+    backend: str,
+    group: ProcessGroup | None,
+    *tensors: Tensor | None,
+    constants: Sequence[Tensor | None] = (),
+) -> Path:
+    """The implementation of ``op`` for input ``x``: the one dispatch decision.
+
+    Args:
+        op: an :class:`Op` (or its identifier).
+        x: the input.
+        backend: "auto", "torch" or "triton" (the functional's ``backend=``).
+        group: the resolved process group of a synchronized call, or None.
+        tensors: the op's other tensors (parameters, buffers); a tensor subclass
+            among them keeps the plain path, as for ``x``.
+        constants: tensors the fused Function treats as constants (running
+            statistics): if one requires grad, only plain autograd gives it one.
+
+    Decision:
+
+    * :attr:`Path.TRITON` for ``backend="auto"`` when ``x`` is a CUDA tensor, the op
+      has a kernel, the dtype is supported, there is no process group (the kernels
+      compute local statistics), triton is available, and the call is neither
+      traced by ``torch.compile`` (inductor fuses the torch path itself) nor by
+      ONNX export (ONNX has no Triton ops) nor under a ``torch.func`` transform.
+      CPU input never takes it under "auto", even with ``TRITON_INTERPRET=1``, and
+      then triton is not imported. ``backend="triton"`` takes it or raises a
+      RuntimeError that names what is missing (with :data:`TABLE`'s reason).
+    * :attr:`Path.FUSED` where the op has a fused Function, there is no process
+      group, no constant requires grad, and
+      :func:`normlab._core.fused.fused_allowed` holds (eager CPU, non-empty, no
+      compile/export/trace/functorch/forward AD, no tensor subclass). An op
+      whose fused Function is its only path (:attr:`OpPaths.autograd` set) always
+      takes it, and refuses ``torch.func`` transforms with that reason.
+    * :attr:`Path.AUTOGRAD` otherwise.
+    """
+    paths = _lookup(op)
+    check_backend(paths.label, backend)
+    if _triton(paths, x, backend, group):
+        return Path.TRITON
+    if paths.autograd is not None:
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"{paths.label} (training): cannot run under torch.func transforms (vmap, "
+                f"grad, jacrev, ...) because {paths.autograd}"
+            )
+        return Path.FUSED
+    if (
+        paths.fused is None
+        and group is None
+        and not any(t is not None and t.requires_grad for t in constants)
+        and fused_allowed(x, *tensors, *constants)
+    ):
+        return Path.FUSED
+    return Path.AUTOGRAD
+
+
+def resolve_backend(op: Op | str, backend: str, x: Tensor) -> str:
+    """``"triton"`` where :func:`choose_path` would take the kernels, else ``"torch"``.
+
+    The backend half of the decision alone (no process group), for callers that
+    only ask whether the kernels run.
+    """
+    paths = _lookup(op)
+    check_backend(paths.label, backend)
+    return "triton" if _triton(paths, x, backend, None) else "torch"

@@ -27,8 +27,9 @@ Backward, with ``m = [z > τ]`` recomputed from ``x`` (ties go to τ)::
     ∂L/∂γ = Σ_n r·P,   ∂L/∂β = Σ_{n,s} g,   ∂L/∂τ = Σ_{n,s} dy − ∂L/∂β
     ∂L/∂ε = −½ Σ_{n,c} a·r²·P                      (ε here is the |ε| passed in)
 
-Which path runs (:func:`frn_apply`): on CPU in eager mode, the Function when
-autograd needs it and the forward kernel alone otherwise; the composite on
+Which path runs is decided by :func:`normlab._core.dispatch.choose_path`: on
+CPU in eager mode :func:`frn_fused` (the Function when autograd needs it, the
+forward kernel alone otherwise); the composite on
 other devices and under ``torch.compile``/``torch.export``, ``torch.func``
 transforms, forward-mode AD, TorchScript tracing and tensor subclasses, where
 plain differentiable ops are what those tools understand (inductor fuses the
@@ -46,11 +47,11 @@ import torch
 from torch import Tensor
 
 from .._core.export import rsqrt
-from .._core.fused import autograd_needed, cast, composite_grads, fused_allowed, param
+from .._core.fused import autograd_needed, cast, composite_grads, param
 from .._core.normalize import channel_shape
 from .._core.stats import acc_dtype, dot_sums, mean_square, reduced_count, sum_of_squares
 
-__all__ = ["frn_apply", "frn_composite"]
+__all__ = ["frn_composite", "frn_fused"]
 
 
 # ----------------------------------------------------------------------------- composite
@@ -190,17 +191,16 @@ class _FRNFunction(torch.autograd.Function):
         return _frn_bwd(dy, x, weight, bias, tau, r, ctx.needs_input_grad)
 
 
-def frn_apply(
+def frn_fused(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     tau: Tensor | None,
     eps: float | Tensor,
 ) -> Tensor:
-    """Run FRN (+TLU) on validated inputs with the best path for the context."""
+    """FRN (+TLU) on validated inputs where the dispatch chose the fused path: the
+    Function when autograd records the call, the forward kernel alone otherwise."""
     eps_t = eps if isinstance(eps, Tensor) else None
-    if not fused_allowed(x, weight, bias, tau, eps_t):
-        return frn_composite(x, weight, bias, tau, eps)
     if autograd_needed(x, weight, bias, tau, eps_t):
         return _FRNFunction.apply(x, weight, bias, tau, eps)
     return _frn_fwd(x, weight, bias, tau, eps)[0]

@@ -16,17 +16,16 @@ from .._core.collectives import (
     safe_pivot,
     sync_moments,
 )
-from .._core.dispatch import resolve_backend
+from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import affine_normalize
+from .._core.running import update_running_stats
 from .._core.stats import acc_dtype, centered, pivot, reduced_count, rstd
 from .group_norm import activation, check_act
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-from .._core.running import snapshot, update_running_stats
-
-__all__ = ["batch_norm", "frozen_batch_norm", "snapshot", "update_running_stats"]
+__all__ = ["batch_norm", "frozen_batch_norm"]
 
 
 def _cast(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -91,8 +90,9 @@ def batch_norm(
             f"{layer}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
             f"{tuple(input.shape)}."
         )
+    group = resolve_process_group(process_group) if training else None
     # Only eval mode (fixed statistics: one elementwise pass) has a Triton kernel.
-    impl = resolve_backend(layer if training else "batch_norm (eval)", backend, input)
+    path = choose_path(Op.BATCH_NORM if training else Op.BATCH_NORM_EVAL, input, backend, group)
     c = input.shape[1]
     for name, p in (
         ("weight", weight),
@@ -107,14 +107,13 @@ def batch_norm(
                 f"{layer}: training=False needs running_mean and running_var; pass "
                 "training=True to normalize with batch statistics."
             )
-        if impl == "triton":
+        if path is Path.TRITON:
             from ..kernels import fused_frozen_batch_norm
 
             return fused_frozen_batch_norm(input, weight, bias, running_mean, running_var, eps)
         return affine_normalize(input, running_mean, running_var, weight, bias, eps)
 
     dims = (0, *range(2, input.dim()))
-    group = resolve_process_group(process_group)
     if group is not None:
         return _synced_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, eps, group
@@ -203,7 +202,7 @@ def frozen_batch_norm(
     check_act(layer, act)
     if input.dim() < 2:
         raise ValueError(f"{layer}: expected (N, C, *spatial), got shape {tuple(input.shape)}.")
-    impl = resolve_backend(layer, backend, input)
+    path = choose_path(Op.FROZEN_BATCH_NORM, input, backend, None)
     c = input.shape[1]
     for name, p in (
         ("weight", weight),
@@ -212,7 +211,7 @@ def frozen_batch_norm(
         ("running_var", running_var),
     ):
         check_param(layer, name, p, (c,))
-    if impl == "triton":
+    if path is Path.TRITON:
         from ..kernels import fused_frozen_batch_norm
 
         return fused_frozen_batch_norm(input, weight, bias, running_mean, running_var, eps, act=act)

@@ -21,8 +21,7 @@ from .._core.collectives import (
     safe_pivot,
     sync_moments,
 )
-from .._core.dispatch import resolve_backend
-from .._core.fused import fused_allowed
+from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import affine_normalize, channel_shape
 from .._core.running import snapshot, update_running_stats
 from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
@@ -119,7 +118,10 @@ def batch_renorm(
             f"{layer}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
             f"{tuple(input.shape)}."
         )
-    resolve_backend(layer, backend, input)
+    group = resolve_process_group(process_group) if training else None
+    limits = [t for t in (r_max, d_max) if isinstance(t, Tensor)]
+    op = Op.BATCH_RENORM if training else Op.BATCH_RENORM_EVAL
+    path = choose_path(op, input, backend, group, weight, bias, running_mean, running_var, *limits)
     if running_mean is None or running_var is None:
         raise ValueError(
             f"{layer}: running_mean and running_var are required (r and d compare the batch "
@@ -139,12 +141,9 @@ def batch_renorm(
     _check_limit(layer, "d_max", d_max, 0.0)
 
     dims = (0, *range(2, input.dim()))
-    group = resolve_process_group(process_group)
     if group is None:
         check_batch_count(layer, input, reduced_count(input, dims))
-    if group is not None or not fused_allowed(
-        input, weight, bias, running_mean, running_var, r_max, d_max
-    ):
+    if path is not Path.FUSED:
         return _batch_renorm_autograd(
             input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max, group
         )

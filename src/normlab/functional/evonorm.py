@@ -15,8 +15,7 @@ from .._core.collectives import (
     safe_pivot,
     sync_moments,
 )
-from .._core.dispatch import resolve_backend
-from .._core.fused import fused_allowed
+from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import channel_shape
 from .._core.running import update_running_stats
 from .._core.stats import acc_dtype, centered, moments, reduced_count
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["evonorm_b0", "evonorm_s0"]
 
 
-def _check_input(layer: str, x: Tensor, eps: float, backend: str) -> None:
+def _check_input(layer: str, x: Tensor, eps: float) -> None:
     check_floating(layer, x)
     check_eps(layer, eps)
     if x.dim() < 3:
@@ -36,7 +35,6 @@ def _check_input(layer: str, x: Tensor, eps: float, backend: str) -> None:
             f"{layer}: expected an (N, C, *spatial) input with at least one spatial dim, got "
             f"shape {tuple(x.shape)}."
         )
-    resolve_backend(layer, backend, x)
 
 
 def evonorm_b0(
@@ -84,14 +82,19 @@ def evonorm_b0(
             default group); see :mod:`normlab.distributed`.
     """
     layer = "evonorm_b0"
-    _check_input(layer, input, eps, backend)
+    _check_input(layer, input, eps)
+    group = resolve_process_group(process_group) if training else None
+    # The fused Function gives running_var no gradient: one that asks for it keeps
+    # the composite.
+    path = choose_path(
+        Op.EVONORM_B0, input, backend, group, v, weight, bias, constants=(running_var,)
+    )
     c = input.shape[1]
     for name, p in (("v", v), ("weight", weight), ("bias", bias), ("running_var", running_var)):
         check_param(layer, name, p, (c,))
     if v is None:
         raise ValueError(f"{layer}: v (shape ({c},)) is required.")
-    group = resolve_process_group(process_group) if training else None
-    if group is None and _eager(input, v, weight, bias, running_var):
+    if path is Path.FUSED:
         # Eager: an autograd.Function that saves only the input (see _evonorm_autograd).
         if training:
             check_batch_count(layer, input, reduced_count(input, (0, *range(2, input.dim()))))
@@ -125,13 +128,6 @@ def evonorm_b0(
         batch_var = running_var.to(acc).reshape(shape)
     batch_std = torch.sqrt(batch_var.clamp_min(0) + eps)
     return b0_normalize(input, batch_std, v, weight, bias, eps)
-
-
-def _eager(input: Tensor, *params: Tensor | None) -> bool:
-    """The eager kernels, unless a buffer asks for a gradient (only the composite gives one)."""
-    return fused_allowed(input, *params) and not any(
-        p is not None and p.requires_grad for p in params[3:]
-    )
 
 
 def _missing_running_var(layer: str) -> None:
@@ -173,14 +169,15 @@ def evonorm_s0(
         eps: > 0, added to the group variance.
     """
     layer = "evonorm_s0"
-    _check_input(layer, input, eps, backend)
+    _check_input(layer, input, eps)
+    path = choose_path(Op.EVONORM_S0, input, backend, None, v, weight, bias)
     c = input.shape[1]
     check_groups(layer, c, num_groups)
     for name, p in (("v", v), ("weight", weight), ("bias", bias)):
         check_param(layer, name, p, (c,))
     if v is None:
         raise ValueError(f"{layer}: v (shape ({c},)) is required.")
-    if fused_allowed(input, v, weight, bias):
+    if path is Path.FUSED:
         # Eager: an autograd.Function that saves only the input (see _evonorm_autograd).
         return s0_apply(input, num_groups, v, weight, bias, eps)
     return s0_composite(input, num_groups, v, weight, bias, eps)

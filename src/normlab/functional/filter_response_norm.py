@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from .._core.checks import check_eps, check_floating, check_param, host_checks_allowed
-from .._core.dispatch import resolve_backend
+from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import channel_shape
 from .._core.stats import acc_dtype
-from ._frn_autograd import frn_apply
+from ._frn_autograd import frn_composite, frn_fused
 
 __all__ = ["filter_response_norm", "frn_tlu", "tlu"]
 
@@ -51,7 +51,7 @@ def _abs_eps(layer: str, eps: float | Tensor, dtype: torch.dtype) -> float | Ten
 
 
 def _frn(
-    layer: str,
+    op: Op,
     input: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -59,19 +59,22 @@ def _frn(
     eps: float | Tensor,
     backend: str,
 ) -> Tensor:
+    layer = op.value
     _check_frn_input(layer, input)
-    impl = resolve_backend(layer, backend, input)
+    eps_t = eps if isinstance(eps, Tensor) else None
+    path = choose_path(op, input, backend, None, weight, bias, tau, eps_t)
     c = input.shape[1]
     check_param(layer, "weight", weight, (c,))
     check_param(layer, "bias", bias, (c,))
     check_param(layer, "tau", tau, (c,))
     e = _abs_eps(layer, eps, acc_dtype(input.dtype))
-    if impl == "triton":
+    if path is Path.TRITON:
         from ..kernels import fused_filter_response_norm
 
         return fused_filter_response_norm(input, weight, bias, e, tau=tau)
-    # Eager training: an autograd.Function that saves only the input (see _frn_autograd).
-    return frn_apply(input, weight, bias, tau, e)
+    if path is Path.FUSED:  # an autograd.Function that saves only the input (_frn_autograd)
+        return frn_fused(input, weight, bias, tau, e)
+    return frn_composite(input, weight, bias, tau, e)
 
 
 def _threshold(x: Tensor, tau: Tensor) -> Tensor:
@@ -117,7 +120,7 @@ def filter_response_norm(
 
         >>> y = normlab.functional.filter_response_norm(torch.randn(2, 8, 5, 5))
     """
-    return _frn("filter_response_norm", input, weight, bias, None, eps, backend)
+    return _frn(Op.FILTER_RESPONSE_NORM, input, weight, bias, None, eps, backend)
 
 
 def frn_tlu(
@@ -144,7 +147,7 @@ def frn_tlu(
     """
     if not isinstance(tau, Tensor):
         raise TypeError(f"frn_tlu: tau must be a (C,) tensor, got {type(tau).__name__}.")
-    return _frn("frn_tlu", input, weight, bias, tau, eps, backend)
+    return _frn(Op.FRN_TLU, input, weight, bias, tau, eps, backend)
 
 
 def tlu(input: Tensor, tau: Tensor, *, backend: str = "auto") -> Tensor:
@@ -164,6 +167,6 @@ def tlu(input: Tensor, tau: Tensor, *, backend: str = "auto") -> Tensor:
             f"{layer}: expected an (N, C, *) input, got shape {tuple(input.shape)}; tau is "
             "per channel (dim 1)."
         )
-    resolve_backend(layer, backend, input)
+    choose_path(Op.TLU, input, backend, None)  # torch ops only
     check_param(layer, "tau", tau, (input.shape[1],))
     return _threshold(input, tau.to(input.dtype).reshape(channel_shape(input)))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._core.checks import check_eps, check_floating, check_groups, check_param
-from .._core.dispatch import resolve_backend
+from .._core.dispatch import Op, Path, choose_path
 from .._core.stats import acc_dtype, centered
 
 __all__ = ["activation", "check_act", "group_norm", "group_pivot"]
@@ -81,14 +81,14 @@ def group_norm(
             f"{layer}: expected an (N, C, *spatial) input, got shape {tuple(input.shape)}."
         )
     check_act(layer, act)
-    impl = resolve_backend("group_norm", backend, input)
+    path = choose_path(Op.GROUP_NORM, input, backend, None)
     c = input.shape[1]
     check_groups(layer, c, num_groups)
     check_param(layer, "weight", weight, (c,))
     check_param(layer, "bias", bias, (c,))
     if input.numel() == 0:  # an empty output, connected to weight and bias, as in torch
         return activation(F.group_norm(input, num_groups, weight, bias, eps), act)
-    if impl == "triton":
+    if path is Path.TRITON:
         from ..kernels import fused_group_norm
 
         return fused_group_norm(input, num_groups, weight, bias, eps, act=act)

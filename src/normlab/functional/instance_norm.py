@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._core.checks import check_eps, check_floating, check_param
-from .._core.dispatch import resolve_backend
+from .._core.dispatch import Op, choose_path
 from .._core.normalize import affine_normalize
 from .._core.running import update_running_stats
 from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
@@ -45,7 +45,7 @@ def instance_norm(
             f"{layer}: expected an (N, C, *spatial) input with at least one spatial dim, "
             f"got shape {tuple(input.shape)}."
         )
-    resolve_backend("instance_norm", backend, input)
+    choose_path(Op.INSTANCE_NORM, input, backend, None)  # torch ops only
     c = input.shape[1]
     for name, p in (
         ("weight", weight),

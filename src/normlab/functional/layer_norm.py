@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._core.checks import NormShapeError, check_eps, check_floating, check_param
-from .._core.dispatch import resolve_backend
+from .._core.dispatch import Op, choose_path
 from .._core.stats import acc_dtype, centered, pivot
 
 __all__ = ["layer_norm", "layer_norm2d"]
@@ -50,7 +50,7 @@ def layer_norm(
             f"normalized_shape={list(input.shape[-k:]) if k else '[...]'} or move the "
             "normalized dims last."
         )
-    resolve_backend("layer_norm", backend, input)
+    choose_path(Op.LAYER_NORM, input, backend, None)  # torch ops only
     check_param(layer, "weight", weight, shape)
     check_param(layer, "bias", bias, shape)
     if input.numel() == 0:  # an empty output, connected to weight and bias, as in torch
@@ -84,7 +84,7 @@ def layer_norm2d(
             f"{layer}: expected an (N, C, H, W) (or (N, C, *spatial)) input, got shape "
             f"{tuple(input.shape)}; for (N, C) use LayerNorm(C)."
         )
-    resolve_backend("layer_norm2d", backend, input)
+    choose_path(Op.LAYER_NORM2D, input, backend, None)  # torch ops only
     c = input.shape[1]
     check_param(layer, "weight", weight, (c,))
     check_param(layer, "bias", bias, (c,))

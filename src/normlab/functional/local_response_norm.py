@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .._core.checks import check_floating
-from .._core.dispatch import resolve_backend
+from .._core.dispatch import Op, choose_path
 from .._core.stats import acc_dtype, window_mean
 
 __all__ = ["local_response_norm"]
@@ -41,7 +41,7 @@ def local_response_norm(
     if k <= 0 and beta != 0:
         # k + alpha*mean(x^2) can reach 0 and the division gives inf/NaN.
         raise ValueError(f"{layer}: k must be > 0 (got {k}) so the divisor never reaches 0.")
-    resolve_backend("local_response_norm", backend, input)
+    choose_path(Op.LOCAL_RESPONSE_NORM, input, backend, None)  # torch ops only
     acc = acc_dtype(input.dtype)
     xa = input.to(acc)
     div = window_mean(xa.square(), 1, size).mul(alpha).add(k).pow(beta)

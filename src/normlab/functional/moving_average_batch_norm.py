@@ -61,12 +61,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._core.checks import check_eps, check_floating, check_param, refuse_under_transforms
+from .._core.checks import check_eps, check_floating, check_param
 from .._core.collectives import all_reduce_sum, resolve_process_group, sync_moments
-from .._core.dispatch import resolve_backend
+from .._core.dispatch import Op, choose_path
 from .._core.normalize import channel_shape
+from .._core.running import snapshot
 from .._core.stats import acc_dtype, dot_sums, reduced_count, rstd
-from .batch_norm import snapshot
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -309,12 +309,14 @@ def moving_average_batch_norm(
             f"{_LAYER}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
             f"{tuple(input.shape)}."
         )
-    resolve_backend(_LAYER, backend, input)
+    group = resolve_process_group(process_group) if training else None
+    # Training has one implementation, the stateful Function (refused under torch.func).
+    op = Op.MOVING_AVERAGE_BATCH_NORM if training else Op.MOVING_AVERAGE_BATCH_NORM_EVAL
+    choose_path(op, input, backend, group)
     c = input.shape[1]
     for name, p in (("weight", weight), ("bias", bias), ("running_var", running_var)):
         check_param(_LAYER, name, p, (c,))
     dims = (0, *range(2, input.dim()))
-    group = resolve_process_group(process_group) if training else None
     if group is None and reduced_count(input, dims) < 1:
         raise ValueError(
             f"{_LAYER}: input of shape {tuple(input.shape)} has no values per channel; "
@@ -331,14 +333,6 @@ def moving_average_batch_norm(
             y = y + bias.to(acc).reshape(shape)
         return y.to(input.dtype)
 
-    refuse_under_transforms(
-        _LAYER + " (training)",
-        "its backward writes the ψ moving-average window in place (a stateful "
-        "autograd.Function that functorch cannot batch or differentiate twice)",
-        "Use training=False / .eval() (running_var only), train the layer without the "
-        "transform, or use a batch-independent norm (GroupNorm, FilterResponseNorm) "
-        "for per-sample gradients and model ensembles.",
-    )
     m = _check_state(c, chi_window, psi_window, psi_filled, num_batches_tracked)
     check_mabn_options(_LAYER, m, warmup_iters, r_clip, momentum, r_warmup_iters)
     assert chi_window is not None and psi_window is not None  # narrowed by _check_state

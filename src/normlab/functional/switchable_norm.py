@@ -9,8 +9,7 @@ from torch import Tensor
 
 from .._core.checks import check_batch_count, check_eps, check_floating, check_param
 from .._core.collectives import check_global_count, resolve_process_group, sync_moments
-from .._core.dispatch import resolve_backend
-from .._core.fused import fused_allowed
+from .._core.dispatch import Op, Path, choose_path
 from .._core.mixing import BnMerge, BnSource, mix_moments, mixed_scale
 from .._core.running import update_running_stats
 from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
@@ -120,7 +119,13 @@ def switchable_norm(
             f"{layer}: expected an (N, C) or (N, C, *spatial) input, got shape "
             f"{tuple(input.shape)}."
         )
-    impl = resolve_backend(layer, backend, input)
+    bn_from_batch = using_bn and training
+    group = resolve_process_group(process_group) if bn_from_batch else None
+    # The fused Function reads running statistics as constants (no gradient).
+    path = choose_path(
+        Op.SWITCHABLE_NORM, input, backend, group, mean_weight, var_weight, weight, bias,
+        constants=(running_mean, running_var),
+    )  # fmt: skip
     n, c = input.shape[:2]
     for name, p in (
         ("weight", weight),
@@ -150,28 +155,17 @@ def switchable_norm(
             "batch statistics."
         )
 
-    bn_from_batch = using_bn and training
-    group = resolve_process_group(process_group) if bn_from_batch else None
-    if impl == "triton":
-        if group is None:
-            from ..kernels import fused_switchable_norm
+    if path is Path.TRITON:
+        from ..kernels import fused_switchable_norm
 
-            return fused_switchable_norm(
-                input, mean_weight, var_weight, weight, bias,
-                running_mean=running_mean, running_var=running_var, training=training,
-                momentum=momentum, eps=eps, using_bn=using_bn,
-            )  # fmt: skip
-        if backend == "triton":
-            raise RuntimeError(
-                f"{layer}: backend='triton' computes local statistics only, but a "
-                "process_group asks for cross-process BN statistics; use backend='auto' "
-                "or 'torch' with process_group, or drop process_group."
-            )
+        return fused_switchable_norm(
+            input, mean_weight, var_weight, weight, bias,
+            running_mean=running_mean, running_var=running_var, training=training,
+            momentum=momentum, eps=eps, using_bn=using_bn,
+        )  # fmt: skip
     if group is None and bn_from_batch:
         check_batch_count(layer, input, input.numel() // max(c, 1))
-    if group is not None or not fused_allowed(
-        input, mean_weight, var_weight, weight, bias, running_mean, running_var
-    ):
+    if path is Path.AUTOGRAD:
         return _switchable_norm_autograd(
             input, mean_weight, var_weight, weight, bias, running_mean, running_var,
             training, momentum, eps, using_bn, group,
