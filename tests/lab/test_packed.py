@@ -20,7 +20,8 @@ from normlab.lab.models import build_model
 from normlab.lab.packed import pack_states, unpack_state
 from normlab.lab.train import RunConfig, train_model, train_packed, train_runs
 
-NORMS = ["bn", "bn+recal", "gn", "frn", "sn", "mabn", "brn", "evonorm_b0", "evonorm_s0", "ln", "in"]
+NORMS = ["bn", "bn+recal", "bn+recal-pb", "gn", "frn", "sn", "mabn", "brn", "evonorm_b0"]
+NORMS += ["evonorm_s0", "ln", "in"]
 
 
 def _configs(npz, norm: str, seeds=(3, 11), batch_size: int = 4, epochs: int = 2, **kw):

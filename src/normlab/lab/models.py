@@ -14,10 +14,12 @@ per BN statistic). What governs BN's small-batch penalty is the number of values
 each batch statistic at the deepest norm layers, N × H × W: :func:`final_spatial_size`
 gives H = W so that reports can say it.
 
-Lab names may carry a suffix: ``"bn+recal"`` (BN whose running statistics the trainer
-recomputes before evaluation) and ``"<norm>+sync"`` for a batch-statistics layer (``bn``,
-``sn``, ``mabn``, ``brn``, ``evonorm_b0``) whose statistics are synchronized over the
-default process group (:func:`normlab.distributed.convert_sync`; a no-op on one process).
+Lab names may carry a suffix: ``"bn+recal"`` and ``"bn+recal-pb"`` (BN whose running
+statistics the trainer recomputes before evaluation, with the population or the
+per-batch variance; :data:`RECALIBRATED`) and ``"<norm>+sync"`` for a batch-statistics
+layer (``bn``, ``sn``, ``mabn``, ``brn``, ``evonorm_b0``) whose statistics are
+synchronized over the default process group (:func:`normlab.distributed.convert_sync`;
+a no-op on one process).
 
 Norm ``"mabn"`` is meant to follow a weight-centralized conv: when ``normlab.nn`` has
 ``CenteredConv2d``, the convs that feed a MABN layer use it (otherwise plain convs).
@@ -45,12 +47,14 @@ __all__ = [
     "resolve_norm",
 ]
 
-#: Lab-only variants: ``name -> registry layer``. ``bn+recal`` trains exactly like BN;
-#: the trainer recalibrates its running statistics before evaluation.
-VARIANTS = {"bn+recal": "bn"}
+#: Lab-only variants: ``name -> registry layer``. ``bn+recal`` and ``bn+recal-pb`` train
+#: exactly like BN; the trainer recalibrates their running statistics before evaluation.
+VARIANTS = {"bn+recal": "bn", "bn+recal_pb": "bn"}
 #: Recalibrated variants -> the ``variance`` estimator the trainer passes to
-#: :func:`normlab.recalibrate.recalibrate` (precise BN) before each evaluation.
-RECALIBRATED = {"bn+recal": "population"}
+#: :func:`normlab.recalibrate.recalibrate` (precise BN) before each evaluation: the
+#: pooled variance of all values (``bn+recal``) or the mean of the per-batch variances
+#: (``bn+recal-pb``, what BN's moving average estimates).
+RECALIBRATED = {"bn+recal": "population", "bn+recal_pb": "per_batch"}
 
 
 def _known_names() -> list[str]:
