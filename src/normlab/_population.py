@@ -1,7 +1,8 @@
 """Which layers keep running statistics, and their exact population moments.
 
-:func:`recalibration_kind` says which statistic a layer keeps (the
-``_recalibrate_kind`` protocol of :mod:`normlab.recalibrate`); :class:`Population`
+:func:`recalibration_kind` says which statistic a layer keeps (its
+:mod:`normlab.nn.traits`, or the ``_recalibrate_kind`` protocol of
+:mod:`normlab.recalibrate` for other classes); :class:`Population`
 accumulates that statistic over the inputs a layer sees, batch by batch, in
 float64. For the batch kinds it keeps, per channel, the count ``n``, the mean and
 ``M_2 = Σ (x − mean)²`` merged with Chan et al.'s parallel update (the law of
@@ -24,8 +25,9 @@ and, beside it, the count-weighted sum of the per-batch variances
     batch of 2 does not weigh as much as a batch of 256. Batches with a single
     value per channel have no variance and add to the mean only.
 
-A class that sets ``_recalibrate_unbiased = False`` gets the divide-by-``n``
-versions of both (``M_2 / n``; ``Σ_b M_{2,b} / Σ_b n_b``).
+A layer whose traits say ``recalibrate_unbiased=False`` (a class that sets
+``_recalibrate_unbiased = False``) gets the divide-by-``n`` versions of both
+(``M_2 / n``; ``Σ_b M_{2,b} / Σ_b n_b``).
 """
 
 from __future__ import annotations
@@ -34,32 +36,21 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
+
+from .nn.traits import RECALIBRATE_KINDS, traits_of
 
 __all__ = ["KINDS", "VARIANCES", "Population", "Variance", "declared_kind", "recalibration_kind"]
 
-KINDS = ("batch_mean_var", "batch_second_moment", "instance_mean_var")
+KINDS = RECALIBRATE_KINDS
 VARIANCES = ("population", "per_batch")
 Variance = Literal["population", "per_batch"]
 
 
 def declared_kind(module: nn.Module) -> str | None:
-    """The kind ``module``'s class declares (or torch's BN/IN imply), buffers or not."""
-    kind = getattr(type(module), "_recalibrate_kind", None)
-    if kind is None:
-        if isinstance(module, _TorchBatchNorm):
-            kind = "batch_mean_var"
-        elif isinstance(module, _TorchInstanceNorm):
-            kind = "instance_mean_var"
-        else:
-            return None
-    if kind not in KINDS:
-        raise ValueError(
-            f"{type(module).__name__}._recalibrate_kind is {kind!r}, which normlab.recalibrate "
-            f"does not know; use one of {', '.join(KINDS)} (see the normlab.recalibrate docs)."
-        )
-    return kind
+    """The statistic ``module``'s running buffers hold (its traits, see
+    :mod:`normlab.nn.traits`), whether or not it has the buffers."""
+    traits = traits_of(module)
+    return None if traits is None else traits.recalibrate_kind
 
 
 def recalibration_kind(module: nn.Module) -> str | None:
@@ -89,7 +80,8 @@ class Population:
             )
         self.kind = kind
         self.variance = variance
-        self.unbiased = bool(getattr(type(module), "_recalibrate_unbiased", True))
+        traits = traits_of(module)
+        self.unbiased = traits is None or traits.recalibrate_unbiased
         self.path = path
         self.name = type(module).__name__
         self.batched_rank = _batched_rank(module)

@@ -20,6 +20,7 @@ from . import _recal_levels as lv
 from ._population import Population, Variance, declared_kind, recalibration_kind
 from .feed import feed
 from .kinds import is_frozen_batch_norm
+from .nn.traits import traits_of
 
 __all__ = ["Buffers", "Survey", "exact_passes", "progress_bar", "replay", "run_pass", "write"]
 
@@ -260,7 +261,8 @@ def write(survey: Survey, pops: dict[int, Population], count: int) -> tuple[floa
         nbt = getattr(m, "num_batches_tracked", None)
         # Layers whose schedule runs on num_batches_tracked (BRN's r/d relaxation,
         # MABN's warm-up and windows) keep their step count.
-        if isinstance(nbt, Tensor) and not getattr(type(m), "_step_counter", False):
+        traits = traits_of(m)
+        if isinstance(nbt, Tensor) and not (traits is not None and traits.step_counter):
             counters.append(nbt)
     if bad:
         raise ValueError(

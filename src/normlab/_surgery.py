@@ -27,6 +27,11 @@ _RANK_CLASSES = (
 )
 
 
+#: normlab's BatchNorm and FrozenBatchNorm of each spatial rank (what surgery builds).
+BATCH_NORM_BY_RANK = {1: nnl.BatchNorm1d, 2: nnl.BatchNorm2d, 3: nnl.BatchNorm3d}
+FROZEN_BY_RANK = {1: nnl.FrozenBatchNorm1d, 2: nnl.FrozenBatchNorm2d, 3: nnl.FrozenBatchNorm3d}
+
+
 def rank_of(module: nn.Module) -> int | None:
     """Spatial rank (1, 2, 3) from the class, or None when the class does not say (SyncBN)."""
     for rank, classes in _RANK_CLASSES:
@@ -249,7 +254,14 @@ def replace(
     match: Callable[[nn.Module], bool],
     build: Callable[[nn.Module, str], tuple[nn.Module, dict[str, Any]]],
 ) -> tuple[nn.Module, list[Replacement]]:
-    """Replace every matching module (not descending into matches); one new module per old one."""
+    """Replace every matching module by ``build(old, path)``: the one walker of model surgery.
+
+    ``build`` returns ``(new, details)``; ``new`` may be ``old`` itself, changed in
+    place. Matches are not searched inside; a module registered under several
+    names is built once and the new module registered under all of them (the
+    other names become its ``aliases``). Returns the new root (``model`` unless it
+    matches itself) and one :class:`Replacement` per built module.
+    """
     new_of: dict[int, nn.Module] = {}
     new_ids: dict[int, int] = {}  # id(new) -> index into records
     records: list[dict[str, Any]] = []

@@ -51,7 +51,7 @@ from .distributed import WORLD, is_sync_layer
 from .freeze import freeze_bn, unfreeze_bn
 from .fuse import fuse_conv_bn
 from .kinds import is_batch_norm, is_frozen_batch_norm
-from .registry import get_norm_layer, rank_matched
+from .registry import get_norm_layer, names_with, rank_matched
 
 __all__ = [
     "ConversionReport",
@@ -252,8 +252,8 @@ def convert_norms(
                 raise ValueError(
                     f"convert_norms: sync=True asks for cross-process batch statistics, but "
                     f"the target {type(new).__name__} does not use batch statistics; drop "
-                    "sync=True, or pick a batch-statistics target ('bn', 'sn', 'mabn', "
-                    "'brn', 'evonorm_b0')."
+                    "sync=True, or pick a batch-statistics target "
+                    f"({', '.join(map(repr, names_with('syncable')))})."
                 )
             group = WORLD if sync is True else sync
             new.process_group = group

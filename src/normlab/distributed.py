@@ -94,6 +94,8 @@ from ._core.collectives import (
     sync_active,
     sync_moments,
 )
+from ._surgery import BATCH_NORM_BY_RANK, rank_of, replace
+from .nn.traits import traits_of
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -118,32 +120,22 @@ __all__ = [
 
 
 def is_sync_layer(module: nn.Module) -> bool:
-    """True for a normlab layer that takes ``process_group`` (batch statistics)."""
-    from .nn.batch_norm import _BatchNorm
-    from .nn.batch_renorm import _BatchRenorm
-    from .nn.evonorm import EvoNormB0_2d
-    from .nn.moving_average_batch_norm import _MovingAverageBatchNorm
-    from .nn.switchable_norm import _SwitchableNorm
-
-    return isinstance(
-        module, (_BatchNorm, _SwitchableNorm, _MovingAverageBatchNorm, _BatchRenorm, EvoNormB0_2d)
-    )
+    """True for a normlab layer that takes ``process_group`` (its traits say ``syncable``)."""
+    traits = traits_of(module)
+    return traits is not None and traits.syncable
 
 
 _TORCH_BN = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
+def _is_torch_bn(module: nn.Module) -> bool:
+    """torch's BatchNorm1d/2d/3d (and subclasses) or SyncBatchNorm."""
+    return isinstance(module, (*_TORCH_BN, torch.nn.SyncBatchNorm))
+
+
 def _from_torch_bn(old: nn.Module, process_group: Any) -> nn.Module:
     """normlab BatchNorm sharing ``old``'s parameters and buffers (same tensors)."""
-    from . import nn as nnl
-
-    by_class = {
-        torch.nn.BatchNorm1d: nnl.BatchNorm1d,
-        torch.nn.BatchNorm2d: nnl.BatchNorm2d,
-        torch.nn.BatchNorm3d: nnl.BatchNorm3d,
-    }
-    cls = next((v for k, v in by_class.items() if isinstance(old, k)), nnl.BatchNorm2d)
-    new = cls(
+    new = BATCH_NORM_BY_RANK[rank_of(old) or 2](
         old.num_features,
         eps=old.eps,
         momentum=old.momentum,
@@ -165,28 +157,6 @@ def _share_state(old: nn.Module, new: nn.Module) -> None:
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new._buffers[name] = old._buffers.get(name)
     new.train(old.training)
-
-
-def _replace_modules(model: nn.Module, build: Any) -> nn.Module:
-    """Replace each module for which ``build`` returns a module; one new per old object."""
-    done: dict[int, nn.Module] = {}
-
-    def visit(module: nn.Module) -> None:
-        for name, child in list(module._modules.items()):
-            if child is None:
-                continue
-            if id(child) not in done:
-                new = build(child)
-                done[id(child)] = child if new is None else new
-                if new is None:
-                    visit(child)
-            setattr(module, name, done[id(child)])
-
-    root = build(model)
-    if root is not None:
-        return root
-    visit(model)
-    return model
 
 
 def convert_sync(model: nn.Module, process_group: ProcessGroup | str | None = None) -> nn.Module:
@@ -213,17 +183,13 @@ def convert_sync(model: nn.Module, process_group: ProcessGroup | str | None = No
     group = WORLD if process_group is None else process_group
     check_group_arg(group)
 
-    def build(m: nn.Module) -> nn.Module | None:
+    def build(m: nn.Module, path: str) -> tuple[nn.Module, dict[str, Any]]:
         if is_sync_layer(m):
             m.process_group = group
-            return m
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
-            isinstance(m, _TORCH_BN) or isinstance(m, torch.nn.SyncBatchNorm)
-        ):
-            return _from_torch_bn(m, group)
-        return None
+            return m, {}
+        return _from_torch_bn(m, group), {}
 
-    return _replace_modules(model, build)
+    return replace(model, lambda m: is_sync_layer(m) or _is_torch_bn(m), build)[0]
 
 
 def revert_sync(model: nn.Module) -> nn.Module:
@@ -238,13 +204,11 @@ def revert_sync(model: nn.Module) -> nn.Module:
         The model, modified in place.
     """
 
-    def build(m: nn.Module) -> nn.Module | None:
-        if not is_sync_layer(m):
-            return None
+    def build(m: nn.Module, path: str) -> tuple[nn.Module, dict[str, Any]]:
         m.process_group = None
         cls = m.__dict__.get("_sync_reverts_to")
         if cls is None:
-            return m
+            return m, {}
         old = cls(
             m.num_features,
             eps=m.eps,
@@ -254,6 +218,6 @@ def revert_sync(model: nn.Module) -> nn.Module:
             device="meta",
         )
         _share_state(m, old)
-        return old
+        return old, {}
 
-    return _replace_modules(model, build)
+    return replace(model, is_sync_layer, build)[0]

@@ -18,14 +18,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
+from . import nn as nnl
 from .doctor_codes import Finding, Severity, finding
 from .doctor_stats import Moments, layer_eps, stale_distance
-from .kinds import is_batch_norm, is_frozen_batch_norm
-from .nn.evonorm import EvoNormS0_2d
-from .nn.filter_response_norm import _FilterResponseNorm
-from .nn.instance_norm import _InstanceNorm
+from .kinds import is_frozen_batch_norm
+from .nn.traits import traits_of
 from .registry import auto_groups
 
 __all__ = ["Context", "dynamic_findings", "model_findings", "static_findings"]
@@ -57,19 +55,24 @@ class Context:
 # ----------------------------------------------------------------------------- layer kinds
 
 
+_FRN = (nnl.FilterResponseNorm1d, nnl.FilterResponseNorm2d, nnl.FilterResponseNorm3d)
+
+
 def keeps_batch_statistics(m: nn.Module) -> bool:
-    """Computes statistics over the batch in training (BN and layers declaring a batch kind)."""
-    kind = getattr(type(m), "_recalibrate_kind", None)
-    return is_batch_norm(m) or kind in ("batch_mean_var", "batch_second_moment")
+    """Computes statistics over the batch in training (its traits say so)."""
+    traits = traits_of(m)
+    return traits is not None and traits.batch_statistics
 
 
 def judges_staleness(m: nn.Module) -> bool:
     """Running mean / variance that eval uses in place of the batch's (BN-like layers)."""
-    return is_batch_norm(m) or getattr(type(m), "_recalibrate_kind", None) == "batch_mean_var"
+    traits = traits_of(m)
+    return traits is not None and traits.recalibrate_kind == "batch_mean_var"
 
 
 def is_instance_norm(m: nn.Module) -> bool:
-    return isinstance(m, (_TorchInstanceNorm, _InstanceNorm))
+    traits = traits_of(m)
+    return traits is not None and traits.recalibrate_kind == "instance_mean_var"
 
 
 def is_group_norm(m: nn.Module) -> bool:
@@ -81,12 +84,12 @@ def is_group_norm(m: nn.Module) -> bool:
 
 def is_frn(m: nn.Module) -> bool:
     """normlab's FRN and FRN-like layers of other libraries (timm's FilterResponseNorm*)."""
-    return isinstance(m, _FilterResponseNorm) or "FilterResponseNorm" in type(m).__name__
+    return isinstance(m, _FRN) or "FilterResponseNorm" in type(m).__name__
 
 
 def is_evonorm_s(m: nn.Module) -> bool:
     """EvoNorm-S layers (per-sample group statistics): normlab's and timm's EvoNorm2dS*."""
-    if isinstance(m, EvoNormS0_2d):
+    if isinstance(m, nnl.EvoNormS0_2d):
         return True
     name = type(m).__name__
     return (

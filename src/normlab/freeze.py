@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import nn as nnl
 from ._surgery import (
+    BATCH_NORM_BY_RANK,
+    FROZEN_BY_RANK,
     check_custom_forward,
     check_lazy,
     factory_kwargs,
@@ -29,9 +30,6 @@ from ._surgery import (
 from .kinds import is_batch_norm, is_frozen_batch_norm
 
 __all__ = ["freeze_bn", "unfreeze_bn"]
-
-_FROZEN_BY_RANK = {1: nnl.FrozenBatchNorm1d, 2: nnl.FrozenBatchNorm2d, 3: nnl.FrozenBatchNorm3d}
-_BN_BY_RANK = {1: nnl.BatchNorm1d, 2: nnl.BatchNorm2d, 3: nnl.BatchNorm3d}
 
 
 def freeze_bn(model: nn.Module) -> nn.Module:
@@ -68,7 +66,7 @@ def freeze_bn(model: nn.Module) -> nn.Module:
 
     def build(old: nn.Module, path: str) -> tuple[nn.Module, dict[str, Any]]:
         rank = rank_of(old)
-        cls = _FROZEN_BY_RANK[rank or 2]
+        cls = FROZEN_BY_RANK[rank or 2]
         new = cls(old.num_features, eps=old.eps, **factory_kwargs(old))
         with torch.no_grad():
             if old.weight is not None:
@@ -103,7 +101,7 @@ def unfreeze_bn(model: nn.Module, *, momentum: float | None = 0.1) -> nn.Module:
 
     def build(old: nn.Module, path: str) -> tuple[nn.Module, dict[str, Any]]:
         rank = rank_of(old)
-        cls = _BN_BY_RANK[rank or 2]
+        cls = BATCH_NORM_BY_RANK[rank or 2]
         new = cls(
             num_channels(old),
             eps=float(getattr(old, "eps", 1e-5)),

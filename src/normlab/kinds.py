@@ -1,10 +1,11 @@
 """What kind of normalization layer a module is, recognised without importing foreign libraries.
 
-What counts as a BatchNorm (:func:`is_batch_norm`): torch's ``_BatchNorm``
-subclasses (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, user subclasses) and
-normlab's ``BatchNorm1d/2d/3d``. normlab's other batch-statistics layers (batch
-renorm, moving-average BN, ...) have their own semantics and are not BatchNorms
-here.
+Both read the layer traits (:mod:`normlab.nn.traits`). What counts as a
+BatchNorm (:func:`is_batch_norm`): torch's ``_BatchNorm`` subclasses
+(``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, user subclasses) and normlab's
+``BatchNorm1d/2d/3d`` (and their subclasses). normlab's other batch-statistics
+layers (batch renorm, moving-average BN, ...) have their own semantics and are
+not BatchNorms here.
 
 What counts as a frozen BatchNorm (:func:`is_frozen_batch_norm`): normlab's
 ``FrozenBatchNorm1d/2d/3d`` and any module whose class name contains
@@ -28,12 +29,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch import nn
 
 from . import nn as nnl
-from .nn.batch_norm import _BatchNorm as _NormlabBatchNorm
-from .nn.batch_norm import _FrozenBatchNorm
+from .nn.traits import traits_of
 
 __all__ = [
     "activation_tail",
@@ -43,22 +42,17 @@ __all__ = [
     "overrides_forward",
 ]
 
-_NORMLAB_BN = (nnl.BatchNorm1d, nnl.BatchNorm2d, nnl.BatchNorm3d)
-_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
-
 
 def is_batch_norm(module: nn.Module) -> bool:
     """True for torch's BatchNorm family (incl. SyncBatchNorm) and normlab's BatchNorm*d."""
-    return isinstance(module, _TorchBatchNorm) or type(module) in _NORMLAB_BN
+    traits = traits_of(module)
+    return traits is not None and traits.batch_norm
 
 
 def is_frozen_batch_norm(module: nn.Module) -> bool:
     """True for normlab's FrozenBatchNorm*d and torchvision/detectron2-style frozen BN."""
-    if isinstance(module, _FrozenBatchNorm):
-        return True
-    return "FrozenBatchNorm" in type(module).__name__ and all(
-        isinstance(module._buffers.get(b), Tensor) for b in _FROZEN_BUFFERS
-    )
+    traits = traits_of(module)
+    return traits is not None and traits.frozen_batch_norm
 
 
 def is_norm_act(module: nn.Module) -> bool:
@@ -94,11 +88,7 @@ def activation_tail(module: nn.Module) -> nn.Module | None:
     return nn.Sequential(parts)
 
 
-_KNOWN_FORWARDS = {
-    _TorchBatchNorm.forward,
-    nn.SyncBatchNorm.forward,
-    _NormlabBatchNorm.forward,
-}
+_KNOWN_FORWARDS = {nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, nnl.BatchNorm2d.forward}
 
 
 def overrides_forward(module: nn.Module) -> bool:

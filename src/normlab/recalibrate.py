@@ -58,10 +58,10 @@ Which variance is stored (``variance``), for the batch kinds
     statistics in training, so each call counts as one batch.
 
 The protocol: which layers are recalibrated
-    A module takes part when its class declares ``_recalibrate_kind`` (below) and
-    it holds a ``running_mean`` and/or ``running_var`` buffer that is not None.
-    torch's ``_BatchNorm`` subclasses count as ``"batch_mean_var"`` and torch's
-    ``_InstanceNorm`` subclasses as ``"instance_mean_var"`` without declaring it.
+    A module takes part when its traits name a kind (below) and it holds a
+    ``running_mean`` and/or ``running_var`` buffer that is not None. normlab's
+    layers and torch's BatchNorm / InstanceNorm have theirs in
+    :mod:`normlab.nn.traits`; any other class declares ``_recalibrate_kind``.
     Frozen BatchNorms (:func:`normlab.kinds.is_frozen_batch_norm`: normlab's and
     torchvision's / detectron2's ``FrozenBatchNorm2d``) keep their statistics by
     design and are skipped, as are layers without running buffers (they always
@@ -69,8 +69,8 @@ The protocol: which layers are recalibrated
     taken from the layer's first positional input, channels on dim 1, and written
     into whichever of ``running_mean`` / ``running_var`` exist (shape (C,));
     ``num_batches_tracked`` (if present) is set to the number of batches, except
-    in classes that set ``_step_counter = True`` because a schedule runs on it
-    (BatchRenorm, MovingAverageBatchNorm): those keep it. Kinds:
+    in layers whose schedule runs on it (BatchRenorm, MovingAverageBatchNorm; a
+    class of your own sets ``_step_counter = True``): those keep it. Kinds:
 
     ``"batch_mean_var"``
         statistics over all dims but 1 (N and spatial): ``running_mean`` the
@@ -108,7 +108,7 @@ from ._recal_run import Buffers, Survey, exact_passes, progress_bar, run_pass, w
 
 __all__ = ["KINDS", "RecalibrationReport", "recalibrate", "recalibration_kind"]
 
-#: The accumulator :mod:`normlab.doctor` uses (same object as ``Population``).
+#: The exact-moments accumulator (:class:`normlab._population.Population`), importable here.
 _Population = Population
 
 Method = Literal["precise", "exact"]
@@ -130,7 +130,8 @@ class RecalibrationReport:
         untracked: normalization layers without running statistics (they always
             normalize with batch statistics): nothing to recalibrate.
         unknown: other modules holding ``running_mean`` / ``running_var`` whose
-            class does not declare ``_recalibrate_kind``: skipped.
+            traits name no kind (their class declares no ``_recalibrate_kind``):
+            skipped.
         unseen: layers that never ran on the batches and kept their statistics.
         levels: exact: the layers of each dependency level; precise: empty.
     """

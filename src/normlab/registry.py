@@ -15,6 +15,7 @@ torchvision and timm model constructors take.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -26,6 +27,7 @@ from torch import nn
 
 from . import nn as nnl
 from ._core.checks import divisors_up_to
+from .nn.traits import LayerTraits, traits_of
 
 __all__ = [
     "NORM_LAYERS",
@@ -33,6 +35,7 @@ __all__ = [
     "create_norm",
     "get_norm_layer",
     "group_norm",
+    "names_with",
     "norm_layer",
     "rank_matched",
 ]
@@ -76,6 +79,14 @@ NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "evonorm_b0": nnl.EvoNormB0_2d,
     "evonorm_s0": _evonorm_s0,
 }
+
+
+def names_with(trait: str) -> list[str]:
+    """Registry names whose layer has ``trait`` (a field of
+    :class:`normlab.nn.traits.LayerTraits`, e.g. ``"syncable"``), in registry order."""
+    if trait not in {f.name for f in dataclasses.fields(LayerTraits)}:
+        raise ValueError(f"names_with: {trait!r} is not a field of normlab.nn.traits.LayerTraits.")
+    return [n for n in NORM_LAYERS if getattr(traits_of(create_norm(n, 8)), trait)]
 
 
 def get_norm_layer(name: str | type | Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import normlab.nn as nnl
+from normlab.nn.traits import traits_of
 from normlab.selfcheck import randomize
 
 
@@ -22,7 +23,8 @@ from normlab.selfcheck import randomize
 class EcoCase:
     """One layer configuration.
 
-    ``stateful``: training updates buffers in forward (or backward).
+    ``stateful``: training updates buffers in forward (or backward); from the
+    layer's traits (:mod:`normlab.nn.traits`).
     ``batch_independent``: the output of one sample does not depend on the others
     in both modes, so ``vmap`` over samples / parameter sets is meaningful.
     ``vmap_eval_only``: batch-independent only in eval (BatchNorm-like layers
@@ -33,9 +35,14 @@ class EcoCase:
     cls: type
     build: Callable[[], nn.Module]
     shape: tuple[int, ...]
-    stateful: bool = False
     batch_independent: bool = False
     vmap_eval_only: bool = False
+
+    @property
+    def stateful(self) -> bool:
+        if not getattr(traits_of(self.cls), "stateful", False):
+            return False  # decided by the class: nothing is built
+        return bool(getattr(traits_of(self.build()), "stateful", False))
 
 
 def _bn_like(cls: type, **kw) -> Callable[[], nn.Module]:
@@ -63,7 +70,7 @@ for _r in (1, 2, 3):
     _s = SHAPES[_r]
     _bn = getattr(nnl, f"BatchNorm{_r}d")
     CASES += [
-        EcoCase(f"BatchNorm{_r}d", _bn, _bn_like(_bn), _s, stateful=True, vmap_eval_only=True),
+        EcoCase(f"BatchNorm{_r}d", _bn, _bn_like(_bn), _s, vmap_eval_only=True),
         EcoCase(
             f"FrozenBatchNorm{_r}d",
             getattr(nnl, f"FrozenBatchNorm{_r}d"),
@@ -90,7 +97,6 @@ for _r in (1, 2, 3):
             getattr(nnl, f"MovingAverageBatchNorm{_r}d"),
             _mabn(getattr(nnl, f"MovingAverageBatchNorm{_r}d")),
             _s,
-            stateful=True,
             vmap_eval_only=True,
         ),
         EcoCase(
@@ -98,7 +104,6 @@ for _r in (1, 2, 3):
             getattr(nnl, f"BatchRenorm{_r}d"),
             _brn(getattr(nnl, f"BatchRenorm{_r}d")),
             _s,
-            stateful=True,
             vmap_eval_only=True,
         ),
     ]
@@ -108,7 +113,6 @@ CASES += [
         nnl.BatchNorm2d,
         _bn_like(nnl.BatchNorm2d, momentum=None),
         SHAPES[2],
-        stateful=True,
         vmap_eval_only=True,
     ),
     EcoCase(
@@ -116,7 +120,6 @@ CASES += [
         nnl.BatchNorm1d,
         _bn_like(nnl.BatchNorm1d),
         (5, C),
-        stateful=True,
         vmap_eval_only=True,
     ),
     EcoCase(
@@ -130,7 +133,6 @@ CASES += [
         nnl.InstanceNorm2d,
         _bn_like(nnl.InstanceNorm2d, affine=True, track_running_stats=True),
         SHAPES[2],
-        stateful=True,
         vmap_eval_only=True,
     ),
     EcoCase(
@@ -173,7 +175,6 @@ CASES += [
         nnl.SwitchableNorm1d,
         _bn_like(nnl.SwitchableNorm1d),
         (5, C),
-        stateful=True,
         vmap_eval_only=False,
     ),
     EcoCase(
@@ -181,14 +182,12 @@ CASES += [
         nnl.SwitchableNorm2d,
         _bn_like(nnl.SwitchableNorm2d),
         SHAPES[2],
-        stateful=True,
     ),
     EcoCase(
         "SwitchableNorm3d",
         nnl.SwitchableNorm3d,
         _bn_like(nnl.SwitchableNorm3d),
         SHAPES[3],
-        stateful=True,
     ),
     EcoCase(
         "FilterResponseNorm2d-learnable-eps",
@@ -217,7 +216,6 @@ CASES += [
         nnl.EvoNormB0_2d,
         _bn_like(nnl.EvoNormB0_2d),
         SHAPES[2],
-        stateful=True,
         vmap_eval_only=True,
     ),
     EcoCase(

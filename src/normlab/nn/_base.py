@@ -23,7 +23,16 @@ from .._core.checks import (
 )
 
 
-class _NormBase(nn.Module):
+def check_num_features(layer: str, num_features: int) -> int:
+    """``num_features`` as an int, refused below 1."""
+    if int(num_features) <= 0:
+        raise ValueError(f"{layer}: num_features must be >= 1, got {num_features}.")
+    return int(num_features)
+
+
+class NormBase(nn.Module):
+    """Constructor, buffers, the momentum rule, repr and state_dict versioning (see above)."""
+
     _version = 2
     _ranks: tuple[int, ...] = ()
     _layout: str = ""
@@ -51,8 +60,7 @@ class _NormBase(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if int(num_features) <= 0:
-            raise ValueError(f"{name}: num_features must be >= 1, got {num_features}.")
+        check_num_features(name, num_features)
         check_eps(name, eps, zero_ok=self._eps_zero_ok)
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(
@@ -144,8 +152,9 @@ class _NormBase(nn.Module):
         error_msgs: list[str],
     ) -> None:
         version = local_metadata.get("version", None)
-        if (version is None or version < 2) and self.track_running_stats:
-            # Checkpoints from before num_batches_tracked existed (torch < 0.4.1).
+        if (version is None or version < 2) and self.track_running_stats and self._version >= 2:
+            # Checkpoints from before num_batches_tracked existed (torch < 0.4.1); a class
+            # still at version 1 never had such checkpoints.
             key = prefix + "num_batches_tracked"
             if key not in state_dict:
                 state_dict[key] = (

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import functional as NF
 from .._core.checks import BACKENDS, check_channels, check_eps, check_floating, check_rank
 from ..functional.group_norm import check_act
-from ._base import _NormBase
+from ._base import NormBase, check_num_features
 
 __all__ = [
     "BatchNorm1d",
@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-class _BatchNorm(_NormBase):
+class _BatchNorm(NormBase):
     r"""Batch normalization over (N, \*spatial) per channel (Ioffe & Szegedy, 2015).
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta
@@ -62,8 +62,6 @@ class _BatchNorm(_NormBase):
         >>> y = bn(torch.randn(4, 16, 8, 8))
     """
 
-    # normlab.recalibrate protocol: running stats are the batch mean / variance.
-    _recalibrate_kind = "batch_mean_var"
     _eps_zero_ok = True
 
     def __init__(
@@ -156,8 +154,7 @@ class _FrozenBatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if int(num_features) <= 0:
-            raise ValueError(f"{name}: num_features must be >= 1, got {num_features}.")
+        check_num_features(name, num_features)
         check_eps(name, eps, zero_ok=True)
         check_act(name, act)
         if backend not in BACKENDS:

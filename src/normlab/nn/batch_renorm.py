@@ -8,14 +8,14 @@ from torch import Tensor
 
 from .. import functional as NF
 from .._core.checks import check_batch_count
+from .._core.collectives import sync_active
 from .._core.stats import reduced_count
-from ..distributed import sync_active
-from ._base import _NormBase
+from ._base import NormBase
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 
-class _BatchRenorm(_NormBase):
+class _BatchRenorm(NormBase):
     r"""Batch Renormalization (Ioffe, NeurIPS 2017, arXiv 1702.03275).
 
     Training, per channel over (N, \*spatial):
@@ -67,9 +67,6 @@ class _BatchRenorm(_NormBase):
         ...                                d_max_rampup_iters=5000)
         >>> y = brn(torch.randn(4, 16, 8, 8))
     """
-
-    _recalibrate_kind = "batch_mean_var"  # see normlab.recalibrate
-    _step_counter = True  # num_batches_tracked drives the schedule
 
     def __init__(
         self,

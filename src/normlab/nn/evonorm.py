@@ -16,16 +16,11 @@ from .._core.checks import (
     check_groups,
     check_rank,
 )
+from .._core.collectives import sync_active
 from .._core.stats import reduced_count
-from ..distributed import sync_active
+from ._base import NormBase, check_num_features
 
 __all__ = ["EvoNormB0_2d", "EvoNormS0_2d"]
-
-
-def _check_num_features(name: str, num_features: int) -> int:
-    if int(num_features) <= 0:
-        raise ValueError(f"{name}: num_features must be >= 1, got {num_features}.")
-    return int(num_features)
 
 
 def _check_input(module: nn.Module, x: Tensor) -> None:
@@ -35,7 +30,7 @@ def _check_input(module: nn.Module, x: Tensor) -> None:
     check_channels(name, x, module.num_features)  # type: ignore[arg-type]
 
 
-class EvoNormB0_2d(nn.Module):
+class EvoNormB0_2d(NormBase):
     r"""EvoNorm-B0 (Liu et al., "Evolving Normalization-Activation Layers", NeurIPS 2020).
 
     .. math:: y = \frac{x}{\max\!\big(\sqrt{\sigma^2_{B,c} + \epsilon},\;
@@ -72,7 +67,10 @@ class EvoNormB0_2d(nn.Module):
         >>> y = layer(torch.randn(4, 16, 8, 8))
     """
 
-    _recalibrate_kind = "batch_mean_var"  # running_var only; see normlab.recalibrate
+    # Its checkpoints have always held num_batches_tracked: no older format to upgrade.
+    _version = 1
+    _ranks = (4,)
+    _layout = "(N, C, H, W)"
 
     def __init__(
         self,
@@ -85,38 +83,13 @@ class EvoNormB0_2d(nn.Module):
         dtype: Any = None,
         process_group: Any = None,
     ) -> None:
-        super().__init__()
-        name = type(self).__name__
-        self.num_features = _check_num_features(name, num_features)
-        check_eps(name, eps)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"{name}: momentum must be in [0, 1] (the weight of the new batch statistic) "
-                f"or None (cumulative average), got {momentum}."
-            )
-        factory = {"device": device, "dtype": dtype}
-        self.eps = float(eps)
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        c = self.num_features
-        self.v = nn.Parameter(torch.empty(c, **factory))
-        if affine:
-            self.weight = nn.Parameter(torch.empty(c, **factory))
-            self.bias = nn.Parameter(torch.empty(c, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_var", torch.ones(c, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
+        del self.running_mean  # B0 uses no mean
+        self.v = nn.Parameter(torch.ones(self.num_features, device=device, dtype=dtype))
+        # v first, as in the state_dict of every EvoNormB0_2d checkpoint.
+        for name in ("weight", "bias"):
+            self._parameters[name] = self._parameters.pop(name)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -124,25 +97,18 @@ class EvoNormB0_2d(nn.Module):
             self.num_batches_tracked.zero_()  # type: ignore[union-attr]
 
     def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        nn.init.ones_(self.v)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        super().reset_parameters()
+        if "v" in self._parameters:  # the base constructor calls this before v exists
+            nn.init.ones_(self.v)
 
     def forward(self, input: Tensor) -> Tensor:
-        _check_input(self, input)
+        self._check_input(input)
         use_batch = self.training or not self.track_running_stats
-        factor = 0.0
         group = self.process_group if self.training else None
         if use_batch and not sync_active(group):  # synced: the global count is checked
             # Refuse a one-value batch before num_batches_tracked moves.
             check_batch_count(type(self).__name__, input, reduced_count(input, (0, 2, 3)))
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-            factor = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            )
+        factor = self._momentum_factor()
         return NF.evonorm_b0(
             input,
             self.running_var,
@@ -153,12 +119,6 @@ class EvoNormB0_2d(nn.Module):
             factor,
             self.eps,
             process_group=group,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
 
 
@@ -202,7 +162,7 @@ class EvoNormS0_2d(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.num_features = _check_num_features(name, num_features)
+        self.num_features = check_num_features(name, num_features)
         check_groups(name, self.num_features, groups)
         check_eps(name, eps)
         factory = {"device": device, "dtype": dtype}

@@ -15,6 +15,7 @@ from .._core.checks import (
     check_floating,
     check_rank,
 )
+from ._base import check_num_features
 
 __all__ = [
     "FilterResponseNorm1d",
@@ -22,12 +23,6 @@ __all__ = [
     "FilterResponseNorm3d",
     "TLU",
 ]
-
-
-def _check_num_features(name: str, num_features: int) -> int:
-    if int(num_features) <= 0:
-        raise ValueError(f"{name}: num_features must be >= 1, got {num_features}.")
-    return int(num_features)
 
 
 class _FilterResponseNorm(nn.Module):
@@ -93,7 +88,7 @@ class _FilterResponseNorm(nn.Module):
             raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}.")
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
-        self.num_features = _check_num_features(name, num_features)
+        self.num_features = check_num_features(name, num_features)
         check_eps(name, eps)
         self.learnable_eps = learnable_eps
         self.eps_floor = float(eps) if learnable_eps else 0.0
@@ -190,7 +185,7 @@ class TLU(nn.Module):
 
     def __init__(self, num_features: int, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        self.num_features = _check_num_features("TLU", num_features)
+        self.num_features = check_num_features("TLU", num_features)
         self.tau = nn.Parameter(torch.zeros(self.num_features, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:

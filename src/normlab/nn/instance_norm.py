@@ -8,12 +8,12 @@ from torch import Tensor
 
 from .. import functional as NF
 from .._core.checks import check_channels, check_floating, check_rank
-from ._base import _NormBase
+from ._base import NormBase
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class _InstanceNorm(_NormBase):
+class _InstanceNorm(NormBase):
     r"""Instance normalization (Ulyanov et al., 2017): statistics over the spatial
     dims of each (sample, channel).
 
@@ -39,8 +39,6 @@ class _InstanceNorm(_NormBase):
     """
 
     _spatial: int = 1
-    # normlab.recalibrate protocol: running stats average per-instance statistics.
-    _recalibrate_kind = "instance_mean_var"
     _eps_zero_ok = True
 
     def __init__(

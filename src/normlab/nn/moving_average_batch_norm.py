@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import functional as NF
 from ..functional.moving_average_batch_norm import check_mabn_options
-from ._base import _NormBase
+from ._base import NormBase
 
 __all__ = [
     "MovingAverageBatchNorm1d",
@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 
-class _MovingAverageBatchNorm(_NormBase):
+class _MovingAverageBatchNorm(NormBase):
     r"""Moving Average Batch Normalization: BN that trains at batch size 1 to 2.
 
     .. math:: y = \gamma\, r\, \frac{x}{\sqrt{\chi_{SMA} + \epsilon}} + \beta,
@@ -96,10 +96,6 @@ class _MovingAverageBatchNorm(_NormBase):
         ... )
         >>> y = block(torch.randn(2, 3, 32, 32))
     """
-
-    # running_var holds the EMA of chi = E[x^2]; see normlab.recalibrate
-    _recalibrate_kind = "batch_second_moment"
-    _step_counter = True  # num_batches_tracked drives the schedule
 
     def __init__(
         self,

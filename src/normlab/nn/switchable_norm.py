@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import functional as NF
 from .._core.checks import BACKENDS
 from ..functional.switchable_norm import switchable_norm_components
-from ._base import _NormBase
+from ._base import NormBase
 
 __all__ = [
     "SwitchableNorm1d",
@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 
-class _SwitchableNorm(_NormBase):
+class _SwitchableNorm(NormBase):
     r"""Switchable normalization (Luo et al., 2018, arXiv 1806.10779).
 
     Learns, per layer, how much of instance, layer and batch normalization to use:
@@ -75,9 +75,6 @@ class _SwitchableNorm(_NormBase):
     """
 
     _rank: int = 4
-    # normlab.recalibrate protocol: the running stats are the BN branch's batch
-    # mean / variance, as in BatchNorm.
-    _recalibrate_kind = "batch_mean_var"
 
     def __init__(
         self,
