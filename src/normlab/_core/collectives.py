@@ -1,7 +1,8 @@
 """Collectives of the synchronized layers over :mod:`torch.distributed` (any backend).
 
 The op-level half of cross-process statistics: which group a layer syncs over, each
-rank's local moments, one ``all_gather`` that merges them into the global batch's
+rank's local moments (by the rule of :mod:`normlab._core.stats`), one
+``all_gather`` that merges them into the global batch's
 (Chan's parallel formula around a common shift, in float64), the backward
 ``all_reduce`` of the gradient terms, and the global-count check. What a synced
 layer computes, and how to convert a model, is described in :mod:`normlab.distributed`.
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .stats import centered_moments, pivot
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
@@ -24,6 +27,7 @@ __all__ = [
     "all_reduce_sum",
     "check_global_count",
     "check_group_arg",
+    "group_moments",
     "local_moments",
     "resolve_process_group",
     "safe_pivot",
@@ -88,36 +92,19 @@ def sync_active(process_group: ProcessGroup | str | None) -> bool:
 
 
 def safe_pivot(x: Tensor, dims: Sequence[int]) -> Tensor:
-    """One sample of ``x`` per channel (index 0 along ``dims``, kept dims), detached.
-
-    Like :func:`normlab._core.stats.pivot`, but an empty ``x`` (a rank with
-    no samples) gets a zero pivot of the kept-dims shape instead of an error.
-    """
-    dims = tuple(sorted(d % x.dim() for d in dims))
-    if x.numel() == 0:
-        shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
-        return torch.zeros(shape, dtype=x.dtype, device=x.device)
-    p = x.detach()
-    for d in dims:
-        p = p.narrow(d, 0, 1)
-    return p
+    """:func:`normlab._core.stats.pivot`: one sample per group, zeros for an empty ``x``."""
+    return pivot(x, dims)
 
 
 def local_moments(xc: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor, int]:
     """Biased ``(mean, var, count)`` of ``xc`` over ``dims`` (kept dims), differentiable.
 
-    An empty reduction (count 0) gives zeros that stay connected to the graph
-    (so the rank still runs the backward collective), not NaN.
+    The statistics core's rule (:func:`normlab._core.stats.centered_moments`); an
+    empty reduction (count 0) gives zeros that stay connected to the graph (so the
+    rank still runs the backward collective), not NaN.
     """
-    dims = tuple(sorted(d % xc.dim() for d in dims))
-    count = 1
-    for d in dims:
-        count *= xc.shape[d]
-    if count == 0:
-        zero = xc.sum(dim=dims, keepdim=True)
-        return zero, zero, 0
-    var, mean = torch.var_mean(xc, dim=dims, correction=0, keepdim=True)
-    return mean, var.clamp_min(0), count
+    m = centered_moments(xc, dims, xc.new_zeros(()))
+    return m.mean, m.var, m.count
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -245,6 +232,19 @@ def sync_moments(
     """
     out = _SyncMoments.apply(mean, var, shift.detach(), int(count), group)
     return GlobalMoments(*out)
+
+
+def group_moments(
+    xc: Tensor, dims: Sequence[int], shift: Tensor, group: ProcessGroup
+) -> tuple[GlobalMoments, int]:
+    """Moments of the global batch from this rank's shifted data ``xc = x − shift``.
+
+    The cross-process companion of :func:`normlab._core.stats.centered_moments`:
+    this rank's moments by the same rule, merged over ``group`` by
+    :func:`sync_moments`. Returns the global moments and this rank's count.
+    """
+    mean, var, count = local_moments(xc, dims)
+    return sync_moments(mean, var, count, shift, group), count
 
 
 def check_global_count(layer: str, shape: Sequence[int], local: int, total: Tensor) -> None:

@@ -11,12 +11,19 @@ first half: moments over chosen dims, with the numerics rules of
   floating point (Sterbenz), so ``x - pivot`` keeps every significant digit of
   data such as CT intensities (mean 1e4, std 1e-2), where ``E[x²] − E[x]²`` or
   even a plain fp32 mean would lose them. Moments of the shifted data come from
-  two passes on CPU (the mean, then the mean square of the deviations) and from
-  :func:`torch.var_mean` (Welford) on other devices; then the shift is added back
-  to the mean.
+  two passes on every device (the mean, then the mean square of the
+  deviations: :func:`centered_moments`); then the shift is added back to the mean.
 * **Variance clamped at 0** before anyone adds eps.
 * **Counts**: the number of reduced elements travels with the moments, so
-  callers can refuse a batch variance from a single value.
+  callers can refuse a batch variance from a single value. An empty group (a
+  process with no samples) has zero moments, still connected to the graph, so it
+  contributes nothing to a cross-process merge
+  (:func:`normlab._core.collectives.group_moments`, Chan's formula).
+
+One faster path exists, for the fused CPU Functions only: :func:`one_pass_moments`
+(the shifted one-pass formula, with a two-pass fallback where it would lose
+precision). The reductions those Functions share (:func:`dot_sums`,
+:func:`sum_of_squares`) are at the end of this module.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ __all__ = [
     "reduced_count",
     "rstd",
     "mix_group_moments",
+    "one_pass_moments",
     "union_moments",
     "mean_square",
     "NATIVE_PLANE",
@@ -84,10 +92,16 @@ def pivot(x: Tensor, dims: Sequence[int]) -> Tensor:
     """One sample of ``x`` per reduced group (index 0 along ``dims``), kept dims.
 
     Detached: a norm is invariant to a constant shift, so the pivot carries no
-    gradient. Returned in ``x``'s dtype; it is an element of ``x``, exact.
+    gradient. Returned in ``x``'s dtype; it is an element of ``x``, exact. An
+    empty ``x`` (a process with no samples) gets a zero pivot of the kept-dims
+    shape.
     """
+    dims = _norm_dims(x, dims)
+    if x.numel() == 0:
+        shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
     p = x.detach()
-    for d in _norm_dims(x, dims):
+    for d in dims:
         p = p.narrow(d, 0, 1)
     return p
 
@@ -138,21 +152,58 @@ def centered_moments(
     """:func:`moments` of ``xc + shift`` given the already shifted ``xc``.
 
     Lets an op that normalizes ``xc`` reuse it for its statistics instead of
-    shifting ``x`` twice.
+    shifting ``x`` twice. Two passes: the mean, then the mean square of the
+    deviations (as stable as Welford's update, and several times faster than
+    :func:`torch.var_mean` on CPU). Fewer than ``correction + 1`` elements give a
+    NaN variance, as in torch; no elements at all give zero moments that stay in
+    the graph (see the module doc).
     """
     dims = _norm_dims(xc, dims)
     count = reduced_count(xc, dims)
-    if xc.device.type != "cpu":  # one fused Welford kernel on GPUs
-        var, mean_c = torch.var_mean(xc, dim=dims, correction=correction, keepdim=True)
-        return Moments(mean_c + shift, var.clamp_min(0), shift, count)
-    # CPU: two passes (mean, then the mean square of the deviations), as stable as Welford
-    # and 3-13x faster than torch.var_mean over (N, H, W) at shapes 2x16x16x16 to
-    # 8x64x56x56. Fewer than correction + 1 elements: NaN, as torch.
+    if count == 0:
+        zero = xc.sum(dim=dims, keepdim=True)
+        return Moments(zero + shift, zero, shift, 0)
     mean_c = xc.mean(dim=dims, keepdim=True)
     dev = xc - mean_c
     dof = count - correction
     var = (dev * dev).sum(dim=dims, keepdim=True) / (dof if dof > 0 else float("nan"))
     return Moments(mean_c + shift, var.clamp_min(0), shift, count)
+
+
+# μ²/v above which the shifted one-pass variance Σu²/L − μ² would cancel more than
+# ~6 of fp32's 24 bits; such groups (a pivot far out in its group's tail) are
+# recomputed with two passes. Gaussian data never get there.
+_ONE_PASS_LIMIT = 64.0
+
+
+def one_pass_moments(u: Tensor, per_sample: bool) -> tuple[Tensor, Tensor, int]:
+    """Mean and biased variance of pivot-shifted data ``u`` per (n, c) or per channel.
+
+    The one-pass path of the fused CPU Functions: :func:`dot_sums` gives ``Σu`` and
+    ``Σu²`` in one read, then ``v = Σu²/L − μ²``. Because ``u = x − pivot`` is
+    centred on an element of its own group, ``μ`` is a few standard deviations at
+    most and the subtraction keeps fp32 accuracy; where ``μ² > 64·v`` (a pivot far
+    out in its group's tail) the variance is recomputed in two passes, as
+    :func:`centered_moments` does. Variance clamped at 0.
+
+    Args:
+        u: (N, C, *S) data minus a per-group pivot (:func:`pivot`, :func:`centered`).
+        per_sample: statistics per (n, c) over the spatial dims, or per channel
+            over N and the spatial dims.
+
+    Returns:
+        ``(mean, var, count)``: mean (relative to the pivot) and variance of shape
+        (N or 1, C, 1, ...) in ``u``'s accumulation dtype, and the count ``L`` of
+        values per statistic.
+    """
+    dims = tuple(range(2, u.dim())) if per_sample else (0, *range(2, u.dim()))
+    count = reduced_count(u, dims)
+    s0, s1 = dot_sums(u, u, per_sample)
+    mean = s0 / count
+    var = s1 / count - mean * mean
+    if bool((mean * mean > _ONE_PASS_LIMIT * var).any()):
+        var = centered_moments(u, dims, mean.new_zeros(())).var
+    return mean, var.clamp_min(0), count
 
 
 def rstd(var: Tensor, eps: float) -> Tensor:

@@ -39,8 +39,7 @@ from torch import Tensor
 
 from .._core.fused import against, apply_dx, cast, composite_grads
 from .._core.running import update_running_stats
-from .._core.stats import centered, dot_sums, pivot
-from ._sn_autograd import shifted_moments
+from .._core.stats import centered, dot_sums, one_pass_moments, pivot
 
 __all__ = ["BatchRenormFunction"]
 
@@ -83,7 +82,8 @@ class BatchRenormFunction(torch.autograd.Function):
         shift_x = pivot(x, (0, *range(2, x.dim())))  # (1, C, 1...): elements of x
         u = centered(x, shift_x)  # the one full-size buffer (accumulation dtype); becomes y
         acc = u.dtype
-        mean, var, count = shifted_moments(u, per_sample=False)  # (1, C); mean rel. to s
+        mean, var, count = one_pass_moments(u, per_sample=False)  # mean relative to s
+        mean, var = mean.reshape(1, -1), var.reshape(1, -1)  # (1, C)
         shift = cast(shift_x, acc).reshape(1, -1)
         sigma_b = torch.sqrt(var + eps)
         # r and d from the running statistics *before* this step's update.

@@ -7,13 +7,13 @@ Functions because this is the numerics (statistics, the derived gradients and
 their buffer reuse), while the Functions only decide what to save and when to
 fall back to the composite.
 
-**Statistics.** ``torch.var_mean`` (Welford, used by ``_stats.moments``) takes
-50-100x the time of a plain sum on CPU, so the kernels use the *corrected
-two-pass* algorithm per (n, c) over the spatial dims (:func:`split_moments`)::
+**Statistics.** Per (n, c) over the spatial dims (:func:`split_moments`), the
+statistics core's rule with its one-pass path
+(:func:`normlab._core.stats.one_pass_moments`)::
 
-    m0 = mean(x)                 (rounded: only a shift)
+    m0 = x[n, c, 0, ...]         (the pivot: an element of the group)
     d  = x − m0                  (exact where x is near m0, Sterbenz)
-    md = mean(d),  var = max(mean(d²) − md², 0)
+    md = mean(d),  var = max(mean(d²) − md², 0)   (two passes where that would cancel)
 
 The mean stays split as ``m0 + md`` (never rounded back to one number), so
 the group/batch variances are exact mixtures of those moments
@@ -64,35 +64,30 @@ from .._core.export import rsqrt
 from .._core.fused import cast, param
 from .._core.normalize import channel_shape
 from .._core.running import update_running_stats
-from .._core.stats import acc_dtype, dot_sums, mix_group_moments, sum_of_squares
+from .._core.stats import (
+    acc_dtype,
+    dot_sums,
+    mix_group_moments,
+    one_pass_moments,
+    pivot,
+    reduced_count,
+)
 
 __all__ = ["split_moments"]
 
 
-def split_moments(
-    xa: Tensor, dims: Sequence[int], workspace: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(m0, md, var)`` of ``xa`` over ``dims`` (kept): mean ``m0 + md``, biased variance.
+def split_moments(xa: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m0, md, var)`` of ``xa`` per (n, c) over the spatial dims (kept): mean
+    ``m0 + md`` with ``m0`` the pivot, biased variance (see the module doc).
 
-    The corrected two-pass algorithm (see the module doc); four cheap passes
-    instead of ``var_mean``'s Welford loop. ``xa`` in the accumulation dtype.
-    ``x − m0`` is written into ``workspace`` (a full-size buffer the caller
-    reuses afterwards, e.g. for the output) instead of a fresh allocation.
+    ``xa`` in the accumulation dtype. ``x − m0`` is written into ``workspace`` (a
+    full-size buffer the caller reuses afterwards, e.g. for the output) instead of
+    a fresh allocation; two passes in all (the shift, one reduction).
     """
-    dims = tuple(dims)
-    count = _count(xa, dims)
-    m0 = xa.mean(dim=dims, keepdim=True)
+    m0 = pivot(xa, range(2, xa.dim()))
     d = xa - m0 if workspace is None else torch.sub(xa, m0, out=workspace)
-    md = d.sum(dim=dims, keepdim=True).div_(count)
-    var = sum_of_squares(d, dims, out=d).div_(count).sub_(md * md).clamp_min_(0)
+    md, var, _ = one_pass_moments(d, per_sample=True)
     return m0, md, var
-
-
-def _count(x: Tensor, dims: Sequence[int]) -> int:
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    return n
 
 
 # ------------------------------------------------------------------------------ B0
@@ -119,7 +114,7 @@ def _b0_fwd(
     spatial = tuple(range(2, x.dim()))
     xa = cast(x, acc)
     buf = torch.empty_like(xa)
-    m0, md, var_i = split_moments(xa, spatial, workspace=buf)
+    m0, md, var_i = split_moments(xa, workspace=buf)
     sig_i = torch.sqrt(var_i + eps)  # (N, C, 1, ...)
     dmu = None
     if training:
@@ -129,7 +124,7 @@ def _b0_fwd(
         mean_b, var_b = mix_group_moments(rel, var_i, (0,))
         dmu = rel - mean_b  # μ_I − μ_B
         if running_var is not None:
-            n = _count(x, (0, *spatial))
+            n = reduced_count(x, (0, *spatial))
             update_running_stats(None, running_var, mean_b, var_b * (n / (n - 1)), momentum)
     else:
         assert running_var is not None  # checked by the caller
@@ -196,10 +191,14 @@ def _b0_bwd(
     if needs[1]:
         dv = (neg_g * swmx.sum(dim=0, keepdim=True)).reshape(-1).to(v.dtype)
     if needs[0]:
-        k = neg_g * swm / (sig_i * _count(x, dims))  # K_I = ∂L/∂σ_I / (σ_I·S)
+        k = neg_g * swm / (sig_i * reduced_count(x, dims))  # K_I = ∂L/∂σ_I / (σ_I·S)
         shift = -k * md
         if dmu is not None:  # training: σ_B is a batch statistic
-            k_b = neg_g * (sum_w - swm.sum(dim=0, keepdim=True)) / (sig_b * _count(x, all_dims))
+            k_b = (
+                neg_g
+                * (sum_w - swm.sum(dim=0, keepdim=True))
+                / (sig_b * reduced_count(x, all_dims))
+            )
             k = k + k_b
             shift = -k * md + k_b * dmu
         # γ·t − γ·v·wm + K·((x − m0) − md) + K_B·(μ_I − μ_B), t = dy/e (in e's buffer)
@@ -231,7 +230,7 @@ def _s0_fwd(
     ones = [1] * (x.dim() - 2)
     xa = cast(x, acc)
     buf = torch.empty_like(xa)
-    m0, md, var = split_moments(xa, tuple(range(2, x.dim())), workspace=buf)
+    m0, md, var = split_moments(xa, workspace=buf)
     m0 = m0.reshape(n, num_groups, cpg)
     # Channel means relative to the group's first channel's m0 (exact differences
     # of nearby values), mixed exactly into the group moments.
@@ -290,7 +289,7 @@ def _s0_bwd(
         ga = a if gamma is None else gamma * a
         cpg = c // num_groups
         dr = ga.reshape(n, num_groups, cpg).sum(dim=2, keepdim=True).expand(n, num_groups, cpg)
-        k = dr.reshape(a.shape) * r.pow(3) * (-1.0 / (cpg * _count(x, dims)))
+        k = dr.reshape(a.shape) * r.pow(3) * (-1.0 / (cpg * reduced_count(x, dims)))
         # γ·r·dy·silu'(v·x) + k·((x − pivot) − mean_rel)
         dx = w.addcmul_(xp, vb).mul_(gr)
         dx.addcmul_(torch.sub(xa, pivot, out=p), k).sub_(k * mean_rel)

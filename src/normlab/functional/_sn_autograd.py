@@ -33,7 +33,6 @@ The passes and the casts are the shared ones of :mod:`normlab._core.fused` and
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -42,38 +41,9 @@ from torch import Tensor
 from .._core.fused import against, apply_dx, cast, composite_grads
 from .._core.mixing import mix_moments
 from .._core.running import update_running_stats
-from .._core.stats import centered, dot_sums, pivot, rstd
+from .._core.stats import centered, dot_sums, one_pass_moments, pivot, rstd
 
-__all__ = ["SwitchableNormFunction", "shifted_moments"]
-
-# μ²/v above which the shifted one-pass variance Σu²/L − μ² would cancel more
-# than ~6 of fp32's 24 bits; such groups (a pivot far out in its group's tail)
-# are recomputed with a two-pass variance. Gaussian data never get there.
-_SHIFT_LIMIT = 64.0
-
-
-def shifted_moments(u: Tensor, per_sample: bool) -> tuple[Tensor, Tensor, int]:
-    """Mean and biased variance of ``u = x − pivot`` per (n, c) or per channel.
-
-    One pass, :func:`~normlab._core.reductions.dot_sums` of ``u²`` and ``u``, then
-    ``v = Σu²/L − μ²``: the *shifted* one-pass formula of
-    ``docs/numerics.md`` rule 2. ``u`` is centred on an element of
-    its own group, so ``μ`` is a few standard deviations at most and the
-    subtraction keeps fp32 accuracy; where ``μ² > 64·v`` (the pivot sits far
-    out in its group's tail) the variance is recomputed with a two-pass
-    reduction. Variance clamped at 0.
-
-    Returns (N or 1, C) matrices (mean relative to the shift, variance) in
-    the accumulation dtype, and the count ``L`` per group.
-    """
-    dims = tuple(range(2, u.dim())) if per_sample else (0, *range(2, u.dim()))
-    count = math.prod(u.shape[d] for d in dims)
-    s0, s1 = (t.reshape(-1, u.shape[1]) for t in dot_sums(u, u, per_sample))
-    mean = s0 / count
-    var = s1 / count - mean * mean
-    if bool((mean * mean > _SHIFT_LIMIT * var).any()):
-        var = torch.var(u, dims, correction=0).reshape(var.shape)
-    return mean, var.clamp_min(0), count
+__all__ = ["SwitchableNormFunction"]
 
 
 def _mix_backward(
@@ -152,7 +122,8 @@ class SwitchableNormFunction(torch.autograd.Function):
         shift_x = pivot(x, range(2, x.dim()))  # (N, C, 1...): elements of x
         u = centered(x, shift_x)  # the one full-size buffer (accumulation dtype); becomes y
         acc = u.dtype
-        mu, var, count = shifted_moments(u, per_sample=True)  # (N, C)
+        mu, var, count = one_pass_moments(u, per_sample=True)
+        mu, var = mu.reshape(n, c), var.reshape(n, c)
         shift = cast(shift_x, acc).reshape(n, c)
         mix = mix_moments(
             shift, mu, var, mean_weight, var_weight, names, bn_mode, running_mean, running_var

@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._core.checks import check_batch_count, check_eps, check_floating, check_param
-from .._core.collectives import (
-    check_global_count,
-    local_moments,
-    resolve_process_group,
-    safe_pivot,
-    sync_moments,
-)
+from .._core.collectives import check_global_count, group_moments, resolve_process_group
 from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import affine_normalize
 from .._core.running import update_running_stats
@@ -157,10 +151,9 @@ def _synced_batch_norm(
     acc = acc_dtype(input.dtype)
     shape = [1] * input.dim()
     shape[1] = input.shape[1]
-    shift = safe_pivot(input, dims).to(acc)
+    shift = pivot(input, dims).to(acc)
     xc = centered(input, shift)
-    mean_c, var, count = local_moments(xc, dims)
-    g = sync_moments(mean_c, var, count, shift, group)
+    g, count = group_moments(xc, dims, shift, group)
     check_global_count("batch_norm", input.shape, count, g.count)
     scale = rstd(g.var, eps)
     if weight is not None:

@@ -14,13 +14,7 @@ from .._core.checks import (
     check_param,
     host_checks_allowed,
 )
-from .._core.collectives import (
-    check_global_count,
-    local_moments,
-    resolve_process_group,
-    safe_pivot,
-    sync_moments,
-)
+from .._core.collectives import check_global_count, group_moments, resolve_process_group
 from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import affine_normalize, channel_shape
 from .._core.running import snapshot, update_running_stats
@@ -184,7 +178,7 @@ def _batch_renorm_autograd(
     dims = (0, *range(2, input.dim()))
     acc = acc_dtype(input.dtype)
     shape = channel_shape(input)
-    shift = (pivot if group is None else safe_pivot)(input, dims).to(acc)
+    shift = pivot(input, dims).to(acc)
     xc = centered(input, shift)
     if group is None:
         # zero shift: m.mean is the mean of the shifted data, kept exact (adding the
@@ -193,8 +187,7 @@ def _batch_renorm_autograd(
         mean_c, batch_var_b, n = m.mean, m.var, m.count
         batch_mean = mean_c + shift
     else:  # moments of every rank's batch (one all_gather; one all_reduce in backward)
-        local_mean, local_var, local_count = local_moments(xc, dims)
-        g = sync_moments(local_mean, local_var, local_count, shift, group)
+        g, local_count = group_moments(xc, dims, shift, group)
         check_global_count(layer, input.shape, local_count, g.count)
         mean_c, batch_var_b, n = g.mean, g.var, g.count
         batch_mean = g.mean_abs

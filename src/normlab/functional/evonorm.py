@@ -8,17 +8,11 @@ import torch
 from torch import Tensor
 
 from .._core.checks import check_batch_count, check_eps, check_floating, check_groups, check_param
-from .._core.collectives import (
-    check_global_count,
-    local_moments,
-    resolve_process_group,
-    safe_pivot,
-    sync_moments,
-)
+from .._core.collectives import check_global_count, group_moments, resolve_process_group
 from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import channel_shape
 from .._core.running import update_running_stats
-from .._core.stats import acc_dtype, centered, moments, reduced_count
+from .._core.stats import acc_dtype, centered, moments, pivot, reduced_count
 from ._evonorm_autograd import b0_apply, b0_normalize, s0_apply, s0_composite
 
 if TYPE_CHECKING:
@@ -106,9 +100,8 @@ def evonorm_b0(
     spatial = tuple(range(2, input.dim()))
     if group is not None:  # one all_gather here, one all_reduce in backward
         dims = (0, *spatial)
-        shift = safe_pivot(input, dims).to(acc)
-        local_mean, local_var, local_count = local_moments(centered(input, shift), dims)
-        g = sync_moments(local_mean, local_var, local_count, shift, group)
+        shift = pivot(input, dims).to(acc)
+        g, local_count = group_moments(centered(input, shift), dims, shift, group)
         check_global_count(layer, input.shape, local_count, g.count)
         batch_var = g.var
         if running_var is not None:
