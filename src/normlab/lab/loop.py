@@ -34,7 +34,7 @@ from .tasks import CLASSIFICATION, Task
 if TYPE_CHECKING:
     from .data import Split
 
-__all__ = ["ModelBuilder", "build_networks", "lab_model", "train_loop"]
+__all__ = ["ModelBuilder", "build_networks", "check_packable", "lab_model", "train_loop"]
 
 #: ``build(config, split, packs) -> model`` on CPU, with fresh weights drawn from torch's
 #: global generator (the loop seeds it with ``config.seed`` first). ``packs == 1``: one
@@ -81,6 +81,22 @@ def build_networks(
     model = build(configs[0], split, len(configs))
     pack_states(model, plains)
     return model
+
+
+def check_packable(configs: Sequence[RunConfig]) -> None:
+    """Refuse runs that cannot train together: no runs, fields other than the seed that
+    differ, repeated seeds, or several data-parallel runs."""
+    if not configs:
+        raise ValueError("no runs to train")
+    base = {**configs[0].to_dict(), "seed": None}
+    for c in configs[1:]:
+        if {**c.to_dict(), "seed": None} != base:
+            raise ValueError(f"runs packed together must differ only in seed: {configs[0]} vs {c}")
+    seeds = [c.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"packed runs need distinct seeds, got {seeds}")
+    if configs[0].ranks != 1 and len(configs) > 1:
+        raise ValueError("data-parallel runs (ranks > 1) are trained one at a time, not packed")
 
 
 def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -219,8 +235,8 @@ def train_loop(
 ) -> tuple[nn.Module, list[tuple[list[EpochStats], bool]]]:
     """Train runs that differ only in seed side by side (one run: alone or data-parallel).
 
-    ``configs`` must share every field but the seed (checked by the callers in
-    :mod:`normlab.lab.train`); data-parallel runs (``ranks`` > 1) come one at a time.
+    ``configs`` must share every field but the seed (:func:`check_packable`);
+    data-parallel runs (``ranks`` > 1) come one at a time.
     A network whose loss turns non-finite is evaluated on the whole test set at once and
     stops being recorded (a data-parallel run finishes the evaluation period with the
     other ranks first); the others go on.
@@ -230,6 +246,7 @@ def train_loop(
         is unwrapped (this rank's replica for a data-parallel run).
         ``on_epoch(i, stats)`` is called after each evaluation point of run ``i``.
     """
+    check_packable(configs)
     base, packs = configs[0], len(configs)
     rank = _check_world(base)
     n, bs = len(split.x_train), base.batch_size

@@ -8,7 +8,9 @@ the last incomplete batch of an epoch is dropped (a batch of 1 would break BN). 
 error is measured in eval mode, so BN uses its running statistics: after every epoch on
 the first 500 test images (a curve, cheaply), after the last one on the whole test set.
 ``bn+recal`` trains as BN and recomputes the running statistics over the training set
-(:func:`normlab.recalibrate.recalibrate`) before every evaluation.
+(:func:`normlab.recalibrate.recalibrate`, precise BN) before every evaluation;
+``bn+recal-pb`` likewise, storing the mean of the per-batch variances instead of the
+pooled variance.
 
 With ``RunConfig.steps`` = N every run takes exactly N optimizer steps whatever its batch
 size, so that large batches are not simply given fewer steps: the data order still
@@ -24,6 +26,8 @@ draws the same shuffled order, takes its own slice of each global batch of
 scales with the global batch and an epoch has ``n // (ranks · batch_size)`` steps. A
 plain norm (``bn``) normalizes with per-rank statistics, a ``+sync`` one (``bn+sync``)
 with global-batch statistics.
+
+Lone, packed and data-parallel runs share one loop, :func:`normlab.lab.loop.train_loop`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from functools import partial
 import torch
 
 from .data import Split, load_split
-from .loop import train_loop
+from .loop import check_packable, train_loop
 from .models import final_spatial_size
 from .run_config import EpochStats, RunConfig, RunRecord, versions
 
@@ -106,20 +110,6 @@ def _record(
 # -- seeds side by side (normlab.lab.packed) ------------------------------------------------
 
 
-def _check_packable(configs: Sequence[RunConfig]) -> None:
-    if not configs:
-        raise ValueError("no runs to train")
-    base = {**configs[0].to_dict(), "seed": None}
-    for c in configs[1:]:
-        if {**c.to_dict(), "seed": None} != base:
-            raise ValueError(f"runs packed together must differ only in seed: {configs[0]} vs {c}")
-    seeds = [c.seed for c in configs]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"packed runs need distinct seeds, got {seeds}")
-    if configs[0].ranks != 1:
-        raise ValueError("data-parallel runs (ranks > 1) are trained one at a time, not packed")
-
-
 def train_packed(
     configs: Sequence[RunConfig],
     split: Split,
@@ -139,7 +129,7 @@ def train_packed(
         :func:`normlab.lab.packed.unpack_state` cuts one run's weights out of the model.
         ``on_epoch(i, stats)`` is called after each epoch of run ``i``.
     """
-    _check_packable(configs)
+    check_packable(configs)
     return train_loop(configs, split, on_epoch=on_epoch)
 
 
@@ -154,7 +144,7 @@ def train_runs(
 
     ``on_epoch(i, stats)`` is called after each epoch of run ``i``.
     """
-    _check_packable(configs)
+    check_packable(configs)
     if not pack or len(configs) == 1:
         return [
             train_run(c, split=split, on_epoch=None if on_epoch is None else partial(on_epoch, i))
