@@ -22,11 +22,10 @@ from .._core.export import rsqrt
 from .._core.fused import autograd_needed, composite_grads
 from .._core.normalize import channel_shape
 from .._core.stats import acc_dtype, centered, centered_moments, mix_group_moments, moments
-from ._evonorm_kernels import _b0_bwd, _b0_fwd, _s0_bwd, _s0_fwd, split_moments
+from ._evonorm_kernels import b0_backward, b0_forward, s0_backward, s0_forward
 from .group_norm import group_pivot
 
 __all__ = [
-    "split_moments",
     "b0_normalize",
     "b0_apply",
     "s0_composite",
@@ -93,7 +92,7 @@ class _EvoNormB0Function(torch.autograd.Function):
         momentum: float,
         eps: float,
     ) -> Tensor:
-        y, sig_i, sig_b, m0, md, dmu = _b0_fwd(
+        y, sig_i, sig_b, m0, md, dmu = b0_forward(
             x, v, weight, bias, running_var, training, momentum, eps
         )
         ctx.save_for_backward(x, v, weight, bias, sig_i, sig_b, m0, md, dmu)
@@ -112,7 +111,7 @@ class _EvoNormB0Function(torch.autograd.Function):
 
             grads = composite_grads(needs, dy, b0, x, v, weight, bias)
         else:
-            grads = _b0_bwd(dy, x, v, weight, bias, sig_i, sig_b, m0, md, dmu, needs)
+            grads = b0_backward(dy, x, v, weight, bias, sig_i, sig_b, m0, md, dmu, needs)
         return (*grads, None, None, None, None)
 
 
@@ -130,7 +129,7 @@ def b0_apply(
     if autograd_needed(x, v, weight, bias):
         return _EvoNormB0Function.apply(x, v, weight, bias, running_var, training, momentum, eps)
     with torch.no_grad():
-        return _b0_fwd(x, v, weight, bias, running_var, training, momentum, eps)[0]
+        return b0_forward(x, v, weight, bias, running_var, training, momentum, eps)[0]
 
 
 # ------------------------------------------------------------------------------ S0
@@ -179,7 +178,7 @@ class _EvoNormS0Function(torch.autograd.Function):
         num_groups: int,
         eps: float,
     ) -> Tensor:
-        y, r, pivot, mean_rel = _s0_fwd(x, num_groups, v, weight, bias, eps)
+        y, r, pivot, mean_rel = s0_forward(x, num_groups, v, weight, bias, eps)
         ctx.save_for_backward(x, v, weight, bias, r, pivot, mean_rel)
         ctx.num_groups, ctx.eps = num_groups, eps
         return y
@@ -195,7 +194,7 @@ class _EvoNormS0Function(torch.autograd.Function):
 
             grads = composite_grads(needs, dy, s0, x, v, weight, bias)
         else:
-            grads = _s0_bwd(dy, x, v, weight, bias, r, pivot, mean_rel, ctx.num_groups, needs)
+            grads = s0_backward(dy, x, v, weight, bias, r, pivot, mean_rel, ctx.num_groups, needs)
         return (*grads, None, None)
 
 
@@ -211,4 +210,4 @@ def s0_apply(
     if autograd_needed(x, v, weight, bias):
         return _EvoNormS0Function.apply(x, v, weight, bias, num_groups, eps)
     with torch.no_grad():
-        return _s0_fwd(x, num_groups, v, weight, bias, eps)[0]
+        return s0_forward(x, num_groups, v, weight, bias, eps)[0]

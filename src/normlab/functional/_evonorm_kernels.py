@@ -73,7 +73,7 @@ from .._core.stats import (
     reduced_count,
 )
 
-__all__ = ["split_moments"]
+__all__ = ["b0_backward", "b0_forward", "s0_backward", "s0_forward", "split_moments"]
 
 
 def split_moments(xa: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,7 +93,7 @@ def split_moments(xa: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, 
 # ------------------------------------------------------------------------------ B0
 
 
-def _b0_fwd(
+def b0_forward(
     x: Tensor,  # (N, C, *S)
     v: Tensor,  # (C,)
     weight: Tensor | None,  # (C,)
@@ -152,7 +152,7 @@ def _b0_den(xa: Tensor, v: Tensor, sig_i: Tensor, rb: Tensor, out: Tensor | None
     return e.add_(sig_i * rb).clamp_min_(1.0)
 
 
-def _b0_bwd(
+def b0_backward(
     dy: Tensor,  # (N, C, *S)
     x: Tensor,  # (N, C, *S)
     v: Tensor,  # (C,)
@@ -211,7 +211,7 @@ def _b0_bwd(
 # ------------------------------------------------------------------------------ S0
 
 
-def _s0_fwd(
+def s0_forward(
     x: Tensor,  # (N, C, *S)
     num_groups: int,
     v: Tensor,  # (C,)
@@ -249,7 +249,7 @@ def _s0_fwd(
     return cast(f, x.dtype), r, per_channel(pivot), per_channel(mean_rel)
 
 
-def _s0_bwd(
+def s0_backward(
     dy: Tensor,  # (N, C, *S)
     x: Tensor,  # (N, C, *S)
     v: Tensor,  # (C,)
