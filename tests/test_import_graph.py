@@ -1,0 +1,301 @@
+"""The import graph of normlab: floors, no cycles, every module importable on its own.
+
+Floors, each importing only from the floors below it (a module may import from its
+own floor):
+
+    _core  <-  kernels  <-  functional  <-  nn  <-  tools  <-  lab  <-  cli
+
+with ``_core`` importing nothing of normlab outside ``_core`` (and, outside the
+standard library, only torch, plus triton to probe whether the kernels can run),
+and ``reference`` (the float64 NumPy references) importing only NumPy and ``_core``.
+Every import counts: top level, function-local, and ``TYPE_CHECKING`` ones for the
+floors (they are what a reader follows); the cycle check follows the imports that
+run (all but ``TYPE_CHECKING``), including the implicit import of a module's parent
+packages.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from functools import cache
+
+import pytest
+
+import normlab
+
+SRC = pathlib.Path(normlab.__file__).parent
+TOOLS = {
+    "convert", "recalibrate", "doctor", "distributed", "registry", "fuse", "freeze",
+    "kinds", "feed", "catalogue", "selfcheck", "_surgery", "_architecture", "_population",
+    "_recal",
+}  # fmt: skip
+FLOOR = {"_core": 0, "_lazy": 0, "reference": 0, "kernels": 1, "functional": 2, "nn": 3}
+FLOOR.update(root=3, tools=4, lab=5, cli=6)
+
+# Known violations outside normlab/_core and normlab/functional, as (importer,
+# imported) edges; each entry names the item of issue #14 that removes it. The test
+# fails on any violation not listed here, and on an entry that is no longer a
+# violation (delete it then).
+ALLOWED: dict[tuple[str, str], str] = {
+    # Issue #14 item 3 (floors): lab.commands imports the CLI's helpers from above.
+    ("normlab.lab.commands", "normlab.cli"): "upward lab -> cli; cycle cli <-> lab.commands",
+    # Issue #14 item 3 (cycles hidden by function-local imports) and item 10 (doctor's split).
+    ("normlab.doctor_cli", "normlab.doctor"): "cycle doctor <-> doctor_cli",
+    # Issue #14 items 3 and 8 (one training loop): the sweep and its data-parallel ranks.
+    ("normlab.lab.data_parallel", "normlab.lab.sweep"): "cycle sweep <-> data_parallel",
+    ("normlab.lab.ranks", "normlab.lab.sweep"): "cycle sweep <-> ranks",
+    # Issue #14 item 3: the segmentation data and its folder reader.
+    ("normlab.lab.seg_data", "normlab.lab.seg_folder"): "cycle seg_data <-> seg_folder",
+}
+
+
+@cache
+def modules() -> dict[str, tuple[pathlib.Path, bool]]:
+    """Every module of normlab: dotted name -> (file, is a package)."""
+    out = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        out[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    return out
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    inside = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            test = node.test
+            name = getattr(test, "id", None) or getattr(test, "attr", None)
+            if name == "TYPE_CHECKING":
+                inside.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return inside
+
+
+@cache
+def imports(module: str) -> tuple[tuple[str, bool], ...]:
+    """``(imported, type_checking_only)`` for every import in ``module``'s source.
+
+    Imported names are resolved to the deepest normlab module (``from .x import y``
+    is module ``.x.y`` where that is a module); other libraries keep their top name.
+    """
+    path, is_pkg = modules()[module]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = _type_checking_nodes(tree)
+    package = module if is_pkg else module.rpartition(".")[0]
+    found: list[tuple[str, bool]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, id(node) in typing_only) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for a in node.names:
+                sub = f"{target}.{a.name}"
+                found.append((sub if sub in modules() else target, id(node) in typing_only))
+    resolved = []
+    for name, typing in found:
+        if name == "normlab" or name.startswith("normlab."):
+            while name not in modules():
+                name = name.rpartition(".")[0]
+        else:
+            name = name.partition(".")[0]
+        resolved.append((name, typing))
+    return tuple(dict.fromkeys(resolved))
+
+
+def floor_of(module: str) -> tuple[str, int]:
+    if module == "normlab":
+        return "root", FLOOR["root"]
+    top = module.split(".")[1]
+    if top in ("cli", "__main__"):
+        return "cli", FLOOR["cli"]
+    if top in FLOOR:
+        return top, FLOOR[top]
+    if top.split("_")[0] in TOOLS or top in TOOLS or top.startswith("_recal_"):
+        return "tools", FLOOR["tools"]
+    raise AssertionError(f"{module}: not on any floor; add it to the floors of this test")
+
+
+def _normlab_edges(typing_too: bool) -> set[tuple[str, str]]:
+    return {
+        (m, t)
+        for m in modules()
+        for t, typing in imports(m)
+        if t in modules() and t != m and (typing_too or not typing)
+    }
+
+
+def floor_violations() -> set[tuple[str, str]]:
+    bad = set()
+    for m, t in _normlab_edges(typing_too=True):
+        (fm, lm), (ft, lt) = floor_of(m), floor_of(t)
+        walled = fm in ("_core", "reference", "_lazy") and ft != fm and ft != "_core"
+        if lt > lm or walled or (fm == "_core" and ft != "_core"):
+            bad.add((m, t))
+    return bad
+
+
+def _ancestors(module: str) -> set[str]:
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def runtime_graph() -> dict[str, set[str]]:
+    """Imports that run, plus the parent packages that importing a module runs first."""
+    graph: dict[str, set[str]] = {m: set() for m in modules()}
+    for m, t in _normlab_edges(typing_too=False):
+        graph[m].add(t)
+        graph[m] |= {a for a in _ancestors(t) if a not in _ancestors(m) and a != m}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (iterative Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    x = stack.pop()
+                    on_stack.discard(x)
+                    comp.append(x)
+                    if x == v:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return found
+
+
+def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
+    seen, todo = {start}, [start]
+    while todo:
+        for w in graph[todo.pop()]:
+            if w == goal:
+                return True
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return False
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_every_module_is_on_a_floor() -> None:
+    for m in modules():
+        floor_of(m)
+
+
+def test_floors_are_respected() -> None:
+    bad = floor_violations() - set(ALLOWED)
+    assert not bad, "upward or walled-off imports:\n" + "\n".join(sorted(map(str, bad)))
+
+
+def test_core_and_reference_libraries() -> None:
+    """_core: torch (and the triton probe); reference: NumPy. Nothing else installed."""
+    std = set(sys.stdlib_module_names) | {"__future__"}
+    allowed = {"_core": {"torch", "triton"}, "reference": {"numpy"}}
+    for m in modules():
+        floor, _ = floor_of(m)
+        if floor in allowed:
+            libs = {t for t, _ in imports(m) if t not in modules() and t not in std}
+            assert libs <= allowed[floor], (m, libs - allowed[floor])
+
+
+def test_no_import_cycles() -> None:
+    graph = runtime_graph()
+    for m, t in ALLOWED:
+        graph[m].discard(t)
+    found = cycles(graph)
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_allow_list_is_current() -> None:
+    """Every allowed edge exists and is still a violation (an upward import or on a cycle)."""
+    graph = runtime_graph()
+    upward = floor_violations()
+    for (m, t), why in ALLOWED.items():
+        assert (m, t) in _normlab_edges(typing_too=True), f"stale: {m} no longer imports {t}"
+        assert (m, t) in upward or _reaches(graph, t, m), f"stale ({why}): {m} -> {t} is fine"
+
+
+def test_the_checks_can_fail() -> None:
+    """The cycle finder and the floor rule on a made-up graph and a made-up edge."""
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert floor_of("normlab._core.stats")[1] < floor_of("normlab.functional.evonorm")[1]
+    assert floor_of("normlab.lab.sweep")[1] < floor_of("normlab.cli")[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks one fresh process per module")
+def test_every_module_imports_on_its_own() -> None:
+    """Each module in a process that has imported nothing of normlab before it."""
+    names = [m for m in modules() if m != "normlab.__main__"]
+    script = textwrap.dedent(
+        """
+        import importlib, os, sys, traceback
+        import numpy, torch  # what every module needs; normlab itself is not imported
+        assert not [m for m in sys.modules if m.startswith("normlab")]
+        failed, running = [], {}
+        def reap():
+            pid, status = os.wait()
+            if status:
+                failed.append(running[pid])
+            del running[pid]
+        for name in sys.argv[1:]:
+            while len(running) >= max(2, os.cpu_count() or 2):
+                reap()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    importlib.import_module(name)
+                except BaseException:
+                    print(f"--- {name}", file=sys.stderr)
+                    traceback.print_exc()
+                    os._exit(1)
+                os._exit(0)
+            running[pid] = name
+        while running:
+            reap()
+        sys.exit(f"failed on its own: {sorted(failed)}" if failed else 0)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", script, *names], capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
