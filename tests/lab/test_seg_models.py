@@ -71,15 +71,24 @@ def test_norm_layers_come_from_the_lab():
     assert isinstance(build_segmentation_model("gn", 3), UNet)
 
 
-def test_it_learns_the_silhouette_scenes():
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from threads, and lose much when the cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_it_learns_the_silhouette_scenes(one_thread):
     data = silhouette_scenes(n_train=32, n_test=8, image_size=16, labels="foreground", seed=5)
     torch.manual_seed(0)
-    model = build_segmentation_model("gn", data.num_classes, widths=(8, 16, 16))
+    model = build_segmentation_model("gn", data.num_classes, widths=(8, 16))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = data.x_train, data.y_train
     with torch.no_grad():
         before = float(seg_cross_entropy(model(x), y))
-    for step in range(40):
+    for step in range(30):
         idx = torch.arange(8 * (step % 4), 8 * (step % 4) + 8)
         loss = seg_cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -87,4 +96,4 @@ def test_it_learns_the_silhouette_scenes():
         opt.step()
     with torch.no_grad():
         after = float(seg_cross_entropy(model(x), y))
-    assert after < 0.8 * before
+    assert after < 0.6 * before
