@@ -82,6 +82,12 @@ def check_param(layer: str, name: str, p: Tensor | None, shape: Sequence[int]) -
         )
 
 
+def check_params(layer: str, shape: Sequence[int], **params: Tensor | None) -> None:
+    """:func:`check_param` for each named parameter (None: absent), in the order given."""
+    for name, p in params.items():
+        check_param(layer, name, p, shape)
+
+
 def check_batch_count(layer: str, x: Tensor, count: int, what: str = "channel") -> None:
     """Refuse a batch variance computed from a single value."""
     if count <= 1:

@@ -28,7 +28,14 @@ from torch import Tensor
 
 from .stats import rstd, union_moments
 
-__all__ = ["BnMerge", "BnSource", "Mixed", "mix_moments", "mixed_scale"]
+__all__ = [
+    "BnMerge",
+    "BnSource",
+    "Mixed",
+    "mix_moments",
+    "mixed_scale",
+    "switchable_norm_components",
+]
 
 BnSource = Literal["batch", "running", "none"]
 """Where the BN branch's moments come from: this batch, the running statistics, nowhere."""
@@ -62,6 +69,16 @@ class Mixed(NamedTuple):
     dev_bn: Tensor | None
     stack_m: Tensor
     stack_v: Tensor
+
+
+def switchable_norm_components(rank: int, using_bn: bool = True) -> tuple[str, ...]:
+    """The normalizers mixed for an input of ``rank`` dims, in the order of the logits.
+
+    ``("in", "ln", "bn")`` for (N, C, \\*spatial) input, ``("ln", "bn")`` for (N, C)
+    (an instance of one value has no statistics); without ``"bn"`` when ``using_bn=False``.
+    """
+    names = ("in", "ln", "bn") if rank >= 3 else ("ln", "bn")
+    return names if using_bn else names[:-1]
 
 
 def _identity_merge(mean: Tensor, var: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:

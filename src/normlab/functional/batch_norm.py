@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import check_batch_count, check_eps, check_floating, check_param
+from .._core.checks import check_batch_count, check_eps, check_floating, check_params
 from .._core.collectives import check_global_count, group_moments, resolve_process_group
 from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import affine_normalize
@@ -88,13 +88,9 @@ def batch_norm(
     # Only eval mode (fixed statistics: one elementwise pass) has a Triton kernel.
     path = choose_path(Op.BATCH_NORM if training else Op.BATCH_NORM_EVAL, input, backend, group)
     c = input.shape[1]
-    for name, p in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        check_param(layer, name, p, (c,))
+    check_params(
+        layer, (c,), weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -197,13 +193,9 @@ def frozen_batch_norm(
         raise ValueError(f"{layer}: expected (N, C, *spatial), got shape {tuple(input.shape)}.")
     path = choose_path(Op.FROZEN_BATCH_NORM, input, backend, None)
     c = input.shape[1]
-    for name, p in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        check_param(layer, name, p, (c,))
+    check_params(
+        layer, (c,), weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     if path is Path.TRITON:
         from ..kernels import fused_frozen_batch_norm
 

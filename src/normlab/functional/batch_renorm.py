@@ -11,7 +11,7 @@ from .._core.checks import (
     check_batch_count,
     check_eps,
     check_floating,
-    check_param,
+    check_params,
     host_checks_allowed,
 )
 from .._core.collectives import check_global_count, group_moments, resolve_process_group
@@ -122,13 +122,9 @@ def batch_renorm(
             "statistics with them); for batch statistics alone use batch_norm."
         )
     c = input.shape[1]
-    for name, p in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        check_param(layer, name, p, (c,))
+    check_params(
+        layer, (c,), weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     if not training:
         return affine_normalize(input, running_mean, running_var, weight, bias, eps)
     _check_limit(layer, "r_max", r_max, 1.0)

@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .._core.checks import check_batch_count, check_eps, check_floating, check_groups, check_param
+from .._core.checks import (
+    check_batch_count,
+    check_eps,
+    check_floating,
+    check_groups,
+    check_params,
+)
 from .._core.collectives import check_global_count, group_moments, resolve_process_group
 from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import channel_shape
@@ -84,8 +90,7 @@ def evonorm_b0(
         Op.EVONORM_B0, input, backend, group, v, weight, bias, constants=(running_var,)
     )
     c = input.shape[1]
-    for name, p in (("v", v), ("weight", weight), ("bias", bias), ("running_var", running_var)):
-        check_param(layer, name, p, (c,))
+    check_params(layer, (c,), v=v, weight=weight, bias=bias, running_var=running_var)
     if v is None:
         raise ValueError(f"{layer}: v (shape ({c},)) is required.")
     if path is Path.FUSED:
@@ -166,8 +171,7 @@ def evonorm_s0(
     path = choose_path(Op.EVONORM_S0, input, backend, None, v, weight, bias)
     c = input.shape[1]
     check_groups(layer, c, num_groups)
-    for name, p in (("v", v), ("weight", weight), ("bias", bias)):
-        check_param(layer, name, p, (c,))
+    check_params(layer, (c,), v=v, weight=weight, bias=bias)
     if v is None:
         raise ValueError(f"{layer}: v (shape ({c},)) is required.")
     if path is Path.FUSED:

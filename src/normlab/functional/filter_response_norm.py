@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._core.checks import check_eps, check_floating, check_param, host_checks_allowed
+from .._core.checks import check_eps, check_floating, check_param, check_params, host_checks_allowed
 from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import channel_shape
 from .._core.stats import acc_dtype
@@ -64,9 +64,7 @@ def _frn(
     eps_t = eps if isinstance(eps, Tensor) else None
     path = choose_path(op, input, backend, None, weight, bias, tau, eps_t)
     c = input.shape[1]
-    check_param(layer, "weight", weight, (c,))
-    check_param(layer, "bias", bias, (c,))
-    check_param(layer, "tau", tau, (c,))
+    check_params(layer, (c,), weight=weight, bias=bias, tau=tau)
     e = _abs_eps(layer, eps, acc_dtype(input.dtype))
     if path is Path.TRITON:
         from ..kernels import fused_filter_response_norm

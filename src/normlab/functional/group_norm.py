@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import check_eps, check_floating, check_groups, check_param
+from .._core.checks import check_eps, check_floating, check_groups, check_params
 from .._core.dispatch import Op, Path, choose_path
 from .._core.stats import acc_dtype, centered
 
@@ -84,8 +84,7 @@ def group_norm(
     path = choose_path(Op.GROUP_NORM, input, backend, None)
     c = input.shape[1]
     check_groups(layer, c, num_groups)
-    check_param(layer, "weight", weight, (c,))
-    check_param(layer, "bias", bias, (c,))
+    check_params(layer, (c,), weight=weight, bias=bias)
     if input.numel() == 0:  # an empty output, connected to weight and bias, as in torch
         return activation(F.group_norm(input, num_groups, weight, bias, eps), act)
     if path is Path.TRITON:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import check_eps, check_floating, check_param
+from .._core.checks import check_eps, check_floating, check_params
 from .._core.dispatch import Op, choose_path
 from .._core.normalize import affine_normalize
 from .._core.running import update_running_stats
@@ -47,13 +47,9 @@ def instance_norm(
         )
     choose_path(Op.INSTANCE_NORM, input, backend, None)  # torch ops only
     c = input.shape[1]
-    for name, p in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        check_param(layer, name, p, (c,))
+    check_params(
+        layer, (c,), weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError(f"{layer}: use_input_stats=False needs running_mean and running_var.")

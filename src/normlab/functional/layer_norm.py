@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import NormShapeError, check_eps, check_floating, check_param
+from .._core.checks import NormShapeError, check_eps, check_floating, check_params
 from .._core.dispatch import Op, choose_path
 from .._core.stats import acc_dtype, centered, pivot
 
@@ -51,8 +51,7 @@ def layer_norm(
             "normalized dims last."
         )
     choose_path(Op.LAYER_NORM, input, backend, None)  # torch ops only
-    check_param(layer, "weight", weight, shape)
-    check_param(layer, "bias", bias, shape)
+    check_params(layer, shape, weight=weight, bias=bias)
     if input.numel() == 0:  # an empty output, connected to weight and bias, as in torch
         return F.layer_norm(input, shape, weight, bias, eps)
     acc = acc_dtype(input.dtype)
@@ -86,8 +85,7 @@ def layer_norm2d(
         )
     choose_path(Op.LAYER_NORM2D, input, backend, None)  # torch ops only
     c = input.shape[1]
-    check_param(layer, "weight", weight, (c,))
-    check_param(layer, "bias", bias, (c,))
+    check_params(layer, (c,), weight=weight, bias=bias)
     acc = acc_dtype(input.dtype)
     xc = centered(input, pivot(input, (1,)))
     w = None if weight is None else weight.to(acc)

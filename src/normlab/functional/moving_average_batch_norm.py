@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._core.checks import check_eps, check_floating, check_param
+from .._core.checks import check_eps, check_floating, check_params
 from .._core.collectives import all_reduce_sum, resolve_process_group, sync_moments
 from .._core.dispatch import Op, choose_path
 from .._core.normalize import channel_shape
@@ -314,8 +314,7 @@ def moving_average_batch_norm(
     op = Op.MOVING_AVERAGE_BATCH_NORM if training else Op.MOVING_AVERAGE_BATCH_NORM_EVAL
     choose_path(op, input, backend, group)
     c = input.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("running_var", running_var)):
-        check_param(_LAYER, name, p, (c,))
+    check_params(_LAYER, (c,), weight=weight, bias=bias, running_var=running_var)
     dims = (0, *range(2, input.dim()))
     if group is None and reduced_count(input, dims) < 1:
         raise ValueError(

@@ -7,10 +7,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .._core.checks import check_batch_count, check_eps, check_floating, check_param
+from .._core.checks import check_batch_count, check_eps, check_floating, check_params
 from .._core.collectives import check_global_count, resolve_process_group, sync_moments
 from .._core.dispatch import Op, Path, choose_path
-from .._core.mixing import BnMerge, BnSource, mix_moments, mixed_scale
+from .._core.mixing import (
+    BnMerge,
+    BnSource,
+    mix_moments,
+    mixed_scale,
+    switchable_norm_components,
+)
 from .._core.running import update_running_stats
 from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
 from ._sn_autograd import SwitchableNormFunction
@@ -19,16 +25,6 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["switchable_norm", "switchable_norm_components"]
-
-
-def switchable_norm_components(rank: int, using_bn: bool = True) -> tuple[str, ...]:
-    """The normalizers mixed for an input of ``rank`` dims, in the order of the logits.
-
-    ``("in", "ln", "bn")`` for (N, C, \\*spatial) input, ``("ln", "bn")`` for (N, C)
-    (an instance of one value has no statistics); without ``"bn"`` when ``using_bn=False``.
-    """
-    names = ("in", "ln", "bn") if rank >= 3 else ("ln", "bn")
-    return names if using_bn else names[:-1]
 
 
 def switchable_norm(
@@ -61,7 +57,7 @@ def switchable_norm(
     of ``x`` minus a per-(n, c) pivot (one sample of the group, see
     :mod:`normlab._core.stats`); the LN and BN moments are then the *exact*
     moments of the union of those groups (law of total variance,
-    :func:`~normlab._core.stats.mix_group_moments`). Unlike the paper's
+    :func:`~normlab._core.mixing.mix_moments`). Unlike the paper's
     code, nothing divides by ``count − 1``, so H·W = 1 is fine (the IN variance
     is 0). Every mean is kept relative to the pivot, so fp32 data with mean 1e4
     and std 1e-2 keep their digits. One more pass normalizes.
@@ -127,13 +123,9 @@ def switchable_norm(
         constants=(running_mean, running_var),
     )  # fmt: skip
     n, c = input.shape[:2]
-    for name, p in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        check_param(layer, name, p, (c,))
+    check_params(
+        layer, (c,), weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     names = switchable_norm_components(input.dim(), using_bn)
     for name, logits in (("mean_weight", mean_weight), ("var_weight", var_weight)):
         if tuple(logits.shape) != (len(names),):
