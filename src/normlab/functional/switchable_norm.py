@@ -62,15 +62,16 @@ def switchable_norm(
     is 0). Every mean is kept relative to the pivot, so fp32 data with mean 1e4
     and std 1e-2 keep their digits. One more pass normalizes.
 
-    **Implementation.** In eager mode this is one autograd.Function
-    (:mod:`normlab.functional._sn_autograd`) with a hand-derived backward: the
+    **Implementation** (chosen by :func:`normlab._core.dispatch.choose_path`).
+    On CUDA the Triton kernels of :mod:`normlab.kernels`. In eager CPU mode one
+    autograd.Function (:mod:`normlab.functional._sn_autograd`) with a hand-derived backward: the
     input is read by one statistics pass and written by one in-place apply
     pass, the backward takes two reductions (``Σdy``, ``Σdy·u`` per (n, c)) and
     one pass, and only ``x`` plus (N, C)-sized statistics are saved for
     backward. Under ``torch.compile``/``torch.export``, ``torch.jit.trace``,
-    ``torch.func`` transforms and forward-mode AD, with a ``process_group``,
-    and for a double backward (``create_graph=True``), the same math runs as
-    plain autograd ops.
+    ``torch.func`` transforms and forward-mode AD, for tensor subclasses, with a
+    ``process_group``, and for a double backward (``create_graph=True``), the
+    same math runs as plain autograd ops.
 
     **BN branch.** With ``training=True`` it uses the batch moments and, where
     ``running_mean`` / ``running_var`` are given, updates them in place with
