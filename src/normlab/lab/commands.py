@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..cli import _int_list, _name_list
 from .cli_length import add_length_arguments
+from .cli_model import add_model_arguments, print_tables
 
 if TYPE_CHECKING:
     from .runner import SweepInterrupted
-    from .train import RunRecord
 
 __all__ = [
     "RUNNERS",
@@ -51,12 +51,6 @@ def _seeds(text: str) -> list[int]:
     return values
 
 
-def _print_table(records: Sequence[RunRecord]) -> None:
-    from .report import markdown_table, summarize
-
-    print("\n".join(markdown_table(summarize(records))))
-
-
 def _add_report_outputs(p: argparse.ArgumentParser, *, progress: bool) -> None:
     p.add_argument("--out", default="normlab-report", help="report folder (default: %(default)s)")
     p.add_argument("--json", type=Path, help="also write the summary as JSON to this path")
@@ -73,9 +67,10 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sweep",
         help="train norms × batch sizes × seeds and report test error",
-        description="Train a small ResNet for every norm × batch size × seed, store each "
-        "finished run in SQLite (rerun to resume), and write a report.",
+        description="Train a small ResNet (or your --model) for every norm × batch size × "
+        "seed, store each finished run in SQLite (rerun to resume), and write a report.",
     )
+    add_model_arguments(p)
     p.add_argument(
         "--norms",
         type=_name_list,
@@ -169,6 +164,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         device=args.device,
         per_rank_batch=args.per_rank_batch,
         pack=not args.no_pack,
+        model=args.model,
     )
     # Validate every run's config before any training starts.
     config.runs()
@@ -197,7 +193,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.json:
         write_json(summarize(result.records), args.json)
     if not args.quiet:
-        _print_table(result.records)
+        print_tables(result.records)
         print(
             f"\n{result.new_runs} new run(s), {result.skipped_runs} already stored; "
             f"{result.wall_time:.0f} s. Store: {result.db}. Report: {files.markdown}"
@@ -228,7 +224,7 @@ def run_report(args: argparse.Namespace) -> int:
     if args.json:
         write_json(summarize(records), args.json)
     if not args.quiet:
-        _print_table(records)
+        print_tables(records)
         print(f"\nReport: {files.markdown}")
     return 0
 

@@ -5,7 +5,9 @@ sound when the seeds were trained the same way, so the store and the report grou
 by *protocol*: every :class:`~normlab.lab.train.RunConfig` field except the grid's
 coordinates (norm, batch size, seed), the rank count (already part of a row's label,
 ``bn×2``) and the device (which does not change what is measured). A field added to
-``RunConfig`` later is part of the protocol without any change here.
+``RunConfig`` later is part of the protocol without any change here: so is a user's
+model (``model``, ``model_hash``): seeds of two models, or of two versions of one
+model's source file, are never averaged into one cell.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def differing_fields(protocols: Sequence[Protocol]) -> list[str]:
 
 
 #: How ``None`` reads in a protocol field.
-_NONE = {"data": "embedded", "max_train": "all", "steps": "off"}
+_NONE = {"data": "embedded", "max_train": "all", "steps": "off", "model": "lab-resnet"}
 
 
 def _fmt(name: str, value: Any) -> str:

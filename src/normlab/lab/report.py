@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .protocol import protocol_key, protocol_names, protocol_of
+from .report_models import conversion_lines, model_line
 from .stats import WelchResult, mean_ci, welch_test
 from .train import RunConfig, RunRecord
 
@@ -248,19 +249,29 @@ def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
     return [
         f"- Data: {c.data or 'embedded Animal-MNIST'} at {c.image_size}×{c.image_size}, "
         f"{r.num_train} training / {r.num_test} test images (fixed stratified split).",
-        f"- Model: ResNet, 3×3 stem of stride {c.stem_stride}, one stage per width "
-        f"{list(c.widths)}, {c.blocks} basic block(s) per stage, last stage at "
-        f"{r.final_map}×{r.final_map}.",
+        *_model_lines(r, values),
         f"- SGD momentum 0.9, weight decay {c.weight_decay}, lr = {c.base_lr} × batch / 32, "
         + _length(c)
         + "; test error in eval mode (BN: running statistics).",
-        f"- Values behind each batch statistic at the deepest BN layers (N × H × W): {values}.",
         *_ranks_lines(records),
         f"- {len(records)} runs, {wall:.0f} s of training in total (sum over runs).",
         *_packed_lines(records),
         "- Versions: "
         + ", ".join(f"{k} {v}" for k, v in sorted(r.versions.items()) if k != "platform")
         + f"; {r.versions.get('platform', '')}; device {c.device}.",
+    ]
+
+
+def _model_lines(r: RunRecord, values: str) -> list[str]:
+    """The network: the lab's ResNet (and its deepest batch statistics) or a user's model."""
+    c = r.config
+    if c.model is not None:
+        return [model_line(c)]
+    return [
+        f"- Model: ResNet, 3×3 stem of stride {c.stem_stride}, one stage per width "
+        f"{list(c.widths)}, {c.blocks} basic block(s) per stage, last stage at "
+        f"{r.final_map}×{r.final_map}.",
+        f"- Values behind each batch statistic at the deepest BN layers (N × H × W): {values}.",
     ]
 
 
@@ -322,6 +333,7 @@ def render_markdown(
             ),
             "",
         ]
+    out += conversion_lines(records)
     out += ["## Spread: 95% confidence intervals (Student t)", "", *_ci_table(cells), ""]
     if comps:
         out += [

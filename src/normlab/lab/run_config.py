@@ -48,6 +48,13 @@ class RunConfig:
     #: number of evaluation points (after steps ``⌊k · steps / epochs⌋``, k = 1 … epochs)
     #: and the warm-up stays the same fraction of training, ``warmup_epochs / epochs``.
     steps: int | None = None
+    #: The user's network (``normlab sweep --model``): the factory's display name, e.g.
+    #: ``"my_model.py:build"`` (None: the lab's ResNet, and ``widths``, ``blocks`` and
+    #: ``stem_stride`` describe it; a user model ignores them).
+    model: str | None = None
+    #: Hash of the factory's source file: an edited file makes new runs, never stale
+    #: resumed ones (:attr:`normlab.lab.user_factory.UserFactory.source_hash`).
+    model_hash: str | None = None
 
     def __post_init__(self) -> None:
         resolve_norm(self.norm)
@@ -66,6 +73,11 @@ class RunConfig:
             raise ValueError(
                 f"steps must be >= epochs ({self.epochs}), got {self.steps}: with fixed steps, "
                 "epochs is the number of evaluation points and each needs at least one step"
+            )
+        if (self.model is None) != (self.model_hash is None):
+            raise ValueError(
+                f"model and model_hash go together (got model={self.model!r}, "
+                f"model_hash={self.model_hash!r}): a user model's runs are keyed by its source"
             )
         if self.base_lr <= 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
@@ -101,8 +113,9 @@ class RunConfig:
             d.pop("ranks")
         if d["stem_stride"] == 1:
             d.pop("stem_stride")
-        if d["steps"] is None:
-            d.pop("steps")
+        for name in ("steps", "model", "model_hash"):
+            if d[name] is None:
+                d.pop(name)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -133,11 +146,15 @@ class RunRecord:
     diverged: bool
     num_train: int
     num_test: int
+    #: Side of the deepest stage's feature map (the lab's ResNet; 0: a user model).
     final_map: int
     versions: dict[str, str] = field(default_factory=dict)
     #: Seeds trained side by side in one packed model with this run (1: alone); a packed
     #: run's ``wall_time`` is its equal share of the job's wall time.
     packed: int = 1
+    #: A user model's conversion for this run's norm
+    #: (:meth:`normlab.lab.user_model.ConversionSummary.to_dict`); None for the lab's ResNet.
+    conversion: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .loop import ModelBuilder, lab_model
 from .store import RunStore
 from .train import RunConfig, RunRecord, train_runs
 
@@ -164,7 +165,9 @@ def _init_worker(progress: Any) -> None:
     torch.set_num_threads(1)
 
 
-def _run_in_worker(job: list[RunConfig], indices: list[int], pack: bool) -> list[RunRecord]:
+def _run_in_worker(
+    job: list[RunConfig], indices: list[int], pack: bool, build: ModelBuilder
+) -> list[RunRecord]:
     if _PROGRESS is not None:
         _PROGRESS.put(("start", indices))
 
@@ -172,7 +175,7 @@ def _run_in_worker(job: list[RunConfig], indices: list[int], pack: bool) -> list
         if _PROGRESS is not None:
             _PROGRESS.put(("epoch", indices[i]))
 
-    return train_runs(job, on_epoch=on_epoch, pack=pack)
+    return train_runs(job, on_epoch=on_epoch, pack=pack, build=build)
 
 
 def _jobs(pending: list[RunConfig], pack: bool) -> list[list[int]]:
@@ -210,8 +213,12 @@ def execute_runs(
     bar: Progress,
     on_record: Callable[[RunRecord], None] | None,
     pack: bool = True,
+    build: ModelBuilder = lab_model,
 ) -> int:
     """Train ``pending`` and store each run as it finishes; returns how many ran.
+
+    ``build`` makes each run's network; it is pickled into the worker processes (a
+    function by reference, a user model's builder by its factory's spec).
 
     Raises:
         SweepInterrupted: on Ctrl-C (see the module docstring).
@@ -251,6 +258,7 @@ def execute_runs(
                         [pending[i] for i in job],
                         on_epoch=lambda j, _, job=job: epoch_done(job[j]),
                         pack=pack,
+                        build=build,
                     )
                     finish(records, job)
         except KeyboardInterrupt:
@@ -282,7 +290,7 @@ def execute_runs(
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _GUARD else None
         try:
             futures = {
-                pool.submit(_run_in_worker, [pending[i] for i in job], job, pack): job
+                pool.submit(_run_in_worker, [pending[i] for i in job], job, pack, build): job
                 for job in jobs
             }
         finally:

@@ -11,6 +11,10 @@ shared file system is needed (:mod:`normlab.lab.ranks`). With ``per_rank_batch=T
 the ranks instead train every run *together*, data-parallel
 (:func:`normlab.lab.train.train_model`): a batch size in the grid is the per-rank batch,
 so plain BN sees ``b`` images per statistic while ``bn+sync`` sees the global ``K·b``.
+
+``model`` sweeps the user's own network instead of the lab's ResNet
+(:mod:`normlab.lab.user_runs`): every norm's model is built once as a check before the
+store is created or anything trains, and each run trains one model (unpacked).
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..registry import NORM_LAYERS
-from .data import check_batch_size, load_split
+from .data import Split, check_batch_size, load_split
 from .data_parallel import run_data_parallel
 from .defaults import DEFAULT_BATCH_SIZES
 from .devices import check_device
+from .loop import ModelBuilder, lab_model
 from .models import resolve_norm
 from .ranks import RankFailedError, merge_shards, run_sharded
 from .runner import Progress, SweepInterrupted, execute_runs, sigint_guard
 from .store import RunStore
 from .train import RunConfig, RunRecord
+from .user_factory import UserFactory, load_factory
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
@@ -95,6 +101,10 @@ class SweepConfig:
     pack: bool = True
     #: Optimizer steps of every run instead of fixed epochs (see :class:`RunConfig`).
     steps: int | None = RunConfig.steps
+    #: The user's network: a factory spec (``"path/to/file.py:build"``,
+    #: ``"package.module:build"``), loaded here, or a loaded factory; None: the lab's
+    #: ResNet. Its runs train unpacked whatever ``pack`` says.
+    model: str | UserFactory | None = None
 
     def __post_init__(self) -> None:
         if not self.norms:
@@ -113,6 +123,21 @@ class SweepConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds contain duplicates: {list(self.seeds)}")
         check_device(self.device)
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", load_factory(self.model))
+        if self.model is not None:
+            if self.per_rank_batch:
+                raise ValueError(
+                    "--model with --per-rank-batch: data-parallel training of a user model "
+                    "is not supported; sweep it without --per-rank-batch, in one process "
+                    "(--workers N trains N runs at a time)"
+                )
+            object.__setattr__(self, "pack", False)  # one user model per run
+
+    @property
+    def factory(self) -> UserFactory | None:
+        """The loaded user factory, or None for the lab's ResNet."""
+        return self.model if isinstance(self.model, UserFactory) else None
 
     def runs(self) -> list[RunConfig]:
         return plan_runs(self)
@@ -123,6 +148,7 @@ def plan_runs(config: SweepConfig, ranks: int = 1) -> list[RunConfig]:
 
     ``ranks`` > 1 plans data-parallel runs over that many ranks (per-rank batch sizes).
     """
+    factory = config.factory
     runs = [
         RunConfig(
             norm=n,
@@ -139,6 +165,8 @@ def plan_runs(config: SweepConfig, ranks: int = 1) -> list[RunConfig]:
             stem_stride=config.stem_stride,
             ranks=ranks,
             device=config.device,
+            model=None if factory is None else factory.name,
+            model_hash=None if factory is None else factory.source_hash,
         )
         for b in sorted(config.batch_sizes)
         for s in config.seeds
@@ -195,6 +223,8 @@ def run_sweep(
         ProtocolMismatchError: ``db`` holds runs of another protocol.
         SweepInterrupted: Ctrl-C; finished runs are stored (:mod:`normlab.lab.runner`).
         RankFailedError: under torchrun, another rank failed; the sweep stopped.
+        ModelFactoryError: ``config.model`` cannot be built, converted by a norm of the
+            grid, or does not fit the task (checked before the store is touched).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -203,6 +233,11 @@ def run_sweep(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     db = Path(db)
+    if world_size > 1 and config.factory is not None:
+        raise ValueError(
+            "--model under torchrun is not supported yet; run the sweep of a user model "
+            "in one process (with --workers)"
+        )
     if world_size > 1:
         common = dict(
             progress=progress,
@@ -218,16 +253,28 @@ def run_sweep(
     check_batch_size(split, max(config.batch_sizes))
     start = time.perf_counter()
     planned = plan_runs(config)
+    build = _builder(config, planned, split)
     with sigint_guard(), RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
         store.check_protocol(planned[0])  # every planned run shares one protocol
         done = store.keys()
         pending = [r for r in planned if r.key() not in done]
         bar = Progress(sum(r.epochs for r in pending), len(pending), progress)
         try:
-            new = execute_runs(pending, store, workers, bar, on_record, config.pack)
+            new = execute_runs(pending, store, workers, bar, on_record, config.pack, build)
         finally:
             bar.close()
     keys = {r.key() for r in planned}
     with RunStore(db) as store:
         records = [r for r in store.records() if r.key in keys]
     return SweepResult(records, new, len(planned) - len(pending), time.perf_counter() - start, db)
+
+
+def _builder(config: SweepConfig, planned: list[RunConfig], split: Split) -> ModelBuilder:
+    """The runs' model builder; a user model's is checked on every norm first."""
+    if config.factory is None:
+        return lab_model
+    from .user_runs import UserModelBuilder
+
+    build = UserModelBuilder(config.factory)
+    build.check(planned, split)
+    return build

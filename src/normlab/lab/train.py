@@ -27,7 +27,10 @@ scales with the global batch and an epoch has ``n // (ranks · batch_size)`` ste
 plain norm (``bn``) normalizes with per-rank statistics, a ``+sync`` one (``bn+sync``)
 with global-batch statistics.
 
-Lone, packed and data-parallel runs share one loop, :func:`normlab.lab.loop.train_loop`.
+Lone, packed and data-parallel runs share one loop, :func:`normlab.lab.loop.train_loop`;
+every function here passes its ``task`` and model builder ``build`` on to it. A builder
+that changes a network it is given (a user model's norms) says how in a
+``conversion(config) -> dict | None`` method, which goes into the run's record.
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 
 from .data import Split, load_split
-from .loop import check_packable, train_loop
+from .loop import ModelBuilder, check_packable, lab_model, train_loop
 from .models import final_spatial_size
 from .run_config import EpochStats, RunConfig, RunRecord, versions
+from .tasks import CLASSIFICATION, Task
 
 __all__ = [
     "EpochStats",
@@ -59,6 +64,9 @@ def train_model(
     config: RunConfig,
     split: Split,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    *,
+    task: Task = CLASSIFICATION,
+    build: ModelBuilder = lab_model,
 ) -> tuple[torch.nn.Module, list[EpochStats], bool]:
     """Train one model by the protocol; returns ``(model, per-epoch stats, diverged)``.
 
@@ -66,7 +74,11 @@ def train_model(
     the same config and data; the returned model is this rank's replica (unwrapped).
     """
     model, [(history, diverged)] = train_loop(
-        [config], split, on_epoch=None if on_epoch is None else lambda _, stats: on_epoch(stats)
+        [config],
+        split,
+        task=task,
+        build=build,
+        on_epoch=None if on_epoch is None else lambda _, stats: on_epoch(stats),
     )
     return model, history, diverged
 
@@ -76,13 +88,22 @@ def train_run(
     *,
     split: Split | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    task: Task = CLASSIFICATION,
+    build: ModelBuilder = lab_model,
 ) -> RunRecord:
     """Train and evaluate one model; ``on_epoch`` is called after every epoch."""
     start = time.perf_counter()
     if split is None:
         split = load_split(config.data, config.image_size, config.max_train)
-    _, history, diverged = train_model(config, split, on_epoch)
-    return _record(config, split, history, diverged, time.perf_counter() - start, packed=1)
+    _, history, diverged = train_model(config, split, on_epoch, task=task, build=build)
+    wall = time.perf_counter() - start
+    return _record(config, split, history, diverged, wall, 1, _conversion(build, config))
+
+
+def _conversion(build: ModelBuilder, config: RunConfig) -> dict[str, Any] | None:
+    """What ``build`` did to the network of ``config``, if it says (see the module doc)."""
+    describe = getattr(build, "conversion", None)
+    return None if describe is None else describe(config)
 
 
 def _record(
@@ -92,6 +113,7 @@ def _record(
     diverged: bool,
     wall_time: float,
     packed: int,
+    conversion: dict[str, Any] | None = None,
 ) -> RunRecord:
     return RunRecord(
         config=config,
@@ -101,9 +123,12 @@ def _record(
         diverged=diverged,
         num_train=len(split.x_train),
         num_test=len(split.x_test),
-        final_map=final_spatial_size(config.image_size, len(config.widths), config.stem_stride),
+        final_map=0
+        if config.model is not None
+        else final_spatial_size(config.image_size, len(config.widths), config.stem_stride),
         versions=versions(),
         packed=packed,
+        conversion=conversion,
     )
 
 
@@ -114,6 +139,9 @@ def train_packed(
     configs: Sequence[RunConfig],
     split: Split,
     on_epoch: Callable[[int, EpochStats], None] | None = None,
+    *,
+    task: Task = CLASSIFICATION,
+    build: ModelBuilder = lab_model,
 ) -> tuple[torch.nn.Module, list[tuple[list[EpochStats], bool]]]:
     """Train runs that differ only in seed side by side in one packed model.
 
@@ -130,7 +158,7 @@ def train_packed(
         ``on_epoch(i, stats)`` is called after each epoch of run ``i``.
     """
     check_packable(configs)
-    return train_loop(configs, split, on_epoch=on_epoch)
+    return train_loop(configs, split, task=task, build=build, on_epoch=on_epoch)
 
 
 def train_runs(
@@ -139,6 +167,8 @@ def train_runs(
     split: Split | None = None,
     on_epoch: Callable[[int, EpochStats], None] | None = None,
     pack: bool = True,
+    task: Task = CLASSIFICATION,
+    build: ModelBuilder = lab_model,
 ) -> list[RunRecord]:
     """Train runs that differ only in seed; packed side by side unless ``pack=False``.
 
@@ -147,16 +177,22 @@ def train_runs(
     check_packable(configs)
     if not pack or len(configs) == 1:
         return [
-            train_run(c, split=split, on_epoch=None if on_epoch is None else partial(on_epoch, i))
+            train_run(
+                c,
+                split=split,
+                on_epoch=None if on_epoch is None else partial(on_epoch, i),
+                task=task,
+                build=build,
+            )
             for i, c in enumerate(configs)
         ]
     start = time.perf_counter()
     base = configs[0]
     if split is None:
         split = load_split(base.data, base.image_size, base.max_train)
-    _, results = train_packed(configs, split, on_epoch)
+    _, results = train_packed(configs, split, on_epoch, task=task, build=build)
     share = (time.perf_counter() - start) / len(configs)
     return [
-        _record(c, split, history, diverged, share, packed=len(configs))
+        _record(c, split, history, diverged, share, len(configs), _conversion(build, c))
         for c, (history, diverged) in zip(configs, results, strict=True)
     ]
