@@ -49,8 +49,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # Issue #14 items 3 and 8 (one training loop): the sweep and its data-parallel ranks.
     ("normlab.lab.data_parallel", "normlab.lab.sweep"): "cycle sweep <-> data_parallel",
     ("normlab.lab.ranks", "normlab.lab.sweep"): "cycle sweep <-> ranks",
-    # Issue #14 item 3: the segmentation data and its folder reader.
-    ("normlab.lab.seg_data", "normlab.lab.seg_folder"): "cycle seg_data <-> seg_folder",
 }
 
 

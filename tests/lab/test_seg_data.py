@@ -13,10 +13,10 @@ from normlab.lab.seg_data import (
     _compose,
     _silhouettes,
     _source_pools,
-    load_seg_split,
     silhouette_scenes,
     split_seg_data,
 )
+from normlab.lab.seg_folder import load_seg_split
 
 
 @pytest.fixture(scope="module")

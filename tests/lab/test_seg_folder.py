@@ -8,8 +8,7 @@ import torch
 from PIL import Image
 
 from normlab.lab.errors import DataError
-from normlab.lab.seg_data import load_seg_split
-from normlab.lab.seg_folder import load_seg_folder, read_mask
+from normlab.lab.seg_folder import load_seg_folder, load_seg_split, read_mask
 
 
 def _write(root, stems=("a", "b", "c", "d"), size=(12, 16), classes=3, seed=0):

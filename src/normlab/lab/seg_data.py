@@ -36,7 +36,8 @@ dataset ``seed`` (default 0), so the same arguments give the same tensors:
    task is learned in a few, and BN's small-batch penalty shows on it.
 3. The images are standardized per channel with the training scenes' mean and std.
 
-User data: a folder holding ``images/`` and ``masks/`` (see :mod:`normlab.lab.seg_folder`).
+User data: a folder holding ``images/`` and ``masks/`` (see :mod:`normlab.lab.seg_folder`,
+whose :func:`~normlab.lab.seg_folder.load_seg_split` loads either, cached).
 
 Targets are int64 class ids; :data:`IGNORE_INDEX` (255) marks "void" pixels that the loss
 and the metrics skip (:mod:`normlab.lab.seg_metrics`).
@@ -52,6 +53,7 @@ import torch
 
 from .data import ANIMAL_MNIST_CLASSES, _load_default, _resize
 from .errors import DataError
+from .task_defaults import SEGMENTATION_DEFAULTS
 
 __all__ = [
     "DEFAULT_SEG_IMAGE_SIZE",
@@ -60,7 +62,6 @@ __all__ = [
     "IGNORE_INDEX",
     "SegData",
     "SegSplit",
-    "load_seg_split",
     "silhouette_scenes",
     "split_seg_data",
     "standardize",
@@ -69,9 +70,9 @@ __all__ = [
 #: Target value of "void" pixels: no class, skipped by the loss and the metrics.
 IGNORE_INDEX = 255
 #: Side of the built-in scenes.
-DEFAULT_SEG_IMAGE_SIZE = 32
+DEFAULT_SEG_IMAGE_SIZE = SEGMENTATION_DEFAULTS.image_size
 #: Built-in training and test scenes.
-DEFAULT_SEG_TRAIN = 2000
+DEFAULT_SEG_TRAIN = SEGMENTATION_DEFAULTS.max_train
 DEFAULT_SEG_TEST = 500
 _TEST_POOL_FRACTION = 0.2
 _GRATINGS = 3
@@ -288,24 +289,3 @@ def split_seg_data(
         data.classes,
         data.name,
     )
-
-
-@functools.lru_cache(maxsize=4)
-def load_seg_split(
-    path: str | None,
-    image_size: int = DEFAULT_SEG_IMAGE_SIZE,
-    max_train: int | None = None,
-    test_fraction: float = 0.2,
-) -> SegSplit:
-    """Cached built-in scenes (``path=None``) or user folder, split and standardized.
-
-    For the built-in scenes ``max_train`` is the number of training scenes (default
-    :data:`DEFAULT_SEG_TRAIN`) and the test set is always :data:`DEFAULT_SEG_TEST`
-    scenes; for a folder it caps the training images after a ``test_fraction`` split.
-    """
-    if path is None:
-        return silhouette_scenes(n_train=max_train or DEFAULT_SEG_TRAIN, image_size=image_size)
-    from .seg_folder import load_seg_folder
-
-    data = load_seg_folder(path, image_size=image_size)
-    return split_seg_data(data, test_fraction=test_fraction, max_train=max_train)

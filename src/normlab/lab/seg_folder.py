@@ -19,6 +19,7 @@ so is an image without a mask.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,17 @@ import torch.nn.functional as F
 
 from .data import _IMAGE_SUFFIXES, _read_image, _resize
 from .errors import DataError
-from .seg_data import IGNORE_INDEX, SegData
+from .seg_data import (
+    DEFAULT_SEG_IMAGE_SIZE,
+    DEFAULT_SEG_TRAIN,
+    IGNORE_INDEX,
+    SegData,
+    SegSplit,
+    silhouette_scenes,
+    split_seg_data,
+)
 
-__all__ = ["load_seg_folder", "read_mask"]
+__all__ = ["load_seg_folder", "load_seg_split", "read_mask"]
 
 _INTEGER_MODES = {"1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 
@@ -170,3 +179,53 @@ def load_seg_folder(
     x = torch.stack([t.expand(channels, -1, -1) if t.shape[0] == 1 else t for t in xs])
     name = base.name if base is not None else img_dir.name
     return SegData(x.contiguous(), torch.stack(ys).long(), names, name)
+
+
+def _check_layout(path: str) -> None:
+    """Refuse, with the fix, a path that is not a folder of ``images/`` and ``masks/``."""
+    root = Path(path)
+    if root.is_file():
+        raise DataError(
+            f"{root}: segmentation data is a folder holding images/ and masks/ (one mask "
+            "per image, same file name), not a file; a .npz of x, y is classification "
+            "data (drop --task segmentation)"
+        )
+    if root.is_dir() and not (root / "images").is_dir() and not (root / "masks").is_dir():
+        subs = sorted(d.name for d in root.iterdir() if d.is_dir())
+        shown = ", ".join(subs[:4]) + (", ..." if len(subs) > 4 else "")
+        raise DataError(
+            f"{root}: segmentation data needs the sub-folders images/ and masks/ (one "
+            "mask per image, same file name)"
+            + (
+                f"; found {shown}, which looks like classification data (a folder per "
+                "class: drop --task segmentation)"
+                if subs
+                else ""
+            )
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def load_seg_split(
+    path: str | None,
+    image_size: int = DEFAULT_SEG_IMAGE_SIZE,
+    max_train: int | None = None,
+    test_fraction: float = 0.2,
+) -> SegSplit:
+    """Cached built-in scenes (``path=None``) or user folder, split and standardized.
+
+    For the built-in scenes ``max_train`` is the number of training scenes (default
+    :data:`~normlab.lab.seg_data.DEFAULT_SEG_TRAIN`) and the test set is always
+    :data:`~normlab.lab.seg_data.DEFAULT_SEG_TEST` scenes; for a folder it caps the
+    training images after a ``test_fraction`` split. Cached so that each worker process
+    of a sweep builds or reads the data once.
+
+    Raises:
+        DataError: ``path`` is not a folder of ``images/`` and ``masks/`` (a classification
+            folder or file is named as such), or its masks are invalid.
+    """
+    if path is None:
+        return silhouette_scenes(n_train=max_train or DEFAULT_SEG_TRAIN, image_size=image_size)
+    _check_layout(path)
+    data = load_seg_folder(path, image_size=image_size)
+    return split_seg_data(data, test_fraction=test_fraction, max_train=max_train)
