@@ -218,8 +218,10 @@ def traits_of(layer: nn.Module | type) -> LayerTraits | None:
     if isinstance(layer, type):
         return _class_traits(layer)
     traits = _class_traits(type(layer))
+    if _looks_frozen(layer):
+        return _FROZEN if traits is None else dataclasses.replace(traits, frozen_batch_norm=True)
     if traits is None:
-        return _FROZEN if _looks_frozen(layer) else None
+        return None
     if traits.stateful and not any(isinstance(b, Tensor) for b in layer._buffers.values()):
         return dataclasses.replace(traits, stateful=False)
     return traits
