@@ -234,3 +234,22 @@ def test_run_sweep_raises_model_factory_error(tmp_path):
     with pytest.raises(ModelFactoryError, match="not a torch.nn.Module"):
         run_sweep(cfg, tmp_path / "runs.db", workers=1, progress=False)
     assert not (tmp_path / "runs.db").exists()
+
+
+def test_the_users_data(tmp_path, tiny_npz):
+    """On ``--data`` the factory gets that data's classes and channels (2 and 1, 8×8)."""
+    cfg = SweepConfig(
+        norms=("bn", "gn"),
+        batch_sizes=(4,),
+        seeds=(0,),
+        epochs=1,
+        data=str(tiny_npz),
+        image_size=8,
+        max_train=None,
+        model=f"{EXAMPLE}:build",
+    )
+    result = run_sweep(cfg, tmp_path / "runs.db", workers=1, progress=False)
+    assert result.new_runs == 2
+    for r in result.records:
+        assert r.conversion["output_shape"] == [2, 2] and r.num_train + r.num_test == 48
+        assert r.config.data == str(tiny_npz) and 0.0 <= r.final_error <= 100.0
