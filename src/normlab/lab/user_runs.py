@@ -31,11 +31,12 @@ class UserModelBuilder:
 
     Args:
         factory: the loaded factory (:func:`normlab.lab.user_model.load_factory`).
-        task: ``"classification"`` or ``"segmentation"``: what the output must fit.
+        task: ``"classification"`` or ``"segmentation"``: what the output must fit;
+            None: each run's own task (its config's ``task``, else classification).
     """
 
-    def __init__(self, factory: UserFactory, task: str = "classification") -> None:
-        if task not in TASKS:
+    def __init__(self, factory: UserFactory, task: str | None = None) -> None:
+        if task is not None and task not in TASKS:
             raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}.")
         self.factory = factory
         self.task = task
@@ -60,7 +61,7 @@ class UserModelBuilder:
             in_channels=split.in_channels,
             image_size=int(split.x_train.shape[-1]),
             seed=config.seed if seed is None else seed,
-            task=self.task,
+            task=self.task or getattr(config, "task", None) or "classification",
         )
 
     def __call__(self, config: RunConfig, split: Split, packs: int = 1) -> nn.Module:
