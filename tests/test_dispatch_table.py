@@ -88,6 +88,8 @@ CALLS = {
     "layer_norm": lambda: NF.layer_norm(X, (2,)),
     "layer_norm2d": lambda: NF.layer_norm2d(X, C4, C4),
     "local_response_norm": lambda: NF.local_response_norm(X, 3),
+    "rms_norm": lambda: NF.rms_norm(X, (2,)),
+    "rms_norm2d": lambda: NF.rms_norm2d(X, C4),
     "switchable_norm": lambda: NF.switchable_norm(X, C4[:3], C4[1:], C4, C4),
     "filter_response_norm": lambda: NF.filter_response_norm(X, C4, C4),
     "frn_tlu": lambda: NF.frn_tlu(X, C4, C4, C4),

@@ -49,6 +49,8 @@ def _cases() -> dict[type, tuple[Make, int]]:
             nnl.GroupNorm: (lambda c: nnl.GroupNorm(c // 2, c), 2),
             nnl.LayerNorm: (lambda c: nnl.LayerNorm([c, 5, 3]), 2),
             nnl.LayerNorm2d: (nnl.LayerNorm2d, 2),
+            nnl.RMSNorm: (lambda c: nnl.RMSNorm([c, 5, 3]), 2),
+            nnl.RMSNorm2d: (nnl.RMSNorm2d, 2),
             nnl.LocalResponseNorm: (lambda c: nnl.LocalResponseNorm(3, alpha=0.5, k=1.0), 2),
             nnl.TLU: (nnl.TLU, 2),
             nnl.CenteredConv2d: (lambda c: nnl.CenteredConv2d(c, c, 3, padding=1), 2),

@@ -30,6 +30,8 @@ from .catalogue_refs import (
     ln_ref,
     lrn_ref,
     mabn_ref,
+    rms2d_ref,
+    rms_ref,
     sn_ref,
     tlu_ref,
 )
@@ -233,6 +235,11 @@ def _cases() -> list[LayerCase]:
         ),
         LayerCase("LayerNorm [D]", "ln", lambda: nnl.LayerNorm(7), (2, 3, 7), ln_ref),
         LayerCase("LayerNorm2d", "ln", lambda: nnl.LayerNorm2d(5), (2, 5, 4, 3), ln2d_ref),
+        LayerCase("RMSNorm [D]", "rms", lambda: nnl.RMSNorm(7), (2, 3, 7), rms_ref),
+        LayerCase(
+            "RMSNorm [H,W] eps", "rms", lambda: nnl.RMSNorm([4, 3], eps=1e-4), (3, 5, 4, 3), rms_ref
+        ),
+        LayerCase("RMSNorm2d", "rms", lambda: nnl.RMSNorm2d(5), (2, 5, 4, 3), rms2d_ref),
         LayerCase(
             "InstanceNorm2d affine",
             "in",

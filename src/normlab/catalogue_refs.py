@@ -32,6 +32,8 @@ __all__ = [
     "ln_ref",
     "lrn_ref",
     "mabn_ref",
+    "rms2d_ref",
+    "rms_ref",
     "sn_ref",
     "tlu_ref",
 ]
@@ -96,6 +98,16 @@ def in_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
 def lrn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
     y, cache = R.local_response_norm_forward(x, m.size, m.alpha, m.beta, m.k)
     return y, lambda dy: R.local_response_norm_backward(dy, cache)
+
+
+def rms_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    y, cache = R.rms_norm_forward(x, m.normalized_shape, as_f64(m.weight), m.eps)
+    return y, lambda dy: R.rms_norm_backward(dy, cache)
+
+
+def rms2d_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    y, cache = R.rms_norm2d_forward(x, as_f64(m.weight), m.eps)
+    return y, lambda dy: R.rms_norm2d_backward(dy, cache)
 
 
 def sn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:

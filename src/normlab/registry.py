@@ -78,6 +78,7 @@ NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "brn": nnl.BatchRenorm2d,
     "evonorm_b0": nnl.EvoNormB0_2d,
     "evonorm_s0": _evonorm_s0,
+    "rms": nnl.RMSNorm2d,
 }
 
 

@@ -69,6 +69,8 @@ class Op(str, Enum):
     LAYER_NORM = "layer_norm"
     LAYER_NORM2D = "layer_norm2d"
     LOCAL_RESPONSE_NORM = "local_response_norm"
+    RMS_NORM = "rms_norm"
+    RMS_NORM2D = "rms_norm2d"
     SWITCHABLE_NORM = "switchable_norm"
     FILTER_RESPONSE_NORM = "filter_response_norm"
     FRN_TLU = "frn_tlu"
@@ -120,6 +122,8 @@ TABLE: dict[Op, OpPaths] = {
     Op.LAYER_NORM: OpPaths("layer_norm", _NO_KERNEL, _NATIVE),
     Op.LAYER_NORM2D: OpPaths("layer_norm2d", _NO_KERNEL, _NATIVE),
     Op.LOCAL_RESPONSE_NORM: OpPaths("local_response_norm", _NO_KERNEL, _ONLY_AUTOGRAD),
+    Op.RMS_NORM: OpPaths("rms_norm", _NO_KERNEL, _ONLY_AUTOGRAD),
+    Op.RMS_NORM2D: OpPaths("rms_norm2d", _NO_KERNEL, _ONLY_AUTOGRAD),
     Op.SWITCHABLE_NORM: OpPaths("switchable_norm", None, None),
     Op.FILTER_RESPONSE_NORM: OpPaths("filter_response_norm", None, None),
     Op.FRN_TLU: OpPaths("frn_tlu", None, None),

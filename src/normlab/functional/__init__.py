@@ -9,6 +9,7 @@ from .instance_norm import instance_norm
 from .layer_norm import layer_norm, layer_norm2d
 from .local_response_norm import local_response_norm
 from .moving_average_batch_norm import moving_average_batch_norm
+from .rms_norm import rms_norm, rms_norm2d
 from .switchable_norm import switchable_norm
 from .weight_standardization import centered_weight, standardized_weight
 
@@ -28,6 +29,8 @@ __all__ = [
     "layer_norm2d",
     "local_response_norm",
     "moving_average_batch_norm",
+    "rms_norm",
+    "rms_norm2d",
     "switchable_norm",
     "centered_weight",
     "standardized_weight",

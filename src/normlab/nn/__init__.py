@@ -26,6 +26,7 @@ from .moving_average_batch_norm import (
     MovingAverageBatchNorm2d,
     MovingAverageBatchNorm3d,
 )
+from .rms_norm import RMSNorm, RMSNorm2d
 from .switchable_norm import (
     SwitchableNorm1d,
     SwitchableNorm2d,
@@ -59,6 +60,8 @@ __all__ = [
     "MovingAverageBatchNorm1d",
     "MovingAverageBatchNorm2d",
     "MovingAverageBatchNorm3d",
+    "RMSNorm",
+    "RMSNorm2d",
     "CenteredConv2d",
     "WSConv2d",
     "SwitchableNorm1d",

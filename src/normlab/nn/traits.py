@@ -53,6 +53,7 @@ from .moving_average_batch_norm import (
     MovingAverageBatchNorm2d,
     MovingAverageBatchNorm3d,
 )
+from .rms_norm import RMSNorm, RMSNorm2d
 from .switchable_norm import SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d
 
 __all__ = ["RECALIBRATE_KINDS", "TABLE", "LayerTraits", "traits_of"]
@@ -158,6 +159,7 @@ TABLE: dict[type, LayerTraits] = {
     # FRN's ε is one tensor per layer (a learnable scalar with learnable_eps).
     **_family(_MIXES_CHANNELS, FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d),
     **_family(_MIXES_CHANNELS, LayerNorm, LayerNorm2d, LocalResponseNorm),
+    **_family(_MIXES_CHANNELS, RMSNorm, RMSNorm2d),
     **_family(_MIXES_CHANNELS, CenteredConv2d, WSConv2d),
     # torch's own norms: BatchNorm*d, LazyBatchNorm*d and SyncBatchNorm (whose own
     # process_group is torch's, not normlab's: convert_sync replaces it), InstanceNorm*d.
@@ -167,6 +169,8 @@ TABLE: dict[type, LayerTraits] = {
     nn.LayerNorm: _MIXES_CHANNELS,
     nn.LocalResponseNorm: _MIXES_CHANNELS,
 }
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    TABLE[nn.RMSNorm] = _MIXES_CHANNELS
 
 _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 _PROTOCOL = ("_recalibrate_kind", "_step_counter", "_recalibrate_unbiased")

@@ -47,6 +47,12 @@ from .moving_average_batch_norm import (
     moving_average_batch_norm_backward,
     moving_average_batch_norm_forward,
 )
+from .rms_norm import (
+    rms_norm2d_backward,
+    rms_norm2d_forward,
+    rms_norm_backward,
+    rms_norm_forward,
+)
 from .switchable_norm import switchable_norm_backward, switchable_norm_forward
 from .weight_standardization import (
     centered_weight_backward,
@@ -85,6 +91,10 @@ __all__ = [
     "local_response_norm_forward",
     "moving_average_batch_norm_backward",
     "moving_average_batch_norm_forward",
+    "rms_norm2d_backward",
+    "rms_norm2d_forward",
+    "rms_norm_backward",
+    "rms_norm_forward",
     "centered_weight_backward",
     "centered_weight_forward",
     "standardized_weight_backward",
