@@ -44,8 +44,6 @@ FLOOR.update(root=3, tools=4, lab=5, cli=6)
 ALLOWED: dict[tuple[str, str], str] = {
     # Issue #14 item 3 (floors): lab.commands imports the CLI's helpers from above.
     ("normlab.lab.commands", "normlab.cli"): "upward lab -> cli; cycle cli <-> lab.commands",
-    # Issue #14 item 3 (cycles hidden by function-local imports) and item 10 (doctor's split).
-    ("normlab.doctor_cli", "normlab.doctor"): "cycle doctor <-> doctor_cli",
     # Issue #14 items 3 and 8 (one training loop): the sweep and its data-parallel ranks.
     ("normlab.lab.data_parallel", "normlab.lab.sweep"): "cycle sweep <-> data_parallel",
     ("normlab.lab.ranks", "normlab.lab.sweep"): "cycle sweep <-> ranks",

@@ -72,10 +72,10 @@ from .doctor_checks import (
     tracks,
     values_per_statistic,
 )
-from .doctor_cli import DoctorTargetError, load_factory
 from .doctor_codes import SEVERITY_ORDER, Finding
 from .doctor_report import FindingGroup, LayerInfo, Report
 from .doctor_stats import Moments
+from .doctor_target import DoctorTargetError, load_factory
 from .feed import feed
 
 __all__ = [
