@@ -65,6 +65,36 @@ def check_rank(layer: str, x: Tensor, ranks: Sequence[int], layout: str) -> None
         )
 
 
+#: How :func:`check_min_dims` names the layout it expects, by the least number of dims.
+_AT_LEAST = {
+    2: "an (N, C, *spatial) input with at least 2 dims",
+    3: "an (N, C, *spatial) input with at least one spatial dim",
+}
+
+
+def check_min_dims(layer: str, x: Tensor, min_dims: int, expected: str | None = None) -> None:
+    """Refuse an input with fewer than ``min_dims`` dims (N, C and the spatial dims needed).
+
+    ``expected`` names the accepted layout in the message (default: the
+    ``(N, C, *spatial)`` wording for ``min_dims`` 2 or 3).
+    """
+    if x.dim() < min_dims:
+        what = _AT_LEAST[min_dims] if expected is None else expected
+        raise ValueError(f"{layer}: expected {what}, got shape {tuple(x.shape)}.")
+
+
+def check_normalized_shape(layer: str, x: Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse a ``normalized_shape`` that is not the last ``len(shape)`` dims of ``x``."""
+    k = len(shape)
+    if k == 0 or x.dim() < k or tuple(x.shape[x.dim() - k :]) != shape:
+        raise NormShapeError(
+            f"{layer}: normalized_shape={list(shape)} must equal the last {k} dims of the "
+            f"input, got input shape {tuple(x.shape)}. Build the layer with "
+            f"normalized_shape={list(x.shape[-k:]) if k else '[...]'} or move the "
+            "normalized dims last."
+        )
+
+
 def check_channels(layer: str, x: Tensor, num_features: int, dim: int = 1) -> None:
     if x.shape[dim] != num_features:
         raise NormShapeError(

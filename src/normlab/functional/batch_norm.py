@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import check_batch_count, check_eps, check_floating, check_params
+from .._core.checks import (
+    check_batch_count,
+    check_eps,
+    check_floating,
+    check_min_dims,
+    check_params,
+)
 from .._core.collectives import check_global_count, group_moments, resolve_process_group
 from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import affine_normalize
@@ -79,11 +85,7 @@ def batch_norm(
     check_floating(layer, input)
     # torch's rule: eps=0 is fine with fixed statistics, not with batch statistics.
     check_eps(layer, eps, zero_ok=not training)
-    if input.dim() < 2:
-        raise ValueError(
-            f"{layer}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
-            f"{tuple(input.shape)}."
-        )
+    check_min_dims(layer, input, 2)
     group = resolve_process_group(process_group) if training else None
     # Only eval mode (fixed statistics: one elementwise pass) has a Triton kernel.
     path = choose_path(Op.BATCH_NORM if training else Op.BATCH_NORM_EVAL, input, backend, group)

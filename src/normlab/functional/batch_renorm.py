@@ -11,6 +11,7 @@ from .._core.checks import (
     check_batch_count,
     check_eps,
     check_floating,
+    check_min_dims,
     check_params,
     host_checks_allowed,
 )
@@ -107,11 +108,7 @@ def batch_renorm(
     layer = "batch_renorm"
     check_floating(layer, input)
     check_eps(layer, eps)
-    if input.dim() < 2:
-        raise ValueError(
-            f"{layer}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
-            f"{tuple(input.shape)}."
-        )
+    check_min_dims(layer, input, 2)
     group = resolve_process_group(process_group) if training else None
     limits = [t for t in (r_max, d_max) if isinstance(t, Tensor)]
     op = Op.BATCH_RENORM if training else Op.BATCH_RENORM_EVAL

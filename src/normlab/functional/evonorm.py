@@ -12,6 +12,7 @@ from .._core.checks import (
     check_eps,
     check_floating,
     check_groups,
+    check_min_dims,
     check_params,
 )
 from .._core.collectives import check_global_count, group_moments, resolve_process_group
@@ -30,11 +31,7 @@ __all__ = ["evonorm_b0", "evonorm_s0"]
 def _check_input(layer: str, x: Tensor, eps: float) -> None:
     check_floating(layer, x)
     check_eps(layer, eps)
-    if x.dim() < 3:
-        raise ValueError(
-            f"{layer}: expected an (N, C, *spatial) input with at least one spatial dim, got "
-            f"shape {tuple(x.shape)}."
-        )
+    check_min_dims(layer, x, 3)
 
 
 def evonorm_b0(

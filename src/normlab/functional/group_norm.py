@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import check_eps, check_floating, check_groups, check_params
+from .._core.checks import check_eps, check_floating, check_groups, check_min_dims, check_params
 from .._core.dispatch import Op, Path, choose_path
 from .._core.stats import acc_dtype, centered
 
@@ -76,10 +76,7 @@ def group_norm(
     layer = "GroupNorm"
     check_floating(layer, input)
     check_eps(layer, eps, zero_ok=True)
-    if input.dim() < 2:
-        raise ValueError(
-            f"{layer}: expected an (N, C, *spatial) input, got shape {tuple(input.shape)}."
-        )
+    check_min_dims(layer, input, 2, "an (N, C, *spatial) input")
     check_act(layer, act)
     path = choose_path(Op.GROUP_NORM, input, backend, None)
     c = input.shape[1]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import check_eps, check_floating, check_params
+from .._core.checks import check_eps, check_floating, check_min_dims, check_params
 from .._core.dispatch import Op, choose_path
 from .._core.normalize import affine_normalize
 from .._core.running import update_running_stats
@@ -40,11 +40,7 @@ def instance_norm(
     layer = "InstanceNorm"
     check_floating(layer, input)
     check_eps(layer, eps, zero_ok=True)
-    if input.dim() < 3:
-        raise ValueError(
-            f"{layer}: expected an (N, C, *spatial) input with at least one spatial dim, "
-            f"got shape {tuple(input.shape)}."
-        )
+    check_min_dims(layer, input, 3)
     choose_path(Op.INSTANCE_NORM, input, backend, None)  # torch ops only
     c = input.shape[1]
     check_params(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import NormShapeError, check_eps, check_floating, check_params
+from .._core.checks import check_eps, check_floating, check_normalized_shape, check_params
 from .._core.dispatch import Op, choose_path
 from .._core.stats import acc_dtype, centered, pivot
 
@@ -42,14 +42,8 @@ def layer_norm(
     check_floating(layer, input)
     check_eps(layer, eps, zero_ok=True)
     shape = _shape(normalized_shape)
+    check_normalized_shape(layer, input, shape)
     k = len(shape)
-    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k :]) != shape:
-        raise NormShapeError(
-            f"{layer}: normalized_shape={list(shape)} must equal the last {k} dims of the "
-            f"input, got input shape {tuple(input.shape)}. Build the layer with "
-            f"normalized_shape={list(input.shape[-k:]) if k else '[...]'} or move the "
-            "normalized dims last."
-        )
     choose_path(Op.LAYER_NORM, input, backend, None)  # torch ops only
     check_params(layer, shape, weight=weight, bias=bias)
     if input.numel() == 0:  # an empty output, connected to weight and bias, as in torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._core.checks import check_floating
+from .._core.checks import check_floating, check_min_dims
 from .._core.dispatch import Op, choose_path
 from .._core.stats import acc_dtype, window_mean
 
@@ -31,11 +31,7 @@ def local_response_norm(
     """
     layer = "LocalResponseNorm"
     check_floating(layer, input)
-    if input.dim() < 3:
-        raise ValueError(
-            f"{layer}: expected an (N, C, *spatial) input with at least 3 dims, got shape "
-            f"{tuple(input.shape)}."
-        )
+    check_min_dims(layer, input, 3, "an (N, C, *spatial) input with at least 3 dims")
     if size < 1:
         raise ValueError(f"{layer}: size must be >= 1, got {size}.")
     if k <= 0 and beta != 0:

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._core.checks import check_eps, check_floating, check_params
+from .._core.checks import check_eps, check_floating, check_min_dims, check_params
 from .._core.collectives import all_reduce_sum, resolve_process_group, sync_moments
 from .._core.dispatch import Op, choose_path
 from .._core.normalize import channel_shape
@@ -304,11 +304,7 @@ def moving_average_batch_norm(
     """
     check_floating(_LAYER, input)
     check_eps(_LAYER, eps)
-    if input.dim() < 2:
-        raise ValueError(
-            f"{_LAYER}: expected an (N, C, *spatial) input with at least 2 dims, got shape "
-            f"{tuple(input.shape)}."
-        )
+    check_min_dims(_LAYER, input, 2)
     group = resolve_process_group(process_group) if training else None
     # Training has one implementation, the stateful Function (refused under torch.func).
     op = Op.MOVING_AVERAGE_BATCH_NORM if training else Op.MOVING_AVERAGE_BATCH_NORM_EVAL

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._core.checks import NormShapeError, check_eps, check_floating, check_param
+from .._core.checks import (
+    NormShapeError,
+    check_eps,
+    check_floating,
+    check_normalized_shape,
+    check_param,
+)
 from .._core.dispatch import Op, choose_path
 from .._core.stats import acc_dtype, mean_square
 
@@ -37,14 +43,8 @@ def rms_norm(
     if eps is not None:
         check_eps(layer, eps, zero_ok=True)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    check_normalized_shape(layer, input, shape)
     k = len(shape)
-    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k :]) != shape:
-        raise NormShapeError(
-            f"{layer}: normalized_shape={list(shape)} must equal the last {k} dims of the "
-            f"input, got input shape {tuple(input.shape)}. Build the layer with "
-            f"normalized_shape={list(input.shape[-k:]) if k else '[...]'} or move the "
-            "normalized dims last."
-        )
     choose_path(Op.RMS_NORM, input, backend, None)  # torch ops only
     check_param(layer, "weight", weight, shape)
     return _scale(input, range(input.dim() - k, input.dim()), weight, eps)

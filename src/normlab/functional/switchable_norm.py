@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .._core.checks import check_batch_count, check_eps, check_floating, check_params
+from .._core.checks import (
+    check_batch_count,
+    check_eps,
+    check_floating,
+    check_min_dims,
+    check_params,
+)
 from .._core.collectives import check_global_count, resolve_process_group, sync_moments
 from .._core.dispatch import Op, Path, choose_path
 from .._core.mixing import (
@@ -111,11 +117,7 @@ def switchable_norm(
     layer = "switchable_norm"
     check_floating(layer, input)
     check_eps(layer, eps)
-    if input.dim() < 2:
-        raise ValueError(
-            f"{layer}: expected an (N, C) or (N, C, *spatial) input, got shape "
-            f"{tuple(input.shape)}."
-        )
+    check_min_dims(layer, input, 2, "an (N, C) or (N, C, *spatial) input")
     bn_from_batch = using_bn and training
     group = resolve_process_group(process_group) if bn_from_batch else None
     # The fused Function reads running statistics as constants (no gradient).

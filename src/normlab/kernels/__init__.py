@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._core.checks import check_batch_count
+from .._core.checks import check_batch_count, check_min_dims
 from .._core.dispatch import available, interpreting, missing
 from .._core.running import update_running_stats
 from .._core.stats import acc_dtype
@@ -129,11 +129,7 @@ def fused_filter_response_norm(
     """
     layer = "filter_response_norm (triton)"
     _check_dtype(layer, input)
-    if input.dim() < 3:
-        raise ValueError(
-            f"{layer}: expected an (N, C, *spatial) input with at least one spatial dim, "
-            f"got shape {tuple(input.shape)}."
-        )
+    check_min_dims(layer, input, 3)
     from .filter_response_norm import FilterResponseNormTriton
 
     acc = acc_dtype(input.dtype)
