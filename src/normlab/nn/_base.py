@@ -30,6 +30,38 @@ def check_num_features(layer: str, num_features: int) -> int:
     return int(num_features)
 
 
+def add_affine(
+    module: nn.Module,
+    shape: int | tuple[int, ...],
+    affine: bool,
+    factory: dict[str, Any],
+    *,
+    bias: bool = True,
+) -> None:
+    """Register ``weight`` (ones) and ``bias`` (zeros) of ``shape`` on ``module``, torch's way.
+
+    Without ``affine`` both are None; with ``bias=False`` only ``bias`` is. A None
+    parameter is absent from the state_dict, as in torch's norms.
+    """
+    if affine:
+        module.weight = nn.Parameter(torch.ones(shape, **factory))
+        if bias:
+            module.bias = nn.Parameter(torch.zeros(shape, **factory))
+        else:
+            module.register_parameter("bias", None)
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
+def reset_affine(module: nn.Module) -> None:
+    """Set ``weight`` to 1 and ``bias`` to 0 (those that are not None): the identity map."""
+    if module.weight is not None:
+        nn.init.ones_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class NormBase(nn.Module):
     """Constructor, buffers, the momentum rule, repr and state_dict versioning (see above)."""
 
@@ -73,15 +105,7 @@ class NormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:  # torch's bias=False: no β at all (None, absent from the state_dict)
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, self.num_features, affine, factory, bias=bias)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -103,10 +127,7 @@ class NormBase(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from .._core.checks import BACKENDS, check_channels, check_eps, check_floating, check_rank
+from .._core.checks import check_channels, check_eps, check_floating, check_rank
+from .._core.dispatch import check_backend
 from ..functional.group_norm import check_act
 from ._base import NormBase, check_num_features
 
@@ -157,8 +158,7 @@ class _FrozenBatchNorm(nn.Module):
         check_num_features(name, num_features)
         check_eps(name, eps, zero_ok=True)
         check_act(name, act)
-        if backend not in BACKENDS:
-            raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}.")
+        check_backend(name, backend)
         self.act = act
         self.backend = backend
         factory = {"device": device, "dtype": dtype}

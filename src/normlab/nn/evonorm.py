@@ -18,7 +18,7 @@ from .._core.checks import (
 )
 from .._core.collectives import sync_active
 from .._core.stats import reduced_count
-from ._base import NormBase, check_num_features
+from ._base import NormBase, add_affine, check_num_features, reset_affine
 
 __all__ = ["EvoNormB0_2d", "EvoNormS0_2d"]
 
@@ -171,19 +171,12 @@ class EvoNormS0_2d(nn.Module):
         self.affine = affine
         c = self.num_features
         self.v = nn.Parameter(torch.empty(c, **factory))
-        if affine:
-            self.weight = nn.Parameter(torch.empty(c, **factory))
-            self.bias = nn.Parameter(torch.empty(c, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, c, affine, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.v)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         _check_input(self, input)

@@ -9,13 +9,13 @@ from torch import Tensor, nn
 
 from .. import functional as NF
 from .._core.checks import (
-    BACKENDS,
     check_channels,
     check_eps,
     check_floating,
     check_rank,
 )
-from ._base import check_num_features
+from .._core.dispatch import check_backend
+from ._base import add_affine, check_num_features, reset_affine
 
 __all__ = [
     "FilterResponseNorm1d",
@@ -84,8 +84,7 @@ class _FilterResponseNorm(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if backend not in BACKENDS:
-            raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}.")
+        check_backend(name, backend)
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.num_features = check_num_features(name, num_features)
@@ -100,12 +99,7 @@ class _FilterResponseNorm(nn.Module):
         else:
             self.register_buffer("eps", torch.empty((), **factory))
         self._eps_value = float(eps)
-        if affine:
-            self.weight = nn.Parameter(torch.empty(self.num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(self.num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, self.num_features, affine, factory)
         if tlu:
             self.tau = nn.Parameter(torch.empty(self.num_features, **factory))
         else:
@@ -115,9 +109,7 @@ class _FilterResponseNorm(nn.Module):
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.eps.fill_(self.eps_init if self.learnable_eps else self._eps_value)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
         if self.tau is not None:
             nn.init.zeros_(self.tau)
 

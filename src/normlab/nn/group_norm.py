@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from .._core.checks import BACKENDS, check_channels, check_eps, check_groups, check_rank
+from .._core.checks import check_channels, check_eps, check_groups, check_rank
+from .._core.dispatch import check_backend
 from ..functional.group_norm import check_act
+from ._base import add_affine, reset_affine
 
 __all__ = ["GroupNorm"]
 
@@ -64,8 +65,7 @@ class GroupNorm(nn.Module):
         check_groups("GroupNorm", num_channels, num_groups)
         check_eps("GroupNorm", eps, zero_ok=True)
         check_act("GroupNorm", act)
-        if backend not in BACKENDS:
-            raise ValueError(f"GroupNorm: backend must be one of {BACKENDS}, got {backend!r}.")
+        check_backend("GroupNorm", backend)
         self.act = act
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
@@ -73,22 +73,11 @@ class GroupNorm(nn.Module):
         self.num_channels = int(num_channels)
         self.eps = float(eps)
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, self.num_channels, affine, factory, bias=bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         check_rank("GroupNorm", input, (2, 3, 4, 5), "(N, C, *spatial)")

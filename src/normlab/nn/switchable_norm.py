@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from .._core.checks import BACKENDS
+from .._core.dispatch import check_backend
 from ..functional.switchable_norm import switchable_norm_components
 from ._base import NormBase
 
@@ -90,10 +90,7 @@ class _SwitchableNorm(NormBase):
         process_group: Any = None,
         backend: str = "auto",
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"{type(self).__name__}: backend must be one of {BACKENDS}, got {backend!r}."
-            )
+        check_backend(type(self).__name__, backend)
         self.backend = backend
         # Read by reset_parameters, which the base constructor calls.
         self.using_bn = bool(using_bn)
