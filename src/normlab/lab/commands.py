@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..cli import _int_list, _name_list
 from .cli_length import add_length_arguments
-from .cli_model import add_model_arguments, print_tables
+from .cli_model import add_model_arguments
+from .cli_task import GivenOption, add_lr_argument, add_task_arguments, print_results, task_options
 
 if TYPE_CHECKING:
     from .runner import SweepInterrupted
@@ -71,6 +72,7 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
         "seed, store each finished run in SQLite (rerun to resume), and write a report.",
     )
     add_model_arguments(p)
+    add_task_arguments(p)
     p.add_argument(
         "--norms",
         type=_name_list,
@@ -80,8 +82,9 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-sizes",
         type=_int_list,
+        action=GivenOption,
         default=list(defaults.DEFAULT_BATCH_SIZES),
-        help="comma-separated batch sizes (default: 2,4,8,16,32)",
+        help="comma-separated batch sizes (default: 2,4,8,16,32; segmentation: 2,4,8,32)",
     )
     p.add_argument(
         "--seeds",
@@ -90,28 +93,25 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
         help="number of seeds, or comma-separated seeds (default: 3)",
     )
     add_length_arguments(p, defaults.DEFAULT_EPOCHS)
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=defaults.DEFAULT_BASE_LR,
-        help="learning rate at batch 32; scaled linearly (default: %(default)s)",
-    )
+    add_lr_argument(p)
     p.add_argument(
         "--data",
-        help="a .npz with x, y or a folder of class sub-folders "
-        "(default: the embedded Animal-MNIST)",
+        help="a .npz with x, y or a folder of class sub-folders; segmentation: a folder of "
+        "images/ and masks/ (default: embedded Animal-MNIST; built-in silhouette scenes)",
     )
     p.add_argument(
         "--image-size",
         type=int,
+        action=GivenOption,
         default=defaults.DEFAULT_IMAGE_SIZE,
-        help="images are resized to this square size (default: %(default)s)",
+        help="images are resized to this square size (default: %(default)s; segmentation: 32)",
     )
     p.add_argument(
         "--max-train",
         type=int,
+        action=GivenOption,
         default=defaults.DEFAULT_MAX_TRAIN,
-        help="training subset size; 0 = all (default: %(default)s)",
+        help="training subset size; 0 = all (default: %(default)s; segmentation: 1200 scenes)",
     )
     p.add_argument(
         "--db",
@@ -152,6 +152,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep as sweep
 
     config = SweepConfig(
+        **task_options(args),  # evaluated first: puts the task's defaults into args
         norms=expand_norms(args.norms) if args.norms else default_norms(args.per_rank_batch),
         batch_sizes=args.batch_sizes,
         seeds=args.seeds,
@@ -193,7 +194,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.json:
         write_json(summarize(result.records), args.json)
     if not args.quiet:
-        print_tables(result.records)
+        print_results(result.records)
         print(
             f"\n{result.new_runs} new run(s), {result.skipped_runs} already stored; "
             f"{result.wall_time:.0f} s. Store: {result.db}. Report: {files.markdown}"
@@ -224,7 +225,7 @@ def run_report(args: argparse.Namespace) -> int:
     if args.json:
         write_json(summarize(records), args.json)
     if not args.quiet:
-        print_tables(records)
+        print_results(records)
         print(f"\nReport: {files.markdown}")
     return 0
 

@@ -10,6 +10,10 @@ the seeds into one model (:mod:`normlab.lab.packed`). The protocol is described 
 * the *model builder* (:data:`ModelBuilder`) makes a run's network from its config and
   data; :func:`lab_model`, the lab's ResNet, is the default.
 
+The two defaults stand for the run's own task (``RunConfig.task``): a segmentation run
+given them trains :class:`normlab.lab.seg_task.Segmentation` and the lab's U-Net
+(:func:`normlab.lab.seg_task.segmentation_model`) instead.
+
 Training length: ``RunConfig.steps`` optimizer steps, or ``epochs`` passes of
 ``n // (ranks · batch_size)`` steps each (the last incomplete batch of a pass is dropped).
 Either way the data order reshuffles at every pass and the run is evaluated at
@@ -29,6 +33,8 @@ from torch import nn
 from .models import build_model, recal_variance
 from .packed import pack_states
 from .run_config import EpochStats, RunConfig
+from .seg_task import Segmentation, segmentation_model
+from .task_defaults import SEGMENTATION_TASK
 from .tasks import CLASSIFICATION, Task
 
 if TYPE_CHECKING:
@@ -176,8 +182,8 @@ def _forward(model: nn.Module, x: torch.Tensor, packs: int) -> torch.Tensor:
 @torch.no_grad()
 def _test_errors(
     model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, device: str, packs: int
-) -> list[float]:
-    """Each network's headline error on the same test images, in eval mode."""
+) -> list[dict[str, float]]:
+    """Each network's metrics (:meth:`Task.errors`) on the same test images, in eval mode."""
     model.eval()
     tally = None
     for i in range(0, len(x), _EVAL_CHUNK):
@@ -185,7 +191,35 @@ def _test_errors(
         out = _forward(model, xb if packs == 1 else xb.repeat(1, packs, 1, 1), packs)
         t = task.tally(out, yb.expand(packs, *yb.shape)).cpu()
         tally = t if tally is None else tally + t
-    return _headline(task, tally, packs)
+    if tally is None:
+        return [dict.fromkeys(task.metrics, 0.0) for _ in range(packs)]
+    return task.errors(tally)
+
+
+def _point(
+    task: Task,
+    epoch: int,
+    loss: float,
+    train_error: float,
+    test: dict[str, float],
+    lr: float,
+    step: int,
+) -> EpochStats:
+    """An evaluation point; a task with several metrics keeps them all in ``test_metrics``."""
+    extra = dict(test) if len(task.metrics) > 1 else {}
+    return EpochStats(epoch, loss, train_error, test[task.metrics[0]], lr, step, extra)
+
+
+def _for_task(
+    config: RunConfig, split: Split, task: Task, build: ModelBuilder
+) -> tuple[Task, ModelBuilder]:
+    """The task and builder of ``config``'s runs: the defaults (:data:`CLASSIFICATION`,
+    :func:`lab_model`) stand for the run's own task and its default model."""
+    if config.task != SEGMENTATION_TASK:
+        return task, build
+    if task is CLASSIFICATION:
+        task = Segmentation(split.num_classes, getattr(split, "ignore_index", 255))
+    return task, segmentation_model if build is lab_model else build
 
 
 def _headline(task: Task, tally: torch.Tensor | None, packs: int) -> list[float]:
@@ -248,6 +282,7 @@ def train_loop(
     """
     check_packable(configs)
     base, packs = configs[0], len(configs)
+    task, build = _for_task(base, split, task, build)
     rank = _check_world(base)
     n, bs = len(split.x_train), base.batch_size
     global_batch = bs * base.ranks
@@ -316,7 +351,9 @@ def train_loop(
                     train_errs = _headline(task, tally, packs)
                     for i in newly:
                         diverged[i] = True
-                        record(i, EpochStats(point + 1, math.nan, train_errs[i], errs[i], lr, step))
+                        record(
+                            i, _point(task, point + 1, math.nan, train_errs[i], errs[i], lr, step)
+                        )
                     alive &= finite
                     net.train()
                     if not bool(alive.any()):
@@ -351,7 +388,7 @@ def train_loop(
         train_errs = _headline(task, tally, packs)
         for i in alive.nonzero().flatten().tolist():
             train_loss = math.nan if late_nan else float(loss_sum[i]) / seen
-            record(i, EpochStats(point + 1, train_loss, train_errs[i], errs[i], lr, step))
+            record(i, _point(task, point + 1, train_loss, train_errs[i], errs[i], lr, step))
         if late_nan:
             diverged[0] = True
             break

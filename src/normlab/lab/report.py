@@ -14,6 +14,7 @@ differ (``BN (epochs=1)``), and is compared only with rows of the same protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import defaultdict
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import report_seg as seg
 from .protocol import protocol_key, protocol_names, protocol_of
 from .report_models import conversion_lines, model_line
 from .stats import WelchResult, mean_ci, welch_test
@@ -32,6 +34,7 @@ __all__ = [
     "ReportFiles",
     "key_comparisons",
     "markdown_table",
+    "metric_cells",
     "plot_errors",
     "render_markdown",
     "summarize",
@@ -106,6 +109,13 @@ def summarize(records: Sequence[RunRecord]) -> list[Cell]:
                 m, s, ci = mean_ci(errs)
                 cells.append(Cell(norm, bs, tuple(errs), m, s, ci, proto))
     return cells
+
+
+def metric_cells(records: Sequence[RunRecord], metric: str) -> list[Cell]:
+    """:func:`summarize` of a final test metric of the task (``RunRecord.final_metrics``,
+    e.g. segmentation's ``miou``) instead of the headline error, over the runs that have it."""
+    runs = [r for r in records if metric in r.final_metrics]
+    return summarize([dataclasses.replace(r, final_error=r.final_metrics[metric]) for r in runs])
 
 
 def summary_dicts(cells: Sequence[Cell]) -> list[dict[str, object]]:
@@ -246,10 +256,13 @@ def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
     sizes = sorted({x.config.batch_size for x in records})
     values = ", ".join(f"{b}: {b * r.final_map**2}" for b in sizes)
     wall = sum(x.wall_time for x in records)
-    return [
+    head = [
         f"- Data: {c.data or 'embedded Animal-MNIST'} at {c.image_size}×{c.image_size}, "
         f"{r.num_train} training / {r.num_test} test images (fixed stratified split).",
         *_model_lines(r, values),
+    ]
+    return [
+        *(seg.segmentation_protocol_lines(r) if seg.is_segmentation([r]) else head),
         f"- SGD momentum 0.9, weight decay {c.weight_decay}, lr = {c.base_lr} × batch / 32, "
         + _length(c)
         + "; test error in eval mode (BN: running statistics).",
@@ -322,7 +335,8 @@ def render_markdown(
     out = [f"# {title or 'normlab sweep: test error vs batch size'}", ""]
     if plot_name:
         out += [f"![test error vs batch size]({plot_name})", ""]
-    out += ["## Test error (%), mean ± std over seeds", "", *markdown_table(cells), ""]
+    tables = {m: markdown_table(metric_cells(records, m)) for m in seg.METRIC_TITLES}
+    out += seg.headline_sections(records, markdown_table(cells), tables)
     diverged = [x for x in records if x.diverged]
     if diverged:
         out += [
@@ -372,7 +386,12 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path) -> ReportFil
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cells = summarize(records)
-    png = plot_errors(cells, out / "sweep.png")
+    if seg.is_segmentation(records):
+        png = seg.plot_segmentation(
+            {m: metric_cells(records, m) for m in seg.METRIC_TITLES}, out / "sweep.png"
+        )
+    else:
+        png = plot_errors(cells, out / "sweep.png")
     md = out / "report.md"
     md.write_text(render_markdown(records, plot_name=png.name))
     js = write_json(cells, out / "summary.json")

@@ -16,6 +16,7 @@ from typing import Any
 
 from .defaults import DEFAULT_BASE_LR, DEFAULT_EPOCHS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_TRAIN
 from .models import resolve_norm
+from .task_defaults import CLASSIFICATION_TASK, TASKS
 
 __all__ = ["EpochStats", "RunConfig", "RunRecord", "versions"]
 
@@ -55,9 +56,15 @@ class RunConfig:
     #: Hash of the factory's source file: an edited file makes new runs, never stale
     #: resumed ones (:attr:`normlab.lab.user_factory.UserFactory.source_hash`).
     model_hash: str | None = None
+    #: What the run learns (:data:`normlab.lab.task_defaults.TASKS`): ``"classification"``
+    #: (the lab's ResNet, top-1 error) or ``"segmentation"`` (the lab's U-Net, per-pixel
+    #: labels; :mod:`normlab.lab.seg_task`).
+    task: str = CLASSIFICATION_TASK
 
     def __post_init__(self) -> None:
         resolve_norm(self.norm)
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
         if self.ranks < 1:
             raise ValueError(f"ranks must be >= 1, got {self.ranks}")
         if self.batch_size < 2:
@@ -116,6 +123,8 @@ class RunConfig:
         for name in ("steps", "model", "model_hash"):
             if d[name] is None:
                 d.pop(name)
+        if d["task"] == CLASSIFICATION_TASK:
+            d.pop("task")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -133,6 +142,10 @@ class EpochStats:
     lr: float
     #: Optimizer steps taken when the point was evaluated (None: stored before it was kept).
     step: int | None = None
+    #: Every test metric of a task that reports more than one, in % (segmentation:
+    #: ``miou_error``, ``miou``, ``pixel_error``; :mod:`normlab.lab.seg_task`); empty for
+    #: classification, whose one metric is ``test_error``.
+    test_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,6 +172,11 @@ class RunRecord:
     @property
     def key(self) -> str:
         return self.config.key()
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """The task's test metrics at the last evaluation point (empty: classification)."""
+        return dict(self.epochs[-1].test_metrics) if self.epochs else {}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..registry import NORM_LAYERS
-from .data import Split, check_batch_size, load_split
+from .data import Split, check_batch_size
 from .data_parallel import run_data_parallel
 from .defaults import DEFAULT_BATCH_SIZES
 from .devices import check_device
@@ -34,7 +34,9 @@ from .loop import ModelBuilder, lab_model
 from .models import resolve_norm
 from .ranks import RankFailedError, merge_shards, run_sharded
 from .runner import Progress, SweepInterrupted, execute_runs, sigint_guard
+from .seg_task import load_task_split, segmentation_model
 from .store import RunStore
+from .task_defaults import CLASSIFICATION_TASK, SEGMENTATION_TASK, TASKS
 from .train import RunConfig, RunRecord
 from .user_factory import UserFactory, load_factory
 
@@ -105,8 +107,15 @@ class SweepConfig:
     #: ``"package.module:build"``), loaded here, or a loaded factory; None: the lab's
     #: ResNet. Its runs train unpacked whatever ``pack`` says.
     model: str | UserFactory | None = None
+    #: What every run learns (:data:`normlab.lab.task_defaults.TASKS`). Segmentation runs
+    #: train the lab's U-Net (or the user's model) with ``widths`` as its levels' channels,
+    #: unpacked, on the built-in scenes or a ``data`` folder of ``images/`` and ``masks/``;
+    #: the CLI's defaults for it are :data:`~normlab.lab.task_defaults.SEGMENTATION_DEFAULTS`.
+    task: str = CLASSIFICATION_TASK
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
         if not self.norms:
             raise ValueError("norms is empty; name at least one norm (e.g. bn, gn)")
         for n in self.norms:
@@ -133,6 +142,13 @@ class SweepConfig:
                     "(--workers N trains N runs at a time)"
                 )
             object.__setattr__(self, "pack", False)  # one user model per run
+        if self.task == SEGMENTATION_TASK:
+            if self.per_rank_batch:
+                raise ValueError(
+                    "--task segmentation with --per-rank-batch is not supported; sweep "
+                    "segmentation without --per-rank-batch (--workers N trains N runs at a time)"
+                )
+            object.__setattr__(self, "pack", False)  # one U-Net per run
 
     @property
     def factory(self) -> UserFactory | None:
@@ -167,6 +183,7 @@ def plan_runs(config: SweepConfig, ranks: int = 1) -> list[RunConfig]:
             device=config.device,
             model=None if factory is None else factory.name,
             model_hash=None if factory is None else factory.source_hash,
+            task=config.task,
         )
         for b in sorted(config.batch_sizes)
         for s in config.seeds
@@ -249,7 +266,7 @@ def run_sweep(
         if config.per_rank_batch:
             return run_data_parallel(config, db, **common)
         return run_sharded(config, db, workers=workers, **common)
-    split = load_split(config.data, config.image_size, config.max_train)
+    split = load_task_split(config.task, config.data, config.image_size, config.max_train)
     check_batch_size(split, max(config.batch_sizes))
     start = time.perf_counter()
     planned = plan_runs(config)
@@ -270,11 +287,14 @@ def run_sweep(
 
 
 def _builder(config: SweepConfig, planned: list[RunConfig], split: Split) -> ModelBuilder:
-    """The runs' model builder; a user model's is checked on every norm first."""
+    """The runs' model builder; a user model's, or the U-Net, is checked on every norm first."""
     if config.factory is None:
-        return lab_model
+        if config.task == SEGMENTATION_TASK:
+            for norm in dict.fromkeys(c.norm for c in planned):  # a 1-D norm fails here
+                segmentation_model(next(c for c in planned if c.norm == norm), split)
+        return lab_model  # the loop's default: the run's own task's model
     from .user_runs import UserModelBuilder
 
-    build = UserModelBuilder(config.factory)
+    build = UserModelBuilder(config.factory, config.task)
     build.check(planned, split)
     return build

@@ -42,10 +42,12 @@ from typing import Any
 
 import torch
 
-from .data import Split, load_split
+from .data import Split
 from .loop import ModelBuilder, check_packable, lab_model, train_loop
 from .models import final_spatial_size
 from .run_config import EpochStats, RunConfig, RunRecord, versions
+from .seg_task import load_task_split
+from .task_defaults import SEGMENTATION_TASK
 from .tasks import CLASSIFICATION, Task
 
 __all__ = [
@@ -94,7 +96,7 @@ def train_run(
     """Train and evaluate one model; ``on_epoch`` is called after every epoch."""
     start = time.perf_counter()
     if split is None:
-        split = load_split(config.data, config.image_size, config.max_train)
+        split = load_task_split(config.task, config.data, config.image_size, config.max_train)
     _, history, diverged = train_model(config, split, on_epoch, task=task, build=build)
     wall = time.perf_counter() - start
     return _record(config, split, history, diverged, wall, 1, _conversion(build, config))
@@ -104,6 +106,16 @@ def _conversion(build: ModelBuilder, config: RunConfig) -> dict[str, Any] | None
     """What ``build`` did to the network of ``config``, if it says (see the module doc)."""
     describe = getattr(build, "conversion", None)
     return None if describe is None else describe(config)
+
+
+def _final_map(config: RunConfig) -> int:
+    """Side of the deepest feature map: the ResNet's last stage, the U-Net's bottom level
+    (a user model: 0, unknown)."""
+    if config.model is not None:
+        return 0
+    if config.task == SEGMENTATION_TASK:
+        return config.image_size // 2 ** (len(config.widths) - 1)
+    return final_spatial_size(config.image_size, len(config.widths), config.stem_stride)
 
 
 def _record(
@@ -123,9 +135,7 @@ def _record(
         diverged=diverged,
         num_train=len(split.x_train),
         num_test=len(split.x_test),
-        final_map=0
-        if config.model is not None
-        else final_spatial_size(config.image_size, len(config.widths), config.stem_stride),
+        final_map=_final_map(config),
         versions=versions(),
         packed=packed,
         conversion=conversion,
@@ -189,7 +199,7 @@ def train_runs(
     start = time.perf_counter()
     base = configs[0]
     if split is None:
-        split = load_split(base.data, base.image_size, base.max_train)
+        split = load_task_split(base.task, base.data, base.image_size, base.max_train)
     _, results = train_packed(configs, split, on_epoch, task=task, build=build)
     share = (time.perf_counter() - start) / len(configs)
     return [

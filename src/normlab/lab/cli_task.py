@@ -1,0 +1,133 @@
+"""``normlab sweep --task``: what the runs learn, the defaults that follow from it, and the
+tables the sweep and the report print.
+
+Built without torch (every ``normlab`` command builds the sweep's parser). The options
+whose default depends on the task (``--batch-sizes``, ``--lr``, ``--image-size``,
+``--max-train``, ``--norms`` and ``--epochs``) parse to classification's defaults and
+record whether the user gave them (:class:`GivenOption`; ``--norms`` defaults to None,
+``--epochs`` records itself as the length option); :func:`resolve_task_defaults` then
+puts the task's own defaults in those the user did not give.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import defaults
+from .task_defaults import CLASSIFICATION_TASK, SEGMENTATION_DEFAULTS, SEGMENTATION_TASK, TASKS
+
+if TYPE_CHECKING:
+    from .train import RunRecord
+
+__all__ = [
+    "GivenOption",
+    "add_lr_argument",
+    "add_task_arguments",
+    "print_results",
+    "resolve_task_defaults",
+    "task_options",
+]
+
+
+class GivenOption(argparse.Action):
+    """Store the value, and add the option's ``dest`` to ``namespace.given_options``.
+
+    argparse cannot tell an option left at its default from one given at the default's
+    value; the task's defaults replace only the options the user did not give.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given_options = {*getattr(namespace, "given_options", ()), self.dest}
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``--task`` (default classification) to ``p``."""
+    seg = SEGMENTATION_DEFAULTS
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default=CLASSIFICATION_TASK,
+        help="what the runs learn: classification (the ResNet on Animal-MNIST, top-1 "
+        "error) or segmentation (a U-Net with the run's norm on built-in silhouette "
+        "scenes, or --data FOLDER with images/ and masks/; reports mIoU and pixel error). "
+        f"Segmentation's defaults: norms {','.join(seg.norms)}, batch sizes "
+        f"{','.join(map(str, seg.batch_sizes))}, {seg.epochs} epochs, lr {seg.base_lr}, "
+        f"image size {seg.image_size}, {seg.max_train} training scenes, no packing "
+        "(default: %(default)s)",
+    )
+
+
+def add_lr_argument(p: argparse.ArgumentParser) -> None:
+    """Add ``--lr`` (the base learning rate, at batch 32) to ``p``."""
+    p.add_argument(
+        "--lr",
+        type=float,
+        action=GivenOption,
+        default=defaults.DEFAULT_BASE_LR,
+        help="learning rate at batch 32; scaled linearly (default: %(default)s; "
+        f"segmentation: {SEGMENTATION_DEFAULTS.base_lr})",
+    )
+
+
+def resolve_task_defaults(args: argparse.Namespace) -> None:
+    """Put the defaults of ``args.task`` in the options the user did not give.
+
+    ``--epochs`` counts too when ``--steps`` is given (it is then the number of
+    evaluation points); the length option records whether ``--epochs`` was given.
+    """
+    if args.task != SEGMENTATION_TASK:
+        return
+    seg = SEGMENTATION_DEFAULTS
+    chosen: dict[str, Any] = {
+        "batch_sizes": list(seg.batch_sizes),
+        "lr": seg.base_lr,
+        "image_size": seg.image_size,
+        "max_train": seg.max_train,
+    }
+    given = getattr(args, "given_options", set())
+    for name, value in chosen.items():
+        if name not in given:
+            setattr(args, name, value)
+    if args.norms is None:
+        args.norms = list(seg.norms)
+    if getattr(args, "length_option", None) != "epochs":
+        args.epochs = seg.epochs
+
+
+def task_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~normlab.lab.sweep.SweepConfig` fields that follow from ``args.task``,
+    after :func:`resolve_task_defaults` has put the task's defaults into ``args``."""
+    resolve_task_defaults(args)
+    if args.task == SEGMENTATION_TASK:
+        return {"task": args.task, "widths": SEGMENTATION_DEFAULTS.widths}
+    return {"task": args.task}
+
+
+def print_results(records: Sequence[RunRecord]) -> None:
+    """Print the sweep's tables: the error table (and a user model's conversions) of
+    classification runs; mIoU and pixel error of segmentation runs, with their names."""
+    from .cli_model import print_tables
+    from .report import markdown_table, metric_cells
+    from .report_models import conversion_lines
+    from .report_seg import METRIC_TITLES, segmentation_records
+
+    segmented = segmentation_records(records)
+    keys = {r.key for r in segmented}
+    others = [r for r in records if r.key not in keys]
+    if others:
+        print_tables(others)
+    for metric, title in METRIC_TITLES.items() if segmented else ():
+        print(f"\nSegmentation, {title}, mean ± std over seeds:")
+        print("\n".join(markdown_table(metric_cells(segmented, metric))))
+    conversions = conversion_lines(segmented)
+    if conversions:
+        print("\n" + "\n".join(conversions).rstrip())
