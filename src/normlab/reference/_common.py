@@ -17,6 +17,9 @@ import numpy as np
 
 Axes = tuple[int, ...]
 
+#: The channel axis of an (N, C, *S) input: where per-channel statistics and parameters live.
+CHANNEL: Axes = (1,)
+
 
 def as_f64(a: object) -> np.ndarray | None:
     """``np.asarray(a, float64)``, passing ``None`` through."""
@@ -163,6 +166,28 @@ def make_cache(
         "has_bias": bias is not None,
         "param_axes": param_axes,
     }
+
+
+def channel_norm_forward(
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    eps: float,
+    axes: Axes | None,
+    running_mean: object = None,
+    running_var: object = None,
+) -> tuple[np.ndarray, dict]:
+    """``y = weight[c] * xhat + bias[c]`` and its :func:`norm_backward` cache.
+
+    ``xhat`` standardizes ``x`` with its own statistics over ``axes``, or, with
+    ``axes=None``, with ``running_mean`` / ``running_var`` (shape (C,)) as constants.
+    """
+    if axes is None:
+        xhat, rstd = normalize_with(x, as_f64(running_mean), as_f64(running_var), eps, CHANNEL)
+    else:
+        xhat, _, rstd = standardize(x, axes, eps)
+    cache = make_cache(x, xhat, rstd, axes, weight, bias, CHANNEL)
+    return affine_forward(xhat, weight, bias, CHANNEL), cache
 
 
 def norm_backward(dy: object, cache: dict) -> dict:

@@ -9,19 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import (
-    affine_forward,
-    as_f64,
-    ema_update,
-    make_cache,
-    moments,
-    norm_backward,
-    normalize_with,
-    reduced_count,
-    standardize,
-)
-
-_CHANNEL = (1,)
+from ._common import as_f64, channel_norm_forward, ema_update, moments, norm_backward, reduced_count
 
 
 def _spatial_axes(x: np.ndarray) -> tuple[int, ...]:
@@ -64,16 +52,13 @@ def instance_norm_forward(
     weight, bias = as_f64(weight), as_f64(bias)
     if use_input_stats:
         _check_count(x, axes)
-        xhat, _, rstd = standardize(x, axes, eps)
-        cache = make_cache(x, xhat, rstd, axes, weight, bias, _CHANNEL)
-    else:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "instance norm with use_input_stats=False needs running_mean and running_var"
-            )
-        xhat, rstd = normalize_with(x, as_f64(running_mean), as_f64(running_var), eps, _CHANNEL)
-        cache = make_cache(x, xhat, rstd, None, weight, bias, _CHANNEL)
-    return affine_forward(xhat, weight, bias, _CHANNEL), cache
+    elif running_mean is None or running_var is None:
+        raise ValueError(
+            "instance norm with use_input_stats=False needs running_mean and running_var"
+        )
+    return channel_norm_forward(
+        x, weight, bias, eps, axes if use_input_stats else None, running_mean, running_var
+    )
 
 
 def instance_norm_backward(dy, cache: dict) -> dict:
