@@ -135,28 +135,30 @@ def _is_torch_bn(module: nn.Module) -> bool:
 
 def _from_torch_bn(old: nn.Module, process_group: Any) -> nn.Module:
     """normlab BatchNorm sharing ``old``'s parameters and buffers (same tensors)."""
-    new = BATCH_NORM_BY_RANK[rank_of(old) or 2](
+    new = _twin(BATCH_NORM_BY_RANK[rank_of(old) or 2], old, process_group=process_group)
+    if type(old) in _TORCH_BN:  # exact classes: a subclass may take other arguments
+        new._sync_reverts_to = type(old)  # type: ignore[assignment]
+    return new
+
+
+def _twin(cls: type[nn.Module], old: nn.Module, **kwargs: Any) -> nn.Module:
+    """A ``cls`` BatchNorm with ``old``'s arguments, pointing at ``old``'s parameters and
+    buffers (the same tensors, so an optimizer keeps working) and training flag."""
+    new = cls(
         old.num_features,
         eps=old.eps,
         momentum=old.momentum,
         affine=old.affine,
         track_running_stats=old.track_running_stats,
         device="meta",
-        process_group=process_group,
+        **kwargs,
     )
-    _share_state(old, new)
-    if type(old) in _TORCH_BN:  # exact classes: a subclass may take other arguments
-        new._sync_reverts_to = type(old)  # type: ignore[assignment]
-    return new
-
-
-def _share_state(old: nn.Module, new: nn.Module) -> None:
-    """Point ``new``'s parameters and buffers at ``old``'s (an optimizer keeps working)."""
     for name in ("weight", "bias"):
         new._parameters[name] = old._parameters.get(name)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new._buffers[name] = old._buffers.get(name)
     new.train(old.training)
+    return new
 
 
 def convert_sync(model: nn.Module, process_group: ProcessGroup | str | None = None) -> nn.Module:
@@ -209,15 +211,6 @@ def revert_sync(model: nn.Module) -> nn.Module:
         cls = m.__dict__.get("_sync_reverts_to")
         if cls is None:
             return m, {}
-        old = cls(
-            m.num_features,
-            eps=m.eps,
-            momentum=m.momentum,
-            affine=m.affine,
-            track_running_stats=m.track_running_stats,
-            device="meta",
-        )
-        _share_state(m, old)
-        return old, {}
+        return _twin(cls, m), {}
 
     return replace(model, is_sync_layer, build)[0]
