@@ -124,35 +124,26 @@ class _BatchRenorm(NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        if not self.training:
-            return NF.batch_renorm(
-                input,
-                self.running_mean,  # type: ignore[arg-type]
-                self.running_var,  # type: ignore[arg-type]
-                self.weight,
-                self.bias,
-                False,
-                0.0,
-                self.eps,
-            )
-        # Refuse a one-value batch before num_batches_tracked moves.
-        dims = (0, *range(2, input.dim()))
-        if not sync_active(self.process_group):  # synced: the global count is checked
-            check_batch_count(type(self).__name__, input, reduced_count(input, dims))
-        r_max, d_max = self.renorm_limits()
-        factor = self._momentum_factor()
+        limits: tuple[Tensor, ...] = ()  # eval normalizes with the running statistics
+        factor = 0.0
+        if self.training:
+            # Refuse a one-value batch before num_batches_tracked moves.
+            dims = (0, *range(2, input.dim()))
+            if not sync_active(self.process_group):  # synced: the global count is checked
+                check_batch_count(type(self).__name__, input, reduced_count(input, dims))
+            limits = self.renorm_limits()
+            factor = self._momentum_factor()
         return NF.batch_renorm(
             input,
             self.running_mean,  # type: ignore[arg-type]
             self.running_var,  # type: ignore[arg-type]
             self.weight,
             self.bias,
-            True,
+            self.training,
             factor,
             self.eps,
-            r_max,
-            d_max,
-            process_group=self.process_group,
+            *limits,
+            process_group=self.process_group if self.training else None,
         )
 
     def extra_repr(self) -> str:
