@@ -12,16 +12,20 @@ that differentiates the plain graph instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
+from .normalize import channel_shape
+
 __all__ = [
+    "BackwardViews",
     "against",
     "apply_dx",
     "autograd_needed",
+    "backward_views",
     "cast",
     "composite_grads",
     "fused_allowed",
@@ -73,6 +77,22 @@ def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 def param(t: Tensor | None, dtype: torch.dtype, shape: Sequence[int]) -> Tensor | None:
     """A (C,) parameter as a broadcastable (1, C, 1, ...) tensor of ``shape`` in ``dtype``."""
     return None if t is None else cast(t, dtype).reshape(shape)
+
+
+class BackwardViews(NamedTuple):
+    """What a per-channel fused backward starts from (see :func:`backward_views`)."""
+
+    shape: list[int]  # broadcasts a (C,) vector against x: (1, C, 1, ...)
+    dims: tuple[int, ...]  # the spatial dims of x
+    all_dims: tuple[int, ...]  # (0, *dims): a per-channel reduction
+    x: Tensor  # x in the accumulation dtype
+    dy: Tensor  # dy in the accumulation dtype
+
+
+def backward_views(x: Tensor, dy: Tensor, acc: torch.dtype) -> BackwardViews:
+    """The broadcast shape, the reduction dims and ``x``, ``dy`` in ``acc`` for (N, C, *S) ``x``."""
+    dims = tuple(range(2, x.dim()))
+    return BackwardViews(channel_shape(x), dims, (0, *dims), cast(x, acc), cast(dy, acc))
 
 
 def against(t: Tensor, x: Tensor) -> Tensor:

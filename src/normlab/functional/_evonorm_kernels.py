@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from .._core.export import rsqrt
-from .._core.fused import cast, param
+from .._core.fused import backward_views, cast, param
 from .._core.normalize import channel_shape
 from .._core.running import update_running_stats
 from .._core.stats import (
@@ -170,11 +170,7 @@ def b0_backward(
     # (N, C) sums and to the coefficients, not to full tensors. Two full-size
     # buffers: e (which becomes ∂L/∂x) and w.
     acc = sig_i.dtype
-    shape = channel_shape(x)
-    dims = tuple(range(2, x.dim()))
-    all_dims = (0, *dims)
-    xa = cast(x, acc)
-    dya = cast(dy, acc)
+    shape, dims, all_dims, xa, dya = backward_views(x, dy, acc)
     rb = sig_b.reciprocal()
     g_rb = rb if weight is None else rb * param(weight, acc, shape)  # γ·rb
     neg_g = -g_rb * rb  # −γ·rb²: ∂L/∂den = neg_g·w
@@ -263,12 +259,8 @@ def s0_backward(
 ) -> tuple[Tensor | None, ...]:
     # Two full-size buffers: s (which becomes ∂L/∂x) and p.
     acc = r.dtype
-    shape = channel_shape(x)
-    dims = tuple(range(2, x.dim()))
-    all_dims = (0, *dims)
+    shape, dims, all_dims, xa, dya = backward_views(x, dy, acc)
     n, c = x.shape[:2]
-    xa = cast(x, acc)
-    dya = cast(dy, acc)
     vb = param(v, acc, shape)
     gamma = param(weight, acc, shape)
     gr = r if gamma is None else gamma * r

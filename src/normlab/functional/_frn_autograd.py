@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .._core.export import rsqrt
-from .._core.fused import autograd_needed, cast, composite_grads, param
+from .._core.fused import autograd_needed, backward_views, cast, composite_grads, param
 from .._core.normalize import channel_shape
 from .._core.stats import acc_dtype, dot_sums, mean_square, reduced_count, sum_of_squares
 
@@ -123,11 +123,7 @@ def _frn_bwd(
     needs: Sequence[bool],  # needs_input_grad of (x, weight, bias, tau, eps)
 ) -> tuple[Tensor | None, ...]:
     acc = r.dtype
-    shape = channel_shape(x)
-    dims = tuple(range(2, x.dim()))
-    all_dims = (0, *dims)
-    xa = cast(x, acc)
-    dya = cast(dy, acc)
+    shape, dims, all_dims, xa, dya = backward_views(x, dy, acc)
     gamma = param(weight, acc, shape)
     a = r if gamma is None else r * gamma
     if tau is not None:
