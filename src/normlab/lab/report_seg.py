@@ -144,10 +144,12 @@ def plot_segmentation(cells: Mapping[str, Sequence[Cell]], path: str | Path) -> 
             ax.set_xticklabels([str(s) for s in sizes])
             ax.minorticks_off()
             ax.set_xlabel("batch size (images per step)")
-            ax.set_ylabel(f"{title}, mean ± std over seeds")
+            ax.set_ylabel(title)
             ax.grid(True, alpha=0.3)
             ax.legend()
-        fig.suptitle("Segmentation: test mIoU and pixel error vs batch size")
+        fig.suptitle(
+            "Segmentation: test mIoU and pixel error vs batch size (mean ± std over seeds)"
+        )
         fig.tight_layout()
         fig.savefig(path, format="png")
     finally:
