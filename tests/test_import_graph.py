@@ -37,17 +37,10 @@ TOOLS = {
 FLOOR = {"_core": 0, "_lazy": 0, "reference": 0, "kernels": 1, "functional": 2, "nn": 3}
 FLOOR.update(root=3, tools=4, lab=5, cli=6)
 
-# Known violations outside normlab/_core and normlab/functional, as (importer,
-# imported) edges; each entry names the item of issue #14 that removes it. The test
-# fails on any violation not listed here, and on an entry that is no longer a
+# Tolerated violations, as (importer, imported) edges with the reason; there are none.
+# The test fails on any violation not listed here, and on an entry that is no longer a
 # violation (delete it then).
-ALLOWED: dict[tuple[str, str], str] = {
-    # Issue #14 item 3 (floors): lab.commands imports the CLI's helpers from above.
-    ("normlab.lab.commands", "normlab.cli"): "upward lab -> cli; cycle cli <-> lab.commands",
-    # Issue #14 items 3 and 8 (one training loop): the sweep and its data-parallel ranks.
-    ("normlab.lab.data_parallel", "normlab.lab.sweep"): "cycle sweep <-> data_parallel",
-    ("normlab.lab.ranks", "normlab.lab.sweep"): "cycle sweep <-> ranks",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 @cache

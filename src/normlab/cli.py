@@ -15,19 +15,6 @@ from collections.abc import Callable, Sequence
 __all__ = ["main"]
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 2,4,8, got {text!r}"
-        ) from None
-
-
-def _name_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def _add_check(subparsers: argparse._SubParsersAction) -> None:
     subparsers.add_parser(
         "check",

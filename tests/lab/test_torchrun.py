@@ -97,6 +97,7 @@ def _sweep_pair(
     fault: str | None = None,
     env: dict[str, str] | None = None,
     torchrun: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> dict[int, _Ended]:
     """Run both ranks to their end (rank 1 is killed once rank 0 ended, if it hangs).
 
@@ -122,6 +123,7 @@ def _sweep_pair(
         out, err = root / f"out{rank}.txt", root / f"err{rank}.txt"
         logs.append((out, err))
         args = ["sweep", *_GRID.split(), "--data", data, "--workers", "1", "--db", "runs.db"]
+        args += list(extra)
         with open(out, "w") as o, open(err, "w") as e:
             procs.append(
                 subprocess.Popen(
@@ -182,6 +184,23 @@ def test_rank0_alone_writes_the_store_and_a_rerun_resumes(tmp_path, tiny_npz):
     assert "0 new run(s), 4 already stored" in again[0].out
     with RunStore(root / "rank0" / "runs.db") as store:
         assert {r.key: r.wall_time for r in store.records()} == walls  # nothing retrained
+    assert list((root / "rank1").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_user_model_sweep_under_torchrun(tmp_path, tiny_npz):
+    """--model on two ranks: each rank loads the factory itself; rank 0 stores the runs with
+    their conversion summaries."""
+    root = _setup(tmp_path)
+    model = Path(__file__).resolve().parents[2] / "examples" / "my_model.py"
+    got = _sweep_pair(root, str(tiny_npz), extra=("--model", f"{model}:build"))
+    assert got[0].returncode == 0, got[0].err[-3000:]
+    assert got[1].returncode == 0, got[1].err[-3000:]
+    assert _stored(root) == _all_runs()
+    with RunStore(root / "rank0" / "runs.db") as store:
+        records = store.records()
+    assert all(r.config.model == "my_model.py:build" and r.packed == 1 for r in records)
+    assert {r.config.norm: r.conversion["converted"] for r in records} == {"bn": 4, "gn": 4}
     assert list((root / "rank1").iterdir()) == []
 
 

@@ -101,7 +101,7 @@ def _fwd_bwd(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
         m.zero_grad(set_to_none=True)
 
 
-def _saved_bytes(m: nn.Module, x: torch.Tensor) -> int:
+def saved_bytes(m: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for the backward of ``m(x)``."""
     total = 0
 
@@ -137,7 +137,7 @@ def spread_warning(records: Sequence[Any], limit: float = SPREAD_LIMIT) -> str |
     )
 
 
-def _percentile(xs: list[float], q: float) -> float:
+def percentile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
@@ -195,10 +195,10 @@ def bench_layers(
                     device=device,
                     provider=prov,
                     median_ms=med,
-                    p20_ms=_percentile(times[prov], 0.2),
-                    p80_ms=_percentile(times[prov], 0.8),
+                    p20_ms=percentile(times[prov], 0.2),
+                    p80_ms=percentile(times[prov], 0.8),
                     ratio_vs_torch=med / torch_median,
-                    saved_bytes=_saved_bytes(m, xs[0]),
+                    saved_bytes=saved_bytes(m, xs[0]),
                     reps=reps,
                 )
                 records.append(rec)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import nn as nnl
-from .bench import _percentile, _saved_bytes
+from .bench import percentile, saved_bytes
 from .composites import COMPOSITES
 
 __all__ = [
@@ -151,7 +151,7 @@ class _Timer:
 
 def _memory_mib(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, device: str) -> float:
     if not device.startswith("cuda"):
-        return _saved_bytes(m, x) / 2**20
+        return saved_bytes(m, x) / 2**20
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -243,8 +243,8 @@ def bench_kernels(
                             provider=prov,
                             phase=phase,
                             median_ms=med,
-                            p20_ms=_percentile(ts, 0.2),
-                            p80_ms=_percentile(ts, 0.8),
+                            p20_ms=percentile(ts, 0.2),
+                            p80_ms=percentile(ts, 0.8),
                             gbps=gbps,
                             copy_gbps=copy_gbps,
                             pct_of_copy=100.0 * gbps / copy_gbps,

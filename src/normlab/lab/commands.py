@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..cli import _int_list, _name_list
+from .cli_args import int_list, name_list
 from .cli_length import add_length_arguments
 from .cli_model import add_model_arguments
 from .cli_task import GivenOption, add_lr_argument, add_task_arguments, print_results, task_options
@@ -44,7 +44,7 @@ def _positive_int(text: str) -> int:
 
 def _seeds(text: str) -> list[int]:
     """``3`` means seeds 0, 1, 2; ``0,5,7`` names them."""
-    values = _int_list(text)
+    values = int_list(text)
     if len(values) == 1 and "," not in text:
         if values[0] < 1:
             raise argparse.ArgumentTypeError(f"--seeds needs >= 1 seed, got {text!r}")
@@ -75,13 +75,13 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     p.add_argument(
         "--norms",
-        type=_name_list,
+        type=name_list,
         help="comma-separated norm names "
         "(default and 'all': bn, gn and the small-batch family frn, sn, mabn, brn)",
     )
     p.add_argument(
         "--batch-sizes",
-        type=_int_list,
+        type=int_list,
         action=GivenOption,
         default=list(defaults.DEFAULT_BATCH_SIZES),
         help="comma-separated batch sizes (default: 2,4,8,16,32; segmentation: 2,4,8,32)",
@@ -239,7 +239,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--shape",
-        type=_int_list,
+        type=int_list,
         action="append",
         help="input shape N,C,H,W (repeatable; default: 8,64,56,56 and 2,256,32,32)",
     )
@@ -251,16 +251,16 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
         "fwd / bwd / fwd+bwd per provider (normlab-triton, normlab-torch, torch eager, "
         "torch.compile) with GB/s and %% of a copy's bandwidth",
     )
-    p.add_argument("--layers", type=_name_list, help="comma-separated layer names")
+    p.add_argument("--layers", type=name_list, help="comma-separated layer names")
     p.add_argument(
         "--providers",
-        type=_name_list,
+        type=name_list,
         help="kernels suite: comma-separated providers (default: all four on CUDA, "
         "normlab-torch,torch on CPU)",
     )
     p.add_argument(
         "--layouts",
-        type=_name_list,
+        type=name_list,
         default=["nchw", "nhwc"],
         help="kernels suite: nchw and/or nhwc (channels_last) (default: both)",
     )

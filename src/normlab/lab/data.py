@@ -60,7 +60,7 @@ ANIMAL_MNIST_CLASSES = (
     "sheep",
     "zebra",
 )
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Split:
         return int(self.x_train.shape[1])
 
 
-def _resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
+def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
     """Resize ``(N, C, H, W)`` to a square ``image_size``; area-average when shrinking."""
     if x.shape[-2:] == (image_size, image_size):
         return x
@@ -169,10 +169,10 @@ def _finish(x: np.ndarray, y: np.ndarray, source: str, name: str, image_size: in
     xt = torch.from_numpy(
         np.ascontiguousarray(_as_unit_float(_to_nchw(np.asarray(x), source), source))
     )
-    return ImageData(_resize(xt, image_size), torch.from_numpy(labels), classes, name)
+    return ImageData(resize(xt, image_size), torch.from_numpy(labels), classes, name)
 
 
-def _load_default(image_size: int) -> ImageData:
+def load_default(image_size: int) -> ImageData:
     ref = resources.files("normlab.lab") / "datasets" / "animal_mnist" / "animal_mnist.npz"
     with resources.as_file(ref) as path, np.load(path) as f:
         x, y = f["x"], f["y"]
@@ -218,7 +218,7 @@ def _load_npz(path: Path, image_size: int) -> ImageData:
     return _finish(x, y, str(path), path.stem, image_size)
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
     import matplotlib.image as mpimg
 
     try:
@@ -245,15 +245,15 @@ def _load_folder(root: Path, image_size: int) -> ImageData:
     labels: list[str] = []
     for d in class_dirs:
         for f in sorted(d.iterdir()):
-            if f.suffix.lower() not in _IMAGE_SUFFIXES:
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            img = _read_image(f)
+            img = read_image(f)
             t = torch.from_numpy(img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0))
-            images.append(_resize(t[None], image_size)[0])
+            images.append(resize(t[None], image_size)[0])
             labels.append(d.name)
     if not images:
         raise DataError(
-            f"{root}: the class folders hold no image files ({', '.join(sorted(_IMAGE_SUFFIXES))})"
+            f"{root}: the class folders hold no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     channels = max(int(t.shape[0]) for t in images)
     x = torch.stack([t.expand(channels, -1, -1) if t.shape[0] == 1 else t for t in images])
@@ -269,7 +269,7 @@ def load_images(path: str | Path | None = None, *, image_size: int = 16) -> Imag
     if image_size < 4:
         raise DataError(f"image_size must be >= 4, got {image_size}")
     if path is None:
-        return _load_default(image_size)
+        return load_default(image_size)
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder; pass a .npz file or an image folder")

@@ -22,7 +22,7 @@ from .store import ProtocolMismatchError, RunStore
 from .train import RunConfig, RunRecord, train_run
 
 if TYPE_CHECKING:
-    from .sweep import SweepConfig, SweepResult
+    from .sweep_config import SweepConfig, SweepResult
 
 __all__ = ["run_data_parallel"]
 
@@ -40,7 +40,7 @@ def run_data_parallel(
     """Every rank trains every pending run together; rank 0 stores them."""
     import torch.distributed as dist
 
-    from .sweep import SweepResult, plan_runs
+    from .sweep_config import SweepResult, plan_runs
 
     split = load_split(config.data, config.image_size, config.max_train)
     check_batch_size(split, max(config.batch_sizes) * world_size)

@@ -29,14 +29,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import check_batch_size, load_split
+from .data import check_batch_size
 from .links import Channel, Kind, RankFailedError, gist, open_group, rank_timeout
-from .runner import Progress, _jobs, execute_runs, sigint_guard
+from .loop import ModelBuilder
+from .runner import Progress, execute_runs, run_groups, sigint_guard
+from .seg_task import load_task_split
 from .store import RunStore
 from .train import RunConfig, RunRecord
 
 if TYPE_CHECKING:
-    from .sweep import SweepConfig, SweepResult
+    from .sweep_config import SweepConfig, SweepResult
 
 __all__ = ["RankFailedError", "device_for_rank", "merge_shards", "run_sharded"]
 
@@ -189,7 +191,7 @@ def _share(
 ) -> list[RunConfig]:
     """This rank's runs of ``pending``: every ``world_size``-th job, on this rank's device."""
     device = device_for_rank(config.device)
-    jobs = _jobs(pending, config.pack)
+    jobs = run_groups(pending, config.pack)
     return [
         RunConfig.from_dict({**pending[i].to_dict(), "device": device})
         for j, job in enumerate(jobs)
@@ -206,11 +208,12 @@ def _train(
     progress: bool,
     on_record: Callable[[RunRecord], None] | None,
     pack: bool,
+    build: ModelBuilder,
 ) -> int:
     bar = Progress(sum(r.epochs for r in runs), len(runs), progress)
     try:
         with sigint_guard(), session.training():
-            return execute_runs(runs, store, workers, bar, on_record, pack)
+            return execute_runs(runs, store, workers, bar, on_record, pack, build)
     finally:
         bar.close()
 
@@ -235,14 +238,15 @@ def run_sharded(
     Raises:
         RankFailedError: another rank failed or was lost; the sweep stopped.
     """
-    from .sweep import SweepResult, plan_runs
+    from .sweep_config import SweepResult, model_builder, plan_runs
 
     start = time.perf_counter()
     session = _Session(rank, world_size, db)
     try:
         planned = plan_runs(config)
-        split = load_split(config.data, config.image_size, config.max_train)
+        split = load_task_split(config.task, config.data, config.image_size, config.max_train)
         check_batch_size(split, max(config.batch_sizes))
+        build = model_builder(config, planned, split)
         if rank == 0:
             with RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
                 store.check_protocol(planned[0])  # every planned run shares one protocol
@@ -252,7 +256,7 @@ def run_sharded(
                 for peer in session.channels:
                     session.send(peer, Kind.PLAN, json.dumps([r.key() for r in pending]))
                 mine = _share(pending, 0, world_size, config)
-                new = _train(session, mine, store, workers, progress, on_record, config.pack)
+                new = _train(session, mine, store, workers, progress, on_record, config.pack, build)
             session.wait_until_all_done()
         else:
             keys = json.loads(session.receive(Kind.PLAN))
@@ -265,7 +269,7 @@ def run_sharded(
             pending = [by_key[k] for k in keys]
             outbox = _Outbox(session)
             mine = _share(pending, rank, world_size, config)
-            new = _train(session, mine, outbox, workers, progress, on_record, config.pack)
+            new = _train(session, mine, outbox, workers, progress, on_record, config.pack, build)
             session.send(0, Kind.DONE)
             session.receive(Kind.FINISHED)
         session.stop(Kind.FINISHED)

@@ -178,7 +178,7 @@ def _run_in_worker(
     return train_runs(job, on_epoch=on_epoch, pack=pack, build=build)
 
 
-def _jobs(pending: list[RunConfig], pack: bool) -> list[list[int]]:
+def run_groups(pending: list[RunConfig], pack: bool) -> list[list[int]]:
     """Indices of ``pending`` grouped into jobs: runs that differ only in seed go together
     when packing, else one run per job; plan order (smallest batch first) is kept."""
     if not pack:
@@ -248,7 +248,7 @@ def execute_runs(
             len(ended), [pending[i] for i in dropped], len(pending) - len(ended) - len(dropped)
         )
 
-    jobs = _jobs(pending, pack)
+    jobs = run_groups(pending, pack)
     if workers == 1 or len(jobs) <= 1:
         try:
             with _one_thread():

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import ANIMAL_MNIST_CLASSES, _load_default, _resize
+from .data import ANIMAL_MNIST_CLASSES, load_default, resize
 from .errors import DataError
 from .task_defaults import SEGMENTATION_DEFAULTS
 
@@ -183,7 +183,7 @@ def _compose(
     resized: dict[tuple[int, int], np.ndarray] = {}
     for s in np.unique(side[present]):
         where = np.argwhere(present & (side == s))
-        masks = _resize(silhouettes[src[where[:, 0], where[:, 1]]], int(s))[:, 0].numpy()
+        masks = resize(silhouettes[src[where[:, 0], where[:, 1]]], int(s))[:, 0].numpy()
         for (i, j), m in zip(where, masks, strict=True):
             resized[(int(i), int(j))] = m.astype(np.float64)
     for j in range(max_objects):  # painter's order: object j + 1 covers object j
@@ -198,7 +198,7 @@ def _compose(
 
 @functools.lru_cache(maxsize=1)
 def _silhouettes() -> tuple[torch.Tensor, np.ndarray]:
-    data = _load_default(28)
+    data = load_default(28)
     return data.x, data.y.numpy()
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import _IMAGE_SUFFIXES, _read_image, _resize
+from .data import IMAGE_SUFFIXES, read_image, resize
 from .errors import DataError
 from .seg_data import (
     DEFAULT_SEG_IMAGE_SIZE,
@@ -79,7 +79,7 @@ def _files(folder: Path, what: str) -> dict[str, Path]:
         raise DataError(f"{folder}: no such folder; it should hold the {what}")
     found: dict[str, Path] = {}
     for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES:
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
             if f.stem in found:
                 raise DataError(
                     f"{folder}: {found[f.stem].name} and {f.name} share the stem {f.stem!r}; "
@@ -88,7 +88,7 @@ def _files(folder: Path, what: str) -> dict[str, Path]:
             found[f.stem] = f
     if not found:
         raise DataError(
-            f"{folder}: no {what} found (files ending in {', '.join(sorted(_IMAGE_SUFFIXES))})"
+            f"{folder}: no {what} found (files ending in {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     return found
 
@@ -152,7 +152,7 @@ def load_seg_folder(
                 f"{img_path}: no mask for this image; expected {mask_dir / stem}.png "
                 "(masks are matched to images by file name without the extension)"
             )
-        img, mask = _read_image(img_path), read_mask(mask_files[stem])
+        img, mask = read_image(img_path), read_mask(mask_files[stem])
         if mask.shape != img.shape[:2]:
             (mh, mw), (ih, iw) = mask.shape, img.shape[:2]
             raise DataError(
@@ -172,7 +172,7 @@ def load_seg_folder(
     for img, mask, path in pairs:
         _check_labels(mask, path, len(names))
         t = torch.from_numpy(img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0).copy())
-        xs.append(_resize(t[None], image_size)[0])
+        xs.append(resize(t[None], image_size)[0])
         m = torch.from_numpy(mask.astype(np.float32))[None, None]
         ys.append(F.interpolate(m, size=(image_size, image_size), mode="nearest-exact")[0, 0])
     channels = max(int(t.shape[0]) for t in xs)

@@ -21,24 +21,25 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
-from ..registry import NORM_LAYERS
-from .data import Split, check_batch_size
+from .data import check_batch_size
 from .data_parallel import run_data_parallel
 from .defaults import DEFAULT_BATCH_SIZES
-from .devices import check_device
-from .loop import ModelBuilder, lab_model
-from .models import resolve_norm
 from .ranks import RankFailedError, merge_shards, run_sharded
 from .runner import Progress, SweepInterrupted, execute_runs, sigint_guard
-from .seg_task import load_task_split, segmentation_model
+from .seg_task import load_task_split
 from .store import RunStore
-from .task_defaults import CLASSIFICATION_TASK, SEGMENTATION_TASK, TASKS
-from .train import RunConfig, RunRecord
-from .user_factory import UserFactory, load_factory
+from .sweep_config import (
+    SweepConfig,
+    SweepResult,
+    default_norms,
+    expand_norms,
+    model_builder,
+    plan_runs,
+)
+from .train import RunRecord
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
@@ -52,155 +53,6 @@ __all__ = [
     "plan_runs",
     "run_sweep",
 ]
-
-#: The small-batch family, in the order they appear in the report when present.
-SMALL_BATCH_FAMILY = ("frn", "sn", "mabn", "brn")
-
-
-def default_norms(per_rank_batch: bool = False) -> list[str]:
-    """BN, GN and the small-batch family the registry has (FRN, SN, MABN, BRN).
-
-    The whole default grid (6 norms × 5 batch sizes × 3 seeds) fits the 10-minute budget
-    on a 2-core CPU because each cell's seeds train packed in one model
-    (:mod:`normlab.lab.packed`) and the stem conv has stride 2 (see the README's protocol).
-    With ``per_rank_batch``: BN with per-rank statistics, BN synced over the ranks, GN.
-    """
-    if per_rank_batch:
-        return ["bn", "bn+sync", "gn"]
-    return expand_norms(["all"])
-
-
-def expand_norms(names: Sequence[str]) -> list[str]:
-    """Expand ``"all"`` into BN, GN and the small-batch family the registry has."""
-    out: list[str] = []
-    for name in names:
-        group = ["bn", "gn", *(n for n in SMALL_BATCH_FAMILY if n in NORM_LAYERS)]
-        for n in group if name == "all" else [name]:
-            if n not in out:
-                out.append(n)
-    return out
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """The grid and the protocol shared by every run (see :class:`RunConfig`)."""
-
-    norms: Sequence[str] = field(default_factory=default_norms)
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES
-    seeds: Sequence[int] = (0, 1, 2)
-    epochs: int = RunConfig.epochs
-    base_lr: float = RunConfig.base_lr
-    data: str | None = None
-    image_size: int = RunConfig.image_size
-    max_train: int | None = RunConfig.max_train
-    widths: tuple[int, ...] = RunConfig.widths
-    blocks: int = RunConfig.blocks
-    stem_stride: int = RunConfig.stem_stride
-    device: str = "cpu"
-    per_rank_batch: bool = False
-    #: Train the seeds of each (norm, batch size) cell side by side in one packed model
-    #: (:mod:`normlab.lab.packed`): same runs up to float rounding, a fraction of the time.
-    pack: bool = True
-    #: Optimizer steps of every run instead of fixed epochs (see :class:`RunConfig`).
-    steps: int | None = RunConfig.steps
-    #: The user's network: a factory spec (``"path/to/file.py:build"``,
-    #: ``"package.module:build"``), loaded here, or a loaded factory; None: the lab's
-    #: ResNet. Its runs train unpacked whatever ``pack`` says.
-    model: str | UserFactory | None = None
-    #: What every run learns (:data:`normlab.lab.task_defaults.TASKS`). Segmentation runs
-    #: train the lab's U-Net (or the user's model) with ``widths`` as its levels' channels,
-    #: unpacked, on the built-in scenes or a ``data`` folder of ``images/`` and ``masks/``;
-    #: the CLI's defaults for it are :data:`~normlab.lab.task_defaults.SEGMENTATION_DEFAULTS`.
-    task: str = CLASSIFICATION_TASK
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
-        if not self.norms:
-            raise ValueError("norms is empty; name at least one norm (e.g. bn, gn)")
-        for n in self.norms:
-            resolve_norm(n)
-        if not self.batch_sizes:
-            raise ValueError("batch_sizes is empty; name at least one (e.g. 2, 32)")
-        for b in self.batch_sizes:
-            if int(b) < 2:
-                raise ValueError(
-                    f"batch size {b} is invalid: batch statistics need >= 2 samples per batch"
-                )
-        if not self.seeds:
-            raise ValueError("seeds is empty; use at least one seed (>= 3 for error bars)")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds contain duplicates: {list(self.seeds)}")
-        check_device(self.device)
-        if isinstance(self.model, str):
-            object.__setattr__(self, "model", load_factory(self.model))
-        if self.model is not None:
-            if self.per_rank_batch:
-                raise ValueError(
-                    "--model with --per-rank-batch: data-parallel training of a user model "
-                    "is not supported; sweep it without --per-rank-batch, in one process "
-                    "(--workers N trains N runs at a time)"
-                )
-            object.__setattr__(self, "pack", False)  # one user model per run
-        if self.task == SEGMENTATION_TASK:
-            if self.per_rank_batch:
-                raise ValueError(
-                    "--task segmentation with --per-rank-batch is not supported; sweep "
-                    "segmentation without --per-rank-batch (--workers N trains N runs at a time)"
-                )
-            object.__setattr__(self, "pack", False)  # one U-Net per run
-
-    @property
-    def factory(self) -> UserFactory | None:
-        """The loaded user factory, or None for the lab's ResNet."""
-        return self.model if isinstance(self.model, UserFactory) else None
-
-    def runs(self) -> list[RunConfig]:
-        return plan_runs(self)
-
-
-def plan_runs(config: SweepConfig, ranks: int = 1) -> list[RunConfig]:
-    """Every run of the grid, most expensive (smallest batch) first, for load balance.
-
-    ``ranks`` > 1 plans data-parallel runs over that many ranks (per-rank batch sizes).
-    """
-    factory = config.factory
-    runs = [
-        RunConfig(
-            norm=n,
-            batch_size=int(b),
-            seed=int(s),
-            epochs=config.epochs,
-            steps=config.steps,
-            base_lr=config.base_lr,
-            data=config.data,
-            image_size=config.image_size,
-            max_train=config.max_train,
-            widths=tuple(config.widths),
-            blocks=config.blocks,
-            stem_stride=config.stem_stride,
-            ranks=ranks,
-            device=config.device,
-            model=None if factory is None else factory.name,
-            model_hash=None if factory is None else factory.source_hash,
-            task=config.task,
-        )
-        for b in sorted(config.batch_sizes)
-        for s in config.seeds
-        for n in config.norms
-    ]
-    return runs
-
-
-@dataclass
-class SweepResult:
-    """Stored runs of the planned grid, and what this call did."""
-
-    records: list[RunRecord]
-    new_runs: int
-    skipped_runs: int
-    wall_time: float
-    db: Path
 
 
 def run_sweep(
@@ -250,11 +102,6 @@ def run_sweep(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     db = Path(db)
-    if world_size > 1 and config.factory is not None:
-        raise ValueError(
-            "--model under torchrun is not supported yet; run the sweep of a user model "
-            "in one process (with --workers)"
-        )
     if world_size > 1:
         common = dict(
             progress=progress,
@@ -270,7 +117,7 @@ def run_sweep(
     check_batch_size(split, max(config.batch_sizes))
     start = time.perf_counter()
     planned = plan_runs(config)
-    build = _builder(config, planned, split)
+    build = model_builder(config, planned, split)
     with sigint_guard(), RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
         store.check_protocol(planned[0])  # every planned run shares one protocol
         done = store.keys()
@@ -284,17 +131,3 @@ def run_sweep(
     with RunStore(db) as store:
         records = [r for r in store.records() if r.key in keys]
     return SweepResult(records, new, len(planned) - len(pending), time.perf_counter() - start, db)
-
-
-def _builder(config: SweepConfig, planned: list[RunConfig], split: Split) -> ModelBuilder:
-    """The runs' model builder; a user model's, or the U-Net, is checked on every norm first."""
-    if config.factory is None:
-        if config.task == SEGMENTATION_TASK:
-            for norm in dict.fromkeys(c.norm for c in planned):  # a 1-D norm fails here
-                segmentation_model(next(c for c in planned if c.norm == norm), split)
-        return lab_model  # the loop's default: the run's own task's model
-    from .user_runs import UserModelBuilder
-
-    build = UserModelBuilder(config.factory, config.task)
-    build.check(planned, split)
-    return build

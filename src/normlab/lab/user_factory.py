@@ -193,7 +193,7 @@ def _attribute(module: Any, attr: str, name: str) -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ModelFactoryError(
-            f"{name}: {attr!r} is a {type(obj).__name__} ({_short(obj)}), not callable; "
+            f"{name}: {attr!r} is a {type(obj).__name__} ({short_text(obj)}), not callable; "
             "name a function or class that returns the nn.Module."
         )
     return obj  # type: ignore[no-any-return]
@@ -234,6 +234,6 @@ def _accepts(factory: Callable[..., Any], name: str) -> frozenset[str]:
     return accepts
 
 
-def _short(obj: Any) -> str:
+def short_text(obj: Any) -> str:
     text = repr(obj)
     return text if len(text) <= 60 else text[:57] + "..."

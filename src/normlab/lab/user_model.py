@@ -27,7 +27,7 @@ from ..kinds import is_batch_norm, is_frozen_batch_norm
 from ..registry import create_norm
 from ..registry import norm_layer as registry_norm_layer
 from . import models
-from .user_factory import ModelFactoryError, UserFactory, _short, load_factory
+from .user_factory import ModelFactoryError, UserFactory, load_factory, short_text
 
 __all__ = [
     "TASKS",
@@ -292,7 +292,7 @@ def _call(factory: UserFactory, kw: dict[str, Any], seed: int) -> nn.Module:
         hint = " (the class itself: instantiate it)" * isinstance(model, type)
         raise ModelFactoryError(
             f"the model factory {factory.name} returned {type(model).__name__} "
-            f"{_short(model)}{hint} when called as {call}, not a torch.nn.Module; return the "
+            f"{short_text(model)}{hint} when called as {call}, not a torch.nn.Module; return the "
             "network."
         )
     return model
