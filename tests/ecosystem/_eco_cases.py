@@ -164,6 +164,20 @@ CASES += [
         batch_independent=True,
     ),
     EcoCase(
+        "RMSNorm",
+        nnl.RMSNorm,
+        lambda: randomize(nnl.RMSNorm([5, 4])),
+        SHAPES[2],
+        batch_independent=True,
+    ),
+    EcoCase(
+        "RMSNorm2d",
+        nnl.RMSNorm2d,
+        lambda: randomize(nnl.RMSNorm2d(C)),
+        SHAPES[2],
+        batch_independent=True,
+    ),
+    EcoCase(
         "LocalResponseNorm",
         nnl.LocalResponseNorm,
         lambda: nnl.LocalResponseNorm(3, alpha=0.05, beta=0.75, k=2.0),

@@ -15,6 +15,7 @@ from .._core.checks import (
     check_param,
 )
 from .._core.dispatch import Op, choose_path
+from .._core.export import rsqrt
 from .._core.stats import acc_dtype, mean_square
 
 __all__ = ["rms_norm", "rms_norm2d"]
@@ -85,7 +86,7 @@ def _scale(x: Tensor, dims: Sequence[int], weight: Tensor | None, eps: float | N
     """``x / sqrt(mean(x², dims) + eps) · weight`` in the accumulation dtype."""
     acc = acc_dtype(x.dtype)
     e = torch.finfo(acc).eps if eps is None else eps
-    y = x.to(acc) * torch.rsqrt(mean_square(x, dims) + e)
+    y = x.to(acc) * rsqrt(mean_square(x, dims) + e)  # ONNX-safe under export
     if weight is not None:
         y = y * weight.to(acc)
     return y.to(x.dtype)
