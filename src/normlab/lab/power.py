@@ -117,15 +117,18 @@ def min_detectable_difference(
     check_power(power, alpha)
     if std == 0:
         return 0.0
-    hi = 1.0
+    lo, hi = 0.0, 1.0
     while power_two_sample(hi * std, std, n_a, n_b, alpha) < power:
-        hi *= 2.0
-    from scipy.optimize import brentq
-
-    d = brentq(
-        lambda x: power_two_sample(x * std, std, n_a, n_b, alpha) - power, 0.0, hi, xtol=1e-10
-    )
-    return float(d) * std
+        lo, hi = hi, hi * 2.0
+    # Power rises with the difference: bisect to 1e-10 of the std (scipy.optimize, whose
+    # import costs more than the whole search, is not needed for one monotone root).
+    while hi - lo > 1e-10:
+        mid = 0.5 * (lo + hi)
+        if power_two_sample(mid * std, std, n_a, n_b, alpha) < power:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi) * std
 
 
 def hedges_g(a: Sequence[float], b: Sequence[float]) -> float:
