@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["int_list", "name_list"]
+__all__ = ["int_list", "name_list", "positive_int"]
 
 
 def int_list(text: str) -> list[int]:
@@ -18,3 +18,13 @@ def int_list(text: str) -> list[int]:
 
 def name_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value

@@ -9,6 +9,8 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from .cli_args import positive_int
+
 __all__ = ["add_length_arguments"]
 
 
@@ -37,16 +39,6 @@ class _OneLength(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def add_length_arguments(p: argparse.ArgumentParser, default_epochs: int) -> None:
     """Add ``--epochs`` (default ``default_epochs``) and ``--steps`` (default None) to ``p``."""
     p.add_argument(
@@ -58,7 +50,7 @@ def add_length_arguments(p: argparse.ArgumentParser, default_epochs: int) -> Non
     )
     p.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         action=_OneLength,
         help="instead of --epochs: exactly this many optimizer steps at every batch size, "
         f"so that large batches are not simply undertrained; the data still reshuffles "

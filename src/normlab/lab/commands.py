@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_args import int_list, name_list
+from .cli_args import int_list, name_list, positive_int
 from .cli_length import add_length_arguments
 from .cli_model import add_model_arguments
 from .cli_task import GivenOption, add_lr_argument, add_task_arguments, print_results, task_options
@@ -30,16 +30,6 @@ __all__ = [
     "run_report",
     "run_sweep",
 ]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _seeds(text: str) -> list[int]:
@@ -275,7 +265,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--reps",
-        type=_positive_int,
+        type=positive_int,
         default=20,
         help="timed repetitions of each measurement, after a few warm-up ones; more reps "
         "steady the median on a busy machine (default: %(default)s)",

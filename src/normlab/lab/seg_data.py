@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import ANIMAL_MNIST_CLASSES, load_default, resize
+from .data import ANIMAL_MNIST_CLASSES, ImageData, load_default, resize
 from .errors import DataError
 from .task_defaults import SEGMENTATION_DEFAULTS
 
@@ -81,17 +81,8 @@ _MASK_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
-class SegData:
+class SegData(ImageData):
     """Images ``x`` (float32 ``(N, C, S, S)`` in [0, 1]) and targets ``y`` (int64 ``(N, S, S)``)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    classes: tuple[str, ...]
-    name: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 @dataclass(frozen=True)
