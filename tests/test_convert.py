@@ -390,9 +390,11 @@ def test_narrow_groups_are_named_with_their_channels():
 @pytest.mark.parametrize("target", ["evonorm_b0", "evonorm_s0"])
 def test_2d_only_target_on_3d_and_1d_bn_is_refused(target):
     model = nn.Sequential(nn.Conv3d(1, 8, 1), nn.BatchNorm3d(8), nn.Flatten(), nn.BatchNorm1d(8))
-    with pytest.raises(ValueError, match=r"1 is a BatchNorm3d.*5-D.*Nothing was changed"):
+    with pytest.raises(ValueError, match=r"1 is a BatchNorm3d.*5-D.*Nothing was changed") as e:
         convert_norms(model, target)
     assert type(model[1]) is nn.BatchNorm3d
+    hint = str(e.value).split("Pick a target that takes it (")[1].split(")")[0]
+    assert "'gn'" in hint and "'rms'" in hint and "evonorm" not in hint  # from the registry
     with pytest.raises(ValueError, match=r"BatchNorm1d"):  # EvoNorm has no 1-D variant either
         convert_norms(nn.Sequential(nn.BatchNorm1d(8)), target)
     converted, _ = convert_norms(model, "frn_linear")

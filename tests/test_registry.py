@@ -15,6 +15,7 @@ from normlab.registry import (
     create_norm,
     get_norm_layer,
     group_norm,
+    names_taking,
     rank_matched,
 )
 
@@ -93,3 +94,12 @@ def test_frn_linear_is_frn_without_tlu_and_rank_matches():
     assert type(make(8)) is nnl.FilterResponseNorm3d and make(8).tau is None
     assert type(rank_matched(get_norm_layer("in"), 1)(8)) is nnl.InstanceNorm1d
     assert rank_matched(group_norm, 3) is group_norm  # a function has no siblings
+
+
+def test_names_taking_an_input_rank_are_found_by_running_the_layers():
+    flat = names_taking(1, 2)  # (N, C) features after a Linear
+    assert {"bn", "gn", "rms"} <= set(flat) and "ln" not in flat  # LayerNorm2d needs (N, C, *S)
+    assert "evonorm_b0" not in names_taking(3, 5)  # EvoNorm exists in 2-D only
+    for name in names_taking(3, 5):
+        layer = rank_matched(NORM_LAYERS[name], 3)(4)
+        layer(torch.randn(2, 4, 3, 3, 3) + 0.5)

@@ -51,7 +51,7 @@ from .distributed import WORLD, is_sync_layer
 from .freeze import freeze_bn, unfreeze_bn
 from .fuse import fuse_conv_bn
 from .kinds import is_batch_norm, is_frozen_batch_norm
-from .registry import get_norm_layer, names_with, rank_matched
+from .registry import get_norm_layer, names_taking, names_with, rank_matched
 
 __all__ = [
     "ConversionReport",
@@ -64,6 +64,10 @@ __all__ = [
     "is_batch_norm",
     "is_frozen_batch_norm",
 ]
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names)
 
 
 def _probe(new: nn.Module, rank: int | None, channels: int, path: str, source: str) -> str | None:
@@ -91,16 +95,16 @@ def _probe(new: nn.Module, rank: int | None, channels: int, path: str, source: s
         raise ValueError(
             f"convert_norms: {path or '<model>'} is a {source}, which takes {len(shape)}-D "
             f"input, but the target {type(new).__name__} fails on {len(shape)}-D input "
-            f"({type(error).__name__}: {error}). Nothing was changed. Pick a target with a "
-            f"{rank}-D variant ('bn', 'frozen_bn', 'gn', 'ln', 'in', 'frn', 'frn_linear', "
-            "'brn', 'sn', 'mabn') or convert only the other layers."
+            f"({type(error).__name__}: {error}). Nothing was changed. Pick a target that "
+            f"takes it ({_quoted(names_taking(rank, len(shape)))}) or convert only the other "
+            "layers."
         ) from error
     if rank == 1 and fails((2, channels)) is not None:
         return (
             f"{path or '<model>'}: the target {type(new).__name__} takes (N, C, L) but not "
             f"(N, C); if this {source} normalizes (N, C) features (after a Linear), the "
             "converted model fails there: convert it with a target that takes (N, C) "
-            "('bn', 'frozen_bn', 'ln', 'gn')."
+            f"({_quoted(names_taking(1, 2))})."
         )
     return None
 

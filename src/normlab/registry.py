@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import nn as nnl
@@ -35,6 +36,7 @@ __all__ = [
     "create_norm",
     "get_norm_layer",
     "group_norm",
+    "names_taking",
     "names_with",
     "norm_layer",
     "rank_matched",
@@ -110,6 +112,21 @@ def create_norm(
 ) -> nn.Module:
     """Build a norm layer for ``num_features`` channels: ``create_norm("gn", 64)``."""
     return get_norm_layer(name)(num_features, **kwargs)
+
+
+def names_taking(rank: int, dims: int) -> list[str]:
+    """Registry names whose layer, matched to ``rank`` spatial dims (``BatchNorm3d`` for
+    ``"bn"`` at rank 3), runs on a ``dims``-D input (``(N, C)`` is 2-D), in registry order."""
+    names = []
+    for name, factory in NORM_LAYERS.items():
+        layer = rank_matched(factory, rank)(4).eval()
+        try:
+            with torch.no_grad():
+                layer(torch.randn((2, 4) + (3,) * (dims - 2)) + 0.5)
+        except Exception:  # the layer refuses this input: not a candidate
+            continue
+        names.append(name)
+    return names
 
 
 def rank_matched(factory: Callable[..., nn.Module], rank: int | None) -> Callable[..., nn.Module]:
