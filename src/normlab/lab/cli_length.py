@@ -9,16 +9,16 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from .cli_args import positive_int
+from .cli_args import GivenOption, positive_int
 
 __all__ = ["add_length_arguments"]
 
 
-class _OneLength(argparse.Action):
+class _OneLength(GivenOption):
     """Store the value; refuse the other length option if it was given too.
 
     argparse's mutually exclusive groups miss an option given at its default value
-    (``--epochs 3 --steps 500``), so the actions keep track of what was given.
+    (``--epochs 3 --steps 500``), so the check reads what was given.
     """
 
     def __call__(
@@ -28,15 +28,14 @@ class _OneLength(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        given = getattr(namespace, "length_option", None)
-        if given is not None and given != self.dest:
+        other = {"epochs": "steps", "steps": "epochs"}[self.dest]
+        if other in getattr(namespace, "given_options", ()):
             raise argparse.ArgumentError(
                 self,
-                f"not allowed with --{given}: a run is as long as either a number of epochs "
+                f"not allowed with --{other}: a run is as long as either a number of epochs "
                 "or a number of optimizer steps; give one of them",
             )
-        namespace.length_option = self.dest
-        setattr(namespace, self.dest, values)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def add_length_arguments(p: argparse.ArgumentParser, default_epochs: int) -> None:

@@ -5,7 +5,7 @@ Built without torch (every ``normlab`` command builds the sweep's parser). The o
 whose default depends on the task (``--batch-sizes``, ``--lr``, ``--image-size``,
 ``--max-train``, ``--norms`` and ``--epochs``) parse to classification's defaults and
 record whether the user gave them (:class:`GivenOption`; ``--norms`` defaults to None,
-``--epochs`` records itself as the length option); :func:`resolve_task_defaults` then
+``--epochs`` and ``--steps`` too); :func:`resolve_task_defaults` then
 puts the task's own defaults in those the user did not give.
 """
 
@@ -16,37 +16,19 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import defaults
+from .cli_args import GivenOption
 from .task_defaults import CLASSIFICATION_TASK, SEGMENTATION_DEFAULTS, SEGMENTATION_TASK, TASKS
 
 if TYPE_CHECKING:
     from .train import RunRecord
 
 __all__ = [
-    "GivenOption",
     "add_lr_argument",
     "add_task_arguments",
     "print_results",
     "resolve_task_defaults",
     "task_options",
 ]
-
-
-class GivenOption(argparse.Action):
-    """Store the value, and add the option's ``dest`` to ``namespace.given_options``.
-
-    argparse cannot tell an option left at its default from one given at the default's
-    value; the task's defaults replace only the options the user did not give.
-    """
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
-        setattr(namespace, self.dest, values)
-        namespace.given_options = {*getattr(namespace, "given_options", ()), self.dest}
 
 
 def add_task_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +81,7 @@ def resolve_task_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, value)
     if args.norms is None:
         args.norms = list(seg.norms)
-    if getattr(args, "length_option", None) != "epochs":
+    if "epochs" not in given:
         args.epochs = seg.epochs
 
 

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_args import int_list, name_list, positive_int
+from .cli_args import GivenOption, int_list, name_list, positive_int
 from .cli_length import add_length_arguments
 from .cli_model import add_model_arguments
-from .cli_task import GivenOption, add_lr_argument, add_task_arguments, print_results, task_options
+from .cli_task import add_lr_argument, add_task_arguments, print_results, task_options
 
 if TYPE_CHECKING:
     from .runner import SweepInterrupted
