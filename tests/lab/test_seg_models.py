@@ -71,15 +71,6 @@ def test_norm_layers_come_from_the_lab():
     assert isinstance(build_segmentation_model("gn", 3), UNet)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors gain nothing from threads, and lose much when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_it_learns_the_silhouette_scenes(one_thread):
     data = silhouette_scenes(n_train=32, n_test=8, image_size=16, labels="foreground", seed=5)
     torch.manual_seed(0)

@@ -53,13 +53,7 @@ def finding_lines(report) -> list[str]:
     return [x for x in report.to_table().splitlines() if x.split(" ")[0] in report.counts()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    """One thread: the CPU is shared, and small inputs gain little from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("entry", zoo_params())
