@@ -45,6 +45,7 @@ __all__ = [
     "load_images",
     "load_split",
     "split_data",
+    "standardize",
 ]
 
 #: Class names of the embedded data, in label order (from the dataset's description).
@@ -293,6 +294,20 @@ def _interleave(parts: list[np.ndarray]) -> np.ndarray:
     return order[order >= 0]
 
 
+def standardize(
+    x_train: torch.Tensor, x_test: torch.Tensor, stat_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets standardized per channel with the training set's mean and std, computed in
+    ``stat_dtype``; returned as contiguous float32."""
+    ref = x_train.to(stat_dtype)
+    mean = ref.mean(dim=(0, 2, 3), keepdim=True)
+    std = ref.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (
+        ((x_train - mean) / std).float().contiguous(),
+        ((x_test - mean) / std).float().contiguous(),
+    )
+
+
 def split_data(
     data: ImageData,
     *,
@@ -327,13 +342,11 @@ def split_data(
             f"{data.name}: {len(data.y)} images are too few for a train/test split; "
             "each class needs at least 2 images"
         )
-    x_train, x_test = data.x[train_idx], data.x[test_idx]
-    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
-    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    x_train, x_test = standardize(data.x[train_idx], data.x[test_idx])
     return Split(
-        ((x_train - mean) / std).contiguous(),
+        x_train,
         data.y[train_idx].clone(),
-        ((x_test - mean) / std).contiguous(),
+        x_test,
         data.y[test_idx].clone(),
         data.num_classes,
         data.name,

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import ANIMAL_MNIST_CLASSES, ImageData, load_default, resize
+from .data import ANIMAL_MNIST_CLASSES, ImageData, load_default, resize, standardize
 from .errors import DataError
 from .task_defaults import SEGMENTATION_DEFAULTS
 
@@ -109,16 +109,6 @@ class SegSplit:
     @property
     def image_size(self) -> int:
         return int(self.x_train.shape[-1])
-
-
-def standardize(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets standardized per channel with the training set's mean and std."""
-    mean = x_train.double().mean(dim=(0, 2, 3), keepdim=True)
-    std = x_train.double().std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return (
-        ((x_train - mean) / std).float().contiguous(),
-        ((x_test - mean) / std).float().contiguous(),
-    )
 
 
 def _source_pools(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +221,9 @@ def silhouette_scenes(
     if labels == "foreground":
         names = ("background", "animal")
         y_train, y_test = np.minimum(y_train, 1), np.minimum(y_test, 1)
-    xs_train, xs_test = standardize(torch.from_numpy(x_train), torch.from_numpy(x_test))
+    xs_train, xs_test = standardize(
+        torch.from_numpy(x_train), torch.from_numpy(x_test), torch.float64
+    )
     return SegSplit(
         xs_train,
         torch.from_numpy(y_train),
@@ -270,7 +262,7 @@ def split_seg_data(
     test_idx, train_idx = order[:n_test], order[n_test:]
     if max_train is not None:
         train_idx = train_idx[:max_train]
-    x_train, x_test = standardize(data.x[train_idx], data.x[test_idx])
+    x_train, x_test = standardize(data.x[train_idx], data.x[test_idx], torch.float64)
     return SegSplit(
         x_train,
         data.y[train_idx].clone(),
