@@ -32,7 +32,7 @@ SRC = pathlib.Path(normlab.__file__).parent
 TOOLS = {
     "convert", "recalibrate", "doctor", "distributed", "registry", "fuse", "freeze",
     "kinds", "feed", "catalogue", "selfcheck", "_surgery", "_architecture", "_population",
-    "_recal",
+    "_recal", "_loading",
 }  # fmt: skip
 FLOOR = {"_core": 0, "_lazy": 0, "reference": 0, "kernels": 1, "functional": 2, "nn": 3}
 FLOOR.update(root=3, tools=4, lab=5, cli=6)

@@ -7,10 +7,10 @@ command line), which maps each failing step to its exit code.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
+
+from ._loading import SpecLoadError, exec_file, own_callables
 
 __all__ = ["DoctorTargetError", "load_factory"]
 
@@ -65,13 +65,7 @@ def load_factory(target: str) -> tuple[Any, Any]:
             ) from e
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        names = sorted(
-            n
-            for n, v in vars(module).items()
-            if callable(v)
-            and not n.startswith("_")
-            and getattr(v, "__module__", None) == module.__name__
-        )
+        names = own_callables(module)
         raise DoctorTargetError(
             "attribute",
             target,
@@ -102,21 +96,11 @@ def _import_file(target: str, path: Path) -> Any:
     if not path.is_file():
         raise DoctorTargetError("file", target, f"no such file: {path}")
     name = f"_normlab_doctor_{path.stem}_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise DoctorTargetError("import", target, f"{path} cannot be imported as a module.")
-    module = importlib.util.module_from_spec(spec)
-    folder = str(path.resolve().parent)
-    sys.modules[name] = module
-    sys.path.insert(0, folder)
     try:
-        spec.loader.exec_module(module)
+        return exec_file(path, name, keep=True)
+    except SpecLoadError as e:
+        raise DoctorTargetError("import", target, f"{path} cannot be imported as a module.") from e
     except Exception as e:
-        sys.modules.pop(name, None)
         raise DoctorTargetError(
             "import", target, f"importing {path} failed: {type(e).__name__}: {e}"
         ) from e
-    finally:
-        if folder in sys.path:
-            sys.path.remove(folder)
-    return module

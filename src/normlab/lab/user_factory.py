@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._loading import SpecLoadError, exec_file, own_callables
+
 __all__ = ["OFFERED", "ModelFactoryError", "UserFactory", "load_factory"]
 
 #: The keyword arguments the lab passes to a factory that names them.
@@ -131,23 +133,15 @@ def load_factory(spec: str) -> UserFactory:
 def _import_file(path: Path, name: str) -> tuple[Any, Path]:
     """Execute the file as a private module; it is removed from sys.modules afterwards."""
     key = f"_normlab_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
-    spec = importlib.util.spec_from_file_location(key, path)
-    if spec is None or spec.loader is None:
-        raise ModelFactoryError(f"{name}: Python cannot load {path} as a module.")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module  # dataclasses and typing look their module up while it executes
-    sys.path.insert(0, str(path.parent))
     try:
-        spec.loader.exec_module(module)
+        module = exec_file(path, key, keep=False)
+    except SpecLoadError as e:
+        raise ModelFactoryError(f"{name}: Python cannot load {path} as a module.") from e
     except (Exception, SystemExit) as e:
         raise ModelFactoryError(
             f"{name}: importing {path} failed with {type(e).__name__}: {e}. Fix the file "
             f"(`python {path}` shows the traceback)."
         ) from e
-    finally:
-        sys.modules.pop(key, None)
-        if str(path.parent) in sys.path:
-            sys.path.remove(str(path.parent))
     return module, path
 
 
@@ -175,12 +169,7 @@ def _attribute(module: Any, attr: str, name: str) -> Callable[..., Any]:
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            mod = module.__name__
-            own = sorted(
-                k
-                for k, v in vars(module).items()
-                if callable(v) and getattr(v, "__module__", None) == mod and not k.startswith("_")
-            )
+            own = own_callables(module)
             defined = (
                 f"the callables it defines are: {', '.join(own)}"
                 if own
