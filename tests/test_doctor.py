@@ -170,6 +170,25 @@ def test_running_stats_nonfinite_and_near_zero(model):
     assert report.findings[0].severity == "error"  # sorted by severity
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [nn.BatchNorm2d(32), nnl.BatchNorm2d(32), nnl.FrozenBatchNorm2d(32)],
+    ids=["torch_bn", "normlab_bn", "frozen_bn"],
+)
+def test_running_var_negative_is_an_error_naming_the_channels(layer):
+    net = nn.Sequential(nn.Conv2d(3, 32, 1), layer, nn.ReLU(), nn.Conv2d(32, 8, 1))
+    net = calibrate(net, [inputs(16, dtype=torch.float32, seed=s) for s in range(3)])
+    with torch.no_grad():
+        net[1].running_var[[2, 9]] = torch.tensor([-0.25, -1e-3])
+    report = diagnose(net.eval(), X)
+    negative = [f for f in report.findings if f.code == "running_var_negative"]
+    assert [(f.module, f.severity) for f in negative] == [("1", "error")]
+    assert "2 of 32 channel(s)" in negative[0].detail and "2, 9" in negative[0].detail
+    assert "recalibrate" in negative[0].fix and "corrupt" in negative[0].message
+    assert codes_at(report, "running_var_near_zero") == {}  # negative is not "near zero"
+    assert report.has_errors
+
+
 def test_near_zero_variance_of_a_dead_channel_is_not_reported():
     net = nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32))
     with torch.no_grad():

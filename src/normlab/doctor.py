@@ -34,7 +34,8 @@ code                            severity  meaning
 ``tiny_instance_statistic``     warning   GroupNorm/InstanceNorm/FRN/EvoNorm-S0 statistic
                                           from ≤ 4 values (FRN on 1×1: about sign(x))
 ``running_stats_nonfinite``     error     NaN or inf in running_mean / running_var
-``running_var_near_zero``       warning   running_var < eps/100 where the input varies
+``running_var_negative``        error     running_var < 0 (corrupt stored statistics)
+``running_var_near_zero``       warning   0 ≤ running_var < eps/100 where the input varies
 ``uncalibrated_running_stats``  warning / running statistics never computed (one
                                 info      finding for the whole model when all are)
 ``stale_running_stats``         warning   eval output far from batch-statistics output

@@ -187,6 +187,16 @@ def _describe_momentum(momentum: float) -> str | None:
     return None
 
 
+def _negative_detail(name: str, var: Tensor) -> str:
+    """Which channels of ``var`` are negative (the first 8) and the smallest value."""
+    channels = torch.nonzero(var.detach().reshape(-1) < 0).reshape(-1).tolist()
+    shown = ", ".join(str(c) for c in channels[:8]) + (", ..." if len(channels) > 8 else "")
+    return (
+        f"{name}.running_var < 0 in {len(channels)} of {var.numel()} channel(s) "
+        f"(channel(s) {shown}; min {float(var.min()):.3g})."
+    )
+
+
 def static_findings(path: str, m: nn.Module, ctx: Context) -> list[Finding]:
     """Checks that need no forward: modes, flags, buffers (before the example forward)."""
     out: list[Finding] = []
@@ -226,6 +236,9 @@ def static_findings(path: str, m: nn.Module, ctx: Context) -> list[Finding]:
             bad = int((~torch.isfinite(buf)).sum())
             detail = f"{name}.{buf_name}: {bad} of {buf.numel()} value(s) NaN/inf."
             out.append(finding("running_stats_nonfinite", "error", path, detail))
+    var = tensor(m, "running_var")
+    if var is not None and var.is_floating_point() and bool((var < 0).any()):
+        out.append(finding("running_var_negative", "error", path, _negative_detail(name, var)))
     channels = getattr(m, "num_features", None)
     if batch and isinstance(channels, int) and channels % 32 != 0:
         g = auto_groups(channels)
@@ -262,7 +275,7 @@ def dynamic_findings(path: str, m: nn.Module, rec: dict[str, Any], ctx: Context)
     moments: Moments | None = rec.get("moments")
     if ctx.evaluating and uses_running and var is not None and var.is_floating_point():
         eps = layer_eps(m)
-        tiny = torch.isfinite(var) & (var < eps / 100)
+        tiny = torch.isfinite(var) & (var >= 0) & (var < eps / 100)  # < 0: running_var_negative
         if moments is not None and moments.var is not None and moments.var.shape == var.shape:
             # A channel constant in the example too is dead: harmless (NaN input: unknown).
             tiny &= ~(moments.var <= eps)

@@ -62,6 +62,13 @@ CODES: dict[str, tuple[str, str]] = {
         "Find the step that diverged (lower the learning rate, check the data for NaN/inf), "
         f"then recompute the statistics with {_RECALIBRATE}.",
     ),
+    "running_var_negative": (
+        "A negative running_var is impossible for a variance: the stored statistics are "
+        "corrupt (an edited or damaged checkpoint, a bad conversion). torch's eval BN gives "
+        "NaN in these channels; normlab's layers refuse the forward.",
+        "Reload the checkpoint from a good copy, or recompute the statistics on "
+        f"representative data with {_RECALIBRATE}.",
+    ),
     "running_var_near_zero": (
         "running_var below eps/100 in some channels while the example input varies there: "
         "eval divides by about sqrt(eps) and amplifies any input change in those channels.",
