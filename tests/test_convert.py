@@ -21,7 +21,7 @@ from normlab.convert import (
     unfreeze_bn,
 )
 from normlab.kinds import activation_tail, is_norm_act, overrides_forward
-from normlab.registry import group_norm
+from normlab.registry import NORM_LAYERS, group_norm
 
 N_BN = 8  # distinct BatchNorm modules in TinyResNet (one of them registered twice)
 
@@ -180,8 +180,19 @@ def test_model_without_bn_gives_a_warning_not_a_crash():
 def test_unknown_target_and_failing_target():
     with pytest.raises(KeyError, match="known names"):
         convert_norms(make_model(), "nope")
+    with pytest.raises(KeyError, match="convert_norms: unknown norm 'resnet'; known names") as e:
+        convert_norms(make_model(), "resnet")
+    assert all(name in str(e.value) for name in NORM_LAYERS)
     with pytest.raises(ValueError, match="stem.1"):
         convert_norms(make_model(), "gn", num_groups=3)  # 3 does not divide 8
+
+
+@pytest.mark.parametrize("model", ["resnet", None, [nn.BatchNorm2d(4)]])
+def test_a_model_that_is_not_a_module_says_what_is_expected(model):
+    with pytest.raises(TypeError, match=r"model must be an nn.Module.*convert_norms\(model, to\)"):
+        convert_norms(model, "gn")
+    with pytest.raises(TypeError, match="convert_norms: to: expected a norm name"):
+        convert_norms(make_model(), 3)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- freeze / unfreeze

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import normlab.nn as nnl
-from normlab.registry import build_norm_layer, norm_layer
+from normlab import registry
+from normlab.registry import norm_layer
 
 
 def test_positional_channels_and_bound_keywords():
@@ -25,7 +26,11 @@ def test_positional_channels_and_bound_keywords():
 def test_timm_style_calls():
     make = norm_layer("bn")
     # timm accepts only a class, a function or a partial, and rebinds a partial's keywords
-    assert isinstance(make, functools.partial) and make.func is build_norm_layer and not make.args
+    assert (
+        isinstance(make, functools.partial)
+        and make.func is registry._build_norm_layer
+        and not make.args
+    )
     rebound = functools.partial(make.func, **make.keywords)
     layer = rebound(8, device=None, dtype=torch.float64)
     assert type(layer) is nnl.BatchNorm2d and layer.weight.dtype == torch.float64

@@ -1,4 +1,4 @@
-"""The one module-replacing walker (normlab._surgery.replace), used by convert and distributed."""
+"""The one module-replacing walker (normlab.convert.surgery.replace): convert, distributed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import normlab.nn as nnl
-from normlab._surgery import replace
+from normlab.convert.surgery import replace
 from normlab.distributed import WORLD, convert_sync, revert_sync
 
 

@@ -94,7 +94,7 @@ from ._core.collectives import (
     sync_active,
     sync_moments,
 )
-from ._surgery import BATCH_NORM_BY_RANK, rank_of, replace
+from .convert.surgery import BATCH_NORM_BY_RANK, rank_of, replace
 from .nn.traits import traits_of
 
 if TYPE_CHECKING:

@@ -9,8 +9,10 @@ Normalization with its TLU (``max(y, τ)``, a nonlinearity), ``"frn_linear"`` is
 FRN alone, linear like the BatchNorm it usually replaces. EvoNorm B0 / S0 are
 nonlinear by design and have no linear variant.
 
-:func:`norm_layer` turns a name into the ``norm_layer=`` argument that
-torchvision and timm model constructors take.
+Three public ways in: :func:`create_norm` builds one layer (``create_norm("gn", 64)``),
+:func:`norm_layer` turns a name into the ``norm_layer=`` argument that torchvision and
+timm model constructors take, and :func:`get_norm_layer` resolves a name, class or
+callable to its factory (what :func:`normlab.convert.convert_norms` takes).
 """
 
 from __future__ import annotations
@@ -153,14 +155,14 @@ def rank_matched(factory: Callable[..., nn.Module], rank: int | None) -> Callabl
 _ACT_KEYS = ("act_layer", "apply_act", "act_kwargs", "inplace", "drop_layer")
 
 
-def build_norm_layer(
+def _build_norm_layer(
     num_features: int,
     *,
     norm: str | type | Callable[..., nn.Module],
     rank: int = 2,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build ``norm`` for ``num_features`` channels; the target of :func:`norm_layer`.
+    """Build ``norm`` for ``num_features`` channels: what a :func:`norm_layer` partial calls.
 
     ``device`` / ``dtype`` given as None (timm passes them always) are dropped.
     With ``act_layer`` bound, the layer is a norm + activation, timm's protocol:
@@ -223,7 +225,7 @@ def norm_layer(
     torchvision calls ``norm_layer(C)`` positionally; timm calls
     ``norm_layer(C, device=..., dtype=...)`` and only accepts a class, a function
     or a ``functools.partial`` (it unpacks partials and rebinds their keywords),
-    so this returns a keyword-only partial of :func:`build_norm_layer`.
+    so this returns a keyword-only partial of the module's builder (``_build_norm_layer``).
 
     timm models built from norm + activation layers (EfficientNet, MobileNetV3,
     ...) call it as one (``inplace=``, ``apply_act=``) and expect it to apply the
@@ -247,4 +249,4 @@ def norm_layer(
     get_norm_layer(name)  # fail now on an unknown name, not inside the model constructor
     if rank not in (1, 2, 3):
         raise ValueError(f"norm_layer: rank must be 1, 2 or 3, got {rank!r}.")
-    return functools.partial(build_norm_layer, norm=name, rank=rank, **kwargs)
+    return functools.partial(_build_norm_layer, norm=name, rank=rank, **kwargs)

@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from .._surgery import type_name
 from ..convert import convert_norms
+from ..convert.surgery import type_name
 from ..kinds import is_batch_norm, is_frozen_batch_norm
 from ..registry import create_norm
 from ..registry import norm_layer as registry_norm_layer

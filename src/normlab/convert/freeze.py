@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._surgery import (
+from ..kinds import is_batch_norm, is_frozen_batch_norm
+from .surgery import (
     BATCH_NORM_BY_RANK,
     FROZEN_BY_RANK,
     check_custom_forward,
@@ -27,7 +28,6 @@ from ._surgery import (
     replace,
     with_tail,
 )
-from .kinds import is_batch_norm, is_frozen_batch_norm
 
 __all__ = ["freeze_bn", "unfreeze_bn"]
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import nn as nnl
-from .kinds import activation_tail, is_norm_act, overrides_forward
+from .. import nn as nnl
+from ..kinds import activation_tail, is_norm_act, overrides_forward
 
 _RANK_CLASSES = (
     (1, (nn.BatchNorm1d, nnl.BatchNorm1d, nnl.FrozenBatchNorm1d)),

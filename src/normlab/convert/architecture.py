@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 
 from torch import fx, nn
 
-from ._surgery import Replacement, iter_matches
-from .kinds import is_norm_act
+from ..kinds import is_norm_act
+from .surgery import Replacement, iter_matches
 
 _ACT_NAMES = {
     "relu", "relu_", "relu6", "silu", "silu_", "swish", "gelu", "hardswish", "hardswish_",

@@ -1,23 +1,14 @@
-"""Model surgery: swap BatchNorm for another norm, freeze / unfreeze it, fold it into convs.
+""":func:`convert_norms`: replace every BatchNorm by another norm layer, and report it.
 
-Every function here walks a model and returns it: modules are *replaced* in
-their parent, never patched (see :mod:`normlab._surgery` for sharing rules).
-
-What counts as a BatchNorm (:func:`is_batch_norm`): torch's ``_BatchNorm``
-subclasses (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, user subclasses, timm's
-``BatchNormAct2d``) and normlab's ``BatchNorm1d/2d/3d``. normlab's other
+What counts as a BatchNorm (:func:`normlab.kinds.is_batch_norm`): torch's
+``_BatchNorm`` subclasses (``SyncBatchNorm``, user subclasses, timm's
+``BatchNormAct2d``) and normlab's ``BatchNorm1d/2d/3d``; normlab's other
 batch-statistics layers (batch renorm, moving-average BN, ...) have their own
-semantics and are left alone.
-
-What counts as a frozen BatchNorm (:func:`is_frozen_batch_norm`): normlab's
-``FrozenBatchNorm1d/2d/3d`` and any module whose class name contains
-``FrozenBatchNorm`` and that holds the buffers ``weight``, ``bias``,
-``running_mean``, ``running_var`` (torchvision's, detectron2's and timm's
-layout), recognised without importing them.
-
-Norm + activation layers (timm's ``BatchNormAct2d``, ``FrozenBatchNormAct2d``)
-keep their dropout and activation: the new norm is followed by them in an
-``nn.Sequential(norm=..., drop=..., act=...)``.
+semantics and are left alone. A frozen BatchNorm
+(:func:`normlab.kinds.is_frozen_batch_norm`: normlab's, and torchvision's,
+detectron2's and timm's layout, recognised without importing them) is converted
+only when asked. A norm + activation layer keeps its dropout and activation: the new
+norm is followed by them in an ``nn.Sequential(norm=..., drop=..., act=...)``.
 """
 
 from __future__ import annotations
@@ -29,8 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._architecture import activation_after, adds_nonlinearity, summarise
-from ._surgery import (
+from ..distributed import WORLD, is_sync_layer
+from ..kinds import is_batch_norm, is_frozen_batch_norm
+from ..registry import get_norm_layer, names_taking, names_with, rank_matched
+from .architecture import activation_after, adds_nonlinearity, summarise
+from .surgery import (
     ConversionReport,
     Replacement,
     Skipped,
@@ -47,23 +41,8 @@ from ._surgery import (
     type_name,
     with_tail,
 )
-from .distributed import WORLD, is_sync_layer
-from .freeze import freeze_bn, unfreeze_bn
-from .fuse import fuse_conv_bn
-from .kinds import is_batch_norm, is_frozen_batch_norm
-from .registry import get_norm_layer, names_taking, names_with, rank_matched
 
-__all__ = [
-    "ConversionReport",
-    "Replacement",
-    "Skipped",
-    "convert_norms",
-    "freeze_bn",
-    "unfreeze_bn",
-    "fuse_conv_bn",
-    "is_batch_norm",
-    "is_frozen_batch_norm",
-]
+__all__ = ["convert_norms"]
 
 
 def _quoted(names: list[str]) -> str:
@@ -189,7 +168,7 @@ def convert_norms(
         >>> model, report = convert_norms(resnet, "gn")
         >>> print(report)
     """
-    factory = get_norm_layer(to)
+    factory = _target_factory(model, to)
     check_lazy(model)
     check_custom_forward(model, "convert_norms")
     warnings: list[str] = []
@@ -198,108 +177,169 @@ def convert_norms(
         return is_batch_norm(m) or (frozen and is_frozen_batch_norm(m))
 
     def build(old: nn.Module, path: str) -> tuple[nn.Module, dict[str, Any]]:
-        channels = num_channels(old)
-        rank = rank_of(old)
-        make = rank_matched(factory, rank)
-        no_bias = getattr(old, "weight", None) is not None and getattr(old, "bias", 1) is None
-        try:
-            new = _build_target(make, channels, kwargs, no_bias)
-        except Exception as e:  # say which layer, then re-raise with the cause
-            raise type(e)(
-                f"convert_norms: building the target {describe(make)} for {path or '<model>'} "
-                f"({type(old).__name__}, {channels} channels) failed: {e}"
-            ) from e
-        if not isinstance(new, nn.Module):
-            raise TypeError(
-                f"convert_norms: the target factory {describe(make)} returned "
-                f"{type(new).__name__}, not an nn.Module."
-            )
-        new.to(**factory_kwargs(old))
-        flat_only = _probe(new, rank, channels, path, type(old).__name__)
-        if flat_only:
-            warnings.append(flat_only)
-        details: dict[str, Any] = {}
-        if is_frozen_batch_norm(old):
-            details["was_frozen"] = True
-        weight, bias = getattr(old, "weight", None), getattr(old, "bias", None)
-        affine = copy_into(new, "weight", weight, channels)
-        if no_bias:  # β stays the target's zero, or absent where the target took bias=False
-            if isinstance(getattr(new, "bias", None), nn.Parameter):
-                details["bias"] = "added, zero (the target takes no bias=False)"
-        else:
-            affine &= copy_into(new, "bias", bias, channels)
-        if weight is not None and not affine:
-            details["affine"] = "dropped (target has no per-channel weight/bias)"
-        for p, src in (("weight", weight), ("bias", bias)):
-            dst = getattr(new, p, None)
-            if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
-                dst.requires_grad_(src.requires_grad)
-        stats = copy_into(new, "running_mean", getattr(old, "running_mean", None), channels)
-        stats &= copy_into(new, "running_var", getattr(old, "running_var", None), channels)
-        if stats:
-            details["running_stats"] = "copied"
-            nbt = getattr(new, "num_batches_tracked", None)
-            old_nbt = getattr(old, "num_batches_tracked", None)
-            if isinstance(nbt, Tensor) and isinstance(old_nbt, Tensor):
-                nbt.copy_(old_nbt)
-        old_eps = float(getattr(old, "eps", 1e-5))
-        if "eps" not in kwargs and isinstance(getattr(new, "eps", None), float):
-            if new.eps != old_eps:
-                details["eps"] = old_eps
-            new.eps = old_eps  # type: ignore[assignment]
-        _groups(new, set(kwargs), make, channels, rank, path, old, details, warnings)
-        nonlinear = adds_nonlinearity(new)
-        if nonlinear:
-            details["nonlinearity"] = nonlinear
-        if sync is not False:
-            if not is_sync_layer(new):
-                raise ValueError(
-                    f"convert_norms: sync=True asks for cross-process batch statistics, but "
-                    f"the target {type(new).__name__} does not use batch statistics; drop "
-                    "sync=True, or pick a batch-statistics target "
-                    f"({', '.join(map(repr, names_with('syncable')))})."
-                )
-            group = WORLD if sync is True else sync
-            new.process_group = group
-            details["sync"] = group if isinstance(group, str) else type(group).__name__
-        new.train(old.training)
-        wrapped, kept = with_tail(new, old)
-        return wrapped, {**details, **kept}
+        return _replacement(old, path, factory, kwargs, sync, warnings)
 
-    skipped = (
-        []
-        if frozen
-        else [
-            Skipped(
-                p, type_name(m), "frozen BatchNorm; convert_norms(..., frozen=True) converts it"
-            )
-            for p, m in iter_matches(model, is_frozen_batch_norm)
-        ]
-    )
+    skipped = [] if frozen else _frozen_left(model)
     build_all, built = prebuild(model, match, build)  # every refusal happens here
     act_after = activation_after(model, match) if any("nonlinearity" in d for d in built) else {}
     model, replacements = replace(model, match, build_all)
     report = ConversionReport(replacements, warnings, skipped)
     name = f"{to!r} ({describe(factory)})" if isinstance(to, str) else describe(factory)
     report.warnings.extend(summarise(replacements, act_after, name))
-    if not replacements:
-        if skipped:
-            names = ", ".join(s.path or "<model>" for s in skipped[:8])
-            more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
-            report.warnings.append(
-                f"no trainable BatchNorm found, but {len(skipped)} frozen BatchNorm layer(s) "
-                f"({names}{more}) were left unchanged: pass frozen=True to convert them."
-            )
-        else:
-            report.warnings.append(
-                "no BatchNorm layer found: nothing was converted (the model is unchanged)."
-            )
-    elif skipped:
-        report.warnings.append(
+    report.warnings.extend(_found_warnings(replacements, skipped))
+    return model, report
+
+
+def _target_factory(model: Any, to: Any) -> Callable[..., nn.Module]:
+    """The factory ``to`` names, after checking that ``model`` is a module (the one place
+    a misplaced or misspelled argument is explained)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"convert_norms: model must be an nn.Module (the network whose BatchNorm layers "
+            f"are replaced), got {type(model).__name__} {model!r:.60}. The call is "
+            "convert_norms(model, to), e.g. convert_norms(model, 'gn')."
+        )
+    try:
+        return get_norm_layer(to)
+    except KeyError as e:
+        raise KeyError(f"convert_norms: {e.args[0]}") from None
+    except TypeError as e:
+        raise TypeError(f"convert_norms: to: {e}") from None
+
+
+def _replacement(
+    old: nn.Module,
+    path: str,
+    factory: Callable[..., nn.Module],
+    kwargs: dict[str, Any],
+    sync: bool | Any,
+    warnings: list[str],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The layer that replaces ``old``, and what was carried or chosen (the report's details)."""
+    channels, rank = num_channels(old), rank_of(old)
+    make = rank_matched(factory, rank)
+    no_bias = getattr(old, "weight", None) is not None and getattr(old, "bias", 1) is None
+    new = _built(make, old, path, channels, kwargs, no_bias)
+    flat_only = _probe(new, rank, channels, path, type(old).__name__)
+    if flat_only:
+        warnings.append(flat_only)
+    details: dict[str, Any] = {}
+    if is_frozen_batch_norm(old):
+        details["was_frozen"] = True
+    _carry_affine(new, old, channels, no_bias, details)
+    _carry_statistics(new, old, channels, "eps" in kwargs, details)
+    _groups(new, set(kwargs), make, channels, rank, path, old, details, warnings)
+    nonlinear = adds_nonlinearity(new)
+    if nonlinear:
+        details["nonlinearity"] = nonlinear
+    if sync is not False:
+        _synced(new, sync, details)
+    new.train(old.training)
+    wrapped, kept = with_tail(new, old)
+    return wrapped, {**details, **kept}
+
+
+def _built(
+    make: Callable[..., nn.Module],
+    old: nn.Module,
+    path: str,
+    channels: int,
+    kwargs: dict[str, Any],
+    no_bias: bool,
+) -> nn.Module:
+    """``make(channels, **kwargs)`` on ``old``'s device and dtype; a failure names the layer."""
+    try:
+        new = _build_target(make, channels, kwargs, no_bias)
+    except Exception as e:  # say which layer, then re-raise with the cause
+        raise type(e)(
+            f"convert_norms: building the target {describe(make)} for {path or '<model>'} "
+            f"({type(old).__name__}, {channels} channels) failed: {e}"
+        ) from e
+    if not isinstance(new, nn.Module):
+        raise TypeError(
+            f"convert_norms: the target factory {describe(make)} returned "
+            f"{type(new).__name__}, not an nn.Module."
+        )
+    new.to(**factory_kwargs(old))
+    return new
+
+
+def _carry_affine(
+    new: nn.Module, old: nn.Module, channels: int, no_bias: bool, details: dict[str, Any]
+) -> None:
+    """γ / β and their ``requires_grad`` flags, where the target has them per channel."""
+    weight, bias = getattr(old, "weight", None), getattr(old, "bias", None)
+    affine = copy_into(new, "weight", weight, channels)
+    if no_bias:  # β stays the target's zero, or absent where the target took bias=False
+        if isinstance(getattr(new, "bias", None), nn.Parameter):
+            details["bias"] = "added, zero (the target takes no bias=False)"
+    else:
+        affine &= copy_into(new, "bias", bias, channels)
+    if weight is not None and not affine:
+        details["affine"] = "dropped (target has no per-channel weight/bias)"
+    for p, src in (("weight", weight), ("bias", bias)):
+        dst = getattr(new, p, None)
+        if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
+            dst.requires_grad_(src.requires_grad)
+
+
+def _carry_statistics(
+    new: nn.Module, old: nn.Module, channels: int, eps_given: bool, details: dict[str, Any]
+) -> None:
+    """The running statistics and step count where the target keeps them, and ``old``'s eps."""
+    stats = copy_into(new, "running_mean", getattr(old, "running_mean", None), channels)
+    stats &= copy_into(new, "running_var", getattr(old, "running_var", None), channels)
+    if stats:
+        details["running_stats"] = "copied"
+        nbt = getattr(new, "num_batches_tracked", None)
+        old_nbt = getattr(old, "num_batches_tracked", None)
+        if isinstance(nbt, Tensor) and isinstance(old_nbt, Tensor):
+            nbt.copy_(old_nbt)
+    old_eps = float(getattr(old, "eps", 1e-5))
+    if not eps_given and isinstance(getattr(new, "eps", None), float):
+        if new.eps != old_eps:
+            details["eps"] = old_eps
+        new.eps = old_eps  # type: ignore[assignment]
+
+
+def _synced(new: nn.Module, sync: bool | Any, details: dict[str, Any]) -> None:
+    """Give ``new`` the process group; refuse a target without batch statistics."""
+    if not is_sync_layer(new):
+        raise ValueError(
+            f"convert_norms: sync=True asks for cross-process batch statistics, but "
+            f"the target {type(new).__name__} does not use batch statistics; drop "
+            "sync=True, or pick a batch-statistics target "
+            f"({', '.join(map(repr, names_with('syncable')))})."
+        )
+    group = WORLD if sync is True else sync
+    new.process_group = group
+    details["sync"] = group if isinstance(group, str) else type(group).__name__
+
+
+def _frozen_left(model: nn.Module) -> list[Skipped]:
+    return [
+        Skipped(p, type_name(m), "frozen BatchNorm; convert_norms(..., frozen=True) converts it")
+        for p, m in iter_matches(model, is_frozen_batch_norm)
+    ]
+
+
+def _found_warnings(replacements: list[Replacement], skipped: list[Skipped]) -> list[str]:
+    """What was not converted: nothing found, or frozen layers left in place."""
+    if replacements:
+        if not skipped:
+            return []
+        return [
             f"{len(skipped)} frozen BatchNorm layer(s) were left unchanged (listed under "
             "skipped): pass frozen=True to convert them too."
-        )
-    return model, report
+        ]
+    if not skipped:
+        return ["no BatchNorm layer found: nothing was converted (the model is unchanged)."]
+    names = ", ".join(s.path or "<model>" for s in skipped[:8])
+    more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
+    return [
+        f"no trainable BatchNorm found, but {len(skipped)} frozen BatchNorm layer(s) "
+        f"({names}{more}) were left unchanged: pass frozen=True to convert them."
+    ]
 
 
 def _groups(
