@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from .kinds import is_batch_norm, is_frozen_batch_norm
+from ..kinds import is_batch_norm, is_frozen_batch_norm
 
 __all__ = ["BNUse", "Discovery", "find_uses", "is_bn_like", "is_conv_like"]
 

@@ -1,8 +1,8 @@
-"""Fold eval-mode BatchNorm into the convolution or linear layer that feeds it.
+""":func:`fuse_conv_bn`: fold eval-mode BatchNorm into the conv or linear layer feeding it.
 
 Which BN is fed by which conv is read off the model's data flow
-(:mod:`normlab.fuse_graph`), not its module order; the numerics and checks live
-in :mod:`normlab.fuse_check`, the report in :mod:`normlab.fuse_report`.
+(:mod:`normlab.fuse.graph`), not its module order; the numerics and checks live
+in :mod:`normlab.fuse.check`, the report in :mod:`normlab.fuse.report`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from .feed import ForwardFn, feed
-from .fuse_check import (
+from ..feed import ForwardFn, feed
+from ..kinds import activation_tail, is_frozen_batch_norm
+from .check import (
     TRANSPOSED,
     SiteCheck,
     bn_error,
@@ -26,11 +27,10 @@ from .fuse_check import (
     out_channels,
     run_compare,
 )
-from .fuse_graph import find_uses, is_bn_like
-from .fuse_report import REASONS, FusedPair, FuseReport, SkippedBN
-from .kinds import activation_tail, is_frozen_batch_norm
+from .graph import find_uses, is_bn_like
+from .report import REASONS, FusedPair, FuseReport, SkippedBN
 
-__all__ = ["REASONS", "FuseReport", "compare_outputs", "fuse_conv_bn"]
+__all__ = ["fuse_conv_bn"]
 
 _EXACT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *TRANSPOSED)
 _ACTS = {"relu": nn.ReLU, "silu": nn.SiLU}

@@ -1,0 +1,30 @@
+"""Fold eval-mode BatchNorm into the convolution or linear layer that feeds it.
+
+``folding`` holds :func:`fuse_conv_bn`; which BN is fed by which conv is read off the
+model's data flow (``graph``), not its module order; the folded weights and the checks
+that guard them are in ``check``, the report in ``report``. The names are imported
+from their modules on first access (``normlab._lazy``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from .check import compare_outputs
+    from .folding import fuse_conv_bn
+    from .report import REASONS, FuseReport
+
+__all__ = ["REASONS", "FuseReport", "compare_outputs", "fuse_conv_bn"]
+
+#: Exported name -> (module it lives in, attribute there).
+_LAZY = {
+    "REASONS": (".report", "REASONS"),
+    "FuseReport": (".report", "FuseReport"),
+    "compare_outputs": (".check", "compare_outputs"),
+    "fuse_conv_bn": (".folding", "fuse_conv_bn"),
+}
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)
