@@ -53,7 +53,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world: int, port: int, scenario: str, results: Any) -> None:
+def _child(rank: int, world: int, port: int, scenario: Any, results: Any) -> None:
     try:
         torch.set_num_threads(1)
         dist.init_process_group(
@@ -64,7 +64,7 @@ def _child(rank: int, world: int, port: int, scenario: str, results: Any) -> Non
             timeout=datetime.timedelta(seconds=60),
         )
         try:
-            SCENARIOS[scenario](rank, world)
+            (SCENARIOS[scenario] if isinstance(scenario, str) else scenario)(rank, world)
         finally:
             dist.destroy_process_group()
         results.put((rank, "ok", ""))
@@ -73,8 +73,11 @@ def _child(rank: int, world: int, port: int, scenario: str, results: Any) -> Non
         raise SystemExit(1) from None
 
 
-def run_world(scenario: str, world: int, timeout: float = 150.0) -> None:
-    """Run ``SCENARIOS[scenario]`` on ``world`` spawned gloo ranks; raise on any failure.
+def run_world(
+    scenario: str | Callable[[int, int], None], world: int, timeout: float = 150.0
+) -> None:
+    """Run ``SCENARIOS[scenario]`` (or ``scenario`` itself, a module-level function of
+    another test module) on ``world`` spawned gloo ranks; raise on any failure.
 
     Always returns with every child ended: a rank that reports an error, exits
     without reporting, or outlives ``timeout`` gets the others killed and a

@@ -95,6 +95,7 @@ from ._core.collectives import (
     sync_moments,
 )
 from .convert.surgery import BATCH_NORM_BY_RANK, rank_of, replace
+from .kinds import holds_running_stats
 from .nn.traits import traits_of
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ __all__ = [
     "convert_sync",
     "revert_sync",
     "is_sync_layer",
+    "sync_running_stats",
 ]
 
 
@@ -214,3 +216,99 @@ def revert_sync(model: nn.Module) -> nn.Module:
         return _twin(cls, m), {}
 
     return replace(model, is_sync_layer, build)[0]
+
+
+# ----------------------------------------------------------------------------- running statistics
+
+SYNC_MODES = ("reduce", "broadcast")
+
+
+def _running_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(dotted name, buffer)`` of every running buffer, in ``named_modules`` order."""
+    found = []
+    for path, module in model.named_modules():
+        if holds_running_stats(module):
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    found.append((f"{path}.{name}" if path else name, buf))
+    return found
+
+
+def sync_running_stats(
+    model: nn.Module, mode: str = "reduce", group: ProcessGroup | str | None = WORLD
+) -> list[str]:
+    """Make every running statistic of ``model`` identical on every rank of ``group``.
+
+    Under ``DistributedDataParallel`` each rank updates its norm layers' running
+    statistics from its own batches, so the ranks' models disagree in eval and the
+    checkpoint depends on which rank saves it. This makes them agree, for torch's
+    norm layers as for normlab's (every buffer of every layer whose training
+    forward updates buffers: ``running_mean``, ``running_var``,
+    ``num_batches_tracked`` and each layer's own state, e.g. MovingAverageBN's):
+
+    * ``mode="reduce"``: the mean over the ranks, computed in float64 (as timm's
+      ``distribute_bn(reduce=True)``; a mean of variances, not the pooled variance).
+      Integer buffers (step counters) take the mean rounded down.
+    * ``mode="broadcast"``: rank 0's values (the group's first rank).
+
+    One collective per buffer dtype. Call it at the same point on every rank (before
+    evaluating or saving). A no-op returning ``[]`` when torch.distributed is not
+    initialized or the group has one process.
+
+    Returns:
+        The dotted names of the buffers synchronized.
+
+    Raises:
+        ValueError: ``mode`` is not "reduce" or "broadcast".
+        RuntimeError: the ranks' models hold different running buffers (raised on
+            every rank, so none waits for the others).
+    """
+    if mode not in SYNC_MODES:
+        raise ValueError(f"sync_running_stats: mode must be one of {SYNC_MODES}, got {mode!r}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sync_running_stats: expected an nn.Module, got {type(model).__name__}.")
+    pg = resolve_process_group(group)
+    if pg is None:
+        return []
+    import torch.distributed as dist
+
+    buffers = _running_buffers(model)
+    _check_same_layout(buffers, pg)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for _, buf in buffers:
+        by_dtype.setdefault(buf.dtype, []).append(buf)
+    world = dist.get_world_size(pg)
+    for dtype in sorted(by_dtype, key=str):
+        bufs = by_dtype[dtype]
+        wide = torch.float64 if dtype.is_floating_point else torch.int64
+        flat = torch.cat([b.detach().reshape(-1).to(wide) for b in bufs])
+        if mode == "broadcast":
+            dist.broadcast(flat, src=dist.get_global_rank(pg, 0), group=pg)
+        else:
+            dist.all_reduce(flat, group=pg)
+            flat = (
+                flat / world if dtype.is_floating_point else flat.div(world, rounding_mode="floor")
+            )
+        with torch.no_grad():
+            for b, part in zip(bufs, flat.split([b.numel() for b in bufs]), strict=True):
+                b.copy_(part.reshape(b.shape).to(dtype))
+    return [name for name, _ in buffers]
+
+
+def _check_same_layout(buffers: list[tuple[str, torch.Tensor]], group: ProcessGroup) -> None:
+    """Raise on every rank when the ranks' running buffers differ in number or size."""
+    import torch.distributed as dist
+
+    device = buffers[0][1].device if buffers else torch.device("cpu")
+    if dist.get_backend(group) == "gloo":
+        device = torch.device("cpu")
+    sizes = torch.tensor([len(buffers), sum(b.numel() for _, b in buffers)], device=device)
+    low, high = sizes.clone(), sizes.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise RuntimeError(
+            "sync_running_stats: the ranks' models hold different running buffers (between "
+            f"{low.tolist()} and {high.tolist()} [buffers, values]); every rank must pass "
+            "the same model architecture."
+        )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .nn.traits import traits_of
+from .kinds import holds_running_stats
 
 __all__ = ["RunningStatsSnapshot", "snapshot_running_stats", "step_skipped"]
 
@@ -57,13 +57,6 @@ class RunningStatsSnapshot:
                 live.copy_(copy)
 
 
-def _holds_running_stats(module: nn.Module) -> bool:
-    traits = traits_of(module)
-    if traits is not None and traits.stateful:
-        return True
-    return any(n.startswith("running_") for n, b in module._buffers.items() if b is not None)
-
-
 def snapshot_running_stats(model: nn.Module) -> RunningStatsSnapshot:
     """A copy of every running buffer of every stateful norm layer in ``model``.
 
@@ -83,7 +76,7 @@ def snapshot_running_stats(model: nn.Module) -> RunningStatsSnapshot:
         )
     entries = []
     for path, module in model.named_modules():
-        if not _holds_running_stats(module):
+        if not holds_running_stats(module):
             continue
         for name, buf in module._buffers.items():
             if buf is not None:

@@ -36,6 +36,7 @@ from .nn.traits import traits_of
 
 __all__ = [
     "activation_tail",
+    "holds_running_stats",
     "is_batch_norm",
     "is_frozen_batch_norm",
     "is_norm_act",
@@ -53,6 +54,16 @@ def is_frozen_batch_norm(module: nn.Module) -> bool:
     """True for normlab's FrozenBatchNorm*d and torchvision/detectron2-style frozen BN."""
     traits = traits_of(module)
     return traits is not None and traits.frozen_batch_norm
+
+
+def holds_running_stats(module: nn.Module) -> bool:
+    """True for a layer whose buffers a training forward updates (its traits say
+    ``stateful``: torch's and normlab's BN, IN with running statistics, BRN, MABN, SN,
+    EvoNorm B0, ...) and for any other module that holds a ``running_*`` buffer."""
+    traits = traits_of(module)
+    if traits is not None and traits.stateful:
+        return True
+    return any(n.startswith("running_") for n, b in module._buffers.items() if b is not None)
 
 
 def is_norm_act(module: nn.Module) -> bool:
