@@ -28,7 +28,7 @@ def _fill(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
     """Rank-dependent, off-center values in every buffer; returns them."""
     g = torch.Generator().manual_seed(100 + rank)
     with torch.no_grad():
-        for name, buf in model.named_buffers():
+        for buf in model.buffers():
             if buf.dtype.is_floating_point:
                 buf.copy_(1e3 + torch.rand(buf.shape, generator=g, dtype=torch.float64))
             else:
