@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._core.checks import stored_variance_as_nan
 from .doctor_checks import (
     Context,
     at_init,
@@ -235,7 +236,9 @@ def _probe(
             if id(m) in dropouts:
                 handles.append(m.register_forward_hook(dropout_hook))
         try:
-            with torch.no_grad():
+            # Corrupt (negative) running variances give NaN here, as in torch, instead of
+            # stopping the forward: static_findings reports them as running_var_negative.
+            with torch.no_grad(), stored_variance_as_nan():
                 feed(probe, example_inputs, forward_fn)
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0]

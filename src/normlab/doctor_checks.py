@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import nn as nnl
+from ._core.checks import negative_channels
 from .doctor_codes import Finding, Severity, finding
 from .doctor_stats import Moments, layer_eps, stale_distance
 from .kinds import is_frozen_batch_norm
@@ -187,16 +188,6 @@ def _describe_momentum(momentum: float) -> str | None:
     return None
 
 
-def _negative_detail(name: str, var: Tensor) -> str:
-    """Which channels of ``var`` are negative (the first 8) and the smallest value."""
-    channels = torch.nonzero(var.detach().reshape(-1) < 0).reshape(-1).tolist()
-    shown = ", ".join(str(c) for c in channels[:8]) + (", ..." if len(channels) > 8 else "")
-    return (
-        f"{name}.running_var < 0 in {len(channels)} of {var.numel()} channel(s) "
-        f"(channel(s) {shown}; min {float(var.min()):.3g})."
-    )
-
-
 def static_findings(path: str, m: nn.Module, ctx: Context) -> list[Finding]:
     """Checks that need no forward: modes, flags, buffers (before the example forward)."""
     out: list[Finding] = []
@@ -238,7 +229,8 @@ def static_findings(path: str, m: nn.Module, ctx: Context) -> list[Finding]:
             out.append(finding("running_stats_nonfinite", "error", path, detail))
     var = tensor(m, "running_var")
     if var is not None and var.is_floating_point() and bool((var < 0).any()):
-        out.append(finding("running_var_negative", "error", path, _negative_detail(name, var)))
+        detail = f"{name}.running_var {negative_channels(var)}."
+        out.append(finding("running_var_negative", "error", path, detail))
     channels = getattr(m, "num_features", None)
     if batch and isinstance(channels, int) and channels % 32 != 0:
         g = auto_groups(channels)

@@ -6,10 +6,14 @@ Every message says what is wrong, why it matters, and how to fix it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
+
+from .export import recording
 
 SMALL_BATCH_ALTERNATIVES = (
     "GroupNorm (normlab.nn.GroupNorm), FilterResponseNorm, FrozenBatchNorm "
@@ -144,6 +148,69 @@ def host_checks_allowed(t: Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
     )
+
+
+#: False inside :func:`stored_variance_as_nan` (the doctor's probe forward).
+_REFUSE_NEGATIVE_VARIANCE: ContextVar[bool] = ContextVar("refuse_negative_variance", default=True)
+
+_RECALIBRATE = "normlab.recalibrate.recalibrate(model, batches)"
+
+
+def negative_channels(var: Tensor, limit: int = 8) -> str:
+    """How many entries of ``var`` are negative, which (the first ``limit``), and the minimum."""
+    channels = torch.nonzero(var.detach().reshape(-1) < 0).reshape(-1).tolist()
+    shown = ", ".join(str(c) for c in channels[:limit]) + (", ..." if len(channels) > limit else "")
+    return (
+        f"negative in {len(channels)} of {var.numel()} channel(s) (channel(s) {shown}; "
+        f"min {float(var.min()):.3g})"
+    )
+
+
+def stored_variance(layer: str, var: Tensor) -> Tensor:
+    """``var``, a *stored* (running) variance, as a layer may normalize with it.
+
+    A variance cannot be negative: a negative stored one means corrupt statistics
+    (a damaged or edited checkpoint, a bad conversion). Clamping it to 0, as
+    computed batch variances are (rounding can push an exact 0 below it), would
+    divide by ``sqrt(eps)`` and silently amplify the channel up to ``1/sqrt(eps)``
+    times. Where :func:`host_checks_allowed` (a CPU tensor in eager code) one
+    comparison over the C values is read and a negative entry raises ValueError
+    naming the channels and the fix. Elsewhere reading it would cost a host sync
+    per forward (a device tensor) or break tracing (``torch.compile``,
+    ``torch.export``, ``torch.func``): the negative channels become NaN instead,
+    as in torch's eval BatchNorm, so the output is never silently wrong, and
+    ``normlab doctor`` reports them (``running_var_negative``). While a graph is
+    recorded for a file (:func:`normlab._core.export.recording`) ``var`` is
+    returned as is (the exported op has torch's semantics).
+    """
+    if recording():
+        return var
+    if host_checks_allowed(var) and _REFUSE_NEGATIVE_VARIANCE.get():
+        if bool((var < 0).any()):
+            raise ValueError(
+                f"{layer}: running_var is {negative_channels(var)}. A variance cannot be "
+                "negative: the stored statistics are corrupt (a damaged or edited checkpoint, "
+                "a bad conversion), and torch's BatchNorm gives NaN there. Reload the weights "
+                f"from a good checkpoint or recompute the statistics with {_RECALIBRATE}; "
+                "normlab doctor lists every affected layer by module path "
+                "(running_var_negative)."
+            )
+        return var
+    return torch.where(var < 0, float("nan"), var)
+
+
+@contextmanager
+def stored_variance_as_nan() -> Iterator[None]:
+    """Inside: :func:`stored_variance` gives NaN for negative entries instead of raising.
+
+    For a diagnostic forward that must run through corrupt statistics to see the
+    rest of the model (the doctor reports them as ``running_var_negative``).
+    """
+    token = _REFUSE_NEGATIVE_VARIANCE.set(False)
+    try:
+        yield
+    finally:
+        _REFUSE_NEGATIVE_VARIANCE.reset(token)
 
 
 def refuse_under_transforms(layer: str, why: str, instead: str) -> None:

@@ -14,6 +14,7 @@ from .._core.checks import (
     check_floating,
     check_min_dims,
     check_params,
+    stored_variance,
 )
 from .._core.collectives import check_global_count, group_moments, resolve_process_group
 from .._core.dispatch import Op, Path, choose_path
@@ -99,6 +100,7 @@ def batch_norm(
                 f"{layer}: training=False needs running_mean and running_var; pass "
                 "training=True to normalize with batch statistics."
             )
+        running_var = stored_variance(layer, running_var)
         if path is Path.TRITON:
             from ..kernels import fused_frozen_batch_norm
 
@@ -198,6 +200,7 @@ def frozen_batch_norm(
     check_params(
         layer, (c,), weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
     )
+    running_var = stored_variance(layer, running_var)
     if path is Path.TRITON:
         from ..kernels import fused_frozen_batch_norm
 

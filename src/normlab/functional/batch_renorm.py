@@ -14,6 +14,7 @@ from .._core.checks import (
     check_min_dims,
     check_params,
     host_checks_allowed,
+    stored_variance,
 )
 from .._core.collectives import check_global_count, group_moments, resolve_process_group
 from .._core.dispatch import Op, Path, choose_path
@@ -123,7 +124,8 @@ def batch_renorm(
         layer, (c,), weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
     )
     if not training:
-        return affine_normalize(input, running_mean, running_var, weight, bias, eps)
+        var = stored_variance(layer, running_var)
+        return affine_normalize(input, running_mean, var, weight, bias, eps)
     _check_limit(layer, "r_max", r_max, 1.0)
     _check_limit(layer, "d_max", d_max, 0.0)
 

@@ -14,6 +14,7 @@ from .._core.checks import (
     check_groups,
     check_min_dims,
     check_params,
+    stored_variance,
 )
 from .._core.collectives import check_global_count, group_moments, resolve_process_group
 from .._core.dispatch import Op, Path, choose_path
@@ -96,6 +97,8 @@ def evonorm_b0(
             check_batch_count(layer, input, reduced_count(input, (0, *range(2, input.dim()))))
         elif running_var is None:
             _missing_running_var(layer)
+        else:
+            running_var = stored_variance(layer, running_var)
         return b0_apply(input, running_var, v, weight, bias, training, momentum, eps)
     acc = acc_dtype(input.dtype)
     shape = channel_shape(input)
@@ -120,7 +123,7 @@ def evonorm_b0(
     else:
         if running_var is None:
             _missing_running_var(layer)
-        batch_var = running_var.to(acc).reshape(shape)
+        batch_var = stored_variance(layer, running_var).to(acc).reshape(shape)
     batch_std = torch.sqrt(batch_var.clamp_min(0) + eps)
     return b0_normalize(input, batch_std, v, weight, bias, eps)
 

@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import check_eps, check_floating, check_min_dims, check_params
+from .._core.checks import (
+    check_eps,
+    check_floating,
+    check_min_dims,
+    check_params,
+    stored_variance,
+)
 from .._core.dispatch import Op, choose_path
 from .._core.normalize import affine_normalize
 from .._core.running import update_running_stats
@@ -49,7 +55,8 @@ def instance_norm(
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError(f"{layer}: use_input_stats=False needs running_mean and running_var.")
-        return affine_normalize(input, running_mean, running_var, weight, bias, eps)
+        var = stored_variance(layer, running_var)
+        return affine_normalize(input, running_mean, var, weight, bias, eps)
 
     if input.numel() == 0:
         return F.instance_norm(input, None, None, weight, bias, True, 0.0, eps)

@@ -61,7 +61,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._core.checks import check_eps, check_floating, check_min_dims, check_params
+from .._core.checks import (
+    check_eps,
+    check_floating,
+    check_min_dims,
+    check_params,
+    stored_variance,
+)
 from .._core.collectives import all_reduce_sum, resolve_process_group, sync_moments
 from .._core.dispatch import Op, choose_path
 from .._core.normalize import channel_shape
@@ -320,7 +326,7 @@ def moving_average_batch_norm(
     acc = acc_dtype(input.dtype)
     shape = channel_shape(input)
     if not training:
-        scale = rstd(running_var.to(acc), eps)
+        scale = rstd(stored_variance(_LAYER, running_var).to(acc), eps)
         if weight is not None:
             scale = scale * weight.to(acc)
         y = input.to(acc) * scale.reshape(shape)

@@ -13,6 +13,7 @@ from .._core.checks import (
     check_floating,
     check_min_dims,
     check_params,
+    stored_variance,
 )
 from .._core.collectives import check_global_count, resolve_process_group, sync_moments
 from .._core.dispatch import Op, Path, choose_path
@@ -149,6 +150,8 @@ def switchable_norm(
             "running_var, which were not given; pass them, or training=True to use the "
             "batch statistics."
         )
+    if using_bn and not training and running_var is not None:
+        running_var = stored_variance(layer, running_var)
 
     if path is Path.TRITON:
         from ..kernels import fused_switchable_norm
