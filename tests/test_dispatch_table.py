@@ -14,14 +14,13 @@ import ast
 import importlib
 import inspect
 import pathlib
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import normlab.functional as NF
 from _testing import offcenter
-from normlab._core import dispatch
+from normlab._core import dispatch, measured
 from normlab._core.dispatch import TABLE, Op, Path, choose_path
 
 FUNCTIONAL = pathlib.Path(NF.__file__).parent
@@ -126,12 +125,6 @@ def test_each_functional_asks_once(op: str, monkeypatch) -> None:
 # ----------------------------------------------------------------------------- decisions
 
 
-def _cuda_stand_in(dtype=torch.float32):
-    return SimpleNamespace(
-        is_cuda=True, dtype=dtype, device=torch.device("cuda"), requires_grad=False
-    )
-
-
 class Sub(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -166,24 +159,146 @@ def test_subclass_and_context_decisions(monkeypatch) -> None:
     assert choose_path(Op.SWITCHABLE_NORM, x, "auto", None) is Path.AUTOGRAD
 
 
-def test_cuda_stand_in_decisions(monkeypatch) -> None:
-    cuda_x = _cuda_stand_in()
+KERNEL_OPS = [op for op, p in TABLE.items() if p.triton is None]
+
+
+@pytest.fixture
+def cuda_like(monkeypatch):
+    """Real CPU tensors that dispatch takes for CUDA tensors on a tested setup: an
+    NVIDIA sm_90 GPU, triton 3.8, NORMLAB_TRITON unset, the measurement table empty."""
+    monkeypatch.setattr(dispatch, "_is_cuda", lambda x: True)
     monkeypatch.setattr(dispatch, "available", lambda: True)
-    assert choose_path(Op.GROUP_NORM, cuda_x, "auto", None) is Path.TRITON
-    assert choose_path(Op.SWITCHABLE_NORM, cuda_x, "auto", None) is Path.TRITON
-    assert choose_path(Op.BATCH_NORM, cuda_x, "auto", None) is Path.AUTOGRAD  # no kernel
-    assert choose_path(Op.EVONORM_B0, cuda_x, "auto", None) is Path.AUTOGRAD  # fused: CPU only
-    assert choose_path(Op.GROUP_NORM, cuda_x, "torch", None) is Path.AUTOGRAD
-    assert choose_path(Op.GROUP_NORM, _cuda_stand_in(torch.int32), "auto", None) is Path.AUTOGRAD
+    monkeypatch.setattr(dispatch, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(dispatch, "_rocm", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 8))
+    monkeypatch.setattr(measured, "MEASURED", ())
+    monkeypatch.delenv("NORMLAB_TRITON", raising=False)
+    return monkeypatch
+
+
+def _entry(op="group_norm", dtype="float32", layout="nchw", regime="n<=4/s<=64", ratio=1.3):
+    return measured.Measurement(op, dtype, layout, regime, ratio, "test", "2026-01-01", "x.json")
+
+
+def test_shipped_table_is_empty_and_well_formed() -> None:
+    assert measured.MEASURED == ()  # nothing has been measured on a GPU
+    assert set(measured.Measurement._fields) >= {"op", "dtype", "layout", "regime", "ratio"}
+    assert {"device", "date", "source"} <= set(measured.Measurement._fields)
+
+
+def test_auto_is_torch_for_every_op_unless_measured(cuda_like) -> None:
+    x = offcenter(2, 4, 5, 3, seed=1)
+    for op in Op:
+        assert choose_path(op, x, "auto", None) is not Path.TRITON, op
+    assert KERNEL_OPS, "no op has a kernel"
+
+
+def test_a_measurement_enables_exactly_its_op_dtype_layout_regime(cuda_like) -> None:
+    x = offcenter(2, 4, 5, 3, seed=1, dtype=torch.float32)  # nchw, n<=4, s=15
+    assert measured.regime_of(x.shape) == "n<=4/s<=64"
+    cuda_like.setattr(measured, "MEASURED", (_entry(),))
+    assert choose_path(Op.GROUP_NORM, x, "auto", None) is Path.TRITON
+    assert choose_path(Op.FRN_TLU, x, "auto", None) is not Path.TRITON  # another op
+    assert choose_path(Op.GROUP_NORM, x.half(), "auto", None) is Path.AUTOGRAD  # dtype
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert measured.layout_of(cl) == "channels_last"
+    assert choose_path(Op.GROUP_NORM, cl, "auto", None) is Path.AUTOGRAD  # layout
+    big = offcenter(8, 4, 9, 9, seed=2, dtype=torch.float32)
+    assert measured.regime_of(big.shape) == "n<=16/s<=4096"
+    assert choose_path(Op.GROUP_NORM, big, "auto", None) is Path.AUTOGRAD  # regime
+    assert measured.layout_of(x.transpose(2, 3)) == "strided"
+    cuda_like.setattr(measured, "MEASURED", (_entry(ratio=1.05),))  # too little gain
+    assert choose_path(Op.GROUP_NORM, x, "auto", None) is Path.AUTOGRAD
+    assert measured.regime_of((17, 3, 65, 65)) == "n>16/s>4096"
+    assert measured.regime_of((3, 8)) == "n<=4/s<=64"
+
+
+def test_normlab_triton_switch(cuda_like) -> None:
+    x = offcenter(2, 4, 5, 3, seed=1)
+    cuda_like.setenv("NORMLAB_TRITON", "1")
+    for op in KERNEL_OPS:
+        assert choose_path(op, x, "auto", None) is Path.TRITON, op
+    assert choose_path(Op.GROUP_NORM, x, "torch", None) is Path.AUTOGRAD
+    cuda_like.setattr(measured, "MEASURED", (_entry(),))
+    cuda_like.setenv("NORMLAB_TRITON", "0")
+    for op in KERNEL_OPS:
+        assert choose_path(op, x, "auto", None) is not Path.TRITON, op
+    with pytest.raises(RuntimeError, match="NORMLAB_TRITON=0 turns the Triton kernels off"):
+        choose_path(Op.GROUP_NORM, x, "triton", None)
+    cuda_like.setenv("NORMLAB_TRITON", "yes")
+    with pytest.raises(ValueError, match=r"NORMLAB_TRITON='yes' is not understood.*1.*0"):
+        choose_path(Op.GROUP_NORM, x, "auto", None)
+    cuda_like.setenv("NORMLAB_TRITON", "")
+    assert dispatch.triton_switch() is None
+
+
+def test_auto_keeps_every_guard_of_the_fused_path(cuda_like) -> None:
+    """With the kernels switched on, each context of fused_allowed keeps auto on torch."""
+    cuda_like.setenv("NORMLAB_TRITON", "1")
+    x = offcenter(2, 4, 5, 3, seed=1)
+    w = offcenter(4, seed=2)
+    assert choose_path(Op.GROUP_NORM, x, "auto", None, w) is Path.TRITON
+    assert choose_path(Op.GROUP_NORM, x.as_subclass(Sub), "auto", None) is Path.AUTOGRAD
+    assert choose_path(Op.GROUP_NORM, x, "auto", None, w.as_subclass(Sub)) is Path.AUTOGRAD
+    with torch.autograd.forward_ad.dual_level():
+        assert choose_path(Op.GROUP_NORM, x, "auto", None) is Path.AUTOGRAD
+    for name in ("is_tracing", "is_scripting"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(torch.jit, name, lambda: True)
+            assert choose_path(Op.GROUP_NORM, x, "auto", None) is Path.AUTOGRAD, name
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert choose_path(Op.GROUP_NORM, x, "auto", None) is Path.AUTOGRAD
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        assert choose_path(Op.GROUP_NORM, x, "auto", None) is Path.AUTOGRAD
+    assert choose_path(Op.GROUP_NORM, x.to(torch.int32), "auto", None) is Path.AUTOGRAD
     group = object()  # a process group: the kernels compute local statistics only
-    assert choose_path(Op.SWITCHABLE_NORM, cuda_x, "auto", group) is Path.AUTOGRAD
+    assert choose_path(Op.SWITCHABLE_NORM, x, "auto", group) is not Path.TRITON
     with pytest.raises(RuntimeError, match="computes local statistics only"):
-        choose_path(Op.SWITCHABLE_NORM, cuda_x, "triton", group)
-    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)  # ONNX: no Triton ops
-    assert choose_path(Op.GROUP_NORM, cuda_x, "auto", None) is Path.AUTOGRAD
-    monkeypatch.undo()
-    monkeypatch.setattr(dispatch, "available", lambda: False)
-    assert choose_path(Op.GROUP_NORM, cuda_x, "auto", None) is Path.AUTOGRAD
+        choose_path(Op.SWITCHABLE_NORM, x, "triton", group)
+
+
+def test_vmap_keeps_auto_off_the_kernels(cuda_like) -> None:
+    cuda_like.setenv("NORMLAB_TRITON", "1")
+    seen: list[Path] = []
+    torch.func.vmap(lambda t: seen.append(choose_path(Op.GROUP_NORM, t, "auto", None)) or t)(
+        offcenter(3, 2, 4, 5, seed=1)
+    )
+    assert seen == [Path.AUTOGRAD]
+
+
+def test_auto_needs_nvidia_sm80_and_a_tested_triton(cuda_like) -> None:
+    cuda_like.setenv("NORMLAB_TRITON", "1")
+    x = offcenter(2, 4, 5, 3, seed=1)
+    assert choose_path(Op.GROUP_NORM, x, "auto", None) is Path.TRITON
+    cases = [
+        ("_rocm", lambda: True, "ROCm"),
+        ("_capability", lambda device: (7, 5), "compute capability 8.0"),
+        ("triton_version", lambda: (3, 5), "tested with triton >= 3.6, < 3.9"),
+        ("triton_version", lambda: (3, 9), "tested with triton >= 3.6, < 3.9"),
+        ("available", lambda: False, ""),
+    ]
+    for name, fake, why in cases:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(dispatch, name, fake)
+            assert choose_path(Op.GROUP_NORM, x, "auto", None) is Path.AUTOGRAD, name
+            assert why in (dispatch.auto_blocker(x) or ""), name
+    for v in ((3, 5), (4, 0)):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(dispatch, "triton_version", lambda v=v: v)
+            with pytest.raises(RuntimeError, match=r"kernels are tested with triton >= 3\.6"):
+                choose_path(Op.GROUP_NORM, x, "triton", None)
+    for v in ((3, 6), (3, 7), (3, 8)):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(dispatch, "triton_version", lambda v=v: v)
+            assert choose_path(Op.GROUP_NORM, x, "triton", None) is Path.TRITON
+
+
+def test_triton_version_parses_the_installed_one() -> None:
+    pytest.importorskip("triton")
+    major, minor = dispatch.triton_version()
+    assert major >= 3 and minor >= 0
 
 
 def test_errors_quote_the_table(monkeypatch) -> None:

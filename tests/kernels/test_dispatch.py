@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from _kernel_cases import DEVICE, check, make_param, make_x, requires_kernels
 import normlab.functional as NF
 import normlab.nn as nnl
 from normlab import kernels
-from normlab._core import dispatch
+from normlab._core import dispatch, measured
 from normlab._core.dispatch import resolve_backend
 
 requires_kernels()
@@ -99,18 +98,78 @@ def test_auto_keeps_cpu_input_on_torch(monkeypatch):
     nnl.BatchNorm1d(4).eval()(x)
 
 
-def test_auto_picks_triton_for_cuda_input_only_when_it_can(monkeypatch):
-    """The decision itself, with a stand-in for a CUDA tensor."""
-    cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.float16)
-    monkeypatch.setattr(dispatch, "available", lambda: True)
-    assert resolve_backend("group_norm", "auto", cuda_x) == "triton"
-    assert resolve_backend("batch_norm_eval", "auto", cuda_x) == "triton"
-    assert resolve_backend("batch_norm", "auto", cuda_x) == "torch"  # training: no kernel
-    assert resolve_backend("layer_norm", "auto", cuda_x) == "torch"
-    int_x = SimpleNamespace(is_cuda=True, dtype=torch.float8_e4m3fn)
-    assert resolve_backend("group_norm", "auto", int_x) == "torch"
-    monkeypatch.setattr(dispatch, "available", lambda: False)
-    assert resolve_backend("group_norm", "auto", cuda_x) == "torch"
+@pytest.fixture
+def cuda_like(monkeypatch):
+    """CPU tensors taken for CUDA ones by the dispatch (the interpreter runs them):
+    a tested NVIDIA setup, NORMLAB_TRITON unset, the measurement table empty."""
+    monkeypatch.setattr(dispatch, "_is_cuda", lambda x: True)
+    monkeypatch.setattr(dispatch, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(dispatch, "_rocm", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 8))
+    monkeypatch.setattr(measured, "MEASURED", ())
+    monkeypatch.delenv("NORMLAB_TRITON", raising=False)
+    return monkeypatch
+
+
+def _spy(monkeypatch) -> list[str]:
+    """Record each call of a kernel entry point (which still runs)."""
+    calls: list[str] = []
+    for name in ("fused_group_norm", "fused_frozen_batch_norm", "fused_filter_response_norm",
+                 "fused_switchable_norm"):  # fmt: skip
+        real = getattr(kernels, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return calls
+
+
+def _modules():
+    return [
+        nnl.GroupNorm(2, 4),
+        nnl.BatchNorm2d(4).eval(),
+        nnl.FrozenBatchNorm2d(4),
+        nnl.FilterResponseNorm2d(4),
+        nnl.SwitchableNorm2d(4),
+    ]
+
+
+def test_auto_is_torch_on_cuda_until_measured_or_switched_on(cuda_like):
+    """Functionals and modules: auto runs torch for a (stand-in) CUDA tensor; with
+    NORMLAB_TRITON=1 every module runs its kernel; with 0 none does, and an explicit
+    backend='triton' module says why it cannot run."""
+    calls = _spy(cuda_like)
+    x = make_x((2, 4, 3, 3), torch.float32).detach()
+    w = torch.ones(4)
+    for m in _modules():
+        m(x)
+    NF.group_norm(x, 2)
+    assert calls == []
+    cuda_like.setattr(measured, "MEASURED", (measured.Measurement(
+        "group_norm", "float32", "nchw", measured.regime_of(x.shape), 1.5, "test", "2026-01-01",
+        "x.json",
+    ),))  # fmt: skip
+    NF.group_norm(x, 2, w)
+    assert calls == ["fused_group_norm"]
+    calls.clear()
+    cuda_like.setenv("NORMLAB_TRITON", "1")
+    want = {}
+    for m in _modules():
+        want[type(m).__name__] = m(x)
+    assert calls == ["fused_group_norm", "fused_frozen_batch_norm", "fused_frozen_batch_norm",
+                     "fused_filter_response_norm", "fused_switchable_norm"]  # fmt: skip
+    calls.clear()
+    cuda_like.setenv("NORMLAB_TRITON", "0")
+    for m in _modules():
+        check(m(x), want[type(m).__name__], torch.float32, type(m).__name__)
+    NF.group_norm(x, 2, w)
+    assert calls == []
+    with pytest.raises(RuntimeError, match="NORMLAB_TRITON=0"):
+        nnl.GroupNorm(2, 4, backend="triton")(x)
+    with pytest.raises(RuntimeError, match="NORMLAB_TRITON=0"):
+        nnl.SwitchableNorm2d(4, backend="triton")(x)
 
 
 def test_triton_without_triton_installed_says_how_to_install(monkeypatch):

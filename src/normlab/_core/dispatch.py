@@ -11,14 +11,20 @@ the input, the ``backend=`` argument, the process group and the context
   input and small statistics (:mod:`normlab._core.fused`).
 * :attr:`Path.AUTOGRAD`: plain torch ops, which every tool understands.
 
-Whether the kernels can run on this machine (:func:`available`, :func:`missing`) is
-decided here too, without importing triton until it is asked.
+Safe by default: ``backend="auto"`` takes the kernels only where a recorded GPU
+measurement enables them (:mod:`normlab._core.measured`, empty today) or where the
+user opted in with ``NORMLAB_TRITON=1``; ``NORMLAB_TRITON=0`` turns them off
+everywhere. This module is the one place that reads that variable
+(:func:`triton_switch`). Whether the kernels can run on this machine
+(:func:`available`, :func:`missing`, :func:`auto_blocker`) is decided here too,
+without importing triton until it is asked.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -26,23 +32,28 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import measured
 from .checks import BACKENDS
-from .fused import fused_allowed
+from .fused import eager_plain, fused_allowed
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = [
     "TABLE",
+    "TRITON_TESTED",
     "Op",
     "OpPaths",
     "Path",
+    "auto_blocker",
     "available",
     "check_backend",
     "choose_path",
     "interpreting",
     "missing",
     "resolve_backend",
+    "triton_switch",
+    "triton_version",
 ]
 
 
@@ -136,10 +147,30 @@ wires its functional to the implementation."""
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+#: The triton versions the kernels are tested with: ``lo <= version < hi``.
+TRITON_TESTED = ((3, 6), (3, 9))
+#: The least CUDA compute capability ``auto`` sends to the kernels (Ampere).
+_MIN_CAPABILITY = (8, 0)
+_SWITCH = "NORMLAB_TRITON"
+
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_switch() -> bool | None:
+    """``NORMLAB_TRITON``: True for "1" (``auto`` takes the kernels wherever they can
+    run), False for "0" (no kernels anywhere), None when unset or empty (``auto``
+    follows the measurement table). Any other value is a ValueError."""
+    value = os.environ.get(_SWITCH, "")
+    if value in ("", "0", "1"):
+        return None if value == "" else value == "1"
+    raise ValueError(
+        f"{_SWITCH}={value!r} is not understood: set it to 1 (backend='auto' uses the "
+        "Triton kernels wherever they can run), 0 (never use them) or leave it unset "
+        "(auto uses them only where a recorded GPU measurement enables them)."
+    )
 
 
 @functools.cache
@@ -151,8 +182,39 @@ def _triton_importable() -> bool:
     return True
 
 
+@functools.cache
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed triton (imports it)."""
+    import triton
+
+    parts = re.findall(r"\d+", triton.__version__)[:2]
+    return (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
+
+
+def _version_problem() -> str | None:
+    (lo, hi), v = TRITON_TESTED, triton_version()
+    if lo <= v < hi:
+        return None
+    return (
+        f"triton {v[0]}.{v[1]} is installed and the kernels are tested with triton "
+        f">= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; install a tested triton"
+    )
+
+
 def _cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+def _is_cuda(x: Any) -> bool:
+    return bool(x.is_cuda)
+
+
+def _rocm() -> bool:
+    return torch.version.hip is not None
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def available() -> bool:
@@ -168,7 +230,7 @@ def missing(x: Tensor | None = None) -> str | None:
             "triton is not installed (it is an optional dependency); install it with "
             "pip install 'normlab[triton]'"
         )
-    if x is not None and not x.is_cuda and not interpreting():
+    if x is not None and not _is_cuda(x) and not interpreting():
         return (
             f"the input is on {x.device.type}, and the kernels run on CUDA tensors (or on "
             "CPU tensors only in Triton's interpreter, set TRITON_INTERPRET=1 before "
@@ -176,7 +238,26 @@ def missing(x: Tensor | None = None) -> str | None:
         )
     if x is None and not _cuda_available() and not interpreting():
         return "there is no CUDA device and TRITON_INTERPRET is not '1'"
-    return None
+    return _version_problem()
+
+
+def auto_blocker(x: Tensor, *tensors: Tensor | None) -> str | None:
+    """Why ``backend="auto"`` cannot send the CUDA tensor ``x`` to a kernel here, or
+    None: the guards of the fused path (:func:`normlab._core.fused.eager_plain`), ONNX
+    export, an NVIDIA GPU of compute capability 8.0 or more, a tested triton."""
+    if torch.onnx.is_in_onnx_export():
+        return "ONNX export (ONNX has no Triton ops)"
+    if not eager_plain(x, *tensors):
+        return "compile, export, torch.func, forward AD, TorchScript or a tensor subclass"
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x.dtype}"
+    if not available():
+        return missing(x) or "the kernels cannot run here"
+    if _rocm():
+        return "a ROCm build of torch (the kernels are tested on NVIDIA GPUs only)"
+    if _capability(x.device) < _MIN_CAPABILITY:
+        return "a GPU below compute capability 8.0"
+    return _version_problem()
 
 
 def check_backend(label: str, backend: str) -> None:
@@ -185,42 +266,46 @@ def check_backend(label: str, backend: str) -> None:
         raise ValueError(f"{label}: backend must be one of {BACKENDS}, got {backend!r}.")
 
 
-def _lookup(op: Op | str) -> OpPaths:
+def _lookup(op: Op | str) -> tuple[Op, OpPaths]:
     try:
-        return TABLE[Op(op)]
+        return Op(op), TABLE[Op(op)]
     except ValueError:
         raise ValueError(
             f"unknown op {op!r}; the dispatched ops are {[o.value for o in Op]}."
         ) from None
 
 
-def _triton(paths: OpPaths, x: Any, backend: str, group: ProcessGroup | None) -> bool:
-    """The Triton part of :func:`choose_path` (reads only ``x.is_cuda``/``x.dtype``
+def _triton(
+    op: Op, paths: OpPaths, x: Any, backend: str, group: ProcessGroup | None, tensors: tuple
+) -> bool:
+    """The Triton part of :func:`choose_path` (reads only ``x.is_cuda`` of a CPU input
     unless the kernels were requested)."""
     label = paths.label
     if backend == "torch":
         return False
+    switch = triton_switch()
     if backend == "auto":
-        return (
-            x.is_cuda
-            and paths.triton is None
-            and group is None
-            and x.dtype in _KERNEL_DTYPES
-            and not torch.compiler.is_compiling()
-            and not torch.onnx.is_in_onnx_export()
-            and not torch._C._are_functorch_transforms_active()
-            and available()
-        )
+        if switch is False or not _is_cuda(x) or paths.triton is not None or group is not None:
+            return False
+        if auto_blocker(x, *tensors) is not None:
+            return False
+        return switch is True or measured.lookup(op.value, x) is not None
     if paths.triton is not None:
         raise RuntimeError(
             f"{label}: backend='triton' was requested, but {paths.triton}. Use "
             "backend='auto' or backend='torch'."
         )
+    if switch is False:
+        raise RuntimeError(
+            f"{label}: backend='triton' was requested, but {_SWITCH}=0 turns the Triton "
+            f"kernels off. Unset {_SWITCH} (or set it to 1), or use backend='torch'."
+        )
     why_not = missing(x)
     if why_not is not None:
         raise RuntimeError(
             f"{label}: backend='triton' was requested, but {why_not}. Or use backend='auto' "
-            "(Triton on CUDA when it can, torch otherwise) or backend='torch'."
+            "(torch unless a measurement or NORMLAB_TRITON=1 enables the kernels) or "
+            "backend='torch'."
         )
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError(
@@ -259,13 +344,15 @@ def choose_path(
     Decision:
 
     * :attr:`Path.TRITON` for ``backend="auto"`` when ``x`` is a CUDA tensor, the op
-      has a kernel, the dtype is supported, there is no process group (the kernels
-      compute local statistics), triton is available, and the call is neither
-      traced by ``torch.compile`` (inductor fuses the torch path itself) nor by
-      ONNX export (ONNX has no Triton ops) nor under a ``torch.func`` transform.
-      CPU input never takes it under "auto", even with ``TRITON_INTERPRET=1``, and
-      then triton is not imported. ``backend="triton"`` takes it or raises a
-      RuntimeError that names what is missing (with :data:`TABLE`'s reason).
+      has a kernel, there is no process group (the kernels compute local
+      statistics), :func:`auto_blocker` finds nothing in the way (the fused path's
+      guards, ONNX export, dtype, NVIDIA sm_80+, a tested triton) and either
+      :func:`normlab._core.measured.lookup` finds a recorded measurement for the
+      op, dtype, layout and shape regime or ``NORMLAB_TRITON=1``. Never with
+      ``NORMLAB_TRITON=0``. CPU input never takes it under "auto", even with
+      ``TRITON_INTERPRET=1``, and then triton is not imported.
+      ``backend="triton"`` takes it or raises a RuntimeError that names what is
+      missing (with :data:`TABLE`'s reason).
     * :attr:`Path.FUSED` where the op has a fused Function, there is no process
       group, no constant requires grad, and
       :func:`normlab._core.fused.fused_allowed` holds (eager CPU, non-empty, no
@@ -274,9 +361,9 @@ def choose_path(
       takes it, and refuses ``torch.func`` transforms with that reason.
     * :attr:`Path.AUTOGRAD` otherwise.
     """
-    paths = _lookup(op)
+    key, paths = _lookup(op)
     check_backend(paths.label, backend)
-    if _triton(paths, x, backend, group):
+    if _triton(key, paths, x, backend, group, (*tensors, *constants)):
         return Path.TRITON
     if paths.autograd is not None:
         if torch._C._are_functorch_transforms_active():
@@ -301,6 +388,6 @@ def resolve_backend(op: Op | str, backend: str, x: Tensor) -> str:
     The backend half of the decision alone (no process group), for callers that
     only ask whether the kernels run.
     """
-    paths = _lookup(op)
+    key, paths = _lookup(op)
     check_backend(paths.label, backend)
-    return "triton" if _triton(paths, x, backend, None) else "torch"
+    return "triton" if _triton(key, paths, x, backend, None, ()) else "torch"

@@ -28,6 +28,7 @@ __all__ = [
     "backward_views",
     "cast",
     "composite_grads",
+    "eager_plain",
     "fused_allowed",
     "param",
 ]
@@ -47,18 +48,22 @@ def fused_allowed(x: Tensor, *tensors: Tensor | None) -> bool:
     Functions' in-place buffers). Those take the plain autograd path, which
     computes the same values.
     """
-    present = [t for t in (x, *tensors) if t is not None]
-    return (
-        x.device.type == "cpu"
-        and x.numel() > 0
-        and not (
-            torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()
-            or forward_ad._current_level >= 0
-            or torch.jit.is_tracing()
-            or torch.jit.is_scripting()
-            or torch.overrides.has_torch_function(present)
-        )
+    return x.device.type == "cpu" and x.numel() > 0 and eager_plain(x, *tensors)
+
+
+def eager_plain(*tensors: Tensor | None) -> bool:
+    """Whether a hand-written Function (fused CPU or Triton) may replace the plain ops
+    for ``tensors``: not under ``torch.compile``, ``torch.func`` transforms, forward-mode
+    AD, TorchScript tracing or scripting, and no tensor subclass with
+    ``__torch_function__`` among them (the reasons are in :func:`fused_allowed`)."""
+    present = [t for t in tensors if t is not None]
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.overrides.has_torch_function(present)
     )
 
 

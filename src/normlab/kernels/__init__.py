@@ -4,8 +4,9 @@ Importing this package does *not* import triton and detects no device: the kerne
 modules (:mod:`.group_norm`, :mod:`.filter_response_norm`, :mod:`.switchable_norm`,
 :mod:`.frozen_batch_norm`) are imported by the entry points below on first use.
 The functional ops choose these kernels through ``backend=`` (see
-:func:`normlab._core.dispatch.resolve_backend`): ``"auto"`` takes them for CUDA
-tensors when :func:`available` is true, ``"triton"`` forces them, ``"torch"`` never.
+:func:`normlab._core.dispatch.choose_path`): ``"triton"`` forces them, ``"torch"``
+never, and ``"auto"`` takes them for CUDA tensors only where a recorded GPU
+measurement (:mod:`normlab._core.measured`) or ``NORMLAB_TRITON=1`` enables them.
 
 On a machine without a GPU the kernels run on CPU tensors through Triton's
 interpreter (``TRITON_INTERPRET=1`` in the environment *before* triton is imported);
