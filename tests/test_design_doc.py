@@ -23,3 +23,25 @@ def test_the_dispatch_table_in_design_md_is_the_codes():
 
     code = {op.value: (has(p.triton), has(p.fused), has(p.autograd)) for op, p in TABLE.items()}
     assert _doc_table() == code
+
+
+RECALIBRATE = DESIGN.parent / "recalibrate.md"
+
+
+def _sections(text: str) -> dict[str, str]:
+    return {s.split("\n", 1)[0].strip(): s for s in text.split("\n## ")[1:]}
+
+
+def test_recalibrate_md_names_the_codes_methods_variances_and_kinds():
+    from normlab.recalibrate import KINDS, recalibrate
+    from normlab.recalibrate.population import VARIANCES
+    from normlab.recalibrate.recalibration import METHODS
+
+    sections = _sections(RECALIBRATE.read_text())
+    bullet = re.compile(r'^- \*\*`(?:method=)?"(\w+)"`\*\*', re.M)
+    assert tuple(bullet.findall(sections["Methods"])) == METHODS
+    variances = next(s for title, s in sections.items() if title.startswith("Which variance"))
+    assert tuple(bullet.findall(variances)) == VARIANCES
+    kinds = sections["The protocol: which layers are recalibrated"]
+    assert tuple(bullet.findall(kinds)) == tuple(KINDS)
+    assert "docs/recalibrate.md" in (recalibrate.__doc__ or "")

@@ -23,7 +23,8 @@ first half: moments over chosen dims, with the numerics rules of
 One faster path exists, for the fused CPU Functions only: :func:`one_pass_moments`
 (the shifted one-pass formula, with a two-pass fallback where it would lose
 precision). The reductions those Functions share (:func:`dot_sums`,
-:func:`sum_of_squares`) are at the end of this module.
+:func:`sum_of_squares`) are at the end of this module, and last
+:class:`PooledMoments`, Chan's merge across batches in float64 (recalibration, doctor).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "NATIVE_PLANE",
     "dot_sums",
     "sum_of_squares",
+    "PooledMoments",
 ]
 
 
@@ -356,3 +358,32 @@ def sum_of_squares(x: Tensor, dims: Sequence[int], out: Tensor | None = None) ->
         return torch.linalg.vector_norm(x, 2, dim=tuple(dims), keepdim=True).square_()
     sq = x * x if out is None else torch.mul(x, x, out=out)
     return sq.sum(dim=tuple(dims), keepdim=True)
+
+
+class PooledMoments:
+    """Per-channel count ``n``, ``mean`` and ``m2 = Σ (x − mean)²`` of every value added.
+
+    Batches merge with Chan et al.'s parallel update (the law of total variance), in
+    float64, so the result is that of all values at once whatever the batch sizes.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def add(self, flat: Tensor) -> Tensor:
+        """Merge ``flat`` (C, n_b), float64, same C as before (the caller checks); returns
+        this batch's ``Σ (x − mean_b)²`` per channel."""
+        nb = flat.shape[1]
+        mb = flat.mean(dim=1)
+        m2b = (flat - mb[:, None]).square().sum(dim=1)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return m2b
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + delta.square() * (self.n * nb / n)
+        self.n = n
+        return m2b

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .feed import feed
+from ..feed import feed
 
 __all__ = ["Level", "graph_levels", "sequential_levels"]
 

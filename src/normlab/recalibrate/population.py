@@ -1,33 +1,14 @@
 """Which layers keep running statistics, and their exact population moments.
 
 :func:`recalibration_kind` says which statistic a layer keeps (its
-:mod:`normlab.nn.traits`, or the ``_recalibrate_kind`` protocol of
-:mod:`normlab.recalibrate` for other classes); :class:`Population`
-accumulates that statistic over the inputs a layer sees, batch by batch, in
-float64. For the batch kinds it keeps, per channel, the count ``n``, the mean and
-``M_2 = Σ (x − mean)²`` merged with Chan et al.'s parallel update (the law of
-total variance):
-
-.. math:: n = n_a + n_b,\\quad \\delta = \\bar x_b - \\bar x_a,\\quad
-          \\bar x = \\bar x_a + \\delta\\,n_b/n,\\quad
-          M_2 = M_{2,a} + M_{2,b} + \\delta^2\\,n_a n_b / n
-
-and, beside it, the count-weighted sum of the per-batch variances
-``Σ_b n_b s_b²``, so that either variance can be stored at the end:
-
-``"population"``
-    ``M_2 / (n − 1)``: the unbiased variance of every value seen, pooled. It
-    includes the spread of the batch means around the overall mean.
-``"per_batch"``
-    ``Σ_b n_b s_b² / Σ_b n_b`` with ``s_b² = M_{2,b} / (n_b − 1)``: the BN
-    paper's inference variance (Ioffe & Szegedy 2015, Algorithm 2, the mean of
-    the unbiased mini-batch variances), weighted by each batch's count so that a
-    batch of 2 does not weigh as much as a batch of 256. Batches with a single
-    value per channel have no variance and add to the mean only.
-
-A layer whose traits say ``recalibrate_unbiased=False`` (a class that sets
-``_recalibrate_unbiased = False``) gets the divide-by-``n`` versions of both
-(``M_2 / n``; ``Σ_b M_{2,b} / Σ_b n_b``).
+:mod:`normlab.nn.traits`, or the ``_recalibrate_kind`` protocol for other classes);
+:class:`Population` accumulates that statistic over the inputs a layer sees, batch by
+batch, in float64: for the batch kinds the count, mean and ``M_2`` merged with Chan's
+update (:class:`normlab._core.stats.PooledMoments`) and, beside them, the
+count-weighted sum of the per-batch variances, so that either ``variance``
+(``"population"``: ``M_2 / (n − 1)``; ``"per_batch"``: the BN paper's Algorithm 2,
+count-weighted) can be stored at the end. The formulas and why are in
+``docs/recalibrate.md``.
 """
 
 from __future__ import annotations
@@ -37,7 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .nn.traits import RECALIBRATE_KINDS, traits_of
+from .._core.stats import PooledMoments
+from ..nn.traits import RECALIBRATE_KINDS, traits_of
 
 __all__ = ["KINDS", "VARIANCES", "Population", "Variance", "declared_kind", "recalibration_kind"]
 
@@ -63,7 +45,7 @@ def recalibration_kind(module: nn.Module) -> str | None:
     return kind
 
 
-class Population:
+class Population(PooledMoments):
     """Exact moments of one layer's inputs, merged batch by batch in float64.
 
     Attributes ``n`` (values per channel seen; instances for the instance kind),
@@ -85,9 +67,7 @@ class Population:
         self.path = path
         self.name = type(module).__name__
         self.batched_rank = _batched_rank(module)
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
+        super().__init__()
         self.batch_var_sum: Tensor | None = None  # Σ_b n_b s_b² (batches with n_b ≥ 2)
         self.batch_var_n = 0  # Σ_b n_b over those batches
 
@@ -111,9 +91,9 @@ class Population:
         nb = flat.shape[1]
         if nb == 0:
             return
-        mb = flat.mean(dim=1)
-        m2b = (flat - mb[:, None]).square().sum(dim=1)
-        self._merge(nb, mb, m2b)
+        if self.mean is not None:
+            self._check_channels(flat.shape[0])
+        m2b = self.add(flat)
         if nb >= 2 or not self.unbiased:
             vb = m2b * (nb / (nb - 1)) if self.unbiased else m2b  # n_b · s_b²
             self.batch_var_sum = vb if self.batch_var_sum is None else self.batch_var_sum + vb
@@ -140,30 +120,19 @@ class Population:
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = nb, mb, vb
         else:
-            self._check_channels(mb)
+            self._check_channels(mb.shape[0])
             n = self.n + nb
             self.mean = self.mean + (mb - self.mean) * (nb / n)
             self.m2 = self.m2 + (vb - self.m2) * (nb / n)
             self.n = n
 
-    def _check_channels(self, mb: Tensor) -> None:
+    def _check_channels(self, channels: int) -> None:
         assert self.mean is not None
-        if mb.shape != self.mean.shape:
+        if (channels,) != tuple(self.mean.shape):
             raise ValueError(
-                f"recalibrate: {self.path} ({self.name}) saw {mb.shape[0]} channels after "
+                f"recalibrate: {self.path} ({self.name}) saw {channels} channels after "
                 f"{self.mean.shape[0]}; channels must be on dim 1 and fixed."
             )
-
-    def _merge(self, nb: int, mb: Tensor, m2b: Tensor) -> None:
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = nb, mb, m2b
-            return
-        self._check_channels(mb)
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + delta.square() * (self.n * nb / n)
-        self.n = n
 
     def result(self) -> tuple[Tensor, Tensor]:
         """(mean, value for ``running_var``) in float64."""

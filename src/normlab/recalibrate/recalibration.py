@@ -1,97 +1,13 @@
-"""Precise running statistics: population statistics over many batches, right at any depth.
+""":func:`recalibrate`: precise running statistics, population statistics over many batches.
 
-A BatchNorm's running statistics are an exponential moving average of noisy
-per-batch estimates taken while the weights were still moving. After training
-(or after converting, fusing, changing the data), :func:`recalibrate` replaces
-them with the statistics of the data you feed, every value counted once
-whatever the batch sizes, with the weights fixed. Which inputs a layer's
-statistics are taken from is the ``method``:
-
-``method="precise"`` (default): the statistics the network was trained with
-    Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"; fvcore's
-    ``update_bn_stats``). During the pass(es) the recalibrated layers run in
-    *training* mode, normalizing with the batch's own statistics exactly as in
-    a training step, so every layer sees the inputs it saw in training, and its
-    running statistics become the population statistics of those inputs: what
-    the moving average was estimating, without its lag and noise. One pass over
-    the batches. Feed batches of the training batch size: a train-mode layer's
-    output, hence every downstream input, depends on it. A layer needs at least
-    2 values per channel in every batch (as in training).
-``method="exact"``: the eval-mode fixed point
-    Every layer's running statistics equal the population statistics of its
-    input when the whole model runs in *eval* mode with the *new* statistics of
-    the layers upstream of it: evaluating on these batches, every layer's
-    normalized output (before γ and β) then has exactly zero mean and, up to eps
-    and n/(n − 1), unit variance per channel over the batches, and calling
-    :func:`recalibrate` again changes nothing. Eval-mode inputs depend
-    on the upstream running statistics, so the layers are recalibrated level by
-    level: one traced forward finds which layers feed which (see
-    :mod:`normlab._recal_levels`), then one pass per dependency level, each
-    writing its layers' statistics before the next. Layers that depend on each
-    other (one layer called twice in a forward) have their pass repeated until
-    their statistics stop changing. A pass stops each forward as soon as its
-    level's layers have run (the call counts of the first pass tell when), so
-    a shallow level costs only the forward up to it. Use it when eval-mode
-    behaviour on this data is what matters and train-mode batch statistics are
-    not (batches of one, layers that were never trained in training mode).
-
-Nothing else changes: momentum, parameters, every module's training flag (the
-other modules keep the mode you set, so call ``model.eval()`` first unless you
-want dropout active during the passes) and, until the end, the running buffers
-(train-mode forwards update them; they are restored and then overwritten).
-
-Which variance is stored (``variance``), for the batch kinds
-    ``"population"`` (default): the unbiased variance of all values seen,
-    pooled over the batches with Chan's merge (:mod:`normlab._population`). The
-    running variance normalizes single examples drawn from the whole data at
-    inference, so it should be the variance of that whole distribution, which
-    includes the spread of the batch means. The mean of per-batch variances
-    misses that spread: it estimates the population variance only when the
-    values in a batch are independent, and a convolution's N·H·W values come
-    from a few spatially correlated images. This is the estimator Wu & Johnson
-    recommend and fvcore uses (fvcore divides by n, not n − 1: a relative
-    difference of 1/(n − 1) with n the values per channel over all batches).
-    ``"per_batch"``: the BN paper's Algorithm 2, the mean of the per-batch
-    unbiased variances, weighted by each batch's count (what torch's moving
-    average and ``torch.optim.swa_utils.update_bn`` estimate, unweighted). A
-    layer called twice in one forward normalizes each call with that call's
-    statistics in training, so each call counts as one batch.
-
-The protocol: which layers are recalibrated
-    A module takes part when its traits name a kind (below) and it holds a
-    ``running_mean`` and/or ``running_var`` buffer that is not None. normlab's
-    layers and torch's BatchNorm / InstanceNorm have theirs in
-    :mod:`normlab.nn.traits`; any other class declares ``_recalibrate_kind``.
-    Frozen BatchNorms (:func:`normlab.kinds.is_frozen_batch_norm`: normlab's and
-    torchvision's / detectron2's ``FrozenBatchNorm2d``) keep their statistics by
-    design and are skipped, as are layers without running buffers (they always
-    normalize with batch statistics); the report names them. The statistics are
-    taken from the layer's first positional input, channels on dim 1, and written
-    into whichever of ``running_mean`` / ``running_var`` exist (shape (C,));
-    ``num_batches_tracked`` (if present) is set to the number of batches, except
-    in layers whose schedule runs on it (BatchRenorm, MovingAverageBatchNorm; a
-    class of your own sets ``_step_counter = True``): those keep it. Kinds:
-
-    ``"batch_mean_var"``
-        statistics over all dims but 1 (N and spatial): ``running_mean`` the
-        mean, ``running_var`` the variance (BN, BRN, SN's BN branch, EvoNorm B0).
-    ``"batch_second_moment"``
-        over the same dims, ``running_var`` gets the uncentered second moment
-        E[x²] (a norm that divides by it without subtracting the mean, e.g.
-        MABN's χ) and ``running_mean`` (if any) the mean.
-    ``"instance_mean_var"``
-        per (sample, channel) over the spatial dims, as InstanceNorm tracks them:
-        ``running_mean`` the average over all instances of the instance means,
-        ``running_var`` the average of the instance variances. Unbatched input
-        (one rank less than the layer's batched rank) counts as one sample.
-
-    A class may also set ``_recalibrate_unbiased = False`` to store the biased
-    (divide-by-n) variance instead of torch's unbiased one.
-
-Statistics that are not finite (NaN or inf activations, or too large for the
-buffer's dtype) are refused with an error naming the layers, and the model is
-left as it was. In a distributed job every process pools its own inputs: feed
-the same batches on every rank, or recalibrate on one rank and broadcast.
+A BatchNorm's running statistics are a moving average of noisy per-batch estimates
+taken while the weights were still moving; :func:`recalibrate` replaces them with
+the statistics of the data fed, every value counted once, the weights fixed.
+``method="precise"`` (Precise BN) takes them in training mode, as training saw its
+inputs, in one pass; ``method="exact"`` reaches the eval-mode fixed point level by
+level (:mod:`normlab.recalibrate.levels`). ``variance`` picks the pooled
+(``"population"``) or the per-batch estimate. Why each choice, the accumulator and
+the protocol a layer follows to take part are in ``docs/recalibrate.md``.
 """
 
 from __future__ import annotations
@@ -103,13 +19,10 @@ from typing import Any, Literal, overload
 
 from torch import nn
 
-from ._population import KINDS, VARIANCES, Population, Variance, recalibration_kind
-from ._recal_run import Buffers, Survey, exact_passes, progress_bar, run_pass, write
+from .passes import Buffers, Survey, exact_passes, progress_bar, run_pass, write
+from .population import VARIANCES, Population, Variance
 
-__all__ = ["KINDS", "RecalibrationReport", "recalibrate", "recalibration_kind"]
-
-#: The exact-moments accumulator (:class:`normlab._population.Population`), importable here.
-_Population = Population
+__all__ = ["RecalibrationReport", "recalibrate"]
 
 Method = Literal["precise", "exact"]
 METHODS = ("precise", "exact")
@@ -193,7 +106,7 @@ def recalibrate(
 ) -> nn.Module | RecalibrationReport:
     """Set every layer's running statistics to the population statistics of the data fed.
 
-    See the module docstring for the two methods (which statistics each computes
+    ``docs/recalibrate.md`` explains the two methods (which statistics each computes
     and why), the variance choice, and which layers take part.
 
     Args:

@@ -1,8 +1,7 @@
 """The machinery of :func:`normlab.recalibrate.recalibrate`: finding the layers, running
 passes over the batches, validating and writing the statistics all or nothing.
 
-The statistics (what is computed and why) are documented in
-:mod:`normlab.recalibrate` and :mod:`normlab._population`.
+What is computed and why: ``docs/recalibrate.md`` and :mod:`normlab.recalibrate.population`.
 """
 
 from __future__ import annotations
@@ -16,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _recal_levels as lv
-from ._population import Population, Variance, declared_kind, recalibration_kind
-from .feed import feed
-from .kinds import is_frozen_batch_norm
-from .nn.traits import traits_of
+from ..feed import feed
+from ..kinds import is_frozen_batch_norm
+from ..nn.traits import traits_of
+from . import levels as lv
+from .population import Population, Variance, declared_kind, recalibration_kind
 
 __all__ = ["Buffers", "Survey", "exact_passes", "progress_bar", "replay", "run_pass", "write"]
 
