@@ -25,7 +25,7 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from .selfcheck import run_checks
+    from .catalogue import run_checks
 
     results = run_checks()
     print(f"{'layer':52} {'family':10} {'max |dy|':>10} {'max |dgrad|':>12}  result")
@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``normlab``; returns the exit status.
 
     Errors a user can fix are one line on stderr and status 2; Ctrl-C is status 130; a
-    closed pipe (``normlab ... | head``) ends quietly, as a command killed by SIGPIPE.
+    closed pipe (``normlab ... | head``) ends quietly, as a command killed by SIGPIPE; an
+    output that cannot be written (``> /dev/full``, a full disk) is one line and status 2.
     """
     try:
         try:
@@ -106,10 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
     except BrokenPipeError:
-        # Point stdout at /dev/null so the interpreter's last flush does not fail again.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 141
+    except OSError as e:
+        where = e.filename or "standard output"
+        if e.filename is None:
+            _silence_stdout()
+        print(f"normlab: error: cannot write {where} ({e.strerror or e})", file=sys.stderr)
+        return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     except DoctorTargetError as e:
         code = EXIT_TARGET if e.part in ("import", "call") else EXIT_USAGE
         return _fail(args, code, f"cannot load {e}", e)
+    except SystemExit as e:
+        return _fail(args, EXIT_TARGET, f"cannot load {args.target}: {_exited(e, 'its code')}", e)
     try:
         report = diagnose(
             model,
@@ -149,11 +151,21 @@ def run(args: argparse.Namespace) -> int:
         )
     except DoctorForwardError as e:
         return _fail(args, EXIT_FORWARD, f"{args.target}: {e}", e)
+    except SystemExit as e:
+        return _fail(args, EXIT_FORWARD, f"{args.target}: {_exited(e, 'the forward pass')}", e)
     failed = report.has_errors or (args.strict and not report.ok)
     text = report.to_json() if args.json else report.to_table(verbose=args.verbose)
     if not _write(text):
         return EXIT_CLOSED_PIPE
     return EXIT_ERRORS if failed else EXIT_OK
+
+
+def _exited(e: SystemExit, who: str) -> str:
+    """Why a target's ``sys.exit`` is not obeyed."""
+    return (
+        f"{who} called sys.exit({e.code!r}), which would end normlab itself; a factory "
+        "returns (model, example_inputs) and a forward returns outputs. Remove the exit call"
+    )
 
 
 def _write(text: str) -> bool:

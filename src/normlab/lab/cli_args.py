@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["GivenOption", "int_list", "name_list", "positive_int"]
+__all__ = [
+    "GivenOption",
+    "int_at_least",
+    "int_list",
+    "name_list",
+    "positive_float",
+    "positive_int",
+]
 
 
 def int_list(text: str) -> list[int]:
@@ -19,16 +27,45 @@ def int_list(text: str) -> list[int]:
 
 
 def name_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    """Comma-separated names; an empty list (``""``, ``","``) is refused, never read as
+    "the default"."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names such as bn,gn, got {text!r} (no name)"
+        )
+    return names
 
 
-def positive_int(text: str) -> int:
+def int_at_least(minimum: int, meaning: str = "") -> Callable[[str], int]:
+    """An argument type: an integer >= ``minimum``; ``meaning`` explains the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}{meaning}, got {value}"
+            )
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"  # argparse names the type in some errors
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``nan``, ``inf``, ``0`` and negatives refused)."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 

@@ -42,7 +42,7 @@ def add_length_arguments(p: argparse.ArgumentParser, default_epochs: int) -> Non
     """Add ``--epochs`` (default ``default_epochs``) and ``--steps`` (default None) to ``p``."""
     p.add_argument(
         "--epochs",
-        type=int,
+        type=positive_int,
         action=_OneLength,
         default=default_epochs,
         help="epochs at every batch size (default: %(default)s)",

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import defaults
-from .cli_args import GivenOption
+from .cli_args import GivenOption, positive_float
 from .task_defaults import CLASSIFICATION_TASK, SEGMENTATION_DEFAULTS, SEGMENTATION_TASK, TASKS
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def add_lr_argument(p: argparse.ArgumentParser) -> None:
     """Add ``--lr`` (the base learning rate, at batch 32) to ``p``."""
     p.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         action=GivenOption,
         default=defaults.DEFAULT_BASE_LR,
         help="learning rate at batch 32; scaled linearly (default: %(default)s; "

@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_args import GivenOption, int_list, name_list, positive_int
+from .cli_args import GivenOption, int_at_least, int_list, name_list, positive_int
 from .cli_length import add_length_arguments
 from .cli_model import add_model_arguments
 from .cli_task import add_lr_argument, add_task_arguments, print_results, task_options
+from .paths import check_output_file, check_report_outputs, check_store_path
 
 if TYPE_CHECKING:
     from .runner import SweepInterrupted
@@ -91,14 +92,14 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--image-size",
-        type=int,
+        type=int_at_least(4),
         action=GivenOption,
         default=defaults.DEFAULT_IMAGE_SIZE,
         help="images are resized to this square size (default: %(default)s; segmentation: 32)",
     )
     p.add_argument(
         "--max-train",
-        type=int,
+        type=int_at_least(0, " (0 = all)"),
         action=GivenOption,
         default=defaults.DEFAULT_MAX_TRAIN,
         help="training subset size; 0 = all (default: %(default)s; segmentation: 1200 scenes)",
@@ -109,7 +110,10 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
         help="SQLite run store; rerun with the same --db to resume (default: %(default)s)",
     )
     p.add_argument(
-        "--workers", type=int, default=2, help="parallel worker processes (default: %(default)s)"
+        "--workers",
+        type=positive_int,
+        default=2,
+        help="parallel worker processes (default: %(default)s)",
     )
     p.add_argument(
         "--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)"
@@ -137,6 +141,8 @@ def add_sweep(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    check_report_outputs(args.out, args.json)
+    check_store_path(args.db, write=True)
     from .report import summarize, write_json, write_report
     from .sweep import RankFailedError, SweepConfig, SweepInterrupted, default_norms, expand_norms
     from .sweep import run_sweep as sweep
@@ -203,10 +209,12 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    check_report_outputs(args.out, args.json)
+    check_store_path(args.db, write=False)
     from .report import summarize, write_json, write_report
     from .store import RunStore
 
-    with RunStore(args.db, create=False) as store:
+    with RunStore(args.db, readonly=True) as store:
         records = store.records()
     if not records:
         print(f"{args.db}: the store holds no runs yet; run `normlab sweep`", file=sys.stderr)
@@ -279,6 +287,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from .bench import bench_layers, write_csv
     from .devices import check_device
 
+    if args.csv:
+        check_output_file(args.csv, "--csv")
     check_device(args.device)
     if args.suite == "kernels":
         return _run_bench_kernels(args)

@@ -110,7 +110,7 @@ def groups_from_store(db: str | Path, cells: Sequence[str]) -> list[Group]:
     from .report import summarize
     from .store import RunStore
 
-    with RunStore(db, create=False) as store:
+    with RunStore(db, readonly=True) as store:
         records = store.records()
     if not records:
         raise ValueError(f"{db}: the store holds no runs yet; run `normlab sweep --db {db}`")

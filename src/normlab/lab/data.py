@@ -12,8 +12,11 @@ Three sources, one result (:class:`ImageData`, images as float32 ``(N, C, H, W)`
 
 Every image is resized to ``image_size`` × ``image_size`` (area-averaged when
 shrinking), scaled to [0, 1], then standardized per channel with the training split's
-mean and std. The train/test split is fixed (``split_seed``), stratified per class, and
-the same for every run of a sweep: seeds vary initialization and batch order only.
+mean and std (:func:`standardize`: the same bits whatever torch's thread count, so a run
+trained in a worker process and one trained in the parent see the same data; a split's
+:func:`data_hash` names those bits in every run's protocol). The train/test split is
+fixed (``split_seed``), stratified per class, and the same for every run of a sweep:
+seeds vary initialization and batch order only.
 
 Data is refused at load time, with what is wrong and where, when it would train but
 mean nothing: non-finite values (the runs would only "diverge"), a class with fewer
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data_prep import data_hash, standardize
 from .errors import DataError
 
 __all__ = [
@@ -42,6 +46,7 @@ __all__ = [
     "ImageData",
     "Split",
     "check_batch_size",
+    "data_hash",
     "load_images",
     "load_split",
     "split_data",
@@ -92,6 +97,11 @@ class Split:
     @property
     def in_channels(self) -> int:
         return int(self.x_train.shape[1])
+
+    @functools.cached_property
+    def data_hash(self) -> str:
+        """:func:`data_hash` of this split."""
+        return data_hash(self)
 
 
 def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -162,6 +172,13 @@ def _labels(y: np.ndarray, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
 
 
 def _finish(x: np.ndarray, y: np.ndarray, source: str, name: str, image_size: int) -> ImageData:
+    x = np.asarray(x)
+    if x.ndim not in (3, 4):
+        raise DataError(
+            f"{source}: the images x have shape {tuple(x.shape)} ({x.ndim}-D); expected one "
+            "image per entry of the first axis: (N, H, W), (N, C, H, W) or (N, H, W, C). "
+            "Reshape x (e.g. x.reshape(N, H, W)) before saving"
+        )
     if len(x) == 0:
         raise DataError(f"{source}: the dataset is empty (0 images); add images or pick another")
     if len(x) != len(y):
@@ -292,20 +309,6 @@ def _interleave(parts: list[np.ndarray]) -> np.ndarray:
         grid[i, : len(p)] = p
     order = grid.T.reshape(-1)
     return order[order >= 0]
-
-
-def standardize(
-    x_train: torch.Tensor, x_test: torch.Tensor, stat_dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets standardized per channel with the training set's mean and std, computed in
-    ``stat_dtype``; returned as contiguous float32."""
-    ref = x_train.to(stat_dtype)
-    mean = ref.mean(dim=(0, 2, 3), keepdim=True)
-    std = ref.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return (
-        ((x_train - mean) / std).float().contiguous(),
-        ((x_test - mean) / std).float().contiguous(),
-    )
 
 
 def split_data(

@@ -58,7 +58,7 @@ def run_data_parallel(
     try:
         planned = [
             RunConfig.from_dict({**r.to_dict(), "device": device})
-            for r in plan_runs(config, ranks=world_size)
+            for r in plan_runs(config, ranks=world_size, data_hash=split.data_hash)
         ]
         # Rank 0 owns the store and decides what is pending (or refuses the protocol,
         # for every rank); the others follow.
@@ -99,7 +99,7 @@ def run_data_parallel(
     records = ran
     if rank == 0:
         keys = {r.key() for r in planned}
-        with RunStore(db) as store:
+        with RunStore(db, readonly=True) as store:
             records = [r for r in store.records() if r.key in keys]
     return SweepResult(
         records, len(pending), len(planned) - len(pending), time.perf_counter() - start, db

@@ -7,7 +7,13 @@ must do so without importing the torch-heavy modules that raise them;
 
 from __future__ import annotations
 
-__all__ = ["DataError", "ProtocolMismatchError", "StoreError"]
+__all__ = [
+    "DataError",
+    "OutputPathError",
+    "ProtocolMismatchError",
+    "StoreError",
+    "StoreLockedError",
+]
 
 
 class DataError(ValueError):
@@ -20,3 +26,11 @@ class StoreError(RuntimeError):
 
 class ProtocolMismatchError(StoreError):
     """A run's protocol differs from the stored runs' and mixing protocols was not allowed."""
+
+
+class StoreLockedError(StoreError):
+    """Another process (a second sweep) is writing the run store."""
+
+
+class OutputPathError(ValueError):
+    """An output path (``--out``, ``--json``, ``--csv``, ``--db``) cannot be written."""

@@ -41,6 +41,7 @@ __all__ = [
     "ResNet",
     "SplitNorm",
     "build_model",
+    "canonical_norm",
     "final_spatial_size",
     "is_synced",
     "recal_variance",
@@ -55,15 +56,25 @@ VARIANTS = {"bn+recal": "bn", "bn+recal_pb": "bn"}
 #: pooled variance of all values (``bn+recal``) or the mean of the per-batch variances
 #: (``bn+recal-pb``, what BN's moving average estimates).
 RECALIBRATED = {"bn+recal": "population", "bn+recal_pb": "per_batch"}
+#: How each variant is written (the README's spelling), by its case- and dash-folded form.
+_VARIANT_SPELLING = {"bn+recal": "bn+recal", "bn+recal_pb": "bn+recal-pb"}
 
 
 def _known_names() -> list[str]:
-    return sorted(set(NORM_LAYERS) | set(VARIANTS) | {f"{n}+sync" for n in SYNCABLE})
+    variants = set(_VARIANT_SPELLING.values())
+    return sorted(set(NORM_LAYERS) | variants | {f"{n}+sync" for n in SYNCABLE})
+
+
+def _folded(name: str) -> str:
+    """``name`` with case and ``-``/``_`` folded: the form every lookup uses."""
+    if not isinstance(name, str):
+        raise ValueError(f"a norm name is a string such as 'bn', got {name!r}")
+    return name.strip().lower().replace("-", "_")
 
 
 def resolve_norm(name: str) -> str:
     """Registry name behind a lab norm name (``"bn+recal"``, ``"bn+sync"`` -> ``"bn"``)."""
-    key = name.lower().replace("-", "_")
+    key = _folded(name)
     base = VARIANTS.get(key, key)
     if base.endswith("+sync"):
         base = base[: -len("+sync")]
@@ -80,15 +91,31 @@ def resolve_norm(name: str) -> str:
     return base
 
 
+def canonical_norm(name: str) -> str:
+    """The one spelling of a lab norm name, made before any run key: case, spaces and
+    ``-``/``_`` folded to the registry's names and the README's variants (``"BN"`` ->
+    ``"bn"``, ``"bn+recal_pb"`` -> ``"bn+recal-pb"``, ``"EvoNorm-B0+Sync"`` ->
+    ``"evonorm_b0+sync"``), so that one method is never stored under two names.
+
+    Raises:
+        ValueError: the name is not a lab norm (see :func:`resolve_norm`).
+    """
+    resolve_norm(name)
+    key = _folded(name)
+    synced = key.endswith("+sync")
+    base = key[: -len("+sync")] if synced else key
+    return _VARIANT_SPELLING.get(base, base) + ("+sync" if synced else "")
+
+
 def recal_variance(name: str) -> str | None:
     """The recalibration variance of a recalibrated lab norm (see :data:`RECALIBRATED`);
     None for a norm the trainer does not recalibrate."""
-    return RECALIBRATED.get(name.lower().replace("-", "_"))
+    return RECALIBRATED.get(_folded(name))
 
 
 def is_synced(name: str) -> bool:
     """True for a ``"<norm>+sync"`` lab name."""
-    return name.lower().replace("-", "_").endswith("+sync")
+    return _folded(name).endswith("+sync")
 
 
 class SplitNorm(nn.Module):

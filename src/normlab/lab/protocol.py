@@ -50,7 +50,13 @@ def differing_fields(protocols: Sequence[Protocol]) -> list[str]:
 
 
 #: How ``None`` reads in a protocol field.
-_NONE = {"data": "embedded", "max_train": "all", "steps": "off", "model": "lab-resnet"}
+_NONE = {
+    "data": "embedded",
+    "max_train": "all",
+    "steps": "off",
+    "model": "lab-resnet",
+    "data_hash": "unrecorded",
+}
 
 
 def _fmt(name: str, value: Any) -> str:

@@ -243,9 +243,9 @@ def run_sharded(
     start = time.perf_counter()
     session = _Session(rank, world_size, db)
     try:
-        planned = plan_runs(config)
         split = load_task_split(config.task, config.data, config.image_size, config.max_train)
         check_batch_size(split, max(config.batch_sizes))
+        planned = plan_runs(config, data_hash=split.data_hash)
         build = model_builder(config, planned, split)
         if rank == 0:
             with RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
@@ -280,7 +280,7 @@ def run_sharded(
     if rank != 0:
         return SweepResult(outbox.sent, new, skipped, wall, db)
     keys = {r.key() for r in planned}
-    with RunStore(db) as store:
+    with RunStore(db, readonly=True) as store:
         records = [r for r in store.records() if r.key in keys]
     return SweepResult(records, new + session.received, skipped, wall, db)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from . import report_seg as seg
 from .protocol import protocol_key, protocol_names, protocol_of
-from .report_models import conversion_lines, model_line
+from .report_models import conversion_lines, model_lines, training_length
 from .stats import WelchResult, mean_ci, welch_test
-from .train import RunConfig, RunRecord
+from .train import RunRecord
 
 __all__ = [
     "Cell",
@@ -56,6 +56,9 @@ class Cell:
     ci95: float
     #: The protocol's name when the runs span several protocols (``"epochs=1"``), else "".
     protocol: str = ""
+    #: How many of the seeds diverged (non-finite loss); their error is the one they had
+    #: when they stopped, so a cell with any is flagged in every table and the JSON.
+    diverged: int = 0
 
     @property
     def n(self) -> int:
@@ -98,16 +101,18 @@ def summarize(records: Sequence[RunRecord]) -> list[Cell]:
     """One :class:`Cell` per norm × protocol × batch size: norms in report order,
     protocols in order of appearance, batches ascending. A run counts once."""
     named = _protocol_name(records)
-    groups: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
+    groups: dict[tuple[str, str, int], dict[str, RunRecord]] = defaultdict(dict)
     for r in records:
-        groups[(_label(r), named[r.key], r.config.batch_size)].setdefault(r.key, r.final_error)
+        groups[(_label(r), named[r.key], r.config.batch_size)].setdefault(r.key, r)
     cells = []
     for norm in _norm_order(records):
         for proto in dict.fromkeys(p for (n, p, _) in groups if n == norm):
             for bs in sorted(b for (n, p, b) in groups if n == norm and p == proto):
-                errs = list(groups[(norm, proto, bs)].values())
+                runs = list(groups[(norm, proto, bs)].values())
+                errs = [r.final_error for r in runs]
                 m, s, ci = mean_ci(errs)
-                cells.append(Cell(norm, bs, tuple(errs), m, s, ci, proto))
+                diverged = sum(r.diverged for r in runs)
+                cells.append(Cell(norm, bs, tuple(errs), m, s, ci, proto, diverged))
     return cells
 
 
@@ -120,7 +125,8 @@ def metric_cells(records: Sequence[RunRecord], metric: str) -> list[Cell]:
 
 def summary_dicts(cells: Sequence[Cell]) -> list[dict[str, object]]:
     """The JSON summary: ``{norm, batch_size, mean_error, std_error, n_seeds}`` (percent),
-    plus ``protocol`` (its name) when the runs span several protocols."""
+    plus ``protocol`` (its name) when the runs span several protocols and ``n_diverged``
+    (seeds whose loss turned non-finite) when any did; a summary without it had none."""
     return [
         {
             "norm": c.norm,
@@ -129,6 +135,7 @@ def summary_dicts(cells: Sequence[Cell]) -> list[dict[str, object]]:
             "std_error": None if math.isnan(c.std) else round(c.std, 4),
             "n_seeds": c.n,
             **({"protocol": c.protocol} if c.protocol else {}),
+            **({"n_diverged": c.diverged} if c.diverged else {}),
         }
         for c in cells
     ]
@@ -222,7 +229,8 @@ def markdown_table(cells: Sequence[Cell]) -> list[str]:
         row = []
         for s in sizes:
             c = grid.get((name, s))
-            row.append("" if c is None else f"{_fmt(c.mean)} ± {_fmt(c.std)}")
+            flag = "" if c is None or not c.diverged else f" ({c.diverged} diverged)"
+            row.append("" if c is None else f"{_fmt(c.mean)} ± {_fmt(c.std)}{flag}")
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     return lines
 
@@ -258,13 +266,15 @@ def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
     wall = sum(x.wall_time for x in records)
     head = [
         f"- Data: {c.data or 'embedded Animal-MNIST'} at {c.image_size}×{c.image_size}, "
-        f"{r.num_train} training / {r.num_test} test images (fixed stratified split).",
-        *_model_lines(r, values),
+        f"{r.num_train} training / {r.num_test} test images (fixed stratified split"
+        + (f"; data hash {c.data_hash}" if c.data_hash else "")
+        + ").",
+        *model_lines(r, values),
     ]
     return [
         *(seg.segmentation_protocol_lines(r) if seg.is_segmentation([r]) else head),
         f"- SGD momentum 0.9, weight decay {c.weight_decay}, lr = {c.base_lr} × batch / 32, "
-        + _length(c)
+        + training_length(c)
         + "; test error in eval mode (BN: running statistics).",
         *_ranks_lines(records),
         f"- {len(records)} runs, {wall:.0f} s of training in total (sum over runs).",
@@ -273,33 +283,6 @@ def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in sorted(r.versions.items()) if k != "platform")
         + f"; {r.versions.get('platform', '')}; device {c.device}.",
     ]
-
-
-def _model_lines(r: RunRecord, values: str) -> list[str]:
-    """The network: the lab's ResNet (and its deepest batch statistics) or a user's model."""
-    c = r.config
-    if c.model is not None:
-        return [model_line(c)]
-    return [
-        f"- Model: ResNet, 3×3 stem of stride {c.stem_stride}, one stage per width "
-        f"{list(c.widths)}, {c.blocks} basic block(s) per stage, last stage at "
-        f"{r.final_map}×{r.final_map}.",
-        f"- Values behind each batch statistic at the deepest BN layers (N × H × W): {values}.",
-    ]
-
-
-def _length(c: RunConfig) -> str:
-    """How long every run trained: fixed epochs, or fixed optimizer steps."""
-    if c.steps is None:
-        return (
-            f"{c.warmup_epochs} epoch(s) linear warm-up then cosine, {c.epochs} epochs at "
-            "every batch size"
-        )
-    return (
-        f"linear warm-up over {c.warmup_epochs}/{c.epochs} of training then cosine, "
-        f"{c.steps} optimizer steps at every batch size (data reshuffled every pass), "
-        f"evaluated {c.epochs} times"
-    )
 
 
 def _packed_lines(records: Sequence[RunRecord]) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .run_config import RunConfig, RunRecord
 
-__all__ = ["conversion_lines", "model_line"]
+__all__ = ["conversion_lines", "model_line", "model_lines", "training_length"]
 
 
 def model_line(config: RunConfig) -> str:
@@ -74,3 +74,30 @@ def conversion_lines(records: Sequence[RunRecord]) -> list[str]:
             notes += [f"- {norm}: {n}" for n in s.get("notes") or []]
         out += ["", *notes, ""] if notes else [""]
     return out
+
+
+def model_lines(r: RunRecord, values: str) -> list[str]:
+    """The network: the lab's ResNet (and its deepest batch statistics) or a user's model."""
+    c = r.config
+    if c.model is not None:
+        return [model_line(c)]
+    return [
+        f"- Model: ResNet, 3×3 stem of stride {c.stem_stride}, one stage per width "
+        f"{list(c.widths)}, {c.blocks} basic block(s) per stage, last stage at "
+        f"{r.final_map}×{r.final_map}.",
+        f"- Values behind each batch statistic at the deepest BN layers (N × H × W): {values}.",
+    ]
+
+
+def training_length(c: RunConfig) -> str:
+    """How long every run trained: fixed epochs, or fixed optimizer steps."""
+    if c.steps is None:
+        return (
+            f"{c.warmup_epochs} epoch(s) linear warm-up then cosine, {c.epochs} epochs at "
+            "every batch size"
+        )
+    return (
+        f"linear warm-up over {c.warmup_epochs}/{c.epochs} of training then cosine, "
+        f"{c.steps} optimizer steps at every batch size (data reshuffled every pass), "
+        f"evaluated {c.epochs} times"
+    )

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import platform
 from dataclasses import dataclass, field
 from typing import Any
 
 from .defaults import DEFAULT_BASE_LR, DEFAULT_EPOCHS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_TRAIN
-from .models import resolve_norm
+from .models import canonical_norm
 from .task_defaults import CLASSIFICATION_TASK, TASKS
 
 __all__ = ["EpochStats", "RunConfig", "RunRecord", "versions"]
@@ -60,9 +61,14 @@ class RunConfig:
     #: (the lab's ResNet, top-1 error) or ``"segmentation"`` (the lab's U-Net, per-pixel
     #: labels; :mod:`normlab.lab.seg_task`).
     task: str = CLASSIFICATION_TASK
+    #: :func:`~normlab.lab.data_prep.data_hash` of the prepared split the run trains on
+    #: (None: not known yet; training fills it in, and refuses a split that differs).
+    #: Part of the protocol, not of the key: a store refuses runs of another data variant
+    #: instead of storing them beside the old ones.
+    data_hash: str | None = None
 
     def __post_init__(self) -> None:
-        resolve_norm(self.norm)
+        object.__setattr__(self, "norm", canonical_norm(self.norm))
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
         if self.ranks < 1:
@@ -86,10 +92,16 @@ class RunConfig:
                 f"model and model_hash go together (got model={self.model!r}, "
                 f"model_hash={self.model_hash!r}): a user model's runs are keyed by its source"
             )
+        for name in ("base_lr", "warmup_epochs", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.base_lr <= 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,13 +119,17 @@ class RunConfig:
         return cls(**kw)
 
     def key(self) -> str:
-        """Stable identity of the run: a hash of every field except the device.
+        """Stable identity of the run: a hash of every field except the device and the
+        data hash.
 
         The device does not change what is measured, so a sweep started on CPU resumes
-        on GPU without repeating finished runs.
+        on GPU without repeating finished runs. The data hash is checked, not keyed: a
+        run of the same key on other data bits is refused by the store's protocol check
+        (:mod:`normlab.lab.protocol`) rather than stored as a second result.
         """
         d = self.to_dict()
         d.pop("device")
+        d.pop("data_hash")
         # Fields added later drop out at the value runs had before they existed, so
         # stores written then still resume.
         if d["ranks"] == 1:

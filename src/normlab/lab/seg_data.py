@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from .data import ANIMAL_MNIST_CLASSES, ImageData, load_default, resize, standardize
+from .data_prep import data_hash
 from .errors import DataError
 from .task_defaults import SEGMENTATION_DEFAULTS
 
@@ -109,6 +110,11 @@ class SegSplit:
     @property
     def image_size(self) -> int:
         return int(self.x_train.shape[-1])
+
+    @functools.cached_property
+    def data_hash(self) -> str:
+        """:func:`~normlab.lab.data_prep.data_hash` of this split."""
+        return data_hash(self)
 
 
 def _source_pools(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

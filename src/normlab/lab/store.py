@@ -12,7 +12,12 @@ killed sweep loses only the runs still in flight. ``record`` is the whole
 
 A store holds runs of one protocol (:mod:`normlab.lab.protocol`): a run trained another
 way is refused unless the store is opened with ``allow_mixed_protocols=True``, because a
-report cell that averaged seeds of two protocols would mean neither.
+report cell that averaged seeds of two protocols would mean neither. The protocol holds
+the hash of the prepared data, so runs trained on other data bits are refused too.
+
+Opened for writing, a store holds its lock file (:mod:`normlab.lab.store_lock`): a
+second sweep on it is refused while the first runs. ``readonly=True`` (``report``,
+``compare``) opens the file read-only (SQLite's ``mode=ro``) and never writes to it.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import quote
 
 from .errors import ProtocolMismatchError, StoreError
+from .paths import check_store_path
 from .protocol import describe_difference, differing_fields, protocol_key, protocol_of
+from .store_lock import StoreLock
 from .train import RunConfig, RunRecord
 
 __all__ = ["MAGIC", "SCHEMA_VERSION", "ProtocolMismatchError", "RunStore", "StoreError"]
@@ -51,29 +59,63 @@ class RunStore:
     """A run store at ``path``; created if missing. Use as a context manager or ``close()``.
 
     ``allow_mixed_protocols``: accept runs whose protocol differs from the stored ones
-    (the report then keeps each protocol in rows of its own).
+    (the report then keeps each protocol in rows of its own). ``readonly``: read an
+    existing store without writing anything (implies ``create=False``; :meth:`add`
+    fails).
+
+    Raises:
+        OutputPathError: the path cannot hold a store (a folder, a folder that does not
+            exist or is not writable).
+        StoreLockedError: another process is writing the store (not with ``readonly``).
+        StoreError: the file is not a normlab run store, or is damaged.
     """
 
     def __init__(
-        self, path: str | Path, *, create: bool = True, allow_mixed_protocols: bool = False
+        self,
+        path: str | Path,
+        *,
+        create: bool = True,
+        allow_mixed_protocols: bool = False,
+        readonly: bool = False,
     ) -> None:
         self.path = Path(path)
         self.allow_mixed_protocols = allow_mixed_protocols
+        self.readonly = readonly
         self._protocols: dict[str, dict[str, object]] | None = None
+        self._lock: StoreLock | None = None
+        check_store_path(self.path, write=not readonly)
         exists = self.path.exists() and self.path.stat().st_size > 0
-        if not exists and not create:
+        if not exists and (readonly or not create):
             raise StoreError(f"{self.path}: no such run store; run `normlab sweep --db {path}`")
+        if not readonly:
+            self._lock = StoreLock(self.path)
         try:
-            self._con = sqlite3.connect(self.path)
+            if readonly:
+                uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+                self._con = sqlite3.connect(uri, uri=True)
+            else:
+                self._con = sqlite3.connect(self.path)
             tables = {
                 r[0] for r in self._con.execute("SELECT name FROM sqlite_master WHERE type='table'")
             }
+        except sqlite3.OperationalError as e:
+            self._close_quietly()
+            raise StoreError(
+                f"{self.path}: SQLite cannot open the file ({e}); check that it is a file you "
+                "may read (and, for a sweep, write) or pass another --db"
+            ) from e
         except sqlite3.DatabaseError as e:
             self._close_quietly()
             raise StoreError(
                 f"{self.path}: not a readable SQLite database ({e}); the file is corrupt or not "
                 "a normlab store. Move it away or pass another --db"
             ) from e
+        if not tables and readonly:
+            self._close_quietly()
+            raise StoreError(
+                f"{self.path}: an empty SQLite database, not a normlab run store (no runs); "
+                f"run `normlab sweep --db {path}` first"
+            )
         if tables and "normlab_meta" not in tables:
             self._close_quietly()
             raise StoreError(
@@ -110,9 +152,13 @@ class RunStore:
         con = getattr(self, "_con", None)
         if con is not None:
             con.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def close(self) -> None:
         self._con.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> RunStore:
         return self
@@ -152,9 +198,16 @@ class RunStore:
         if not stored or protocol_key(new) in stored or self.allow_mixed_protocols:
             return
         closest = min(stored.values(), key=lambda p: len(differing_fields([p, new])))
+        data = (
+            " (the prepared data differ: another normlab, torch or data file made them, or "
+            "the stored runs predate data hashes)"
+            if "data_hash" in differing_fields([closest, new])
+            else ""
+        )
         raise ProtocolMismatchError(
-            f"{self.path} holds runs of another protocol ({describe_difference(closest, new)}); "
-            "one report cell would average seeds trained differently. Use another --db for "
+            f"{self.path} holds runs of another protocol ({describe_difference(closest, new)})"
+            f"{data}; one report cell would average seeds trained differently. Use another "
+            "--db for "
             "this protocol, or pass --allow-mixed-protocols to keep both (the report then "
             "shows each protocol in rows of its own)"
         )
@@ -206,7 +259,7 @@ class RunStore:
         Raises:
             ProtocolMismatchError: see :meth:`check_protocol`.
         """
-        with RunStore(other, create=False) as src:
+        with RunStore(other, readonly=True) as src:
             records = src.records()
         for r in records:  # all or nothing
             self.check_protocol(r.config)

@@ -116,7 +116,7 @@ def run_sweep(
     split = load_task_split(config.task, config.data, config.image_size, config.max_train)
     check_batch_size(split, max(config.batch_sizes))
     start = time.perf_counter()
-    planned = plan_runs(config)
+    planned = plan_runs(config, data_hash=split.data_hash)
     build = model_builder(config, planned, split)
     with sigint_guard(), RunStore(db, allow_mixed_protocols=allow_mixed_protocols) as store:
         store.check_protocol(planned[0])  # every planned run shares one protocol
@@ -128,6 +128,6 @@ def run_sweep(
         finally:
             bar.close()
     keys = {r.key() for r in planned}
-    with RunStore(db) as store:
+    with RunStore(db, readonly=True) as store:
         records = [r for r in store.records() if r.key in keys]
     return SweepResult(records, new, len(planned) - len(pending), time.perf_counter() - start, db)

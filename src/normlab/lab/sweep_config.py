@@ -17,7 +17,7 @@ from .data import Split
 from .defaults import DEFAULT_BATCH_SIZES
 from .devices import check_device
 from .loop import ModelBuilder, lab_model
-from .models import resolve_norm
+from .models import canonical_norm
 from .seg_task import segmentation_model
 from .task_defaults import CLASSIFICATION_TASK, SEGMENTATION_TASK, TASKS
 from .train import RunConfig, RunRecord
@@ -52,11 +52,12 @@ def default_norms(per_rank_batch: bool = False) -> list[str]:
 
 
 def expand_norms(names: Sequence[str]) -> list[str]:
-    """Expand ``"all"`` into BN, GN and the small-batch family the registry has."""
+    """Expand ``"all"`` into BN, GN and the small-batch family the registry has; every
+    name in its one spelling (:func:`~normlab.lab.models.canonical_norm`), once."""
     out: list[str] = []
     for name in names:
         group = ["bn", "gn", *(n for n in SMALL_BATCH_FAMILY if n in NORM_LAYERS)]
-        for n in group if name == "all" else [name]:
+        for n in group if name.strip().lower() == "all" else [canonical_norm(name)]:
             if n not in out:
                 out.append(n)
     return out
@@ -99,8 +100,8 @@ class SweepConfig:
             raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
         if not self.norms:
             raise ValueError("norms is empty; name at least one norm (e.g. bn, gn)")
-        for n in self.norms:
-            resolve_norm(n)
+        # One spelling per method before any key is made (BN and bn are one norm).
+        object.__setattr__(self, "norms", list(dict.fromkeys(map(canonical_norm, self.norms))))
         if not self.batch_sizes:
             raise ValueError("batch_sizes is empty; name at least one (e.g. 2, 32)")
         for b in self.batch_sizes:
@@ -140,10 +141,12 @@ class SweepConfig:
         return plan_runs(self)
 
 
-def plan_runs(config: SweepConfig, ranks: int = 1) -> list[RunConfig]:
+def plan_runs(config: SweepConfig, ranks: int = 1, data_hash: str | None = None) -> list[RunConfig]:
     """Every run of the grid, most expensive (smallest batch) first, for load balance.
 
     ``ranks`` > 1 plans data-parallel runs over that many ranks (per-rank batch sizes).
+    ``data_hash``: the prepared split's (:attr:`normlab.lab.data.Split.data_hash`), so
+    that the store compares it with its runs' before anything trains.
     """
     factory = config.factory
     runs = [
@@ -165,6 +168,7 @@ def plan_runs(config: SweepConfig, ranks: int = 1) -> list[RunConfig]:
             model=None if factory is None else factory.name,
             model_hash=None if factory is None else factory.source_hash,
             task=config.task,
+            data_hash=data_hash,
         )
         for b in sorted(config.batch_sizes)
         for s in config.seeds

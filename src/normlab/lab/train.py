@@ -35,6 +35,7 @@ that changes a network it is given (a user model's norms) says how in a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -43,9 +44,11 @@ from typing import Any
 import torch
 
 from .data import Split
+from .errors import DataError
 from .loop import ModelBuilder, check_packable, lab_model, train_loop
 from .models import final_spatial_size
 from .run_config import EpochStats, RunConfig, RunRecord, versions
+from .seg_data import SegSplit
 from .seg_task import load_task_split
 from .task_defaults import SEGMENTATION_TASK
 from .tasks import CLASSIFICATION, Task
@@ -97,9 +100,30 @@ def train_run(
     start = time.perf_counter()
     if split is None:
         split = load_task_split(config.task, config.data, config.image_size, config.max_train)
+    config = on_data(config, split)
     _, history, diverged = train_model(config, split, on_epoch, task=task, build=build)
     wall = time.perf_counter() - start
     return _record(config, split, history, diverged, wall, 1, _conversion(build, config))
+
+
+def on_data(config: RunConfig, split: Split | SegSplit) -> RunConfig:
+    """``config`` with the data hash of ``split`` (what the run's record keeps).
+
+    Raises:
+        DataError: ``config`` was planned on other data bits than ``split`` holds (e.g. a
+            worker or rank that prepared the data differently from the planning process).
+    """
+    if config.data_hash is None:
+        return dataclasses.replace(config, data_hash=split.data_hash)
+    if config.data_hash != split.data_hash:
+        raise DataError(
+            f"the data prepared for {config.norm}@{config.batch_size} has hash "
+            f"{split.data_hash}, but the sweep was planned on data with hash "
+            f"{config.data_hash}; the processes prepare the data differently (another "
+            "normlab, torch or data file on this machine?). Run every process from one "
+            "installation and one data file"
+        )
+    return config
 
 
 def _conversion(build: ModelBuilder, config: RunConfig) -> dict[str, Any] | None:
@@ -200,6 +224,7 @@ def train_runs(
     base = configs[0]
     if split is None:
         split = load_task_split(base.task, base.data, base.image_size, base.max_train)
+    configs = [on_data(c, split) for c in configs]
     _, results = train_packed(configs, split, on_epoch, task=task, build=build)
     share = (time.perf_counter() - start) / len(configs)
     return [
