@@ -84,9 +84,11 @@ def fused_group_norm(
     layer = "group_norm (triton)"
     _check_dtype(layer, input)
     code = _act_code(layer, act)
+    from ._common import dense
     from .group_norm import GroupNormTriton
 
-    return GroupNormTriton.apply(input, weight, bias, num_groups, float(eps), code)
+    w, b = dense(weight), dense(bias)
+    return GroupNormTriton.apply(input, w, b, num_groups, float(eps), code)
 
 
 def fused_frozen_batch_norm(
@@ -131,6 +133,7 @@ def fused_filter_response_norm(
     layer = "filter_response_norm (triton)"
     _check_dtype(layer, input)
     check_min_dims(layer, input, 3)
+    from ._common import dense
     from .filter_response_norm import FilterResponseNormTriton
 
     acc = acc_dtype(input.dtype)
@@ -138,7 +141,7 @@ def fused_filter_response_norm(
         e = eps.abs().reshape(1).to(acc)
     else:
         e = torch.full((1,), abs(float(eps)), dtype=acc, device=input.device)
-    return FilterResponseNormTriton.apply(input, weight, bias, tau, e)
+    return FilterResponseNormTriton.apply(input, dense(weight), dense(bias), dense(tau), e)
 
 
 def fused_switchable_norm(
@@ -181,11 +184,12 @@ def fused_switchable_norm(
     count = input.numel() // input.shape[1]
     if bn == "batch":
         check_batch_count(layer, input, count)
+    from ._common import dense
     from .switchable_norm import SwitchableNormTriton
 
     running = (None, None) if bn == "batch" else (running_mean, running_var)
     y, batch_mean, batch_var = SwitchableNormTriton.apply(
-        input, mean_weight, var_weight, weight, bias, *running, names, bn, float(eps)
+        input, mean_weight, var_weight, dense(weight), dense(bias), *running, names, bn, float(eps)
     )
     if bn == "batch" and (running_mean is not None or running_var is not None):
         unbiased = batch_var * (count / (count - 1))

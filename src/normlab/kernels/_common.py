@@ -10,13 +10,16 @@ spatial dims cannot be flattened by strides (a transposed H/W, say) is copied.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .._core.dispatch import interpreting
 
 # Elements of one program's tile. 2048 keeps 16 fp32 values per thread at 4 warps.
 # Chosen from the layout alone (no timing was possible when it was written): the
@@ -66,7 +69,7 @@ def _flat_spatial_stride(t: Tensor) -> int | None:
     """The stride of the flattened spatial dims of ``t`` (N, C, *S), or None when the
     spatial dims cannot be flattened without a copy."""
     dims = [d for d in range(2, t.dim()) if t.shape[d] != 1]
-    if not dims:
+    if not dims or 0 in t.shape[2:]:  # nothing to address: any stride will do
         return 1
     for a, b in zip(dims, dims[1:], strict=False):
         if t.stride(a) != t.stride(b) * t.shape[b]:
@@ -159,7 +162,7 @@ class Plan:
         self.block_c, self.block_s = tile(self.width, self.s, c_fast, tile_size(x.device))
         self.per_sample = triton.cdiv(self.c, self.block_c) if groups is None else groups
         self.rows = self.n * self.per_sample
-        if may_split and self.rows < target_programs(x.device):
+        if may_split and self.s > 0 and self.rows < target_programs(x.device):
             self.split, self.chunk = split_spatial(self.rows, self.s, self.block_s, x.device)
         else:
             self.split, self.chunk = 1, self.s
@@ -168,13 +171,63 @@ class Plan:
         self.warps = num_warps(self.block_c * self.block_s)
 
 
-# The kernels use builtins, not the @triton.jit helpers of triton.language.standard
-# (tl.sum, tl.zeros, tl.sigmoid): under TRITON_INTERPRET=1 those work only when the
-# variable was set before triton's first import, and torch._dynamo, for one, imports
-# triton early. ``add`` is the combiner that tl.sum itself reduces with (the same code on
-# a GPU); the interpreter recognizes it and sums with NumPy. Fills are tl.full, the
-# sigmoid is written out.
-add = tl.standard._sum_combine
+# The one reduction of the kernels is tl.sum. Under the interpreter a @triton.jit helper
+# of triton.language runs only if the interpreter wrapped it, i.e. TRITON_INTERPRET=1 was
+# set before triton's first import (torch._dynamo, for one, imports triton early); so
+# there tl.sum's own Python body is wrapped again here, and the interpreter then runs it
+# (summing with NumPy). Compiled, the kernels call tl.sum itself.
+total = triton.jit(tl.sum.fn) if interpreting() else tl.sum
+
+
+def device_guard(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """``torch.cuda.device(t.device)`` for a CUDA tensor (Triton launches on the current
+    device, which need not be the tensor's), a no-op otherwise."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def kernel_forward(fn: F) -> F:
+    """Decorates an autograd.Function's ``forward(ctx, x, ...)``: runs it on x's device."""
+
+    @functools.wraps(fn)
+    def forward(ctx: Any, x: Tensor, *args: Any) -> Any:
+        with device_guard(x):
+            return fn(ctx, x, *args)
+
+    return forward  # type: ignore[return-value]
+
+
+def kernel_backward(label: str) -> Callable[[F], F]:
+    """Decorates an autograd.Function's ``backward(ctx, dy, ...)``: runs it on dy's device
+    without recording a graph, and refuses double backward (``create_graph=True``) with
+    the fix instead of returning a gradient that silently lacks its graph."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def backward(ctx: Any, dy: Tensor, *args: Any) -> Any:
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{label}: the Triton kernels compute a first derivative only, and this "
+                    "backward was asked to build a graph (create_graph=True: double "
+                    "backward, a gradient penalty, gradgradcheck). Use backend='torch' for "
+                    "this layer (or NORMLAB_TRITON=0), which differentiates twice."
+                )
+            with device_guard(dy):
+                return fn(ctx, dy, *args)
+
+        return backward  # type: ignore[return-value]
+
+    return wrap
+
+
+def dense(t: Tensor | None) -> Tensor | None:
+    """``t`` contiguous (a sliced or expanded γ, β or τ; the kernels read (C,) vectors
+    as contiguous), or None."""
+    return None if t is None else t.contiguous()
 
 
 @triton.jit
@@ -244,7 +297,7 @@ def sum_rows(
         r = p0 + rows
         m = (r < P)[:, None] & cmask[None, :]
         acc += tl.load(plane + r[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
-    tl.store(OUT + k * C + cols, tl.reduce(acc, 0, add).to(OUT.dtype.element_ty), mask=cmask)
+    tl.store(OUT + k * C + cols, total(acc, 0).to(OUT.dtype.element_ty), mask=cmask)
 
 
 def sum_partials(kernel: Any, part: Tensor) -> Tensor:

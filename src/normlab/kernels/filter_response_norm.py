@@ -34,19 +34,20 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._common import (
     Plan,
-    add,
     channel_block,
     empty,
     empty_like,
+    kernel_backward,
+    kernel_forward,
     load_channels,
     ncs,
     sum_partials,
     sum_rows,
     tl_acc,
+    total,
 )
 
 __all__ = ["FilterResponseNormTriton"]
@@ -88,7 +89,7 @@ def _frn_fwd(
         mask = cm[:, None] & (s < S)[None, :]
         x = tl.load(xb + s[None, :].to(tl.int64) * x_ss, mask=mask, other=0.0).to(ACC)
         acc += x * x
-    rs = tl.rsqrt(tl.reduce(acc, 1, add) / S + tl.load(E))
+    rs = tl.rsqrt(total(acc, 1) / S + tl.load(E))
     tl.store(RS + n.to(tl.int64) * C + c, rs, mask=cm)
     scale = rs * load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C)
     bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
@@ -163,11 +164,11 @@ def _frn_bwd_dx(
         acc_a += dz * w[:, None] * xhat
         acc_dw += dz * xhat
         acc_db += dz
-    a = tl.reduce(acc_a, 1, add)
+    a = total(acc_a, 1)
     tl.store(A + nc, a, mask=cm)
-    tl.store(DPART + nc, tl.reduce(acc_dw, 1, add), mask=cm)
-    tl.store(DPART + PC + nc, tl.reduce(acc_db, 1, add), mask=cm)
-    tl.store(DPART + 2 * PC + nc, tl.reduce(acc_dt, 1, add), mask=cm)
+    tl.store(DPART + nc, total(acc_dw, 1), mask=cm)
+    tl.store(DPART + PC + nc, total(acc_db, 1), mask=cm)
+    tl.store(DPART + 2 * PC + nc, total(acc_dt, 1), mask=cm)
     a_over_s = a / S
     for s0 in range(0, S, BLOCK_S):
         s = s0 + offs_s
@@ -199,6 +200,7 @@ class FilterResponseNormTriton(torch.autograd.Function):
     |ε| in the accumulation dtype, and gets its gradient."""
 
     @staticmethod
+    @kernel_forward
     def forward(  # type: ignore[override]
         ctx: Any,
         x: Tensor,
@@ -228,7 +230,7 @@ class FilterResponseNormTriton(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward("filter_response_norm (triton)")
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, bias, tau, rs = ctx.saved_tensors
         need = ctx.needs_input_grad

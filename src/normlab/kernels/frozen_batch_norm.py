@@ -30,21 +30,22 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._core.stats import acc_dtype
 from ._common import (
     Plan,
     act_backward,
-    add,
     apply_act,
     channel_block,
     empty,
     empty_like,
+    kernel_backward,
+    kernel_forward,
     ncs,
     sum_partials,
     sum_rows,
     tl_acc,
+    total,
 )
 
 __all__ = ["FrozenBatchNormTriton", "affine_vectors", "plan"]
@@ -153,8 +154,8 @@ def _frozen_bn_bwd(
         tl.store(dxb + ss * dx_ss, (dz * scale[:, None]).to(DX.dtype.element_ty), mask=mask)
     if NEED_DP:
         out = DPART + (n.to(tl.int64) * SPLIT + sp) * C + c
-        tl.store(out, tl.reduce(acc_xm, 1, add), mask=cm)
-        tl.store(out + PC, tl.reduce(acc_dz, 1, add), mask=cm)
+        tl.store(out, total(acc_xm, 1), mask=cm)
+        tl.store(out + PC, total(acc_dz, 1), mask=cm)
 
 
 @triton.jit
@@ -182,6 +183,7 @@ class FrozenBatchNormTriton(torch.autograd.Function):
     2 ReLU)."""
 
     @staticmethod
+    @kernel_forward
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, mean: Tensor, scale: Tensor, bias: Tensor, act: int
     ) -> Tensor:
@@ -201,7 +203,7 @@ class FrozenBatchNormTriton(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward("frozen_batch_norm (triton)")
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, mean, scale, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -253,4 +255,4 @@ def affine_vectors(
     if weight is not None:
         scale = scale * weight.to(acc)
     shift = bias.to(acc).clone() if bias is not None else torch.zeros_like(scale)
-    return running_mean.to(acc).clone(), scale.contiguous(), shift
+    return running_mean.to(acc).clone().contiguous(), scale.contiguous(), shift.contiguous()

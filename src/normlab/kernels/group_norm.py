@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ._common import kernel_backward, kernel_forward
 from .group_norm_backward import gradients
 from .group_norm_forward import normalize
 
@@ -56,6 +56,7 @@ class GroupNormTriton(torch.autograd.Function):
     backward."""
 
     @staticmethod
+    @kernel_forward
     def forward(  # type: ignore[override]
         ctx: Any,
         x: Tensor,
@@ -72,7 +73,7 @@ class GroupNormTriton(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward("group_norm (triton)")
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dw, db = gradients(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)

@@ -15,7 +15,6 @@ from torch import Tensor
 from .._core.stats import acc_dtype
 from ._common import (
     act_backward,
-    add,
     empty,
     empty_like,
     load_channels,
@@ -23,6 +22,7 @@ from ._common import (
     sum_partials,
     sum_rows,
     tl_acc,
+    total,
 )
 from .group_norm_forward import plan
 
@@ -90,11 +90,11 @@ def _group_bwd_sums(
             acc2 += dxhat * xhat
         out = DWDB + row * C + c_first + c
         if HAS_W:
-            tl.store(out, tl.reduce(acc_dw, 1, add), mask=cm)
+            tl.store(out, total(acc_dw, 1), mask=cm)
         if HAS_B:
-            tl.store(out + PC, tl.reduce(acc_db, 1, add), mask=cm)
-        sum1 += tl.reduce(acc1, None, add)
-        sum2 += tl.reduce(acc2, None, add)
+            tl.store(out + PC, total(acc_db, 1), mask=cm)
+        sum1 += total(acc1, None)
+        sum2 += total(acc2, None)
     return sum1, sum2
 
 
@@ -206,8 +206,8 @@ def _group_norm_bwd_dx(
         p = tl.arange(0, BLOCK_P)
         pm = p < SPLIT
         plane = tl.num_programs(0) * SPLIT
-        sum1 = tl.reduce(tl.load(PART + ng * SPLIT + p, mask=pm, other=0.0), None, add)
-        sum2 = tl.reduce(tl.load(PART + plane + ng * SPLIT + p, mask=pm, other=0.0), None, add)
+        sum1 = total(tl.load(PART + ng * SPLIT + p, mask=pm, other=0.0), None)
+        sum2 = total(tl.load(PART + plane + ng * SPLIT + p, mask=pm, other=0.0), None)
     c1 = sum1 / (CPG * S)
     c2 = sum2 / (CPG * S)
 

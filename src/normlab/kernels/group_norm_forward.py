@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._core.stats import acc_dtype
-from ._common import Plan, add, apply_act, empty, empty_like, load_channels, ncs, tl_acc
+from ._common import Plan, apply_act, empty, empty_like, load_channels, ncs, tl_acc, total
 
 __all__ = ["normalize", "plan"]
 
@@ -50,10 +50,10 @@ def _group_moments(
             ptrs = xb + c[:, None].to(tl.int64) * x_sc + s[None, :].to(tl.int64) * x_ss
             d = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
             # The tile's exact two-pass moments, then Chan's merge into the running ones.
-            nb = tl.reduce(mask.to(ACC), None, add)
-            mb = tl.reduce(d, None, add) / nb
+            nb = total(mask.to(ACC), None)
+            mb = total(d, None) / nb
             e = tl.where(mask, d - mb, 0.0)
-            m2b = tl.reduce(e * e, None, add)
+            m2b = total(e * e, None)
             tot = count + nb
             delta = mb - mean
             mean = mean + delta * (nb / tot)
@@ -143,10 +143,10 @@ def _group_norm_fwd(
         cnt = tl.load(row, mask=pm, other=0.0)
         mu = tl.load(row + plane, mask=pm, other=0.0)
         q = tl.load(row + 2 * plane, mask=pm, other=0.0)
-        count = tl.reduce(cnt, None, add)
-        mean = tl.reduce(cnt * mu, None, add) / count
+        count = total(cnt, None)
+        mean = total(cnt * mu, None) / count
         dev = tl.where(pm, mu - mean, 0.0)
-        m2 = tl.reduce(q, None, add) + tl.reduce(cnt * dev * dev, None, add)
+        m2 = total(q, None) + total(cnt * dev * dev, None)
     var = tl.maximum(m2 / count, 0.0)
     rstd = tl.rsqrt(var + eps)
     if sp == 0:

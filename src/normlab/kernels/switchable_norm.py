@@ -31,11 +31,21 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._core.mixing import BnSource, mix_moments, mixed_scale
 from .._core.stats import acc_dtype
-from ._common import Plan, add, channel_block, empty, empty_like, load_channels, ncs, tl_acc
+from ._common import (
+    Plan,
+    channel_block,
+    empty,
+    empty_like,
+    kernel_backward,
+    kernel_forward,
+    load_channels,
+    ncs,
+    tl_acc,
+    total,
+)
 
 __all__ = ["SwitchableNormTriton"]
 
@@ -70,10 +80,10 @@ def _switchable_norm_fwd_stats(
         x = tl.load(xb + s[None, :].to(tl.int64) * x_ss, mask=mask, other=0.0).to(ACC)
         d = tl.where(mask, x - shift[:, None], 0.0)
         # The tile's exact two-pass moments per channel, then Chan's merge.
-        nb = tl.reduce(sm.to(ACC), None, add)
-        mb = tl.reduce(d, 1, add) / nb
+        nb = total(sm.to(ACC), None)
+        mb = total(d, 1) / nb
         e = tl.where(mask, d - mb[:, None], 0.0)
-        m2b = tl.reduce(e * e, 1, add)
+        m2b = total(e * e, 1)
         tot = count + nb
         delta = mb - mean
         mean = mean + delta * (nb / tot)
@@ -165,8 +175,8 @@ def _switchable_norm_bwd_stats(
         dy = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
         acc1 += dy
         acc2 += dy * tl.where(mask, (x - shift[:, None]) - m[:, None], 0.0)
-    tl.store(SUMS + nc, tl.reduce(acc1, 1, add), mask=cm)
-    tl.store(SUMS + PC + nc, tl.reduce(acc2, 1, add), mask=cm)
+    tl.store(SUMS + nc, total(acc1, 1), mask=cm)
+    tl.store(SUMS + PC + nc, total(acc2, 1), mask=cm)
 
 
 @triton.jit
@@ -229,6 +239,7 @@ class SwitchableNormTriton(torch.autograd.Function):
     """
 
     @staticmethod
+    @kernel_forward
     def forward(  # type: ignore[override]
         ctx: Any,
         x: Tensor,
@@ -275,7 +286,7 @@ class SwitchableNormTriton(torch.autograd.Function):
         return y, batch[0], batch[1]
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward("switchable_norm (triton)")
     def backward(ctx: Any, dy: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         x, shift, mu_in, var_in, m, scale, mw, vw, weight, rm, rv = ctx.saved_tensors
         names, bn, eps = ctx.rest
