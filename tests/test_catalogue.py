@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normlab.selfcheck import CATALOGUE, check_case, prepare
+from normlab.catalogue import CATALOGUE, check_case, prepare
 
 IDS = [c.name for c in CATALOGUE]
 

@@ -18,7 +18,7 @@ import normlab.nn as nnl
 from _testing import assert_close, offcenter
 from normlab import functional as NF
 from normlab import reference as R
-from normlab.selfcheck import randomize
+from normlab.catalogue import randomize
 
 DTYPES = [torch.float64, torch.float32]
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import normlab.nn as nnl
+from normlab.catalogue import randomize
 from normlab.nn.traits import TABLE, LayerTraits, traits_of
-from normlab.selfcheck import randomize
 
 F64 = torch.float64
 C = 4

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import normlab.nn as nnl
+from normlab.catalogue import randomize
 from normlab.nn.traits import traits_of
-from normlab.selfcheck import randomize
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from torch import nn
 
 import normlab.nn as nnl
 from _testing import assert_close
-from normlab.selfcheck import randomize
+from normlab.catalogue import randomize
 
 
 def test_save_load_weights_only_every_layer(tmp_path):

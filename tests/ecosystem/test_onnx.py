@@ -26,7 +26,7 @@ from _eco_cases import BY_NAME, CASES, EcoCase, make_input
 from torch import nn
 
 import normlab.nn as nnl
-from normlab.selfcheck import randomize
+from normlab.catalogue import randomize
 
 onnx = pytest.importorskip("onnx")
 numpy_helper = pytest.importorskip("onnx.numpy_helper")

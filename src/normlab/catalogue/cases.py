@@ -3,7 +3,7 @@
 Each :class:`LayerCase` says how to build a layer, what input it takes and how
 the NumPy reference (:mod:`normlab.reference`) computes its output and
 gradients from the layer's own parameters and buffers. :data:`CATALOGUE` is the
-table of cases; :mod:`normlab.selfcheck` runs it, and the test suite drives its
+table of cases; :mod:`normlab.catalogue.selfcheck` runs it, and the test suite drives its
 reference and gradcheck tests from the same table. Kept apart from the runner
 so that adding a layer touches only this table and its adapter.
 """
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import nn as nnl
-from .catalogue_refs import (
+from .. import nn as nnl
+from ..nn.traits import traits_of
+from .refs import (
     Reference,
     bn_ref,
     brn_ref,
@@ -35,7 +36,6 @@ from .catalogue_refs import (
     sn_ref,
     tlu_ref,
 )
-from .nn.traits import traits_of
 
 __all__ = ["LayerCase", "CATALOGUE"]
 

@@ -1,10 +1,9 @@
-"""A self-check of every catalogue layer against its float64 reference.
+"""A self-check of every catalogue layer against its float64 reference (``normlab check``).
 
 :func:`run_checks` builds every :class:`LayerCase` of :data:`CATALOGUE` (see
-:mod:`normlab.catalogue`) in float64 with randomized parameters, runs forward
+:mod:`normlab.catalogue.cases`) in float64 with randomized parameters, runs forward
 and backward on fresh off-center data, and returns one :class:`CheckResult` per
-case. The catalogue names are re-exported here, so ``normlab.selfcheck`` stays
-the one public entry point for both the table and its runner.
+case.
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .catalogue import CATALOGUE, LayerCase
+from .cases import CATALOGUE, LayerCase
 
-__all__ = ["LayerCase", "CheckResult", "CATALOGUE", "run_checks", "check_case", "randomize"]
+__all__ = ["CheckResult", "check_case", "prepare", "randomize", "run_checks"]
 
 
 @dataclass(frozen=True)

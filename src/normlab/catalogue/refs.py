@@ -2,7 +2,7 @@
 
 Each adapter reads a built layer's own parameters, buffers and settings and runs the
 NumPy reference (:mod:`normlab.reference`) on them, returning ``(y, backward)`` where
-``backward(dy)`` gives the reference gradients. :mod:`normlab.catalogue` pairs each
+``backward(dy)`` gives the reference gradients. :mod:`normlab.catalogue.cases` pairs each
 case with its adapter.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import reference as R
+from .. import reference as R
 
 __all__ = [
     "Backward",

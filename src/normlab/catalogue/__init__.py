@@ -1,0 +1,39 @@
+"""The layer catalogue: every layer in each mode, its float64 reference, and the self-check.
+
+``cases`` holds :data:`CATALOGUE`, the table of :class:`LayerCase` (how to build each
+layer and what input it takes), ``refs`` the adapters that run the NumPy reference
+(:mod:`normlab.reference`) on a built layer, and ``selfcheck`` :func:`run_checks`, what
+``normlab check`` runs; the test suite drives its reference and gradcheck tests from the
+same table. The names are imported from their modules on first access
+(``normlab._lazy``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from .cases import CATALOGUE, LayerCase
+    from .selfcheck import CheckResult, check_case, prepare, randomize, run_checks
+
+__all__ = [
+    "CATALOGUE",
+    "CheckResult",
+    "LayerCase",
+    "check_case",
+    "prepare",
+    "randomize",
+    "run_checks",
+]
+
+#: Exported name -> (module it lives in, attribute there).
+_LAZY = {
+    "CATALOGUE": (".cases", "CATALOGUE"),
+    "LayerCase": (".cases", "LayerCase"),
+    **{n: (".selfcheck", n) for n in ("CheckResult", "check_case", "prepare", "randomize")},
+    "run_checks": (".selfcheck", "run_checks"),
+}
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)
