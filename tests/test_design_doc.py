@@ -45,3 +45,11 @@ def test_recalibrate_md_names_the_codes_methods_variances_and_kinds():
     kinds = sections["The protocol: which layers are recalibrated"]
     assert tuple(bullet.findall(kinds)) == tuple(KINDS)
     assert "docs/recalibrate.md" in (recalibrate.__doc__ or "")
+
+
+def test_doctor_md_lists_every_finding_code():
+    from normlab.doctor import CODES
+
+    text = (DESIGN.parent / "doctor.md").read_text()
+    block = text.split("<!-- doctor-codes", 1)[1].split("<!-- /doctor-codes -->", 1)[0]
+    assert re.findall(r"^\| `(\w+)` \|", block, re.M) == list(CODES)

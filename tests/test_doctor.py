@@ -13,14 +13,14 @@ import normlab.nn as nnl
 from _models import inputs, make_model
 from _testing import calibrate_bn
 from normlab.doctor import (
+    CODES,
     DoctorForwardError,
     DoctorTargetError,
     Finding,
     Report,
     diagnose,
-    load_factory,
+    load_target,
 )
-from normlab.doctor_codes import CODES
 
 X = inputs(16, dtype=torch.float32, seed=101)
 
@@ -409,10 +409,10 @@ def not_a_pair():
 """
 
 
-def test_load_factory(tmp_path):
+def test_load_target(tmp_path):
     (tmp_path / "helper_mod.py").write_text("WIDTH = 32\n")
     (tmp_path / "target.py").write_text(FACTORY)
-    model, example = load_factory(f"{tmp_path / 'target.py'}:build")
+    model, example = load_target(f"{tmp_path / 'target.py'}:build")
     assert isinstance(model, nn.Sequential) and example.shape == (4, 3, 8, 8)
     assert diagnose(model, example).codes == {"uncalibrated_running_stats"}
 
@@ -427,10 +427,10 @@ def test_load_factory(tmp_path):
     }
     for part, target in cases.items():
         with pytest.raises(DoctorTargetError) as info:
-            load_factory(target)
+            load_target(target)
         assert info.value.part == part, (part, str(info.value))
     with pytest.raises(DoctorTargetError, match="build, broken, not_a_pair|broken, build"):
-        load_factory(f"{tmp_path / 'target.py'}:nope")
+        load_target(f"{tmp_path / 'target.py'}:nope")
     with pytest.raises(DoctorTargetError) as info:
-        load_factory("normlab_no_such_module:build")
+        load_target("normlab_no_such_module:build")
     assert info.value.part == "import"

@@ -26,7 +26,7 @@ import os
 import sys
 import traceback
 
-from .doctor_target import DoctorTargetError, load_factory
+from .doctor.target import DoctorTargetError, load_target
 
 __all__ = [
     "EXIT_CLOSED_PIPE",
@@ -37,7 +37,7 @@ __all__ = [
     "EXIT_USAGE",
     "DoctorTargetError",
     "add_parser",
-    "load_factory",
+    "load_target",
     "run",
 ]
 
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from .doctor import DoctorForwardError, diagnose
 
     try:
-        model, inputs = load_factory(args.target)
+        model, inputs = load_target(args.target)
     except DoctorTargetError as e:
         code = EXIT_TARGET if e.part in ("import", "call") else EXIT_USAGE
         return _fail(args, code, f"cannot load {e}", e)

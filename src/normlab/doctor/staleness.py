@@ -8,13 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Moments", "layer_eps", "stale_distance"]
+from .._core.stats import PooledMoments
+
+__all__ = ["ExampleMoments", "layer_eps", "stale_distance"]
 
 #: the example's batch statistics must rest on this many values before staleness is judged
 STALE_MIN_VALUES = 32
 
 
-class Moments:
+class ExampleMoments(PooledMoments):
     """Exact per-channel mean and biased variance of every input a layer saw, in float64.
 
     With ``split=True`` it also keeps the moments of the even and the odd samples
@@ -23,10 +25,8 @@ class Moments:
     """
 
     def __init__(self, split: bool = False) -> None:
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-        self.halves = (Moments(), Moments()) if split else None
+        super().__init__()
+        self.halves = (ExampleMoments(), ExampleMoments()) if split else None
 
     def update(self, x: Tensor) -> None:
         if not x.is_floating_point() or x.dim() < 2 or x.numel() == 0:
@@ -35,19 +35,9 @@ class Moments:
             self.halves[0].update(x[0::2])
             self.halves[1].update(x[1::2])
         flat = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
-        nb = flat.shape[1]
-        mb = flat.mean(dim=1)
-        m2b = (flat - mb[:, None]).square().sum(dim=1)
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = nb, mb, m2b
+        if self.mean is not None and (flat.shape[0],) != tuple(self.mean.shape):
             return
-        if mb.shape != self.mean.shape:
-            return
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + delta.square() * (self.n * nb / n)
-        self.n = n
+        self.add(flat)
 
     @property
     def var(self) -> Tensor | None:
@@ -81,7 +71,7 @@ def stale_distance(m: nn.Module, rec: dict[str, Any]) -> float | None:
     uncertainty): a small or diverse example batch is not evidence of staleness.
     None: not enough data to judge.
     """
-    moments: Moments | None = rec.get("moments")
+    moments: ExampleMoments | None = rec.get("moments")
     mean, var = rec.get("running", (None, None))
     if moments is None or moments.mean is None or moments.var is None:
         return None

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .doctor_codes import CODES, SEVERITY_ORDER, Finding, Severity
+from .codes import CODES, SEVERITY_ORDER, Finding, Severity
 
 __all__ = ["FindingGroup", "LayerInfo", "Report"]
 

@@ -1,6 +1,6 @@
 """Load a ``file.py:factory`` target for the doctor: import it, call it, check the result.
 
-Shared by :func:`normlab.doctor.load_factory` (the library) and ``normlab doctor`` (the
+Shared by :func:`normlab.doctor.load_target` (the library) and ``normlab doctor`` (the
 command line), which maps each failing step to its exit code.
 """
 
@@ -10,9 +10,9 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from ._loading import SpecLoadError, exec_file, own_callables
+from .._loading import SpecLoadError, exec_file, own_callables
 
-__all__ = ["DoctorTargetError", "load_factory"]
+__all__ = ["DoctorTargetError", "load_target"]
 
 
 class DoctorTargetError(RuntimeError):
@@ -30,7 +30,7 @@ class DoctorTargetError(RuntimeError):
         self.target = target
 
 
-def load_factory(target: str) -> tuple[Any, Any]:
+def load_target(target: str) -> tuple[Any, Any]:
     """Import ``"path/to/file.py:factory"`` (or ``"package.module:factory"``) and call it.
 
     The contract: ``factory`` takes no arguments and returns

@@ -1,53 +1,14 @@
-"""The BN doctor: what is wrong with a model's norm layers, where, why, and the fix.
+""":func:`diagnose`: what is wrong with a model's norm layers, where, why, and the fix.
 
-:func:`diagnose` inspects every norm layer (BatchNorm and the other
-batch-statistics layers, frozen BN, GroupNorm, InstanceNorm, FRN, EvoNorm) and
-runs the model **once**, on a deep copy, with hooks; the model you pass is never
-modified (parameters, buffers and training flags are identical afterwards).
-Each :class:`Finding` has a stable ``code``, a ``severity`` (``"error"``,
-``"warning"``, ``"info"``), the dotted ``module`` path (``""``: the whole
-model), a ``detail`` (what was seen there), a ``message`` (detail and why it
-matters) and a ``fix``. :class:`Report` groups the findings by code (one entry
-per code, listing its modules), prints as a table and serializes to JSON; it
-also lists, per layer, how many values stand behind each statistic.
-
-The mode decides what is judged. A model in eval mode (or ``expect_eval=True``)
-is judged on what evaluation uses: layers left in training mode, running
-statistics that are missing, never computed, stale, NaN or near zero.
-Statistics that only exist in training (a BN's batch statistics) are judged
-when the model is in training mode, at the example's batch size, or when you
-pass ``train_batch_size``: then every batch-statistics layer is judged at
-``train_batch_size × H × W`` values per statistic, H × W being the layer's
-input size on the example. Layers computing per-sample statistics (GroupNorm,
-InstanceNorm, FRN, EvoNorm-S0) are judged in both modes.
-
-Finding codes (see :data:`normlab.doctor_codes.CODES` for each explanation and fix):
-
-==============================  ========  ==============================================
-code                            severity  meaning
-==============================  ========  ==============================================
-``bn_training_mode``            error     BN in training mode while the model is evaluated
-``batch_stats_in_eval``         warning   ``track_running_stats=False`` while evaluating
-``tiny_batch_statistic``        error /   few values (N × H × W) behind each training
-                                warning   batch statistic: ≤ 2 error, < 8 warning
-``degenerate_statistic``        error     GroupNorm/InstanceNorm normalizing 1 value
-``tiny_instance_statistic``     warning   GroupNorm/InstanceNorm/FRN/EvoNorm-S0 statistic
-                                          from ≤ 4 values (FRN on 1×1: about sign(x))
-``running_stats_nonfinite``     error     NaN or inf in running_mean / running_var
-``running_var_negative``        error     running_var < 0 (corrupt stored statistics)
-``running_var_near_zero``       warning   0 ≤ running_var < eps/100 where the input varies
-``uncalibrated_running_stats``  warning / running statistics never computed (one
-                                info      finding for the whole model when all are)
-``stale_running_stats``         warning   eval output far from batch-statistics output
-``frozen_bn_changes``           error     a frozen BN whose state changes
-``bn_params_frozen_stats_not``  warning   γ, β frozen but BN trains in training mode
-``dropout_before_bn``           warning   dropout output feeds a BN (variance shift)
-``momentum_extreme``            warning   momentum 0 (never updates) or ≥ 0.5
-``groupnorm32_blocked``         info      C not divisible by 32: GroupNorm(32) impossible
-==============================  ========  ==============================================
-
-The CLI (``normlab doctor path/to/file.py:factory``, :mod:`normlab.doctor_cli`)
-uses :func:`load_factory`.
+It inspects every norm layer (BatchNorm and the other batch-statistics layers, frozen
+BN, GroupNorm, InstanceNorm, FRN, EvoNorm) and runs the model **once**, on a deep copy,
+with hooks; the model you pass is never modified. Each :class:`Finding` has a stable
+``code`` (:data:`normlab.doctor.codes.CODES`: why it matters and the fix; the overview
+and what each mode judges are in ``docs/doctor.md``), a ``severity``, the dotted
+``module`` path, a ``detail`` and a ``message``. :class:`Report` groups the findings by
+code, prints as a table and serializes to JSON; it also lists, per layer, how many
+values stand behind each statistic. ``normlab doctor path/to/file.py:factory``
+(:mod:`normlab.doctor_cli`) loads its model with :func:`load_target`.
 """
 
 from __future__ import annotations
@@ -59,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._core.checks import stored_variance_as_nan
-from .doctor_checks import (
+from .._core.checks import stored_variance_as_nan
+from ..feed import feed
+from .checks import (
     Context,
     at_init,
     dynamic_findings,
@@ -74,22 +36,11 @@ from .doctor_checks import (
     tracks,
     values_per_statistic,
 )
-from .doctor_codes import SEVERITY_ORDER, Finding
-from .doctor_report import FindingGroup, LayerInfo, Report
-from .doctor_stats import Moments
-from .doctor_target import DoctorTargetError, load_factory
-from .feed import feed
+from .codes import SEVERITY_ORDER, Finding
+from .report import LayerInfo, Report
+from .staleness import ExampleMoments
 
-__all__ = [
-    "DoctorForwardError",
-    "DoctorTargetError",
-    "Finding",
-    "FindingGroup",
-    "LayerInfo",
-    "Report",
-    "diagnose",
-    "load_factory",
-]
+__all__ = ["DoctorForwardError", "diagnose"]
 
 
 class DoctorForwardError(RuntimeError):
@@ -203,7 +154,7 @@ def _probe(
             if values is not None:
                 rec["values"] = values if rec["values"] is None else min(rec["values"], values)
             if judges_staleness(module) and tracks(module) and x.dim() >= 2:
-                rec.setdefault("moments", Moments(split=True)).update(x)
+                rec.setdefault("moments", ExampleMoments(split=True)).update(x)
             hit = dropout_out.get(id(x))
             if hit is not None and hit[0] is x and keeps_batch_statistics(module):
                 rec["after_dropout"] = hit[1]

@@ -1,8 +1,8 @@
 """The doctor's checks: what kind of norm a layer is, and what can be wrong with it.
 
 :mod:`normlab.doctor` runs the model and calls these; each check returns
-:class:`~normlab.doctor_codes.Finding` objects whose codes are explained in
-:data:`normlab.doctor_codes.CODES`.
+:class:`~normlab.doctor.codes.Finding` objects whose codes are explained in
+:data:`normlab.doctor.codes.CODES`.
 
 Which checks apply depends on the mode being judged (see :class:`Context`): an
 evaluated model is judged on what eval uses (running statistics, layers left in
@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import nn as nnl
-from ._core.checks import negative_channels
-from .doctor_codes import Finding, Severity, finding
-from .doctor_stats import Moments, layer_eps, stale_distance
-from .kinds import is_frozen_batch_norm
-from .nn.traits import traits_of
-from .registry import auto_groups
+from .. import nn as nnl
+from .._core.checks import negative_channels
+from ..kinds import is_frozen_batch_norm
+from ..nn.traits import traits_of
+from ..registry import auto_groups
+from .codes import Finding, Severity, finding
+from .staleness import ExampleMoments, layer_eps, stale_distance
 
 __all__ = ["Context", "dynamic_findings", "model_findings", "static_findings"]
 
@@ -264,7 +264,7 @@ def dynamic_findings(path: str, m: nn.Module, rec: dict[str, Any], ctx: Context)
             out.append(finding("tiny_instance_statistic", "warning", path, detail))
     uses_running = tracks(m) and not m.training
     mean, var = rec.get("running", (None, None))
-    moments: Moments | None = rec.get("moments")
+    moments: ExampleMoments | None = rec.get("moments")
     if ctx.evaluating and uses_running and var is not None and var.is_floating_point():
         eps = layer_eps(m)
         tiny = torch.isfinite(var) & (var >= 0) & (var < eps / 100)  # < 0: running_var_negative
