@@ -103,6 +103,23 @@ def groups_from_csv(path: str | Path, group: str, metric: str) -> list[Group]:
 _CELL = re.compile(r"^\s*(?P<norm>[^@\[\]]+?)\s*@\s*(?P<bs>\d+)\s*(?:\[(?P<proto>[^\]]*)\])?\s*$")
 
 
+def _cell_norms(text: str) -> set[str]:
+    """The report names a cell's norm may have: its one spelling
+    (:func:`~normlab.lab.models.canonical_norm`: ``BN`` is ``bn``), with a data-parallel
+    row's ``×K`` (written ``xK`` too)."""
+    from .models import canonical_norm
+
+    names = set()
+    for form in (text.strip().lower(), text.strip().lower().replace("x", "×")):
+        base, times, ranks = form.partition("×")
+        try:
+            base = canonical_norm(base)
+        except ValueError:
+            pass  # not a norm: it matches no cell, and the error lists the cells
+        names.add(base + times + ranks)
+    return names
+
+
 def groups_from_store(db: str | Path, cells: Sequence[str]) -> list[Group]:
     """Groups of final test error (%) from cells of a sweep store: ``NORM@BATCH`` such as
     ``bn@2`` (``bn×2@4`` for a data-parallel row), with ``[PROTOCOL]`` such as
@@ -125,7 +142,7 @@ def groups_from_store(db: str | Path, cells: Sequence[str]) -> list[Group]:
         m = _CELL.match(spec)
         if m is None:
             raise ValueError(f"expected a cell NORM@BATCH such as bn@2, got {spec!r}")
-        norms = {m["norm"].lower(), m["norm"].lower().replace("x", "×")}  # bnx2 for bn×2
+        norms = _cell_norms(m["norm"])
         found = [c for c in table if c.norm in norms and c.batch_size == int(m["bs"])]
         if m["proto"] is not None:
             found = [c for c in found if c.protocol == m["proto"].strip()]
@@ -136,6 +153,6 @@ def groups_from_store(db: str | Path, cells: Sequence[str]) -> list[Group]:
                 f"{db}: cell {spec!r} holds runs of {len(found)} protocols; name one: "
                 + ", ".join(name(c) for c in found)
             )
-        groups.append(Group(spec.strip(), tuple(found[0].errors)))
+        groups.append(Group(name(found[0]), tuple(found[0].errors)))
     _unique([g.name for g in groups])
     return groups
