@@ -38,7 +38,8 @@ class GNCase:
     weight: bool = True
     bias: bool = True
     tile: int | None = None  # interpreter tile override: multi-tile loops and splits
-    split: bool = False  # the case must split H·W over several programs
+    split: bool = False  # the case must split the group over several programs
+    channel_split: bool = False  # ... and along its channels too
 
 
 CASES = [
@@ -59,10 +60,39 @@ CASES = [
     GNCase("hw-split", (1, 4, 5, 7), 2, tile=16, split=True),
     GNCase("hw-split-channels_last-silu", (1, 6, 7, 5), 3, "cl", act="silu", tile=16, split=True),
     GNCase("hw-split-groups=1-relu", (2, 3, 5, 5), 1, act="relu", tile=16, split=True),
+    # The group's (C/G)·S extent split over channel chunks (and positions).
+    GNCase("channel-split", (1, 8, 4, 4), 2, tile=16, split=True, channel_split=True),
+    GNCase(
+        "channel-split-silu-no-bias",
+        (1, 12, 2, 2),
+        2,
+        act="silu",
+        bias=False,
+        tile=8,
+        split=True,
+        channel_split=True,
+    ),  # fmt: skip
+    GNCase(
+        "channel-and-hw-split-cl", (1, 8, 2, 1), 1, "cl", tile=4, split=True, channel_split=True
+    ),  # fmt: skip
+    GNCase(
+        "channel-and-hw-split-3d-relu",
+        (1, 6, 2, 3, 3),
+        1,
+        act="relu",
+        tile=4,
+        split=True,
+        channel_split=True,
+    ),  # fmt: skip
 ]
 # Labels crossed with the other dtypes (every case runs in fp32).
-HALF_CASES = {"nonpow2-C-and-HW", "channels_last", "silu-channels_last", "hw-split"}
-FP64_CASES = {"nonpow2-C-and-HW", "hw-split-channels_last-silu", "groups=1-channels_last"}
+HALF_CASES = {
+    "nonpow2-C-and-HW", "channels_last", "silu-channels_last", "hw-split", "channel-split",
+}  # fmt: skip
+FP64_CASES = {
+    "nonpow2-C-and-HW", "hw-split-channels_last-silu", "groups=1-channels_last",
+    "channel-and-hw-split-cl",
+}  # fmt: skip
 
 PARAMS = [pytest.param(c, torch.float32, id=f"{c.label}-fp32") for c in CASES]
 PARAMS += [
@@ -92,7 +122,9 @@ def test_group_norm_kernel_matches_reference(case: GNCase, dtype, monkeypatch):
     inputs["bias"] = make_param(c, pdt, seed=2, loc=0.0) if case.bias else None
     if case.split:
         _, _, sc, ss = _common.ncs(x)
-        assert plan(x, case.groups, sc, ss).split > 1, "the case does not split H·W"
+        p = plan(x, case.groups, sc, ss)
+        assert p.split > 1, "the case does not split the group"
+        assert p.split_c > 1 or not case.channel_split, "the case does not split channels"
 
     y, dy, grads = run(fused_group_norm, inputs)
     y_ref, g_ref = reference(case, inputs, dy, 1e-5)

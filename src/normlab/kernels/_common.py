@@ -119,38 +119,47 @@ def tile(c_len: int, s_len: int, c_fast: bool, size: int) -> tuple[int, int]:
 
 
 def num_warps(block: int) -> int:
-    return 4 if block <= 2048 else 8
+    """Warps for a tile of ``block`` elements: 16 fp32 values per thread, 1 to 8 warps."""
+    return max(1, min(8, block // 512))
+
+
+#: Programs per SM the plan aims at (several resident programs hide memory latency).
+PROGRAMS_PER_SM = 4
+#: The smallest tile the plan shrinks to on a GPU to reach that many programs.
+MIN_TILE = 512
 
 
 def target_programs(device: torch.device) -> int:
-    """How many programs keep the device busy: 2 per SM on CUDA. Under the
-    interpreter a pretend count of 4, so that tiny test shapes exercise the split
-    code paths."""
+    """How many programs keep the device busy: PROGRAMS_PER_SM per SM on CUDA (528 on
+    an H100's 132 SMs). Under the interpreter a pretend count of 4, so that tiny test
+    shapes exercise the split code paths."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def split_spatial(rows: int, s_len: int, block_s: int, device: torch.device) -> tuple[int, int]:
-    """Split S into chunks (multiples of ``block_s``) over several programs when
-    ``rows`` programs alone would leave the device idle; returns ``(splits, chunk)``."""
-    want = max(1, -(-target_programs(device) // max(rows, 1)))
-    blocks = triton.cdiv(s_len, block_s)
-    per = triton.cdiv(blocks, min(want, blocks))
-    chunk = per * block_s
-    return triton.cdiv(s_len, chunk), chunk
+def _chunks(length: int, block: int, parts: int) -> tuple[int, int]:
+    """``(splits, chunk)``: ``length`` cut into at most ``parts`` chunks, each a multiple
+    of ``block`` (the last one shorter), none empty."""
+    tiles = triton.cdiv(length, block)
+    chunk = triton.cdiv(tiles, max(1, min(parts, tiles))) * block
+    return triton.cdiv(length, chunk), chunk
 
 
 class Plan:
     """Launch geometry of one call over ``x`` seen as (N, C, S), shared by its forward
-    and its backward.
+    and its backward: the one planning function of the kernels.
 
     Axis 0 of the grid runs ``per_sample`` programs per sample (``rows`` in all):
-    with ``groups``, one per group of ``width`` = C/groups channels, which the program
-    walks in BLOCK_C tiles; without, one per block of BLOCK_C channels (``width`` = C).
-    Axis 1 splits the S positions into ``split`` chunks of ``chunk`` when ``rows``
-    programs alone would leave the device idle, for kernels that merge per-chunk
-    partial results (``may_split``); otherwise ``split`` is 1 and ``chunk`` is S.
+    with ``groups``, one per group of ``width`` = C/groups channels; without, one per
+    block of BLOCK_C channels (``width`` = C). Tiles are (BLOCK_C, BLOCK_S), the
+    contiguous axis filled first. When ``rows`` programs alone would leave the device
+    idle and the kernels merge partial results (``may_split``), axis 1 splits each
+    row's extent into ``split = split_c · split_s`` pieces: ``split_s`` chunks of
+    ``chunk_s`` positions and (groups only: the group's flattened channels × positions
+    extent) ``split_c`` chunks of ``chunk_c`` channels; the tile shrinks (down to
+    MIN_TILE on a GPU) until there are enough pieces. Without a split, ``split`` is 1,
+    ``chunk_s`` is S and ``chunk_c`` the width.
     """
 
     def __init__(
@@ -159,13 +168,27 @@ class Plan:
         self.n, self.c, self.s = x.shape[0], x.shape[1], spatial_size(x)
         self.width = self.c if groups is None else self.c // groups
         c_fast = channels_fastest(x_sc, x_ss, self.s)
-        self.block_c, self.block_s = tile(self.width, self.s, c_fast, tile_size(x.device))
-        self.per_sample = triton.cdiv(self.c, self.block_c) if groups is None else groups
-        self.rows = self.n * self.per_sample
-        if may_split and self.s > 0 and self.rows < target_programs(x.device):
-            self.split, self.chunk = split_spatial(self.rows, self.s, self.block_s, x.device)
-        else:
-            self.split, self.chunk = 1, self.s
+        size = tile_size(x.device)
+        floor = MIN_TILE if x.device.type == "cuda" else size
+        target = target_programs(x.device)
+        while True:
+            self.block_c, self.block_s = tile(self.width, self.s, c_fast, size)
+            self.per_sample = triton.cdiv(self.c, self.block_c) if groups is None else groups
+            self.rows = self.n * self.per_sample
+            self.split_c, self.chunk_c = 1, self.width
+            self.split_s, self.chunk_s = 1, self.s
+            if not (may_split and self.s > 0 and self.rows < target):
+                break
+            want = triton.cdiv(target, max(self.rows, 1))
+            self.split_s, self.chunk_s = _chunks(self.s, self.block_s, want)
+            if groups is not None:
+                rest = triton.cdiv(want, self.split_s)
+                self.split_c, self.chunk_c = _chunks(self.width, self.block_c, rest)
+            if self.split_c * self.split_s >= want or size <= floor:
+                break
+            size //= 2
+        self.split = self.split_c * self.split_s
+        self.chunk = self.chunk_s
         self.grid = (self.rows, self.split)
         self.block_p = triton.next_power_of_2(self.split)
         self.warps = num_warps(self.block_c * self.block_s)

@@ -11,14 +11,17 @@ each program walks its group in (BLOCK_C, BLOCK_S) tiles laid along the contiguo
 
 **Statistics** (``docs/numerics.md`` rules 1-2). Everything is shifted by a pivot,
 the group's first element (exact for nearby values, so data with mean 1e4 and std 1e-2
-keep their digits); each tile gives an exact two-pass mean and M2 in registers, and
-tiles are merged with Chan's parallel formula. The variance is clamped at 0 before eps.
+keep their digits); every lane of the tile keeps its own Welford (count, mean, M2),
+and the lanes are merged once at the end with Chan's formula. The variance is clamped
+at 0 before eps.
 
-**Parallelism.** One program per (n, g) when N·G fills the device; otherwise the
-positions are split over SPLIT programs per group: ``_group_norm_fwd_stats`` writes
-per-split (count, mean, M2), which every program of ``_group_norm_fwd`` merges (same
-formula) before it normalizes its own chunk. With SPLIT = 1 the single program
-computes the statistics itself (``ONE_PASS``) and no partial buffer exists.
+**Parallelism** (:class:`._common.Plan`). One program per (n, g) when N·G fills the
+device; otherwise each group's (C/G)·S extent is cut into SPLIT pieces (channel chunks
+× position chunks, the tile shrinking until there are about 4 programs per SM):
+``_group_norm_fwd_stats`` writes per-piece (count, mean, M2), which every program of
+``_group_norm_fwd`` merges (same formula, fixed order) before it normalizes its own
+piece. With SPLIT = 1 the single program computes the statistics itself (``ONE_PASS``)
+and no partial buffer exists.
 
 **Backward**, with :math:`dz = dy\cdot \mathrm{act}'(z)`, :math:`d\hat x = dz\,\gamma`,
 M = (C/G)·S elements per group:
@@ -27,9 +30,9 @@ M = (C/G)·S elements per group:
           \quad d\gamma_c = \textstyle\sum dz\,\hat x, \quad d\beta_c = \sum dz
 
 The group sums come from ``_group_norm_bwd_stats`` (per split) or from the first loop of
-``_group_norm_bwd_dx`` (one split). dγ and dβ: every program writes its own row of
-per-channel sums into an fp32 buffer (2, N·SPLIT, C) and ``_group_norm_bwd_dwdb`` adds
-the rows: deterministic, no atomics, no locks, nothing accumulated in half precision.
+``_group_norm_bwd_dx`` (one split). dγ and dβ: every program writes its channels of one
+row, (n, position chunk), of an fp32 buffer (2, N·SPLIT_S, C), and ``_group_norm_bwd_dwdb``
+adds the rows: deterministic, no atomics, no locks, nothing accumulated in half precision.
 
 The forward kernels and their launcher are in :mod:`.group_norm_forward`, the backward
 ones in :mod:`.group_norm_backward`; this module holds the autograd.Function.

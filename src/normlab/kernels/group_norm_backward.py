@@ -24,7 +24,7 @@ from ._common import (
     tl_acc,
     total,
 )
-from .group_norm_forward import plan
+from .group_norm_forward import piece, plan
 
 __all__ = ["gradients"]
 
@@ -45,7 +45,8 @@ def _group_bwd_sums(
     x_ss,
     dy_sc,
     dy_ss,
-    CPG,
+    c_lo,
+    c_hi,
     s_lo,
     s_hi,
     PC,  # P·C, the plane stride of DWDB
@@ -57,21 +58,20 @@ def _group_bwd_sums(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """Σ dx̂ and Σ dx̂·x̂ over channels [0, CPG) × positions [s_lo, s_hi) of one group;
-    also writes that range's dγ/dβ partial sums to row ``row`` of DWDB."""
+    """Σ dx̂ and Σ dx̂·x̂ over channels [c_lo, c_hi) × positions [s_lo, s_hi) of one group
+    (per-lane accumulators, one reduction at the end); also writes those channels' dγ/dβ
+    partial sums to row ``row`` of DWDB."""
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
-    sum1 = tl.full([], 0.0, ACC)
-    sum2 = tl.full([], 0.0, ACC)
-    for c0 in range(0, CPG, BLOCK_C):
+    acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c0 + offs_c
-        cm = c < CPG
+        cm = c < c_hi
         w = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C)
         b = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
         acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
         acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
-        acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
-        acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + offs_s
             mask = cm[:, None] & (s < s_hi)[None, :]
@@ -79,7 +79,7 @@ def _group_bwd_sums(
             ss = s[None, :].to(tl.int64)
             x = tl.load(xb + cc * x_sc + ss * x_ss, mask=mask, other=0.0).to(ACC)
             dy = tl.load(dyb + cc * dy_sc + ss * dy_ss, mask=mask, other=0.0).to(ACC)
-            xhat = ((x - shift) - mean) * rstd
+            xhat = tl.where(mask, ((x - shift) - mean) * rstd, 0.0)
             dz = dy
             if ACT != 0:
                 dz = tl.where(mask, act_backward(dy, xhat * w[:, None] + b[:, None], ACT), 0.0)
@@ -93,9 +93,7 @@ def _group_bwd_sums(
             tl.store(out, total(acc_dw, 1), mask=cm)
         if HAS_B:
             tl.store(out + PC, total(acc_db, 1), mask=cm)
-        sum1 += total(acc1, None)
-        sum2 += total(acc2, None)
-    return sum1, sum2
+    return total(acc1, None), total(acc2, None)
 
 
 @triton.jit
@@ -107,7 +105,7 @@ def _group_norm_bwd_stats(
     MEAN,  # (N·G,) ACC: mean of (x − pivot)
     RSTD,  # (N·G,) ACC
     PART,  # (2, N·G, SPLIT) ACC out: Σ dx̂ and Σ dx̂·x̂ per split
-    DWDB,  # (2, N·SPLIT, C) ACC out: dγ/dβ partial rows
+    DWDB,  # (2, N·SPLIT_S, C) ACC out: dγ/dβ partial rows
     x_sn,
     x_sc,
     x_ss,
@@ -119,7 +117,9 @@ def _group_norm_bwd_stats(
     G,
     CPG,
     SPLIT,
-    CHUNK,
+    SPLIT_S,
+    CHUNK_C,
+    CHUNK_S,
     PC,
     ACC: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -138,12 +138,12 @@ def _group_norm_bwd_stats(
     shift = tl.load(xb).to(ACC)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
-    s_lo = sp * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
-    row = n.to(tl.int64) * SPLIT + sp
+    c_lo, c_hi, s_lo, s_hi, si = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
+    # Row (n, position chunk) of DWDB: the channel chunks of a group write disjoint columns.
+    row = n.to(tl.int64) * SPLIT_S + si
     sum1, sum2 = _group_bwd_sums(
         xb, dyb, W, B, DWDB, row, c_first, shift, mean, rstd, x_sc, x_ss, dy_sc, dy_ss,
-        CPG, s_lo, s_hi, PC, C, ACC, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S,
+        c_lo, c_hi, s_lo, s_hi, PC, C, ACC, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S,
     )  # fmt: skip
     plane = tl.num_programs(0) * SPLIT
     tl.store(PART + ng * SPLIT + sp, sum1)
@@ -175,7 +175,9 @@ def _group_norm_bwd_dx(
     G,
     CPG,
     SPLIT,
-    CHUNK,
+    SPLIT_S,
+    CHUNK_C,
+    CHUNK_S,
     PC,
     ACC: tl.constexpr,
     ONE_PASS: tl.constexpr,
@@ -200,7 +202,7 @@ def _group_norm_bwd_dx(
     if ONE_PASS:
         sum1, sum2 = _group_bwd_sums(
             xb, dyb, W, B, DWDB, n.to(tl.int64), c_first, shift, mean, rstd, x_sc, x_ss,
-            dy_sc, dy_ss, CPG, 0, S, PC, C, ACC, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S,
+            dy_sc, dy_ss, 0, CPG, 0, S, PC, C, ACC, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S,
         )  # fmt: skip
     else:
         p = tl.arange(0, BLOCK_P)
@@ -211,13 +213,12 @@ def _group_norm_bwd_dx(
     c1 = sum1 / (CPG * S)
     c2 = sum2 / (CPG * S)
 
-    s_lo = sp * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
+    c_lo, c_hi, s_lo, s_hi, _ = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
-    for c0 in range(0, CPG, BLOCK_C):
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c0 + offs_c
-        cm = c < CPG
+        cm = c < c_hi
         w = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C)
         b = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
         for s0 in range(s_lo, s_hi, BLOCK_S):
@@ -272,7 +273,7 @@ def gradients(
         db = None if bias is None else torch.zeros_like(bias)
         return dx, dw, db
     one_pass = p.split == 1
-    rows = p.n * p.split
+    rows = p.n * p.split_s
     dwdb = empty((2, rows, p.c), acc, x.device) if has_w or has_b else mean
     part = mean if one_pass else empty((2, p.rows, p.split), acc, x.device)
     pc = rows * p.c
@@ -285,12 +286,13 @@ def gradients(
         _group_norm_bwd_stats[p.grid](
             x, dy, *wb, mean, rstd, part, dwdb,
             x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss,
-            p.c, p.s, num_groups, p.width, p.split, p.chunk, pc, **common,
+            p.c, p.s, num_groups, p.width, p.split, p.split_s, p.chunk_c, p.chunk_s, pc,
+            **common,
         )  # fmt: skip
     _group_norm_bwd_dx[p.grid](
         x, dy, dx, *wb, mean, rstd, part, dwdb,
         x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss,
-        p.c, p.s, num_groups, p.width, p.split, p.chunk, pc,
+        p.c, p.s, num_groups, p.width, p.split, p.split_s, p.chunk_c, p.chunk_s, pc,
         ONE_PASS=one_pass, BLOCK_P=p.block_p, **common,
     )  # fmt: skip
     dw = db = None

@@ -14,13 +14,25 @@ from torch import Tensor
 from .._core.stats import acc_dtype
 from ._common import Plan, apply_act, empty, empty_like, load_channels, ncs, tl_acc, total
 
-__all__ = ["normalize", "plan"]
+__all__ = ["normalize", "piece", "plan"]
 
 
 def plan(x: Tensor, num_groups: int, x_sc: int, x_ss: int) -> Plan:
-    """One program per (n, group), the positions split over several programs per
-    group when N·G programs alone would leave the device idle."""
+    """One program per (n, group); when N·G programs alone would leave the device idle,
+    each group's (C/G)·S extent is split over several programs (channel chunks ×
+    position chunks)."""
     return Plan(x, x_sc, x_ss, groups=num_groups, may_split=True)
+
+
+@triton.jit
+def piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S):
+    """``(c_lo, c_hi, s_lo, s_hi, s_index)``: the channels (of the group) and positions of
+    piece ``sp`` of a group's extent, and its position-chunk index."""
+    cs = sp // SPLIT_S
+    si = sp % SPLIT_S
+    c_lo = cs * CHUNK_C
+    s_lo = si * CHUNK_S
+    return c_lo, tl.minimum(c_lo + CHUNK_C, CPG), s_lo, tl.minimum(s_lo + CHUNK_S, S), si
 
 
 @triton.jit
@@ -29,43 +41,46 @@ def _group_moments(
     shift,  # scalar ACC: the pivot subtracted from every element
     x_sc,
     x_ss,
-    CPG,
+    c_lo,
+    c_hi,
     s_lo,
     s_hi,
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """Count, mean and M2 of ``x − shift`` over channels [0, CPG) × positions [s_lo, s_hi)."""
+    """Count, mean and M2 of ``x − shift`` over channels [c_lo, c_hi) × positions
+    [s_lo, s_hi): Welford's update in every lane of the tile, then one merge of the
+    lanes (Chan's formula for many parts: mean = Σ n_l m_l / n,
+    M2 = Σ M2_l + Σ n_l (m_l − mean)²)."""
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
-    count = tl.full([], 0.0, ACC)
-    mean = tl.full([], 0.0, ACC)
-    m2 = tl.full([], 0.0, ACC)
-    for c0 in range(0, CPG, BLOCK_C):
+    cnt = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    mu = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    q = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c0 + offs_c
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + offs_s
-            mask = (c < CPG)[:, None] & (s < s_hi)[None, :]
+            mask = (c < c_hi)[:, None] & (s < s_hi)[None, :]
             ptrs = xb + c[:, None].to(tl.int64) * x_sc + s[None, :].to(tl.int64) * x_ss
             d = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
-            # The tile's exact two-pass moments, then Chan's merge into the running ones.
-            nb = total(mask.to(ACC), None)
-            mb = total(d, None) / nb
-            e = tl.where(mask, d - mb, 0.0)
-            m2b = total(e * e, None)
-            tot = count + nb
-            delta = mb - mean
-            mean = mean + delta * (nb / tot)
-            m2 = m2 + m2b + delta * delta * (count * (nb / tot))
-            count = tot
+            m = mask.to(ACC)
+            cnt += m
+            delta = d - mu
+            mu += delta * (m / tl.maximum(cnt, 1.0))
+            q += m * delta * (d - mu)
+    count = total(cnt, None)
+    mean = total(cnt * mu, None) / tl.maximum(count, 1.0)
+    dev = mu - mean
+    m2 = total(q, None) + total(cnt * dev * dev, None)
     return count, mean, m2
 
 
 @triton.jit
 def _group_norm_fwd_stats(
     X,  # (N, C, S) input, strides (x_sn, x_sc, x_ss)
-    PART,  # (3, N·G, SPLIT) ACC out: count, mean and M2 of (x − pivot) per split
+    PART,  # (3, N·G, SPLIT) ACC out: count, mean and M2 of (x − pivot) per piece
     x_sn,
     x_sc,
     x_ss,
@@ -73,7 +88,9 @@ def _group_norm_fwd_stats(
     G,
     CPG,
     SPLIT,
-    CHUNK,  # positions per split
+    SPLIT_S,
+    CHUNK_C,  # channels per piece
+    CHUNK_S,  # positions per piece
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -84,9 +101,10 @@ def _group_norm_fwd_stats(
     g = ng % G
     xb = X + n.to(tl.int64) * x_sn + (g * CPG).to(tl.int64) * x_sc
     shift = tl.load(xb).to(ACC)
-    s_lo = sp * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
-    count, mean, m2 = _group_moments(xb, shift, x_sc, x_ss, CPG, s_lo, s_hi, ACC, BLOCK_C, BLOCK_S)
+    c_lo, c_hi, s_lo, s_hi, _ = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
+    count, mean, m2 = _group_moments(
+        xb, shift, x_sc, x_ss, c_lo, c_hi, s_lo, s_hi, ACC, BLOCK_C, BLOCK_S
+    )
     plane = tl.num_programs(0) * SPLIT
     out = PART + ng * SPLIT + sp
     tl.store(out, count)
@@ -102,7 +120,7 @@ def _group_norm_fwd(
     B,  # (C,) β, read when HAS_B
     MEAN,  # (N·G,) ACC out: mean of (x − pivot)
     RSTD,  # (N·G,) ACC out: 1/sqrt(var + eps)
-    PART,  # (3, N·G, SPLIT) ACC in when not ONE_PASS: count, mean, M2 per split
+    PART,  # (3, N·G, SPLIT) ACC in when not ONE_PASS: count, mean, M2 per piece
     x_sn,
     x_sc,
     x_ss,
@@ -113,7 +131,9 @@ def _group_norm_fwd(
     G,
     CPG,
     SPLIT,
-    CHUNK,
+    SPLIT_S,
+    CHUNK_C,
+    CHUNK_S,
     eps,
     ACC: tl.constexpr,
     ONE_PASS: tl.constexpr,  # SPLIT == 1: compute the statistics here
@@ -133,9 +153,9 @@ def _group_norm_fwd(
     yb = Y + n.to(tl.int64) * y_sn + c_first.to(tl.int64) * y_sc
     shift = tl.load(xb).to(ACC)
     if ONE_PASS:
-        count, mean, m2 = _group_moments(xb, shift, x_sc, x_ss, CPG, 0, S, ACC, BLOCK_C, BLOCK_S)
+        count, mean, m2 = _group_moments(xb, shift, x_sc, x_ss, 0, CPG, 0, S, ACC, BLOCK_C, BLOCK_S)
     else:
-        # Merge the splits: mean = Σ n_i m_i / n, M2 = Σ M2_i + Σ n_i (m_i − mean)².
+        # Merge the pieces: mean = Σ n_i m_i / n, M2 = Σ M2_i + Σ n_i (m_i − mean)².
         p = tl.arange(0, BLOCK_P)
         pm = p < SPLIT
         plane = tl.num_programs(0) * SPLIT
@@ -153,13 +173,12 @@ def _group_norm_fwd(
         tl.store(MEAN + ng, mean)
         tl.store(RSTD + ng, rstd)
 
-    s_lo = sp * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
+    c_lo, c_hi, s_lo, s_hi, _ = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
-    for c0 in range(0, CPG, BLOCK_C):
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c0 + offs_c
-        cm = c < CPG
+        cm = c < c_hi
         # Fold rstd into the scale: z = (x − pivot − mean)·(r·γ) + β.
         scale = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C) * rstd
         shift_out = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
@@ -194,8 +213,8 @@ def normalize(
     common: dict[str, Any] = dict(ACC=tl_acc(x.dtype), BLOCK_C=p.block_c, BLOCK_S=p.block_s)
     if not one_pass:
         _group_norm_fwd_stats[p.grid](
-            x, part, x_sn, x_sc, x_ss, p.s, num_groups, p.width, p.split, p.chunk,
-            num_warps=p.warps, **common,
+            x, part, x_sn, x_sc, x_ss, p.s, num_groups, p.width,
+            p.split, p.split_s, p.chunk_c, p.chunk_s, num_warps=p.warps, **common,
         )  # fmt: skip
     _group_norm_fwd[p.grid](
         x, y,
@@ -203,7 +222,7 @@ def normalize(
         x if bias is None else bias,
         mean, rstd, part,
         x_sn, x_sc, x_ss, y_sn, y_sc, y_ss,
-        p.s, num_groups, p.width, p.split, p.chunk, eps,
+        p.s, num_groups, p.width, p.split, p.split_s, p.chunk_c, p.chunk_s, eps,
         ONE_PASS=one_pass, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
         BLOCK_P=p.block_p, num_warps=p.warps, **common,
     )  # fmt: skip
