@@ -210,7 +210,7 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     check_report_outputs(args.out, args.json)
-    check_store_path(args.db, write=False)
+    check_store_path(args.db, write=False, option="store")
     from .report import summarize, write_json, write_report
     from .store import RunStore
 

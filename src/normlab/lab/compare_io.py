@@ -138,6 +138,7 @@ def groups_from_store(db: str | Path, cells: Sequence[str]) -> list[Group]:
 
     available = ", ".join(name(c) for c in table)
     groups = []
+    given: dict[str, str] = {}  # cell name -> the spec that named it
     for spec in cells:
         m = _CELL.match(spec)
         if m is None:
@@ -153,6 +154,12 @@ def groups_from_store(db: str | Path, cells: Sequence[str]) -> list[Group]:
                 f"{db}: cell {spec!r} holds runs of {len(found)} protocols; name one: "
                 + ", ".join(name(c) for c in found)
             )
-        groups.append(Group(name(found[0]), tuple(found[0].errors)))
-    _unique([g.name for g in groups])
+        cell = name(found[0])
+        if cell in given:
+            raise ValueError(
+                f"cells {given[cell]!r} and {spec.strip()!r} are the same cell {cell} (norm "
+                "names ignore case and -/_); name each cell once"
+            )
+        given[cell] = spec.strip()
+        groups.append(Group(cell, tuple(found[0].errors)))
     return groups
