@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -101,3 +105,25 @@ def test_cli_kernels_suite_writes_csv(tmp_path, capsys):
     assert {row["layout"] for row in rows} == {"nhwc"}
     assert "GB/s" in capsys.readouterr().out
     assert main(["bench", "--suite", "kernels", "--layouts", "nhcw", "--reps", "1"]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_runs_every_section_under_the_interpreter(tmp_path):
+    """benchmarks/gpu_check.py is known to start: --tiny on CPU, Triton's interpreter."""
+    pytest.importorskip("triton")
+    script = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    out = tmp_path / "check.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_TRITON")}
+    subprocess.run(
+        [sys.executable, str(script), "--tiny", "--out", str(out)],
+        check=True, timeout=600, env=env, capture_output=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    for name in ("env", "correctness", "determinism", "big_tensor", "cuda_graph", "speed"):
+        assert "error" not in result[name], (name, result[name])
+    assert set(result["env"]["auto_picks"].values()) == {"torch"}
+    assert result["correctness"]["all_ok"] and len(result["correctness"]["cases"]) > 20
+    assert result["determinism"]["bitwise_equal_over_3_runs"]
+    providers = {r["provider"] for r in result["speed"]["records"]}
+    assert providers == {"normlab-triton", "torch"}
+    assert all("regime" in r for r in result["speed"]["records"])

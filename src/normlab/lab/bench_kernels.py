@@ -17,9 +17,12 @@ Timing: on CUDA each call sits between two CUDA events, after a write of a buffe
 than L2 (so no call finds its inputs cached) and rotating over several input sets; on
 CPU ``time.perf_counter`` around each call. Providers are interleaved call by call, so
 background load hits all alike and ratios stay meaningful. Backward is timed alone by
-differentiating a retained graph (``torch.autograd.grad``, no accumulation into
-``.grad``). Memory: on CUDA the peak allocated during forward+backward above what was
-allocated before; on CPU the bytes autograd saves for backward.
+differentiating a graph built, untimed, just before (``torch.autograd.grad``, no
+``retain_graph``, which compiled backwards with donated buffers refuse; no accumulation
+into ``.grad``). Before timing, every provider's output is checked against torch eager's;
+a provider that disagrees is skipped with the error. Memory: on CUDA the peak allocated
+during forward+backward above what was allocated before; on CPU the bytes autograd saves
+for backward.
 
 Library code returning records: ``normlab bench --suite kernels`` prints and stores them.
 """
@@ -119,7 +122,9 @@ def _build(layer: str, provider: str, c: int) -> nn.Module:
     if provider == "torch":
         return spec["torch"](c)
     if provider == "torch.compile":
-        return torch.compile(spec["torch"](c))  # type: ignore[return-value]
+        # One compiled module per shape and config, static shapes (no shared forward
+        # recompiling as dynamic).
+        return torch.compile(spec["torch"](c), dynamic=False)  # type: ignore[return-value]
     raise ValueError(f"unknown provider {provider!r}; use one of {', '.join(ALL_PROVIDERS)}")
 
 
@@ -226,6 +231,7 @@ def bench_kernels(
                             raise
                         if progress is not None:
                             progress(f"{layer} {layout}: skipping {prov}: {e}")
+                _check_outputs(mods, xs[0], layer, layout, progress)
                 times = _time_phases(mods, xs, dy, timer, reps, warmup)
                 mem = {p: _memory_mib(m, xs[0], dy, device) for p, m in mods.items()}
                 for phase in PHASES:
@@ -272,6 +278,27 @@ def _copy_gbps(
     return 2 * src.numel() * src.element_size() / (statistics.median(ts) * 1e-3) / 1e9
 
 
+def _check_outputs(
+    mods: dict[str, nn.Module],
+    x: torch.Tensor,
+    layer: str,
+    layout: str,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Drop every provider whose output differs from torch eager's on ``x`` (the
+    tolerance of ``torch.testing.assert_close`` for the dtype, loosened 10x)."""
+    with torch.no_grad():
+        want = mods["torch"](x).float()
+        for prov in [p for p in mods if p != "torch"]:
+            got = mods[prov](x).float()
+            tol = 1e-4 if x.dtype == torch.float32 else 2e-2
+            err = (got - want).abs().max().item() if got.numel() else 0.0
+            if got.shape != want.shape or not err <= tol * (1.0 + want.abs().max().item()):
+                mods.pop(prov)
+                if progress is not None:
+                    progress(f"{layer} {layout}: skipping {prov}: output off by {err:.3g}")
+
+
 def _time_phases(
     mods: dict[str, nn.Module],
     xs: list[torch.Tensor],
@@ -282,22 +309,16 @@ def _time_phases(
 ) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {p: {ph: [] for ph in PHASES} for p in mods}
     wrt = {p: [*(q for q in m.parameters() if q.requires_grad)] for p, m in mods.items()}
-    # Retained graphs, one per input set, for timing backward alone.
-    graphs = {p: [m(x) for x in xs] for p, m in mods.items()}
     k = len(xs)
     for i in range(warmup + reps):
         x = xs[i % k]
         for p, m in mods.items():
-            y = graphs[p][i % k]
-            calls: dict[str, Callable[[], Any]] = {
-                "fwd": lambda m=m, x=x: m(x),
-                "bwd": lambda y=y, x=x, p=p: torch.autograd.grad(
-                    y, [x, *wrt[p]], dy, retain_graph=True
-                ),
-                "fwd+bwd": lambda m=m, x=x, p=p: torch.autograd.grad(m(x), [x, *wrt[p]], dy),
-            }
-            for phase, fn in calls.items():
-                t = timer(fn)
-                if i >= warmup:
+            # fwd, then bwd of a fresh graph (built here, untimed), then fwd+bwd.
+            t_fwd = timer(lambda m=m, x=x: m(x))
+            y = m(x)
+            t_bwd = timer(lambda y=y, x=x, p=p: torch.autograd.grad(y, [x, *wrt[p]], dy))
+            t_both = timer(lambda m=m, x=x, p=p: torch.autograd.grad(m(x), [x, *wrt[p]], dy))
+            if i >= warmup:
+                for phase, t in zip(PHASES, (t_fwd, t_bwd, t_both), strict=True):
                     out[p][phase].append(t)
     return out
