@@ -1,4 +1,4 @@
-"""Lazy package attributes (PEP 562), shared by ``normlab`` and ``normlab.lab``.
+"""Lazy package attributes (PEP 562), shared by ``normlab``, ``normlab.lab`` and the tools.
 
 A package lists its exported names and the submodule each lives in; the submodule is
 imported on first access, so importing the package costs nothing until a name is used
@@ -43,3 +43,8 @@ def lazy_attributes(
         return sorted(set(namespace) | names)
 
     return getattr_, dir_
+
+
+def names_from(modules: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, str | None]]:
+    """The ``sources`` of :func:`lazy_attributes` from each module and the names it exports."""
+    return {name: (module, name) for module, names in modules.items() for name in names}

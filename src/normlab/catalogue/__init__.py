@@ -12,12 +12,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes
+from .._lazy import lazy_attributes, names_from
 
 if TYPE_CHECKING:
     from .cases import CATALOGUE, LayerCase
-    from .selfcheck import CheckResult, check_case, prepare, randomize, run_checks
+    from .selfcheck import (
+        CheckResult,
+        check_case,
+        prepare,
+        randomize,
+        run_checks,
+    )
 
+#: Each module and the public names that live there.
+_MODULES = {
+    ".cases": ("CATALOGUE", "LayerCase"),
+    ".selfcheck": ("CheckResult", "check_case", "prepare", "randomize", "run_checks"),
+}
 __all__ = [
     "CATALOGUE",
     "CheckResult",
@@ -27,13 +38,6 @@ __all__ = [
     "randomize",
     "run_checks",
 ]
-
-#: Exported name -> (module it lives in, attribute there).
-_LAZY = {
-    "CATALOGUE": (".cases", "CATALOGUE"),
-    "LayerCase": (".cases", "LayerCase"),
-    **{n: (".selfcheck", n) for n in ("CheckResult", "check_case", "prepare", "randomize")},
-    "run_checks": (".selfcheck", "run_checks"),
-}
+_LAZY = names_from(_MODULES)
 
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)

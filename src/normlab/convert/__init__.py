@@ -12,15 +12,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes
+from .._lazy import lazy_attributes, names_from
 
 if TYPE_CHECKING:
     from ..fuse import fuse_conv_bn
     from ..kinds import is_batch_norm, is_frozen_batch_norm
     from .freeze import freeze_bn, unfreeze_bn
     from .norms import convert_norms
-    from .surgery import ConversionReport, Replacement, Skipped
+    from .surgery import (
+        ConversionReport,
+        Replacement,
+        Skipped,
+    )
 
+#: Each module and the public names that live there.
+_MODULES = {
+    ".surgery": ("ConversionReport", "Replacement", "Skipped"),
+    ".norms": ("convert_norms",),
+    ".freeze": ("freeze_bn", "unfreeze_bn"),
+    "..fuse": ("fuse_conv_bn",),
+    "..kinds": ("is_batch_norm", "is_frozen_batch_norm"),
+}
 __all__ = [
     "ConversionReport",
     "Replacement",
@@ -32,18 +44,6 @@ __all__ = [
     "is_frozen_batch_norm",
     "unfreeze_bn",
 ]
-
-#: Exported name -> (module it lives in, attribute there).
-_LAZY = {
-    "ConversionReport": (".surgery", "ConversionReport"),
-    "Replacement": (".surgery", "Replacement"),
-    "Skipped": (".surgery", "Skipped"),
-    "convert_norms": (".norms", "convert_norms"),
-    "freeze_bn": (".freeze", "freeze_bn"),
-    "unfreeze_bn": (".freeze", "unfreeze_bn"),
-    "fuse_conv_bn": ("..fuse", "fuse_conv_bn"),
-    "is_batch_norm": ("..kinds", "is_batch_norm"),
-    "is_frozen_batch_norm": ("..kinds", "is_frozen_batch_norm"),
-}
+_LAZY = names_from(_MODULES)
 
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)

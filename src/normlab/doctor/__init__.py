@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes
+from .._lazy import lazy_attributes, names_from
 
 if TYPE_CHECKING:
     from .codes import CODES, Finding
@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from .report import FindingGroup, LayerInfo, Report
     from .target import DoctorTargetError, load_target
 
+#: Each module and the public names that live there.
+_MODULES = {
+    ".codes": ("CODES", "Finding"),
+    ".diagnosis": ("DoctorForwardError", "diagnose"),
+    ".report": ("FindingGroup", "LayerInfo", "Report"),
+    ".target": ("DoctorTargetError", "load_target"),
+}
 __all__ = [
     "CODES",
     "DoctorForwardError",
@@ -31,18 +38,6 @@ __all__ = [
     "diagnose",
     "load_target",
 ]
-
-#: Exported name -> (module it lives in, attribute there).
-_LAZY = {
-    "CODES": (".codes", "CODES"),
-    "Finding": (".codes", "Finding"),
-    "DoctorForwardError": (".diagnosis", "DoctorForwardError"),
-    "diagnose": (".diagnosis", "diagnose"),
-    "FindingGroup": (".report", "FindingGroup"),
-    "LayerInfo": (".report", "LayerInfo"),
-    "Report": (".report", "Report"),
-    "DoctorTargetError": (".target", "DoctorTargetError"),
-    "load_target": (".target", "load_target"),
-}
+_LAZY = names_from(_MODULES)
 
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)

@@ -10,21 +10,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes
+from .._lazy import lazy_attributes, names_from
 
 if TYPE_CHECKING:
     from .check import compare_outputs
     from .folding import fuse_conv_bn
     from .report import REASONS, FuseReport
 
-__all__ = ["REASONS", "FuseReport", "compare_outputs", "fuse_conv_bn"]
-
-#: Exported name -> (module it lives in, attribute there).
-_LAZY = {
-    "REASONS": (".report", "REASONS"),
-    "FuseReport": (".report", "FuseReport"),
-    "compare_outputs": (".check", "compare_outputs"),
-    "fuse_conv_bn": (".folding", "fuse_conv_bn"),
+#: Each module and the public names that live there.
+_MODULES = {
+    ".report": ("REASONS", "FuseReport"),
+    ".check": ("compare_outputs",),
+    ".folding": ("fuse_conv_bn",),
 }
+__all__ = [
+    "FuseReport",
+    "REASONS",
+    "compare_outputs",
+    "fuse_conv_bn",
+]
+_LAZY = names_from(_MODULES)
 
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)

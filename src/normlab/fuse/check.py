@@ -12,8 +12,8 @@ Three checks guard :func:`normlab.fuse.fuse_conv_bn`, from cheapest to strongest
   conv on the input each original conv really receives and compare it with what
   the original BN really returns. It is local, so it does not depend on
   anything downstream (detections whose order changes with rounding);
-- an *output* check: the model's outputs before and after, compared where they
-  are comparable (see :func:`compare_outputs`).
+- an *output* check: the model's outputs before and after, where comparable
+  (:func:`compare_outputs`).
 """
 
 from __future__ import annotations

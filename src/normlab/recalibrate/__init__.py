@@ -12,22 +12,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes
+from .._lazy import lazy_attributes, names_from
 
 if TYPE_CHECKING:
     from .population import KINDS, recalibration_kind
-    from .recalibration import RecalibrationReport, recalibrate
+    from .recalibration import (
+        RecalibrationReport,
+        recalibrate,
+    )
 
-__all__ = ["KINDS", "RecalibrationReport", "recalibrate", "recalibration_kind"]
-
-#: Exported name -> (module it lives in, attribute there). ``_Population`` is the
-#: exact-moments accumulator, for tests that compare against it.
-_LAZY = {
-    "KINDS": (".population", "KINDS"),
-    "RecalibrationReport": (".recalibration", "RecalibrationReport"),
-    "recalibrate": (".recalibration", "recalibrate"),
-    "recalibration_kind": (".population", "recalibration_kind"),
-    "_Population": (".population", "Population"),
+#: Each module and the public names that live there.
+_MODULES = {
+    ".population": ("KINDS", "recalibration_kind"),
+    ".recalibration": ("RecalibrationReport", "recalibrate"),
 }
+__all__ = [
+    "KINDS",
+    "RecalibrationReport",
+    "recalibrate",
+    "recalibration_kind",
+]
+_LAZY = names_from(_MODULES)
+_LAZY["_Population"] = (".population", "Population")  # the accumulator, for tests
 
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)

@@ -1,29 +1,16 @@
 """Dependency levels of a model's normalization layers, read from one traced forward.
 
-Layer B depends on layer A when B's input is computed from A's output. In eval
-mode a layer's output depends on its own running statistics, so B's input
-statistics (and hence B's recalibrated statistics) depend on A's; the levels
-order the layers so that every layer comes after all the layers it depends on:
-
-- level 0: layers whose input depends on no recalibrated layer;
-- level k: layers whose deepest dependency is at level k − 1.
-
-One pass per level over the data, writing each level's new statistics before the
-next pass, then gives every layer the statistics of its input under the *new*
-statistics of everything upstream: the eval-mode fixed point. A group of layers
-that depend on each other (a layer called twice in one forward, the second
-input computed from the first output) shares a level and is marked cyclic: only
-iterating its pass reaches the fixed point.
-
-How the dependencies are found: one forward under autograd on a batch, with the
-output of every layer replaced by a fresh leaf tensor that requires grad (a
-clone of it: numerically the same). Walking back through the autograd graph
-from a layer's input stops at those leaves, which name its direct
-dependencies. Dependencies that autograd does not record (``detach()``, code run
-under ``torch.no_grad()``, integer or boolean intermediates) are not seen;
-``levels="sequential"`` in :func:`normlab.recalibrate.recalibrate` needs none, and
-is used instead when a layer runs with autograd off (a ``forward_fn`` or model
-that runs under ``torch.no_grad()`` or ``torch.inference_mode()``).
+Layer B depends on layer A when B's input is computed from A's output; in eval mode B's
+recalibrated statistics then depend on A's. Level 0 holds the layers that depend on no
+recalibrated layer, level k those whose deepest dependency is at level k − 1; one pass
+per level, each writing its statistics before the next, reaches the eval-mode fixed
+point. Layers that depend on each other (one called twice in a forward) share a level
+marked cyclic, whose pass is repeated. The dependencies come from one forward under
+autograd with every layer's output replaced by a fresh leaf that requires grad (a
+clone: numerically the same): walking back from a layer's input stops at those leaves.
+Dependencies autograd does not record (``detach()``, ``torch.no_grad()``, integer
+intermediates) are not seen; ``levels="sequential"`` needs none, and is used when a
+layer runs with autograd off.
 """
 
 from __future__ import annotations
