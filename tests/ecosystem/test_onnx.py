@@ -255,14 +255,18 @@ def test_small_cnn_exports_and_matches(exporter):
 
 
 def test_auto_backend_is_torch_under_onnx_export(monkeypatch):
-    """A CUDA input under export takes the torch path: ONNX has no Triton ops."""
-    from types import SimpleNamespace
-
+    """A CUDA input under export takes the torch path: ONNX has no Triton ops (even with
+    the kernels switched on by NORMLAB_TRITON=1)."""
     from normlab._core import dispatch
     from normlab._core.dispatch import resolve_backend
 
-    cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.float32)  # a stand-in
+    cuda_x = torch.randn(2, 4, 3, 3)  # taken for a CUDA tensor on a tested GPU below
+    monkeypatch.setattr(dispatch, "_is_cuda", lambda x: True)
     monkeypatch.setattr(dispatch, "available", lambda: True)
+    monkeypatch.setattr(dispatch, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(dispatch, "_rocm", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 8))
+    monkeypatch.setenv("NORMLAB_TRITON", "1")
     assert resolve_backend("frozen_batch_norm", "auto", cuda_x) == "triton"
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     for op in ("frozen_batch_norm", "batch_norm_eval", "group_norm", "filter_response_norm"):
