@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .export import onnx_exporting
-from .stats import acc_dtype, rstd
+from .export import onnx_exporting, recording, rsqrt
+from .stats import acc_dtype
 
 
 def channel_shape(x: Tensor, channel_dim: int = 1) -> list[int]:
@@ -25,12 +25,28 @@ def affine_normalize(
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """``(x − mean)·γ/sqrt(var + eps) + β`` with per-channel (dim 1) statistics.
+    """``(x − mean)·γ/sqrt(var + eps) + β`` with per-channel (dim 1) *stored* statistics.
 
     Written as ``(x − mean)·scale + β`` and not ``x·scale + (β − mean·scale)``:
     the folded form cancels catastrophically on off-center data (mean 1e4, std
     1e-2 loses every digit in fp32), the subtraction of a nearby mean does not.
-    Computed in the accumulation dtype; returned in ``x``'s dtype.
+    Computed in the accumulation dtype; returned in ``x``'s dtype. ``var`` is
+    used as given (no clamp): the callers pass it through
+    :func:`normlab._core.checks.stored_variance`.
+
+    How, by what autograd needs (same formula, the fastest torch ops for each):
+
+    * no gradient for γ, β, mean or var: ``x − mean``, then torch's eval
+      ``F.batch_norm`` on the centered data with mean 0 (its kernel's folding,
+      ``xc·(γ/σ) + (β − 0)``, is exact there): two vectorized passes. Where the
+      input needs a gradient, ``xc·scale + β`` instead, whose backward is one
+      multiply (F.batch_norm's native backward does more work and saves ``xc``).
+    * γ or β need a gradient: ``x − mean``, then F.batch_norm, whose native
+      backward computes the input, γ and β gradients in one reduction and one
+      elementwise pass.
+    * mean or var need a gradient (F.batch_norm gives them none), or a graph is
+      recorded (:func:`normlab._core.export.recording`: one graph whatever the
+      autograd state of the call): the composite ``xc·scale + β``.
 
     Under ONNX export it is :func:`torch.nn.functional.batch_norm` with these
     statistics instead, which exports as one ``BatchNormalization`` node (see
@@ -40,15 +56,24 @@ def affine_normalize(
     if onnx_exporting():
         return _exported_batch_norm(x, mean, var, weight, bias, eps, acc)
     shape = channel_shape(x)
-    scale = rstd(var.to(acc), eps)
-    if weight is not None:
-        scale = scale * weight.to(acc)
-    xc = x.to(acc) - mean.to(acc).reshape(shape)
-    if bias is not None:
-        y = bias.to(acc).reshape(shape).addcmul(xc, scale.reshape(shape))
-    else:
-        y = xc * scale.reshape(shape)
-    return y.to(x.dtype)
+    # x − mean in acc (type promotion: one pass for half input, no separate cast).
+    xc = torch.sub(x, mean.to(acc).reshape(shape))
+    w, b = _cast(weight, acc), _cast(bias, acc)
+    affine_grad = any(t is not None and t.requires_grad for t in (weight, bias))
+    input_grad_only = torch.is_grad_enabled() and x.requires_grad and not affine_grad
+    if not (mean.requires_grad or var.requires_grad or input_grad_only or recording()):
+        zero = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+        y = F.batch_norm(xc, zero, _cast(var, acc), w, b, False, 0.0, eps)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    scale = rsqrt(var.to(acc) + eps)
+    y = xc * (scale if w is None else scale * w).reshape(shape)
+    if b is not None:
+        y = y + b.reshape(shape)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _exported_batch_norm(
@@ -61,9 +86,8 @@ def _exported_batch_norm(
     acc: torch.dtype,
 ) -> Tensor:
     """Eval-mode ``F.batch_norm`` in ``acc``; no ``Cast`` nodes where dtypes already agree."""
-
-    def cast(t: Tensor | None) -> Tensor | None:
-        return t if t is None or t.dtype == acc else t.to(acc)
-
-    y = F.batch_norm(cast(x), cast(mean), cast(var), cast(weight), cast(bias), False, 0.0, eps)
+    y = F.batch_norm(
+        _cast(x, acc), _cast(mean, acc), _cast(var, acc), _cast(weight, acc), _cast(bias, acc),
+        False, 0.0, eps,
+    )  # fmt: skip
     return y if y.dtype == x.dtype else y.to(x.dtype)
