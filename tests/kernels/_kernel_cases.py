@@ -1,5 +1,5 @@
 """Shared pieces of the kernel tests: device, layouts, activations in float64 NumPy,
-running a kernel and its backward, the tile override.
+running a kernel and its backward, the split and determinism checks.
 
 A case is a frozen dataclass in each test module's table; ids are its label.
 """
@@ -88,6 +88,23 @@ def run(fn, inputs: dict, seed: int = 7):
     return y, dy, dict(zip(names, grads, strict=True))
 
 
+def assert_deterministic(fn, inputs: dict, seed: int = 7) -> None:
+    """Two runs of ``fn`` on the same inputs give bitwise-equal outputs and gradients
+    (no atomics, fixed merge orders)."""
+    first = run(fn, inputs, seed)
+    second = run(fn, inputs, seed)
+    assert torch.equal(first[0], second[0]), "y differs between two runs"
+    for name, g in first[2].items():
+        assert torch.equal(g, second[2][name]), f"d{name} differs between two runs"
+
+
+def assert_splits(plan, *, channels: bool = False) -> None:
+    """The plan cuts each reduction over several programs (and, with ``channels``,
+    the channels of a group too): a case meant to test the split really takes it."""
+    assert plan.split > 1, f"the case does not split its reduction ({plan.grid=})"
+    assert plan.split_c > 1 or not channels, "the case does not split channels"
+
+
 def check(actual: torch.Tensor, expected, dtype: torch.dtype, what: str, **tol) -> None:
     assert actual is not None, f"{what}: no gradient"
     assert torch.isfinite(actual.float()).all(), f"{what}: NaN/inf (an unwritten output?)"
@@ -106,6 +123,8 @@ __all__ = [
     "HALF",
     "act_backward",
     "act_forward",
+    "assert_deterministic",
+    "assert_splits",
     "check",
     "layout",
     "make_param",

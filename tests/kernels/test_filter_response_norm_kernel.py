@@ -9,6 +9,8 @@ import torch
 from _kernel_cases import (
     DEVICE,
     HALF,
+    assert_deterministic,
+    assert_splits,
     check,
     make_param,
     make_x,
@@ -24,6 +26,7 @@ import normlab.reference as R
 requires_kernels()
 
 from normlab.kernels import _common, fused_filter_response_norm  # noqa: E402
+from normlab.kernels._common import channel_plan  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,9 @@ class FRNCase:
     affine: bool = True
     learnable_eps: bool = True
     eps: float = 1e-2  # large enough that dε is well above rounding
-    tile: int | None = None
+    tile: int | None = None  # interpreter tile override: multi-tile loops and splits
+    split: bool = False  # the case must split each (n, c) row over several programs
+    loc: float = 0.5  # the data's center (FRN subtracts no mean: large ν²)
 
 
 CASES = [
@@ -50,9 +55,21 @@ CASES = [
     FRNCase("3d-channels_last", (2, 3, 2, 3, 2), "cl"),
     FRNCase("multi-tile", (2, 5, 6, 5), tile=16),
     FRNCase("multi-tile-channels_last", (2, 6, 5, 3), "cl", tile=16),
+    # Each (n, c) row's positions split over several programs.
+    FRNCase("s-split-N=1", (1, 3, 7, 3), tile=16, split=True),
+    FRNCase("s-split-channels_last", (1, 6, 5, 3), "cl", tile=16, split=True),
+    FRNCase("s-split-channels_last-N=2", (2, 5, 3, 7), "cl", tile=8, split=True),
+    FRNCase(
+        "s-split-no-tlu-float-eps", (1, 3, 5, 5), tlu=False, learnable_eps=False, tile=8, split=True
+    ),
+    FRNCase("s-split-no-affine-cl", (1, 6, 4, 3), "cl", affine=False, tile=8, split=True),
+    FRNCase("s-split-(N,C,L)-cl", (1, 6, 11), "cl", tile=8, split=True),
+    FRNCase("s-split-3d", (1, 3, 3, 2, 5), tile=8, split=True),
+    FRNCase("s-split-off-center", (1, 3, 6, 5), tile=8, split=True, loc=1e3),
+    FRNCase("S=1-N=1-small-tile", (1, 5, 1), tile=4),
 ]
-HALF_CASES = {"nonpow2-C-and-HW", "channels_last"}
-FP64_CASES = {"nonpow2-C-and-HW", "multi-tile-channels_last"}
+HALF_CASES = {"nonpow2-C-and-HW", "channels_last", "s-split-channels_last", "s-split-N=1"}
+FP64_CASES = {"nonpow2-C-and-HW", "multi-tile-channels_last", "s-split-channels_last-N=2"}
 
 PARAMS = [pytest.param(c, torch.float32, id=f"{c.label}-fp32") for c in CASES]
 PARAMS += [
@@ -69,7 +86,10 @@ def test_frn_kernel_matches_reference(case: FRNCase, dtype, monkeypatch):
         monkeypatch.setattr(_common, "INTERPRET_TILE", case.tile)
     c = case.shape[1]
     pdt = param_dtype(dtype)
-    x = make_x(case.shape, dtype, case.layout, loc=0.5, scale=1.5)
+    x = make_x(case.shape, dtype, case.layout, loc=case.loc, scale=1.5)
+    if case.split:
+        _, _, sc, ss = _common.ncs(x)
+        assert_splits(channel_plan(x, sc, ss))
     inputs = dict(input=x)
     if case.affine:
         inputs["weight"] = make_param(c, pdt, seed=1)
@@ -104,6 +124,8 @@ def test_frn_kernel_matches_reference(case: FRNCase, dtype, monkeypatch):
         check(grads["tau"], g_ref["dtau"], pcheck, "dtau")
     if case.learnable_eps:
         check(grads["eps"], g_ref["deps"], pcheck, "deps")
+    if case.split:
+        assert_deterministic(fused_filter_response_norm, inputs)
 
 
 def test_frn_without_spatial_dims_is_refused():

@@ -25,7 +25,7 @@ import normlab.reference as R
 requires_kernels()
 
 from normlab.kernels import _common, fused_frozen_batch_norm  # noqa: E402
-from normlab.kernels.frozen_batch_norm import plan  # noqa: E402
+from normlab.kernels._common import channel_plan as plan  # noqa: E402
 
 
 @dataclass(frozen=True)

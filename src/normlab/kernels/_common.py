@@ -194,6 +194,13 @@ class Plan:
         self.warps = num_warps(self.block_c * self.block_s)
 
 
+def channel_plan(x: Tensor, x_sc: int, x_ss: int) -> Plan:
+    """The plan of the per-channel kernels (frozen BN, FRN, Switchable Norm): one program
+    per (n, block of channels), each row's positions split over several programs when
+    those alone would leave the device idle."""
+    return Plan(x, x_sc, x_ss, may_split=True)
+
+
 # The one reduction of the kernels is tl.sum. Under the interpreter a @triton.jit helper
 # of triton.language runs only if the interpreter wrapped it, i.e. TRITON_INTERPRET=1 was
 # set before triton's first import (torch._dynamo, for one, imports triton early); so
@@ -296,6 +303,25 @@ def load_channels(
     else:
         v = tl.full([BLOCK_C], FILL, ACC)
     return v
+
+
+@triton.jit
+def sum_split(PART, row0, SPLIT, c, cm, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``Σ_{q < SPLIT} PART[row0 + q, c]`` for a (rows, C) buffer of per-piece partial
+    sums, added in the order of q: every program that needs the total of one (n, c)
+    computes it bitwise alike (no atomics, the same result run after run)."""
+    acc = tl.full([BLOCK_C], 0.0, ACC)
+    for q in range(0, SPLIT):
+        acc += tl.load(PART + (row0 + q) * C + c, mask=cm, other=0.0).to(ACC)
+    return acc
+
+
+@triton.jit
+def s_range(S, CHUNK):
+    """``(s_lo, s_hi)``: the positions of the program's piece along axis 1 of a
+    :class:`Plan` grid (CHUNK positions; the last piece shorter)."""
+    s_lo = tl.program_id(1) * CHUNK
+    return s_lo, tl.minimum(s_lo + CHUNK, S)
 
 
 @triton.jit

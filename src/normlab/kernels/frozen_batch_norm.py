@@ -33,10 +33,10 @@ from torch import Tensor
 
 from .._core.stats import acc_dtype
 from ._common import (
-    Plan,
     act_backward,
     apply_act,
     channel_block,
+    channel_plan,
     empty,
     empty_like,
     kernel_backward,
@@ -48,7 +48,7 @@ from ._common import (
     total,
 )
 
-__all__ = ["FrozenBatchNormTriton", "affine_vectors", "plan"]
+__all__ = ["FrozenBatchNormTriton", "affine_vectors"]
 
 
 @triton.jit
@@ -171,12 +171,6 @@ def _frozen_bn_bwd_dwdb(
     sum_rows(DPART, OUT, P, C, ACC, BLOCK_P, BLOCK_C)
 
 
-def plan(x: Tensor, x_sc: int, x_ss: int) -> Plan:
-    """One program per (n, block of channels), the positions split over several
-    programs when those alone would leave the device idle."""
-    return Plan(x, x_sc, x_ss, may_split=True)
-
-
 class FrozenBatchNormTriton(torch.autograd.Function):
     """``act((x − μ)·s + β)`` per channel; μ, s, β are (C,) tensors in the accumulation
     dtype (see :func:`affine_vectors`), ``act`` the kernels' code (0 none, 1 SiLU,
@@ -190,7 +184,7 @@ class FrozenBatchNormTriton(torch.autograd.Function):
         x, x_sn, x_sc, x_ss = ncs(x)
         y = empty_like(x)
         _, y_sn, y_sc, y_ss = ncs(y)
-        p = plan(x, x_sc, x_ss)
+        p = channel_plan(x, x_sc, x_ss)
         if x.numel() > 0:
             _frozen_bn_fwd[p.grid](
                 x, y, mean, scale, bias, x_sn, x_sc, x_ss, y_sn, y_sc, y_ss,
@@ -212,7 +206,7 @@ class FrozenBatchNormTriton(torch.autograd.Function):
         dy, dy_sn, dy_sc, dy_ss = ncs(dy)
         dx = empty_like(x)
         _, dx_sn, dx_sc, dx_ss = ncs(dx)
-        p = plan(x, x_sc, x_ss)
+        p = channel_plan(x, x_sc, x_ss)
         acc = mean.dtype
         rows = p.n * p.split
         if x.numel() == 0:
