@@ -74,6 +74,17 @@ def _mabn(training: bool):
     )
 
 
+def _cbn(training: bool):
+    from normlab.functional.cross_iteration_batch_norm import IterationWindow
+
+    w = offcenter(4, 2, 1, 1, seed=14).requires_grad_()
+    x = torch.nn.functional.conv2d(X[:, :2], w)
+    window = IterationWindow.empty(2, w, torch.float64)
+    return NF.cross_iteration_batch_norm(
+        x, C4.clone(), POS4.clone(), C4, C4, training=training, conv_weight=w, window=window
+    )
+
+
 CALLS = {
     "batch_norm": lambda: NF.batch_norm(X, C4.clone(), POS4.clone(), C4, C4, training=True),
     "batch_norm_eval": lambda: NF.batch_norm(X, C4, POS4, C4, C4, training=False),
@@ -82,6 +93,8 @@ CALLS = {
     "batch_renorm_eval": lambda: NF.batch_renorm(X, C4, POS4, C4, C4, training=False),
     "moving_average_batch_norm": lambda: _mabn(True),
     "moving_average_batch_norm_eval": lambda: _mabn(False),
+    "cross_iteration_batch_norm": lambda: _cbn(True),
+    "cross_iteration_batch_norm_eval": lambda: _cbn(False),
     "group_norm": lambda: NF.group_norm(X, 2, C4, C4),
     "instance_norm": lambda: NF.instance_norm(X),
     "layer_norm": lambda: NF.layer_norm(X, (2,)),

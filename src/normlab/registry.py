@@ -80,6 +80,7 @@ NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "sn": nnl.SwitchableNorm2d,
     "mabn": nnl.MovingAverageBatchNorm2d,
     "brn": nnl.BatchRenorm2d,
+    "cbn": nnl.CrossIterationBatchNorm2d,
     "evonorm_b0": nnl.EvoNormB0_2d,
     "evonorm_s0": _evonorm_s0,
     "rms": nnl.RMSNorm2d,

@@ -75,6 +75,8 @@ class Op(str, Enum):
     BATCH_RENORM_EVAL = "batch_renorm_eval"
     MOVING_AVERAGE_BATCH_NORM = "moving_average_batch_norm"
     MOVING_AVERAGE_BATCH_NORM_EVAL = "moving_average_batch_norm_eval"
+    CROSS_ITERATION_BATCH_NORM = "cross_iteration_batch_norm"
+    CROSS_ITERATION_BATCH_NORM_EVAL = "cross_iteration_batch_norm_eval"
     GROUP_NORM = "group_norm"
     INSTANCE_NORM = "instance_norm"
     LAYER_NORM = "layer_norm"
@@ -127,6 +129,15 @@ TABLE: dict[Op, OpPaths] = {
     ),
     Op.MOVING_AVERAGE_BATCH_NORM_EVAL: OpPaths(
         "moving_average_batch_norm", _NO_KERNEL, _ELEMENTWISE
+    ),
+    Op.CROSS_ITERATION_BATCH_NORM: OpPaths(
+        "cross_iteration_batch_norm",
+        _NO_KERNEL,
+        "its statistics need the gradients of the batch moments with respect to the "
+        "preceding convolution's weight, which plain autograd computes",
+    ),
+    Op.CROSS_ITERATION_BATCH_NORM_EVAL: OpPaths(
+        "cross_iteration_batch_norm", _NO_KERNEL, _ELEMENTWISE
     ),
     Op.GROUP_NORM: OpPaths("group_norm", None, _NATIVE),
     Op.INSTANCE_NORM: OpPaths("instance_norm", _NO_KERNEL, _NATIVE),

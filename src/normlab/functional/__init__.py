@@ -2,6 +2,7 @@
 
 from .batch_norm import batch_norm, frozen_batch_norm
 from .batch_renorm import batch_renorm, batch_renorm_limits
+from .cross_iteration_batch_norm import cross_iteration_batch_norm
 from .evonorm import evonorm_b0, evonorm_s0
 from .filter_response_norm import filter_response_norm, frn_tlu, tlu
 from .group_norm import group_norm
@@ -22,6 +23,7 @@ __all__ = [
     "frn_tlu",
     "tlu",
     "batch_norm",
+    "cross_iteration_batch_norm",
     "frozen_batch_norm",
     "group_norm",
     "instance_norm",

@@ -10,6 +10,7 @@ from .batch_norm import (
 )
 from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .conv import CenteredConv2d, WSConv2d
+from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .evonorm import EvoNormB0_2d, EvoNormS0_2d
 from .filter_response_norm import (
     TLU,
@@ -47,6 +48,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "CrossIterationBatchNorm2d",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",

@@ -37,6 +37,7 @@ from .batch_norm import (
 )
 from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .conv import CenteredConv2d, WSConv2d
+from .cross_iteration_batch_norm import CrossIterationBatchNorm2d
 from .evonorm import EvoNormB0_2d, EvoNormS0_2d
 from .filter_response_norm import (
     TLU,
@@ -144,6 +145,9 @@ TABLE: dict[type, LayerTraits] = {
         MovingAverageBatchNorm2d,
         MovingAverageBatchNorm3d,
     ),
+    # CBN: BN's running statistics; burn-in on num_batches_tracked; no gradient through
+    # the Taylor compensation (the window's statistics are constants), as the authors.
+    CrossIterationBatchNorm2d: _SCHEDULED,
     # SN: the running statistics are its BN branch's; the LN branch and the per-layer
     # mixing weights tie channels together.
     **_family(
