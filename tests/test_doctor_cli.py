@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from normlab.cli import main
-from normlab.doctor_cli import (
+from normlab.cli.doctor import (
     EXIT_CLOSED_PIPE,
     EXIT_ERRORS,
     EXIT_FORWARD,

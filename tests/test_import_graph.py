@@ -39,7 +39,7 @@ TOP = {
     "catalogue": "tools", "registry": "tools", "distributed": "tools", "kinds": "tools",
     "feed": "tools", "guard": "tools", "_loading": "tools",
     "lab": "lab",
-    "cli": "cli", "doctor_cli": "cli", "__main__": "cli",
+    "cli": "cli", "__main__": "cli",
 }  # fmt: skip
 FLOOR = {"_core": 0, "_lazy": 0, "reference": 0, "kernels": 1, "functional": 2, "nn": 3}
 FLOOR.update(root=3, tools=4, lab=5, cli=6)

@@ -8,7 +8,7 @@ and what each mode judges are in ``docs/doctor.md``), a ``severity``, the dotted
 ``module`` path, a ``detail`` and a ``message``. :class:`Report` groups the findings by
 code, prints as a table and serializes to JSON; it also lists, per layer, how many
 values stand behind each statistic. ``normlab doctor path/to/file.py:factory``
-(:mod:`normlab.doctor_cli`) loads its model with :func:`load_target`.
+(:mod:`normlab.cli.doctor`) loads its model with :func:`load_target`.
 """
 
 from __future__ import annotations

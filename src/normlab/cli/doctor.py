@@ -26,7 +26,7 @@ import os
 import sys
 import traceback
 
-from .doctor.target import DoctorTargetError, load_target
+from ..doctor.target import DoctorTargetError, load_target
 
 __all__ = [
     "EXIT_CLOSED_PIPE",
@@ -133,7 +133,7 @@ def _fail(args: argparse.Namespace, code: int, message: str, error: BaseExceptio
 
 def run(args: argparse.Namespace) -> int:
     """Run ``normlab doctor`` on parsed ``args``; returns the exit code (see the module doc)."""
-    from .doctor import DoctorForwardError, diagnose
+    from ..doctor import DoctorForwardError, diagnose
 
     try:
         model, inputs = load_target(args.target)

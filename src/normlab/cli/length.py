@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from .cli_args import GivenOption, positive_int
+from .args import GivenOption, positive_int
 
 __all__ = ["add_length_arguments"]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # scipy loads only when compare runs, not for every `normlab` command
-    from .compare import CompareResult, Group
+    from ..lab.compare import CompareResult, Group
 
-__all__ = ["add_compare", "render_text", "result_dict", "run_compare"]
+__all__ = ["add_parser", "render_text", "result_dict", "run"]
 
 _EXAMPLES = """examples:
   normlab compare bs4=74.1,73.0,75.2 bs8=70.3,71.9,69.8 --higher-is-better --delta 4
@@ -35,7 +35,7 @@ def _float(text: str) -> float:
     return value
 
 
-def add_compare(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``normlab compare``."""
     p = subparsers.add_parser(
         "compare",
@@ -103,7 +103,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_groups(args: argparse.Namespace) -> list[Group]:
-    from .compare_io import groups_from_csv, groups_from_specs, groups_from_store
+    from ..lab.compare_io import groups_from_csv, groups_from_specs, groups_from_store
 
     sources = [
         s
@@ -135,9 +135,9 @@ def _read_groups(args: argparse.Namespace) -> list[Group]:
     return groups_from_specs(args.groups)
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``normlab compare``; errors a user can fix are raised as ValueError."""
-    from .compare import compare
+    from ..lab.compare import compare
 
     groups = _read_groups(args)
     higher = args.higher_is_better
@@ -243,7 +243,7 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
 
 def render_text(r: CompareResult, metric: str | None = None) -> str:
     """The report ``normlab compare`` prints: groups, pairs, verdicts, resolution, plan."""
-    from .compare import decimals_for, fmt_p
+    from ..lab.compare import decimals_for, fmt_p
 
     dec = decimals_for(r.groups)
     level = f"{100 * (1 - r.alpha):g}%"

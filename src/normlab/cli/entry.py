@@ -1,6 +1,8 @@
-"""Command line: parse arguments, call the library, print. Nothing else lives here.
+"""The ``normlab`` command: one parser, each subcommand a module of this package.
 
-Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_run_<name>(args) -> int``.
+Every subcommand module (``sweep``, ``report``, ``check``, ``doctor``, ``bench``,
+``compare``) has ``add_parser(subparsers)`` and ``run(args) -> int``; this module builds
+the parser from them and turns the errors a user can fix into one line and a status.
 """
 
 from __future__ import annotations
@@ -10,87 +12,32 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from types import ModuleType
 
-__all__ = ["main"]
+from . import bench, check, compare, doctor, report, sweep
 
+__all__ = ["build_parser", "main"]
 
-def _add_check(subparsers: argparse._SubParsersAction) -> None:
-    subparsers.add_parser(
-        "check",
-        help="list every layer and verify it against its float64 reference",
-        description="Build every catalogue layer in float64 with random parameters, run "
-        "forward and backward on fresh off-center data and compare with normlab.reference.",
-    )
-
-
-def _run_check(args: argparse.Namespace) -> int:
-    from .catalogue import run_checks
-
-    results = run_checks()
-    print(f"{'layer':52} {'family':10} {'max |dy|':>10} {'max |dgrad|':>12}  result")
-    for r in results:
-        verdict = "ok" if r.ok else "FAIL"
-        print(
-            f"{r.name:52} {r.family:10} {r.max_abs_err_y:10.2e} {r.max_abs_err_grads:12.2e}"
-            f"  {verdict}"
-        )
-    failed = [r for r in results if not r.ok]
-    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
-
-
-def _add_doctor(subparsers: argparse._SubParsersAction) -> None:
-    from .doctor_cli import add_parser
-
-    add_parser(subparsers)
-
-
-def _run_doctor(args: argparse.Namespace) -> int:
-    from .doctor_cli import run
-
-    return run(args)
-
-
-def _lab_command(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        from .lab.commands import RUNNERS
-
-        return RUNNERS[name](args)
-
-    return run
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    from .lab.compare_cli import run_compare
-
-    return run_compare(args)
-
-
-_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "sweep": _lab_command("sweep"),
-    "report": _lab_command("report"),
-    "check": _run_check,
-    "doctor": _run_doctor,
-    "bench": _lab_command("bench"),
-    "compare": _run_compare,
+#: The subcommands in the order ``normlab --help`` lists them.
+COMMANDS: dict[str, ModuleType] = {
+    "sweep": sweep,
+    "report": report,
+    "check": check,
+    "doctor": doctor,
+    "bench": bench,
+    "compare": compare,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .lab.commands import add_bench, add_report, add_sweep
-    from .lab.compare_cli import add_compare
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="normlab", description="normlab command line")
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_sweep(subparsers)
-    add_report(subparsers)
-    _add_check(subparsers)
-    _add_doctor(subparsers)
-    add_bench(subparsers)
-    add_compare(subparsers)
+    for command in COMMANDS.values():
+        command.add_parser(subparsers)
     return parser
 
 
@@ -124,7 +71,7 @@ def _silence_stdout() -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from .lab.errors import DataError, StoreError
+    from ..lab.errors import DataError, StoreError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -140,7 +87,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _COMMANDS[args.command](args)
+        return COMMANDS[args.command].run(args)
     except (DataError, StoreError, ValueError, KeyError) as e:
         print(f"normlab {args.command}: error: {e}", file=sys.stderr)
         return 2

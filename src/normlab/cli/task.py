@@ -15,12 +15,12 @@ import argparse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import defaults
-from .cli_args import GivenOption, positive_float
-from .task_defaults import CLASSIFICATION_TASK, SEGMENTATION_DEFAULTS, SEGMENTATION_TASK, TASKS
+from ..lab import defaults
+from ..lab.task_defaults import CLASSIFICATION_TASK, SEGMENTATION_DEFAULTS, SEGMENTATION_TASK, TASKS
+from .args import GivenOption, positive_float
 
 if TYPE_CHECKING:
-    from .train import RunRecord
+    from ..lab.train import RunRecord
 
 __all__ = [
     "add_lr_argument",
@@ -97,10 +97,10 @@ def task_options(args: argparse.Namespace) -> dict[str, Any]:
 def print_results(records: Sequence[RunRecord]) -> None:
     """Print the sweep's tables: the error table (and a user model's conversions) of
     classification runs; mIoU and pixel error of segmentation runs, with their names."""
-    from .cli_model import print_tables
-    from .report import markdown_table, metric_cells
-    from .report_models import conversion_lines
-    from .report_seg import METRIC_TITLES, segmentation_records
+    from ..lab.report import markdown_table, metric_cells
+    from ..lab.report_models import conversion_lines
+    from ..lab.report_seg import METRIC_TITLES, segmentation_records
+    from .model import print_tables
 
     segmented = segmentation_records(records)
     keys = {r.key for r in segmented}
