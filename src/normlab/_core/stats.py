@@ -378,12 +378,19 @@ class PooledMoments:
         nb = flat.shape[1]
         mb = flat.mean(dim=1)
         m2b = (flat - mb[:, None]).square().sum(dim=1)
+        self.merge(nb, mb, m2b)
+        return m2b
+
+    def merge(self, nb: int, mb: Tensor, m2b: Tensor) -> None:
+        """Merge the moments of ``nb`` other values (their per-channel mean ``mb`` and
+        ``m2b = Σ (x − mb)²``, float64): another batch, or another process's pool."""
+        if nb == 0:
+            return
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = nb, mb, m2b
-            return m2b
+            return
         n = self.n + nb
         delta = mb - self.mean
         self.mean = self.mean + delta * (nb / n)
         self.m2 = self.m2 + m2b + delta.square() * (self.n * nb / n)
         self.n = n
-        return m2b

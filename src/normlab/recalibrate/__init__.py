@@ -3,7 +3,8 @@
 ``recalibration`` holds :func:`recalibrate` and its report, ``passes`` the passes over
 the batches and the all-or-nothing write, ``levels`` the dependency levels of the
 exact method, ``population`` which statistic a layer keeps (:func:`recalibration_kind`)
-and its exact float64 moments. The methods, the variance choice and the protocol are
+and its exact float64 moments, ``exact`` the exact method's passes, ``ranks`` the
+merge of every rank's moments (``process_group=``). The methods, the variance choice and the protocol are
 explained in ``docs/recalibrate.md``. The names are imported from their modules on
 first access (``normlab._lazy``).
 """

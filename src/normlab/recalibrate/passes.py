@@ -1,5 +1,6 @@
 """The machinery of :func:`normlab.recalibrate.recalibrate`: finding the layers, running
-passes over the batches, validating and writing the statistics all or nothing.
+passes over the batches, validating and writing the statistics all or nothing (the
+exact method's passes level by level: :mod:`normlab.recalibrate.exact`).
 
 What is computed and why: ``docs/recalibrate.md`` and :mod:`normlab.recalibrate.population`.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -18,10 +18,9 @@ from torch import Tensor, nn
 from ..feed import feed
 from ..kinds import is_frozen_batch_norm
 from ..nn.traits import traits_of
-from . import levels as lv
-from .population import Population, Variance, declared_kind, recalibration_kind
+from .population import Population, declared_kind, recalibration_kind
 
-__all__ = ["Buffers", "Survey", "exact_passes", "progress_bar", "replay", "run_pass", "write"]
+__all__ = ["Buffers", "Survey", "progress_bar", "replay", "run_pass", "write"]
 
 _STAT_BUFFERS = ("running_mean", "running_var")
 
@@ -133,8 +132,12 @@ def run_pass(
     *,
     record: list[dict[int, int]] | None = None,
     expect: list[dict[int, int]] | None = None,
+    shard: bool = False,
 ) -> int:
     """Feed every batch under no_grad, adding each layer's inputs to ``pops``; the count.
+
+    ``shard``: the batches are this process's share (:mod:`normlab.recalibrate.ranks`):
+    none, or fewer than ``num_batches``, is not an error here.
 
     ``record`` (a list to fill): the calls of each module in ``model`` per batch.
     ``expect``: such a record of an earlier pass over the same batches. The
@@ -206,6 +209,8 @@ def run_pass(
     finally:
         for h in handles:
             h.remove()
+    if shard:
+        return count
     if count == 0:
         raise ValueError(
             "recalibrate: `batches` yielded no batch, so there is no data to compute "
@@ -285,84 +290,3 @@ def write(survey: Survey, pops: dict[int, Population], count: int) -> tuple[floa
         for nbt in counters:
             nbt.fill_(count)
     return worst, settled
-
-
-def exact_passes(
-    model: nn.Module,
-    batches: Iterable[Any],
-    num_batches: int | None,
-    forward_fn: Callable[[nn.Module, Any], Any] | None,
-    survey: Survey,
-    pops: dict[int, Population],
-    levels: str,
-    progress: bool | None,
-) -> tuple[int, int, list[list[str]]]:
-    """The eval-mode fixed point, level by level; returns (batches, passes, level paths)."""
-    source = replay(batches, num_batches)
-    first = next(iter(source()), None)
-    if first is None:
-        raise ValueError(
-            "recalibrate: `batches` yielded no batch, so there is no data to compute "
-            "statistics from (an exhausted iterator or generator?). Pass a fresh iterable."
-        )
-    modules = {lid: m for lid, (m, _, _) in survey.items()}
-    order, deps, ncalls, blind = lv.trace(model, modules, first, forward_fn)
-    if levels == "graph" and not blind:
-        plan = lv.graph_levels(order, deps)
-    else:
-        plan = lv.sequential_levels(order, ncalls)
-    # Layers the traced batch did not reach (a data-dependent branch) go last, together.
-    reached = set(order)
-    missing = [lid for lid in survey.layers if lid not in reached]
-    if missing:
-        plan.append((missing, False))
-    count, passes = 0, 0
-    calls: list[dict[int, int]] = []  # per batch, filled by the first pass
-    with progress_bar(progress, "recalibrate (exact)", "pass", len(plan)) as bar:
-        for ids, cyclic in plan:
-            change, settled = 0.0, True
-            for _ in range(_MAX_REPEATS if cyclic else 1):
-                level_pops = {lid: _fresh(survey, lid, pops[lid].variance) for lid in ids}
-                n = run_pass(
-                    model,
-                    source(),
-                    num_batches,
-                    forward_fn,
-                    level_pops,
-                    False,
-                    None,
-                    record=None if passes else calls,
-                    expect=calls if passes else None,
-                )
-                if count and n != count:
-                    raise ValueError(
-                        f"recalibrate: `batches` gave {count} batches on the first pass and "
-                        f"{n} on a later one; method='exact' needs the same batches on every "
-                        "pass (a list, or a DataLoader that yields a fixed number)."
-                    )
-                count, passes = n, passes + 1
-                for lid in ids:
-                    pops[lid] = level_pops[lid]
-                change, settled = write(survey, level_pops, count)
-                if settled:
-                    break
-            if cyclic and not settled:
-                names = ", ".join(survey.layers[lid][1] for lid in ids)
-                warnings.warn(
-                    f"recalibrate: {names} depend on their own output and their statistics "
-                    f"still changed by {change:.2g} (relative) after {_MAX_REPEATS} passes; "
-                    "they are not at the fixed point. Call recalibrate again or feed more data.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            if bar is not None:
-                bar.update(1)
-    return count, passes, [[survey.layers[lid][1] for lid in ids] for ids, _ in plan]
-
-
-_MAX_REPEATS = 30
-
-
-def _fresh(survey: Survey, lid: int, variance: Variance) -> Population:
-    m, path, kind = survey.layers[lid]
-    return Population(m, kind, path, variance)

@@ -67,7 +67,13 @@ class Population(PooledMoments):
         self.path = path
         self.name = type(module).__name__
         self.batched_rank = _batched_rank(module)
-        super().__init__()
+        buffers = (getattr(module, b, None) for b in ("running_mean", "running_var"))
+        self.device = next((b.device for b in buffers if isinstance(b, Tensor)), None)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every input seen."""
+        PooledMoments.__init__(self)
         self.batch_var_sum: Tensor | None = None  # Σ_b n_b s_b² (batches with n_b ≥ 2)
         self.batch_var_n = 0  # Σ_b n_b over those batches
 
@@ -125,6 +131,36 @@ class Population(PooledMoments):
             self.mean = self.mean + (mb - self.mean) * (nb / n)
             self.m2 = self.m2 + (vb - self.m2) * (nb / n)
             self.n = n
+
+    def state(self) -> tuple[int, Tensor | None, Tensor | None, Tensor | None, int]:
+        """``(n, mean, m2, batch_var_sum, batch_var_n)``: what another process's
+        :meth:`absorb` merges (:mod:`normlab.recalibrate.ranks`)."""
+        return self.n, self.mean, self.m2, self.batch_var_sum, self.batch_var_n
+
+    def absorb(self, state: tuple[int, Tensor | None, Tensor | None, Tensor | None, int]) -> None:
+        """Merge another pool's :meth:`state` (float64) into this one, as if its inputs
+        had been fed here: Chan's merge for the batch kinds, the count-weighted average
+        of the instance moments for the instance kind, and the per-batch sums added."""
+        n, mean, m2, var_sum, var_n = state
+        if n == 0 or mean is None or m2 is None:
+            return
+        if self.mean is not None:
+            self._check_channels(mean.shape[0])
+        if self.kind == "instance_mean_var":
+            if self.mean is None or self.m2 is None:
+                self.n, self.mean, self.m2 = n, mean, m2
+            else:
+                total = self.n + n
+                self.mean = self.mean + (mean - self.mean) * (n / total)
+                self.m2 = self.m2 + (m2 - self.m2) * (n / total)
+                self.n = total
+            return
+        self.merge(n, mean, m2)
+        if var_sum is not None:
+            self.batch_var_sum = (
+                var_sum if self.batch_var_sum is None else self.batch_var_sum + var_sum
+            )
+            self.batch_var_n += var_n
 
     def _check_channels(self, channels: int) -> None:
         assert self.mean is not None

@@ -12,15 +12,22 @@ the protocol a layer follows to take part are in ``docs/recalibrate.md``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from torch import nn
 
-from .passes import Buffers, Survey, exact_passes, progress_bar, run_pass, write
+from .._core.collectives import resolve_process_group
+from .exact import exact_passes
+from .passes import Buffers, Survey, progress_bar, run_pass, write
 from .population import VARIANCES, Population, Variance
+from .ranks import Ranks, local_forwards
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["RecalibrationReport", "recalibrate"]
 
@@ -73,6 +80,7 @@ def recalibrate(
     variance: Variance = ...,
     levels: Literal["graph", "sequential"] = ...,
     progress: bool | None = ...,
+    process_group: ProcessGroup | str | None = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -88,6 +96,7 @@ def recalibrate(
     variance: Variance = ...,
     levels: Literal["graph", "sequential"] = ...,
     progress: bool | None = ...,
+    process_group: ProcessGroup | str | None = ...,
     return_report: Literal[True],
 ) -> RecalibrationReport: ...
 
@@ -102,6 +111,7 @@ def recalibrate(
     variance: Variance = "population",
     levels: Literal["graph", "sequential"] = "graph",
     progress: bool | None = None,
+    process_group: ProcessGroup | str | None = None,
     return_report: bool = False,
 ) -> nn.Module | RecalibrationReport:
     """Set every layer's running statistics to the population statistics of the data fed.
@@ -130,11 +140,17 @@ def recalibrate(
             off); ``"sequential"`` runs one layer per pass in call order (slower;
             for models whose dependencies autograd does not see, e.g. detached).
         progress: a tqdm progress bar: True, False, or None (only on a terminal).
+        process_group: ``None`` (this process alone), ``"world"`` (the default group)
+            or a ``ProcessGroup``: each rank feeds its own batches (any number,
+            none included; ``num_batches`` caps each rank's) and the statistics are
+            those of all ranks' batches together, the same on every rank
+            (:mod:`normlab.recalibrate.ranks`). Call it on every rank of the group.
+            A group of one process, or torch.distributed not initialized: as None.
         return_report: return a :class:`RecalibrationReport` instead of ``model``.
 
     Returns:
         ``model`` (or the report). ``num_batches_tracked`` equals the number of
-        batches used.
+        batches used (over all ranks).
 
     Raises:
         ValueError: ``batches`` is empty or yields fewer than ``num_batches``,
@@ -163,6 +179,8 @@ def recalibrate(
             raise ValueError(
                 f"recalibrate: {name}={value!r} is not one of {', '.join(map(repr, allowed))}."
             )
+    group = resolve_process_group(process_group)
+    ranks = None if group is None else Ranks(group)
     survey = Survey(model)
     if not survey.layers:
         warnings.warn(survey.nothing_to_do(), RuntimeWarning, stacklevel=2)
@@ -179,7 +197,14 @@ def recalibrate(
                 m.train(True)
             total = num_batches if num_batches is not None else _len(batches)
             with progress_bar(progress, "recalibrate (precise)", "batch", total) as bar:
-                count = run_pass(model, batches, num_batches, forward_fn, pops, True, bar)
+                run = functools.partial(
+                    run_pass, model, batches, num_batches, forward_fn, pops, True, bar
+                )
+                if ranks is None:
+                    count = run()
+                else:
+                    with local_forwards(model):
+                        count = ranks.pooled(pops, functools.partial(run, shard=True))
             passes = 1
             buffers.restore()  # undo the train-mode updates before writing
             write(survey, pops, count)
@@ -187,7 +212,7 @@ def recalibrate(
             for m, _, _ in survey.layers.values():
                 m.train(False)
             count, passes, level_paths = exact_passes(
-                model, batches, num_batches, forward_fn, survey, pops, levels, progress
+                model, batches, num_batches, forward_fn, survey, pops, levels, progress, ranks
             )
     except BaseException:
         buffers.restore()
