@@ -10,6 +10,8 @@ import torch
 from _kernel_cases import (
     DEVICE,
     HALF,
+    assert_deterministic,
+    assert_splits,
     check,
     make_param,
     make_x,
@@ -25,6 +27,7 @@ import normlab.reference as R
 requires_kernels()
 
 from normlab.kernels import _common, fused_switchable_norm  # noqa: E402
+from normlab.kernels._common import channel_plan  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,10 @@ class SNCase:
     training: bool = True
     using_bn: bool = True
     affine: bool = True
-    tile: int | None = None
+    tile: int | None = None  # interpreter tile override: multi-tile loops and splits
+    split: bool = False  # the case must split each (n, c) row over several programs
+    loc: float = 3.0
+    scale: float = 2.0
 
 
 CASES = [
@@ -51,9 +57,20 @@ CASES = [
     SNCase("3d-channels_last", (2, 3, 2, 3, 2), "cl"),
     SNCase("multi-tile", (2, 3, 5, 5), tile=16),
     SNCase("multi-tile-channels_last", (2, 6, 5, 3), "cl", tile=16),
+    # Each (n, c) row's positions split over several programs.
+    SNCase("s-split-train-N=1", (1, 3, 7, 3), tile=16, split=True),
+    SNCase("s-split-train-channels_last", (1, 6, 5, 3), "cl", tile=16, split=True),
+    SNCase("s-split-eval-cl-N=2", (2, 5, 3, 7), "cl", training=False, tile=8, split=True),
+    SNCase("s-split-no-bn-3d", (1, 3, 3, 2, 5), using_bn=False, tile=8, split=True),
+    SNCase("s-split-no-affine-(N,C,L)-cl", (1, 6, 11), "cl", affine=False, tile=8, split=True),
+    SNCase("s-split-off-center", (1, 3, 6, 5), tile=8, split=True, loc=1e4, scale=1e-2),
+    SNCase("(N,C)-N=2-small-tile", (2, 5), tile=4),
 ]
-HALF_CASES = {"train-nonpow2-C-and-HW", "train-channels_last"}
-FP64_CASES = {"train-nonpow2-C-and-HW", "multi-tile-channels_last", "eval-running-stats"}
+HALF_CASES = {"train-nonpow2-C-and-HW", "train-channels_last", "s-split-train-channels_last"}
+FP64_CASES = {
+    "train-nonpow2-C-and-HW", "multi-tile-channels_last", "eval-running-stats",
+    "s-split-train-N=1", "s-split-eval-cl-N=2",
+}  # fmt: skip
 
 PARAMS = [pytest.param(c, torch.float32, id=f"{c.label}-fp32") for c in CASES]
 PARAMS += [
@@ -71,7 +88,10 @@ def test_switchable_norm_kernel_matches_reference(case: SNCase, dtype, monkeypat
     c = case.shape[1]
     k = (3 if len(case.shape) > 2 else 2) - (0 if case.using_bn else 1)
     pdt = param_dtype(dtype)
-    x = make_x(case.shape, dtype, case.layout)
+    x = make_x(case.shape, dtype, case.layout, loc=case.loc, scale=case.scale)
+    if case.split:
+        _, _, sc, ss = _common.ncs(x)
+        assert_splits(channel_plan(x, sc, ss))
     g = torch.Generator().manual_seed(5)
     inputs = dict(
         input=x,
@@ -121,6 +141,8 @@ def test_switchable_norm_kernel_matches_reference(case: SNCase, dtype, monkeypat
         check(inputs["running_var"], v, torch.float32, "running_var")
     elif case.using_bn:
         assert (np64(inputs["running_mean"]) == rm0).all(), "eval must not update running stats"
+    if case.split:  # (training updates the running statistics again; y does not read them)
+        assert_deterministic(fused_switchable_norm, inputs)
 
 
 def test_bn_branch_refuses_one_value_per_channel():

@@ -4,8 +4,8 @@ one apply pass; backward with one reduction pass and one apply pass.
 The math and the numerics are those of :func:`normlab.functional.switchable_norm`:
 
 1. ``_switchable_norm_fwd_stats``: per (n, c), the pivot p = x[n, c, 0] and the exact
-   biased moments of x − p (each tile two-pass in registers, tiles merged with Chan's
-   formula), in fp32 (fp64 for fp64 input).
+   biased moments of x − p (Welford's update in every lane of the tile, the lanes
+   merged once with Chan's formula), in fp32 (fp64 for fp64 input).
 2. :func:`normlab._core.mixing.mix_moments`, in torch on (N, C) tensors: IN, LN and
    BN moments (LN/BN as exact moments of unions of (n, c) groups, law of total
    variance, every mean relative to a pivot), their softmax-weighted mix, ``M`` (the
@@ -21,6 +21,14 @@ into gradients of the logits, of γ and of the per-(n, c) moments μ, σ²; then
 .. math:: dx = dy\,\mathrm{scale} + d\mu/S + 2\,d\sigma^2\,((x-p)-\mu)/S
 
 (the derivative of a biased mean and variance over S positions).
+
+**Parallelism** (:func:`._common.channel_plan`, the rule of FRN and frozen BN). Every
+pass runs one program per (n, block of channels) and, when those alone would leave
+the device idle, cuts each row's S positions into SPLIT chunks, one program each: the
+statistics pass then writes per-chunk (mean, M2) rows that ``_switchable_norm_fwd_merge``
+merges (Chan, in the order of the chunks), and the backward's per-chunk S₁, S₂ rows
+are added by ``_switchable_norm_bwd_merge``: deterministic, no atomics. The kernels and
+their launchers are in :mod:`.switchable_norm_kernels`.
 """
 
 from __future__ import annotations
@@ -28,204 +36,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from .._core.mixing import BnSource, mix_moments, mixed_scale
 from .._core.stats import acc_dtype
-from ._common import (
-    Plan,
-    channel_block,
-    empty,
-    empty_like,
-    kernel_backward,
-    kernel_forward,
-    load_channels,
-    ncs,
-    tl_acc,
-    total,
-)
+from ._common import channel_plan, kernel_backward, kernel_forward, ncs
+from .switchable_norm_kernels import apply, grad_input, grad_sums, moments
 
 __all__ = ["SwitchableNormTriton"]
-
-
-@triton.jit
-def _switchable_norm_fwd_stats(
-    X,  # (N, C, S) input, strides (x_sn, x_sc, x_ss)
-    STATS,  # (3, N, C) ACC out: pivot x[n, c, 0], mean of (x − pivot), biased variance
-    x_sn,
-    x_sc,
-    x_ss,
-    C,
-    S,
-    CB,  # channel blocks per sample
-    PC,  # N·C, the plane stride of STATS
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    n, c, cm = channel_block(CB, C, BLOCK_C)
-    xb = X + n.to(tl.int64) * x_sn + c[:, None].to(tl.int64) * x_sc
-    shift = tl.load(X + n.to(tl.int64) * x_sn + c.to(tl.int64) * x_sc, mask=cm, other=0.0)
-    shift = shift.to(ACC)
-    offs_s = tl.arange(0, BLOCK_S)
-    count = tl.full([], 0.0, ACC)
-    mean = tl.full([BLOCK_C], 0.0, ACC)
-    m2 = tl.full([BLOCK_C], 0.0, ACC)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + offs_s
-        sm = s < S
-        mask = cm[:, None] & sm[None, :]
-        x = tl.load(xb + s[None, :].to(tl.int64) * x_ss, mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, x - shift[:, None], 0.0)
-        # The tile's exact two-pass moments per channel, then Chan's merge.
-        nb = total(sm.to(ACC), None)
-        mb = total(d, 1) / nb
-        e = tl.where(mask, d - mb[:, None], 0.0)
-        m2b = total(e * e, 1)
-        tot = count + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (count * (nb / tot))
-        count = tot
-    out = STATS + n.to(tl.int64) * C + c
-    tl.store(out, shift, mask=cm)
-    tl.store(out + PC, mean, mask=cm)
-    tl.store(out + 2 * PC, tl.maximum(m2 / S, 0.0), mask=cm)
-
-
-@triton.jit
-def _switchable_norm_fwd(
-    X,  # (N, C, S) input
-    Y,  # (N, C, S) output in x's dtype
-    SHIFT,  # (N, C) ACC pivot p
-    M,  # (N, C) ACC mixed mean minus p
-    SCALE,  # (N, C) ACC γ/sqrt(mixed var + eps)
-    B,  # (C,) β when HAS_B
-    x_sn,
-    x_sc,
-    x_ss,
-    y_sn,
-    y_sc,
-    y_ss,
-    C,
-    S,
-    CB,
-    ACC: tl.constexpr,
-    HAS_B: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    n, c, cm = channel_block(CB, C, BLOCK_C)
-    nc = n.to(tl.int64) * C + c
-    shift = tl.load(SHIFT + nc, mask=cm, other=0.0)
-    m = tl.load(M + nc, mask=cm, other=0.0)
-    scale = tl.load(SCALE + nc, mask=cm, other=0.0)
-    bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
-    cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    yb = Y + n.to(tl.int64) * y_sn + cc * y_sc
-    offs_s = tl.arange(0, BLOCK_S)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < S)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
-        y = ((x - shift[:, None]) - m[:, None]) * scale[:, None] + bias[:, None]
-        tl.store(yb + ss * y_ss, y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _switchable_norm_bwd_stats(
-    X,  # (N, C, S) input
-    DY,  # (N, C, S) upstream gradient
-    SHIFT,  # (N, C) ACC pivot
-    M,  # (N, C) ACC mixed mean minus pivot
-    SUMS,  # (2, N, C) ACC out: Σ_s dy and Σ_s dy·((x − p) − M)
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    C,
-    S,
-    CB,
-    PC,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    n, c, cm = channel_block(CB, C, BLOCK_C)
-    nc = n.to(tl.int64) * C + c
-    shift = tl.load(SHIFT + nc, mask=cm, other=0.0)
-    m = tl.load(M + nc, mask=cm, other=0.0)
-    cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + cc * dy_sc
-    offs_s = tl.arange(0, BLOCK_S)
-    acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
-    acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < S)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
-        acc1 += dy
-        acc2 += dy * tl.where(mask, (x - shift[:, None]) - m[:, None], 0.0)
-    tl.store(SUMS + nc, total(acc1, 1), mask=cm)
-    tl.store(SUMS + PC + nc, total(acc2, 1), mask=cm)
-
-
-@triton.jit
-def _switchable_norm_bwd_dx(
-    X,  # (N, C, S) input
-    DY,  # (N, C, S) upstream gradient
-    DX,  # (N, C, S) out, x's dtype
-    SHIFT,  # (N, C) ACC pivot
-    MU,  # (N, C) ACC per-(n, c) mean of (x − pivot)
-    SCALE,  # (N, C) ACC
-    GA,  # (N, C) ACC dμ/S
-    GB,  # (N, C) ACC 2·dσ²/S
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    dx_sn,
-    dx_sc,
-    dx_ss,
-    C,
-    S,
-    CB,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    n, c, cm = channel_block(CB, C, BLOCK_C)
-    nc = n.to(tl.int64) * C + c
-    shift = tl.load(SHIFT + nc, mask=cm, other=0.0)
-    mu = tl.load(MU + nc, mask=cm, other=0.0)
-    scale = tl.load(SCALE + nc, mask=cm, other=0.0)
-    ga = tl.load(GA + nc, mask=cm, other=0.0)
-    gb = tl.load(GB + nc, mask=cm, other=0.0)
-    cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + cc * dy_sc
-    dxb = DX + n.to(tl.int64) * dx_sn + cc * dx_sc
-    offs_s = tl.arange(0, BLOCK_S)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < S)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
-        xc = (x - shift[:, None]) - mu[:, None]
-        dx = dy * scale[:, None] + ga[:, None] + gb[:, None] * xc
-        tl.store(dxb + ss * dx_ss, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 class SwitchableNormTriton(torch.autograd.Function):
@@ -253,28 +71,16 @@ class SwitchableNormTriton(torch.autograd.Function):
         bn: BnSource,
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        x, x_sn, x_sc, x_ss = ncs(x)
-        p = Plan(x, x_sc, x_ss)
+        x, _, x_sc, x_ss = ncs(x)
+        p = channel_plan(x, x_sc, x_ss)
         acc = acc_dtype(x.dtype)
-        stats = empty((3, p.n, p.c), acc, x.device)
-        _switchable_norm_fwd_stats[(p.rows,)](
-            x, stats, x_sn, x_sc, x_ss, p.c, p.s, p.per_sample, p.n * p.c,
-            ACC=tl_acc(x.dtype), BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.warps,
-        )  # fmt: skip
-        shift, mu_in, var_in = stats.unbind(0)
+        shift, mu_in, var_in = moments(x, p, acc).unbind(0)
         mixed = mix_moments(
             shift, mu_in, var_in, mean_weight, var_weight, names, bn, running_mean, running_var
         )
         m = mixed.mean.contiguous()
         scale = mixed_scale(mixed.var, eps, weight).contiguous()
-        y = empty_like(x)
-        _, y_sn, y_sc, y_ss = ncs(y)
-        _switchable_norm_fwd[(p.rows,)](
-            x, y, shift, m, scale, x if bias is None else bias,
-            x_sn, x_sc, x_ss, y_sn, y_sc, y_ss, p.c, p.s, p.per_sample,
-            ACC=tl_acc(x.dtype), HAS_B=bias is not None,
-            BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.warps,
-        )  # fmt: skip
+        y = apply(x, p, shift, m, scale, bias)
         params = (mean_weight, var_weight, weight, running_mean, running_var)
         ctx.save_for_backward(x, shift, mu_in, var_in, m, scale, *params)
         ctx.rest = (names, bn, eps)
@@ -291,17 +97,9 @@ class SwitchableNormTriton(torch.autograd.Function):
         x, shift, mu_in, var_in, m, scale, mw, vw, weight, rm, rv = ctx.saved_tensors
         names, bn, eps = ctx.rest
         need = ctx.needs_input_grad
-        x, x_sn, x_sc, x_ss = ncs(x)
-        dy, dy_sn, dy_sc, dy_ss = ncs(dy)
-        p = Plan(x, x_sc, x_ss)
-        acc = mu_in.dtype
-        sums = empty((2, p.n, p.c), acc, x.device)
-        _switchable_norm_bwd_stats[(p.rows,)](
-            x, dy, shift, m, sums, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss,
-            p.c, p.s, p.per_sample, p.n * p.c,
-            ACC=tl_acc(x.dtype), BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.warps,
-        )  # fmt: skip
-        s1, s2 = sums.unbind(0)
+        x, _, x_sc, x_ss = ncs(x)
+        p = channel_plan(x, x_sc, x_ss)
+        s1, s2 = grad_sums(x, dy, p, shift, m).unbind(0)
         # Autograd through the (N, C) mixing, recomputed: dM = −scale·S1, dscale = S2.
         with torch.enable_grad():
             leaves = [mu_in.detach().requires_grad_(), var_in.detach().requires_grad_()]
@@ -322,15 +120,8 @@ class SwitchableNormTriton(torch.autograd.Function):
         gp = [next(rest) if g else None for g in grad_params]
         dx = None
         if need[0]:
-            dx = empty_like(x)
-            _, dx_sn, dx_sc, dx_ss = ncs(dx)
-            _switchable_norm_bwd_dx[(p.rows,)](
-                x, dy, dx, shift, mu_in, scale, (dmu / p.s).contiguous(),
-                (2.0 * dvar / p.s).contiguous(),
-                x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss,
-                p.c, p.s, p.per_sample,
-                ACC=tl_acc(x.dtype), BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.warps,
-            )  # fmt: skip
+            ga, gb = (dmu / p.s).contiguous(), (2.0 * dvar / p.s).contiguous()
+            dx = grad_input(x, dy, p, shift, mu_in, scale, ga, gb)
         casts = [None if g is None else g.to(t.dtype) for g, t in zip(gp, params, strict=True)]
         db = s1.sum(0) if need[4] else None
         return (dx, *casts, db, None, None, None, None, None)
