@@ -2,10 +2,13 @@
 
 Every function here walks a model and returns it: modules are *replaced* in their
 parent, never patched, and a module registered twice stays one module
-(:mod:`normlab.convert.surgery`). ``norms`` holds :func:`convert_norms`, ``freeze``
-:func:`freeze_bn` / :func:`unfreeze_bn`, ``architecture`` what a conversion changes
-beyond the normalization; :func:`fuse_conv_bn` lives in :mod:`normlab.fuse`. The names
-are imported from their modules on first access (``normlab._lazy``).
+(:mod:`normlab.convert.surgery`); the one exception, the stats-only freeze, keeps
+each layer the same module and swaps its class (``frozen_stats``). ``norms`` holds
+:func:`convert_norms`, ``freeze`` :func:`freeze_bn` / :func:`unfreeze_bn`, ``select``
+the ``include=`` / ``exclude=`` filters every whole-model tool shares,
+``architecture`` what a conversion changes beyond the normalization;
+:func:`fuse_conv_bn` lives in :mod:`normlab.fuse`. The names are imported from their
+modules on first access (``normlab._lazy``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ if TYPE_CHECKING:
     from ..fuse import fuse_conv_bn
     from ..kinds import is_batch_norm, is_frozen_batch_norm
     from .freeze import freeze_bn, unfreeze_bn
+    from .frozen_stats import is_stats_frozen
     from .norms import convert_norms
+    from .select import Selection, select_modules
     from .surgery import (
         ConversionReport,
         Replacement,
@@ -30,18 +35,23 @@ _MODULES = {
     ".surgery": ("ConversionReport", "Replacement", "Skipped"),
     ".norms": ("convert_norms",),
     ".freeze": ("freeze_bn", "unfreeze_bn"),
+    ".frozen_stats": ("is_stats_frozen",),
+    ".select": ("Selection", "select_modules"),
     "..fuse": ("fuse_conv_bn",),
     "..kinds": ("is_batch_norm", "is_frozen_batch_norm"),
 }
 __all__ = [
     "ConversionReport",
     "Replacement",
+    "Selection",
     "Skipped",
     "convert_norms",
     "freeze_bn",
     "fuse_conv_bn",
     "is_batch_norm",
     "is_frozen_batch_norm",
+    "is_stats_frozen",
+    "select_modules",
     "unfreeze_bn",
 ]
 _LAZY = names_from(_MODULES)

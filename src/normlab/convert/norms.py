@@ -24,6 +24,8 @@ from ..distributed import WORLD, is_sync_layer
 from ..kinds import is_batch_norm, is_frozen_batch_norm
 from ..registry import get_norm_layer, names_taking, names_with, rank_matched
 from .architecture import activation_after, adds_nonlinearity, summarise
+from .frozen_stats import asked_training, carry_stats_freeze, is_stats_frozen
+from .select import Filter, Selection, select_modules
 from .surgery import (
     ConversionReport,
     Replacement,
@@ -34,6 +36,7 @@ from .surgery import (
     describe,
     factory_kwargs,
     iter_matches,
+    left_out,
     num_channels,
     prebuild,
     rank_of,
@@ -107,6 +110,8 @@ def convert_norms(
     *,
     sync: bool | Any = False,
     frozen: bool = False,
+    include: Filter = None,
+    exclude: Filter = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, ConversionReport]:
     """Replace every BatchNorm in ``model`` by another norm layer, and say what changed.
@@ -152,6 +157,11 @@ def convert_norms(
             MovingAverageBatchNorm, BatchRenorm, EvoNormB0).
         frozen: also convert frozen BatchNorm layers. Their γ / β become the new
             layer's (trainable) parameters.
+        include, exclude: which layers (module-path globs such as
+            ``"roi_heads.*"``, or a predicate ``(name, module) -> bool``;
+            :func:`normlab.convert.select.select_modules`): e.g. GroupNorm only in a
+            detector's head. The layers they leave out are listed in
+            ``report.skipped``; a pattern matching no module is an error.
         **kwargs: passed to the factory.
 
     Returns:
@@ -170,16 +180,20 @@ def convert_norms(
     """
     factory = _target_factory(model, to)
     check_lazy(model)
-    check_custom_forward(model, "convert_norms")
+    selection = select_modules(
+        model, include, exclude, candidates=_any_batch_norm, tool="convert_norms"
+    )
+    check_custom_forward(model, "convert_norms", selection)
     warnings: list[str] = []
 
     def match(m: nn.Module) -> bool:
-        return is_batch_norm(m) or (frozen and is_frozen_batch_norm(m))
+        return selection(m) and (is_batch_norm(m) or (frozen and is_frozen_batch_norm(m)))
 
     def build(old: nn.Module, path: str) -> tuple[nn.Module, dict[str, Any]]:
         return _replacement(old, path, factory, kwargs, sync, warnings)
 
-    skipped = [] if frozen else _frozen_left(model)
+    skipped = left_out(model, _any_batch_norm, selection, "")
+    skipped += [] if frozen else _frozen_left(model, selection)
     build_all, built = prebuild(model, match, build)  # every refusal happens here
     act_after = activation_after(model, match) if any("nonlinearity" in d for d in built) else {}
     model, replacements = replace(model, match, build_all)
@@ -234,7 +248,10 @@ def _replacement(
         details["nonlinearity"] = nonlinear
     if sync is not False:
         _synced(new, sync, details)
-    new.train(old.training)
+    new.train(asked_training(old))
+    if is_stats_frozen(old):  # freeze_bn(stats_only=True): kept where the target is a BN
+        kept = carry_stats_freeze(new)
+        details["running_stats_frozen"] = "kept" if kept else "dropped (the target is no BN)"
     wrapped, kept = with_tail(new, old)
     return wrapped, {**details, **kept}
 
@@ -316,10 +333,14 @@ def _synced(new: nn.Module, sync: bool | Any, details: dict[str, Any]) -> None:
     details["sync"] = group if isinstance(group, str) else type(group).__name__
 
 
-def _frozen_left(model: nn.Module) -> list[Skipped]:
+def _any_batch_norm(m: nn.Module) -> bool:
+    return is_batch_norm(m) or is_frozen_batch_norm(m)
+
+
+def _frozen_left(model: nn.Module, selection: Selection) -> list[Skipped]:
     return [
         Skipped(p, type_name(m), "frozen BatchNorm; convert_norms(..., frozen=True) converts it")
-        for p, m in iter_matches(model, is_frozen_batch_norm)
+        for p, m in iter_matches(model, lambda m: is_frozen_batch_norm(m) and selection(m))
     ]
 
 

@@ -87,12 +87,15 @@ def check_lazy(model: nn.Module) -> None:
             )
 
 
-def check_custom_forward(model: nn.Module, tool: str) -> None:
-    """Refuse BatchNorm subclasses whose forward adds something a plain norm would drop."""
+def check_custom_forward(
+    model: nn.Module, tool: str, chosen: Callable[[nn.Module], bool] = lambda m: True
+) -> None:
+    """Refuse BatchNorm subclasses whose forward adds something a plain norm would drop
+    (among the layers ``chosen`` accepts: those ``include=`` / ``exclude=`` kept)."""
     custom = [
         f"{p or '<model>'} ({type(m).__name__})"
         for p, m in iter_matches(model, overrides_forward)
-        if not (is_norm_act(m) or _bare_norm_act(m))
+        if chosen(m) and not (is_norm_act(m) or _bare_norm_act(m))
     ]
     if custom:
         raise ValueError(
@@ -267,10 +270,13 @@ def replace(
     records: list[dict[str, Any]] = []
 
     def make(old: nn.Module, path: str) -> nn.Module:
+        old_type = type_name(old)  # before ``build``, which may change ``old`` in place
         new, details = build(old, path)
         new_of[id(old)] = new
         new_ids[id(new)] = len(records)
-        records.append({"path": path, "aliases": [], "old": old, "new": new, "details": details})
+        records.append(
+            {"path": path, "aliases": [], "old": old_type, "new": new, "details": details}
+        )
         return new
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -294,9 +300,7 @@ def replace(
         root = model
         visit(model, "")
     return root, [
-        Replacement(
-            r["path"], tuple(r["aliases"]), type_name(r["old"]), type_name(r["new"]), r["details"]
-        )
+        Replacement(r["path"], tuple(r["aliases"]), r["old"], type_name(r["new"]), r["details"])
         for r in records
     ]
 
@@ -311,3 +315,16 @@ def copy_into(new: nn.Module, name: str, value: Tensor | None, channels: int) ->
     with torch.no_grad():
         target.copy_(value.to(target.dtype))
     return True
+
+
+def left_out(
+    model: nn.Module, candidates: Callable[[nn.Module], bool], chosen: Any, done: str
+) -> list[Skipped]:
+    """A :class:`Skipped` for every candidate the ``include=`` / ``exclude=`` selection
+    ``chosen`` (:class:`normlab.convert.select.Selection`) left out; ``done`` says what was
+    not done to it (e.g. ``"not frozen"``)."""
+    why = "left out by include= / exclude=" + (f" ({done})" if done else "")
+    return [
+        Skipped(p or "<model>", type_name(m), why)
+        for p, m in iter_matches(model, lambda m: candidates(m) and not chosen(m))
+    ]
