@@ -6,6 +6,7 @@ Every message says what is wrong, why it matters, and how to fix it.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -24,7 +25,59 @@ SMALL_BATCH_ALTERNATIVES = (
 BACKENDS = ("auto", "torch", "triton")
 
 
+def check_tensor(layer: str, x: object) -> None:
+    """Refuse an input that is not a torch.Tensor (a NumPy array, a list, a number)."""
+    if isinstance(x, Tensor):
+        return
+    kind = type(x)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    if kind.__module__ == "numpy" or hasattr(x, "__array__"):
+        fix = "convert it first with torch.from_numpy(x) (or torch.as_tensor(x))"
+    else:
+        fix = "convert it first with torch.tensor(x) or torch.as_tensor(x)"
+    raise TypeError(f"{layer}: expects a torch.Tensor, got {name}; {fix}.")
+
+
+def check_count(layer: str, name: str, value: object, *, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``: a number of channels, groups, a window size.
+
+    Refuses ``bool``, ``float`` (even 8.0), ``str`` and other non-integers with a
+    TypeError, instead of rounding silently or failing deep inside torch; accepts
+    any integer type (``int``, NumPy integers, 0-dim integer tensors).
+    """
+    if isinstance(value, bool) or isinstance(value, (float, str)):
+        integer = None
+    else:
+        try:
+            integer = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            integer = None
+    if integer is None:
+        text = isinstance(value, str) and value.strip().lstrip("+-").isdigit()
+        hint = f"{name}=int({value!r})" if text else f"a whole number for {name}"
+        raise TypeError(
+            f"{layer}: {name} must be an int, got {type(value).__name__} {value!r}; pass {hint}."
+        )
+    if integer < minimum:
+        raise ValueError(f"{layer}: {name} must be >= {minimum}, got {integer}.")
+    return integer
+
+
+def check_shape(layer: str, name: str, value: object) -> tuple[int, ...]:
+    """A shape given as one int or a sequence of ints (``normalized_shape``), as a tuple.
+
+    Each entry goes through :func:`check_count`; a string is refused, not read as
+    a sequence of characters.
+    """
+    if isinstance(value, (list, tuple, torch.Size)):
+        if not value:
+            raise ValueError(f"{layer}: {name} must name at least one dim, got {value!r}.")
+        return tuple(check_count(layer, f"{name}[{i}]", v) for i, v in enumerate(value))
+    return (check_count(layer, name, value),)
+
+
 def check_floating(layer: str, x: Tensor) -> None:
+    check_tensor(layer, x)
     if not torch.is_floating_point(x):
         raise TypeError(
             f"{layer}: expected a floating-point input, got dtype {x.dtype} with shape "
@@ -61,6 +114,7 @@ def check_eps(layer: str, eps: float, *, zero_ok: bool = False) -> None:
 
 
 def check_rank(layer: str, x: Tensor, ranks: Sequence[int], layout: str) -> None:
+    check_tensor(layer, x)
     if x.dim() not in ranks:
         allowed = " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(
@@ -82,6 +136,7 @@ def check_min_dims(layer: str, x: Tensor, min_dims: int, expected: str | None = 
     ``expected`` names the accepted layout in the message (default: the
     ``(N, C, *spatial)`` wording for ``min_dims`` 2 or 3).
     """
+    check_tensor(layer, x)
     if x.dim() < min_dims:
         what = _AT_LEAST[min_dims] if expected is None else expected
         raise ValueError(f"{layer}: expected {what}, got shape {tuple(x.shape)}.")
@@ -226,9 +281,11 @@ def divisors_up_to(n: int, limit: int) -> list[int]:
     return [d for d in range(min(n, limit), 0, -1) if n % d == 0]
 
 
-def check_groups(layer: str, num_channels: int, num_groups: int) -> None:
-    if num_groups <= 0:
-        raise ValueError(f"{layer}: num_groups must be >= 1, got {num_groups}.")
+def check_groups(
+    layer: str, num_channels: int, num_groups: int, groups_name: str = "num_groups"
+) -> None:
+    num_channels = check_count(layer, "num_channels", num_channels)
+    num_groups = check_count(layer, groups_name, num_groups)
     if num_channels % num_groups != 0:
         options = ", ".join(str(d) for d in divisors_up_to(num_channels, num_groups)[:4])
         raise ValueError(

@@ -62,6 +62,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._core.checks import (
+    check_count,
     check_eps,
     check_floating,
     check_min_dims,
@@ -93,7 +94,7 @@ def check_mabn_options(
     """Validate MABN's hyper-parameters with messages that say how to fix them."""
     if r_warmup_iters is not None and int(r_warmup_iters) < 0:
         raise ValueError(f"{layer}: r_warmup_iters must be >= 0 or None, got {r_warmup_iters}.")
-    if int(window) < 1:
+    if check_count(layer, "window", window, minimum=0) < 1:
         raise ValueError(
             f"{layer}: window must be >= 1 (the number of recent steps in the moving "
             f"averages), got {window}. window=1 uses the current batch only; the paper "

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .._core.checks import (
     check_channels,
+    check_count,
     check_eps,
     check_floating,
     check_rank,
@@ -24,10 +25,8 @@ from .._core.checks import (
 
 
 def check_num_features(layer: str, num_features: int) -> int:
-    """``num_features`` as an int, refused below 1."""
-    if int(num_features) <= 0:
-        raise ValueError(f"{layer}: num_features must be >= 1, got {num_features}.")
-    return int(num_features)
+    """``num_features`` as an int, refused below 1 or when not an integer (2.5, '8')."""
+    return check_count(layer, "num_features", num_features)
 
 
 def add_affine(

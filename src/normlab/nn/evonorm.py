@@ -163,7 +163,7 @@ class EvoNormS0_2d(nn.Module):
         super().__init__()
         name = type(self).__name__
         self.num_features = check_num_features(name, num_features)
-        check_groups(name, self.num_features, groups)
+        check_groups(name, self.num_features, groups, "groups")
         check_eps(name, eps)
         factory = {"device": device, "dtype": dtype}
         self.groups = int(groups)

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import functional as NF
-from .._core.checks import check_channels, check_eps
+from .._core.checks import check_channels, check_count, check_eps, check_shape, check_tensor
 from ._base import add_affine, reset_affine
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
@@ -44,9 +44,7 @@ class LayerNorm(nn.Module):
     ) -> None:
         super().__init__()
         check_eps("LayerNorm", eps, zero_ok=True)
-        if isinstance(normalized_shape, int):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.normalized_shape = check_shape("LayerNorm", "normalized_shape", normalized_shape)
         self.eps = float(eps)
         self.elementwise_affine = elementwise_affine
         factory = {"device": device, "dtype": dtype}
@@ -91,7 +89,7 @@ class LayerNorm2d(nn.Module):
     ) -> None:
         super().__init__()
         check_eps("LayerNorm2d", eps)
-        self.num_channels = int(num_channels)
+        self.num_channels = check_count("LayerNorm2d", "num_channels", num_channels)
         self.eps = float(eps)
         self.affine = affine
         factory = {"device": device, "dtype": dtype}
@@ -101,6 +99,7 @@ class LayerNorm2d(nn.Module):
         reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_tensor("LayerNorm2d", input)
         if input.dim() >= 2:
             check_channels("LayerNorm2d", input, self.num_channels)
         return NF.layer_norm2d(input, self.weight, self.bias, self.eps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import functional as NF
+from .._core.checks import check_count
 
 __all__ = ["LocalResponseNorm"]
 
@@ -25,9 +26,7 @@ class LocalResponseNorm(nn.Module):
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
         super().__init__()
-        if size < 1:
-            raise ValueError(f"LocalResponseNorm: size must be >= 1, got {size}.")
-        self.size = int(size)
+        self.size = check_count("LocalResponseNorm", "size", size)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.k = float(k)

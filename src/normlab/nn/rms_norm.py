@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from .._core.checks import check_channels, check_eps
+from .._core.checks import check_channels, check_count, check_eps, check_shape, check_tensor
 
 __all__ = ["RMSNorm", "RMSNorm2d"]
 
@@ -45,9 +45,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         if eps is not None:
             check_eps("RMSNorm", eps, zero_ok=True)
-        if isinstance(normalized_shape, int):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.normalized_shape = check_shape("RMSNorm", "normalized_shape", normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
@@ -98,7 +96,7 @@ class RMSNorm2d(nn.Module):
         super().__init__()
         if eps is not None:
             check_eps("RMSNorm2d", eps, zero_ok=True)
-        self.num_channels = int(num_channels)
+        self.num_channels = check_count("RMSNorm2d", "num_channels", num_channels)
         self.eps = eps
         self.affine = affine
         if affine:
@@ -111,6 +109,7 @@ class RMSNorm2d(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_tensor("RMSNorm2d", input)
         if input.dim() >= 2:
             check_channels("RMSNorm2d", input, self.num_channels)
         return NF.rms_norm2d(input, self.weight, self.eps)
