@@ -65,7 +65,8 @@ CODES: dict[str, tuple[str, str]] = {
     "running_var_negative": (
         "A negative running_var is impossible for a variance: the stored statistics are "
         "corrupt (an edited or damaged checkpoint, a bad conversion). torch's eval BN gives "
-        "NaN in these channels; normlab's layers refuse the forward.",
+        "NaN in these channels; normlab's layers refuse the forward on CPU and give NaN there "
+        "on a GPU or under torch.compile.",
         "Reload the checkpoint from a good copy, or recompute the statistics on "
         f"representative data with {_RECALIBRATE}.",
     ),
