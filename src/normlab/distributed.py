@@ -94,6 +94,8 @@ from ._core.collectives import (
     sync_active,
     sync_moments,
 )
+from .convert.frozen_stats import asked_training, carry_stats_freeze, is_stats_frozen
+from .convert.select import Filter, select_modules
 from .convert.surgery import BATCH_NORM_BY_RANK, rank_of, replace
 from .kinds import holds_running_stats
 from .nn.traits import traits_of
@@ -159,11 +161,19 @@ def _twin(cls: type[nn.Module], old: nn.Module, **kwargs: Any) -> nn.Module:
         new._parameters[name] = old._parameters.get(name)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new._buffers[name] = old._buffers.get(name)
-    new.train(old.training)
+    new.train(asked_training(old))
+    if is_stats_frozen(old):  # freeze_bn(stats_only=True) survives the swap
+        carry_stats_freeze(new)
     return new
 
 
-def convert_sync(model: nn.Module, process_group: ProcessGroup | str | None = None) -> nn.Module:
+def convert_sync(
+    model: nn.Module,
+    process_group: ProcessGroup | str | None = None,
+    *,
+    include: Filter = None,
+    exclude: Filter = None,
+) -> nn.Module:
     """Turn on cross-process statistics for every batch-statistics layer of ``model``.
 
     * normlab's BatchNorm, SwitchableNorm, MovingAverageBatchNorm, BatchRenorm
@@ -180,12 +190,20 @@ def convert_sync(model: nn.Module, process_group: ProcessGroup | str | None = No
         process_group: the group; ``None`` (as in
             ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) or ``"world"``
             means the default group.
+        include, exclude: which layers (module-path globs or a predicate
+            ``(name, module) -> bool``; :func:`normlab.convert.select.select_modules`);
+            the others are left as they are.
 
     Returns:
         The model. On a single process it still runs unchanged (sync is a no-op).
+        There is no report: ``select_modules(model, include, exclude).left_out``
+        lists the modules the filters leave out.
     """
     group = WORLD if process_group is None else process_group
     check_group_arg(group)
+    selection = select_modules(
+        model, include, exclude, candidates=_convertible, tool="convert_sync"
+    )
 
     def build(m: nn.Module, path: str) -> tuple[nn.Module, dict[str, Any]]:
         if is_sync_layer(m):
@@ -193,20 +211,29 @@ def convert_sync(model: nn.Module, process_group: ProcessGroup | str | None = No
             return m, {}
         return _from_torch_bn(m, group), {}
 
-    return replace(model, lambda m: is_sync_layer(m) or _is_torch_bn(m), build)[0]
+    return replace(model, selection.match(_convertible), build)[0]
 
 
-def revert_sync(model: nn.Module) -> nn.Module:
+def _convertible(m: nn.Module) -> bool:
+    return is_sync_layer(m) or _is_torch_bn(m)
+
+
+def revert_sync(model: nn.Module, *, include: Filter = None, exclude: Filter = None) -> nn.Module:
     """Turn cross-process statistics off again (the inverse of :func:`convert_sync`).
 
     Every supported normlab layer gets ``process_group=None``; layers that
     :func:`convert_sync` made from torch's ``BatchNorm1d/2d/3d`` become that torch
     class again (sharing parameters and buffers). Those made from
-    ``SyncBatchNorm`` stay normlab BatchNorm, unsynced.
+    ``SyncBatchNorm`` stay normlab BatchNorm, unsynced. ``include`` / ``exclude``
+    pick the layers, as in :func:`convert_sync`.
 
     Returns:
-        The model, modified in place.
+        The model, modified in place (no report; ``select_modules(model, include,
+        exclude).left_out`` lists what the filters leave out).
     """
+    selection = select_modules(
+        model, include, exclude, candidates=is_sync_layer, tool="revert_sync"
+    )
 
     def build(m: nn.Module, path: str) -> tuple[nn.Module, dict[str, Any]]:
         m.process_group = None
@@ -215,7 +242,7 @@ def revert_sync(model: nn.Module) -> nn.Module:
             return m, {}
         return _twin(cls, m), {}
 
-    return replace(model, is_sync_layer, build)[0]
+    return replace(model, selection.match(is_sync_layer), build)[0]
 
 
 # ----------------------------------------------------------------------------- running statistics

@@ -14,6 +14,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
+from ..convert.select import Filter, Selection, select_modules
 from ..feed import ForwardFn, feed
 from ..kinds import activation_tail, is_frozen_batch_norm
 from .check import (
@@ -66,7 +67,7 @@ class _Pair:
 class _Plan:
     """Every BN of the model, decided: pairs to fold (grouped by BN) or a skip reason."""
 
-    def __init__(self, model: nn.Module, strict: bool) -> None:
+    def __init__(self, model: nn.Module, strict: bool, chosen: Selection) -> None:
         self.strict = strict
         self.slots: dict[int, list[Slot]] = {}
         for parent in model.modules():
@@ -85,7 +86,10 @@ class _Plan:
         )
         bns = {id(m): m for m in model.modules() if is_bn_like(m)}
         for bn in bns.values():
-            self._decide(model, bn)
+            if chosen(bn):
+                self._decide(model, bn)
+            else:
+                self.skip(bn, "filtered", REASONS["filtered"])
 
     def skip(self, bn: nn.Module, reason: str, detail: str) -> None:
         self.report.skipped.append(SkippedBN(self.paths[id(bn)], type(bn).__name__, reason, detail))
@@ -235,6 +239,8 @@ def fuse_conv_bn(
     compare: Callable[[Any, Any], Any] | Literal[False] | None = ...,
     strict: bool = ...,
     forward_fn: ForwardFn | None = ...,
+    include: Filter = ...,
+    exclude: Filter = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 @overload
@@ -247,6 +253,8 @@ def fuse_conv_bn(
     compare: Callable[[Any, Any], Any] | Literal[False] | None = ...,
     strict: bool = ...,
     forward_fn: ForwardFn | None = ...,
+    include: Filter = ...,
+    exclude: Filter = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, FuseReport]: ...
 def fuse_conv_bn(
@@ -258,6 +266,8 @@ def fuse_conv_bn(
     compare: Callable[[Any, Any], Any] | Literal[False] | None = None,
     strict: bool = True,
     forward_fn: ForwardFn | None = None,
+    include: Filter = None,
+    exclude: Filter = None,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, FuseReport]:
     """Fold eval-mode BatchNorm / frozen BatchNorm into the Conv or Linear feeding it.
@@ -302,6 +312,9 @@ def fuse_conv_bn(
             channel mismatch, shared conv, non-standard BN); with False these are
             skipped and reported.
         forward_fn: ``forward_fn(model, check_inputs)`` when the batch needs it.
+        include, exclude: which BNs may fold (module-path globs or a predicate
+            ``(name, module) -> bool``; :func:`normlab.convert.select.select_modules`);
+            the others are reported as skipped, reason ``"filtered"``.
         return_report: return ``(model, FuseReport)`` instead of the model.
 
     Raises:
@@ -315,7 +328,8 @@ def fuse_conv_bn(
             f"fuse_conv_bn: compare must be a callable(before, after), None (the default "
             f"comparison) or False (no output comparison), got {type(compare).__name__}."
         )
-    plan = _Plan(model, strict)
+    chosen = select_modules(model, include, exclude, candidates=is_bn_like, tool="fuse_conv_bn")
+    plan = _Plan(model, strict, chosen)
     report = plan.report
     before = None
     if check_inputs is not None:

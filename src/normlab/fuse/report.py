@@ -24,6 +24,7 @@ REASONS: dict[str, str] = {
     "not_called": "the traced forward never calls the BN",
     "not_analysed": "it is called from code torch.fx could not trace, outside an nn.Sequential",
     "model_is_bn": "the model itself is the BN; there is no conv to fold it into",
+    "filtered": "left out by include= / exclude=",
 }
 
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from torch import nn
 
 from .._core.collectives import resolve_process_group
+from ..convert.frozen_stats import asked_training, is_stats_frozen
+from ..convert.select import Filter, select_modules
 from .exact import exact_passes
 from .passes import Buffers, Survey, progress_bar, run_pass, write
 from .population import VARIANCES, Population, Variance
@@ -54,6 +56,7 @@ class RecalibrationReport:
             skipped.
         unseen: layers that never ran on the batches and kept their statistics.
         levels: exact: the layers of each dependency level; precise: empty.
+        filtered: layers ``include=`` / ``exclude=`` left out (kept their statistics).
     """
 
     model: nn.Module
@@ -67,6 +70,7 @@ class RecalibrationReport:
     unknown: tuple[str, ...]
     unseen: tuple[str, ...]
     levels: tuple[tuple[str, ...], ...] = ()
+    filtered: tuple[str, ...] = ()
 
 
 @overload
@@ -81,6 +85,8 @@ def recalibrate(
     levels: Literal["graph", "sequential"] = ...,
     progress: bool | None = ...,
     process_group: ProcessGroup | str | None = ...,
+    include: Filter = ...,
+    exclude: Filter = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -97,6 +103,8 @@ def recalibrate(
     levels: Literal["graph", "sequential"] = ...,
     progress: bool | None = ...,
     process_group: ProcessGroup | str | None = ...,
+    include: Filter = ...,
+    exclude: Filter = ...,
     return_report: Literal[True],
 ) -> RecalibrationReport: ...
 
@@ -112,6 +120,8 @@ def recalibrate(
     levels: Literal["graph", "sequential"] = "graph",
     progress: bool | None = None,
     process_group: ProcessGroup | str | None = None,
+    include: Filter = None,
+    exclude: Filter = None,
     return_report: bool = False,
 ) -> nn.Module | RecalibrationReport:
     """Set every layer's running statistics to the population statistics of the data fed.
@@ -146,6 +156,10 @@ def recalibrate(
             those of all ranks' batches together, the same on every rank
             (:mod:`normlab.recalibrate.ranks`). Call it on every rank of the group.
             A group of one process, or torch.distributed not initialized: as None.
+        include, exclude: which layers (module-path globs or a predicate
+            ``(name, module) -> bool``; :func:`normlab.convert.select.select_modules`);
+            the others keep their statistics (``report.filtered``). A BatchNorm
+            whose statistics ``freeze_bn(stats_only=True)`` fixed counts as frozen.
         return_report: return a :class:`RecalibrationReport` instead of ``model``.
 
     Returns:
@@ -182,13 +196,14 @@ def recalibrate(
     group = resolve_process_group(process_group)
     ranks = None if group is None else Ranks(group)
     survey = Survey(model)
+    filtered = _select(model, survey, include, exclude)
     if not survey.layers:
         warnings.warn(survey.nothing_to_do(), RuntimeWarning, stacklevel=2)
-        report = _report(model, method, variance, 0, 0, survey, [], [])
+        report = _report(model, method, variance, 0, 0, survey, [], [], filtered)
         return report if return_report else model
 
     pops = {lid: Population(m, kind, path, variance) for lid, (m, path, kind) in survey.items()}
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, asked_training(m)) for m in model.modules()]
     buffers = Buffers(m for m, _, _ in survey.layers.values())
     level_paths: list[list[str]] = []
     try:
@@ -228,8 +243,23 @@ def recalibrate(
             RuntimeWarning,
             stacklevel=2,
         )
-    report = _report(model, method, variance, count, passes, survey, unseen, level_paths)
+    report = _report(model, method, variance, count, passes, survey, unseen, level_paths, filtered)
     return report if return_report else model
+
+
+def _select(model: nn.Module, survey: Survey, include: Filter, exclude: Filter) -> list[str]:
+    """Keep in ``survey.layers`` only what the filters select; stats-frozen BNs count as frozen.
+    Returns the paths the filters left out."""
+    for lid, (m, path, _) in list(survey.layers.items()):
+        if is_stats_frozen(m):
+            survey.frozen.append(path)
+            del survey.layers[lid]
+    chosen = select_modules(
+        model, include, exclude, candidates=lambda m: id(m) in survey.layers, tool="recalibrate"
+    )
+    for lid in [lid for lid in survey.layers if lid not in chosen.chosen]:
+        del survey.layers[lid]
+    return list(chosen.left_out)
 
 
 def _len(batches: Iterable[Any]) -> int | None:
@@ -248,6 +278,7 @@ def _report(
     survey: Survey,
     unseen: list[str],
     level_paths: list[list[str]],
+    filtered: list[str],
 ) -> RecalibrationReport:
     done = [path for lid, (_, path, _) in survey.items() if path not in unseen]
     return RecalibrationReport(
@@ -262,4 +293,5 @@ def _report(
         unknown=tuple(survey.unknown),
         unseen=tuple(unseen),
         levels=tuple(tuple(p) for p in level_paths),
+        filtered=tuple(filtered),
     )
