@@ -251,10 +251,11 @@ def cross_iteration_batch_norm(
         return affine_normalize(input, input.new_zeros(c), input.new_ones(c), weight, bias, eps)
     batch = _batch_moments(input, group)
     pool = conv_weight is not None and window is not None
+    if pool:
+        _check_window(window, conv_weight, c)  # type: ignore[arg-type]
     if pool and not (torch.is_grad_enabled() and batch.mean.requires_grad):
         pool = False  # nothing recorded to differentiate (no_grad, a frozen stem): plain BN
     if pool:
-        _check_window(window, conv_weight, c)  # type: ignore[arg-type]
         if not conv_weight.requires_grad:  # type: ignore[union-attr]
             raise ValueError(
                 f"{_LAYER}: conv_weight does not require grad, so the statistics' gradient "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -144,6 +145,7 @@ class CrossIterationBatchNorm2d(NormBase):
         self.burnin = burnin
         self.rho = float(rho)
         self._warned = False
+        self._conv_ref: weakref.ref[Tensor] | None = None
         if self.num_batches_tracked is None:
             self.register_buffer("num_batches_tracked", torch.tensor(0, device=device))
         for part in _WINDOW:
@@ -154,6 +156,24 @@ class CrossIterationBatchNorm2d(NormBase):
         if "window_filled" in self._buffers:  # the base constructor calls this first
             for part in _WINDOW:
                 setattr(self, f"window_{part}", None)
+            self._conv_ref = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) adopts the copied model's convolution at its next step.
+        return {**self.__dict__, "_conv_ref": None}
+
+    def _adopt(self, weight: Tensor) -> None:
+        """Remember ``weight``; refuse a second convolution feeding the same layer."""
+        known = None if self._conv_ref is None else self._conv_ref()
+        if known is not None and known is not weight:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) is fed by more than one "
+                "convolution (a layer shared across calls): its window holds statistics of "
+                "one convolution's output, which cannot be carried over to another's. Give "
+                "each convolution its own layer (or GroupNorm via convert_norms(..., "
+                "include=...)); reset_running_stats() forgets the convolution."
+            )
+        self._conv_ref = weakref.ref(weight)
 
     def _window(self, conv_weight: Tensor, dtype: torch.dtype) -> IterationWindow:
         """The window for ``conv_weight``'s output, allocated at first use."""
@@ -170,6 +190,8 @@ class CrossIterationBatchNorm2d(NormBase):
         if not torch.is_grad_enabled() or int(self.num_batches_tracked) <= self.burnin:
             return None
         weight = given if given is not None else preceding_conv_weight(input)
+        if weight is not None:
+            self._adopt(weight)
         if weight is None and not self._warned:
             self._warned = True
             warnings.warn(

@@ -145,9 +145,11 @@ TABLE: dict[type, LayerTraits] = {
         MovingAverageBatchNorm2d,
         MovingAverageBatchNorm3d,
     ),
-    # CBN: BN's running statistics; burn-in on num_batches_tracked; no gradient through
-    # the Taylor compensation (the window's statistics are constants), as the authors.
-    CrossIterationBatchNorm2d: _SCHEDULED,
+    # CBN: BN's running statistics and burn-in on num_batches_tracked. Its backward is
+    # the derivative with respect to its input, γ and β (the window's statistics are
+    # constants); the convolution's weight gets none through the Taylor term, as the
+    # authors' code.
+    CrossIterationBatchNorm2d: dataclasses.replace(_BATCH, step_counter=True),
     # SN: the running statistics are its BN branch's; the LN branch and the per-layer
     # mixing weights tie channels together.
     **_family(

@@ -18,6 +18,12 @@ from .batch_renorm import (
     batch_renorm_forward,
     batch_renorm_update_running,
 )
+from .cross_iteration_batch_norm import (
+    conv2d_forward,
+    conv_moment_grads,
+    cross_iteration_batch_norm_backward,
+    cross_iteration_batch_norm_forward,
+)
 from .evonorm import (
     evonorm_b0_backward,
     evonorm_b0_forward,
@@ -73,6 +79,10 @@ __all__ = [
     "filter_response_norm_forward",
     "tlu_backward",
     "tlu_forward",
+    "conv2d_forward",
+    "conv_moment_grads",
+    "cross_iteration_batch_norm_backward",
+    "cross_iteration_batch_norm_forward",
     "batch_norm_backward",
     "batch_norm_forward",
     "batch_norm_update_running",
