@@ -10,6 +10,8 @@ from _kernel_cases import (
     HALF,
     act_backward,
     act_forward,
+    assert_deterministic,
+    assert_splits,
     check,
     make_param,
     make_x,
@@ -40,6 +42,7 @@ class GNCase:
     tile: int | None = None  # interpreter tile override: multi-tile loops and splits
     split: bool = False  # the case must split the group over several programs
     channel_split: bool = False  # ... and along its channels too
+    pack: bool = False  # the case must give a program several groups (channels_last)
 
 
 CASES = [
@@ -84,14 +87,42 @@ CASES = [
         split=True,
         channel_split=True,
     ),  # fmt: skip
+    # channels_last, several groups per program (and the split along S with them).
+    GNCase("packed-cl", (2, 15, 3, 5), 5, "cl", pack=True),
+    GNCase("packed-C/G=10-N=1-silu", (1, 30, 3, 5), 3, "cl", act="silu", pack=True),
+    GNCase("packed-ragged-relu-no-bias", (2, 70, 2, 3), 7, "cl", act="relu", bias=False, pack=True),
+    GNCase("packed-(N,C)", (3, 15), 5, "cl", pack=True),
+    GNCase("packed-s-split", (1, 15, 5, 3), 5, "cl", tile=16, split=True, pack=True),
+    GNCase(
+        "packed-s-split-3d-no-affine",
+        (1, 15, 2, 2, 3),
+        5,
+        "cl",
+        weight=False,
+        bias=False,
+        tile=16,
+        split=True,
+        pack=True,
+    ),  # fmt: skip
+    GNCase(
+        "packed-s-split-N=2-silu",
+        (2, 15, 3, 3),
+        5,
+        "cl",
+        act="silu",
+        tile=16,
+        split=True,
+        pack=True,
+    ),
 ]
 # Labels crossed with the other dtypes (every case runs in fp32).
 HALF_CASES = {
     "nonpow2-C-and-HW", "channels_last", "silu-channels_last", "hw-split", "channel-split",
+    "packed-C/G=10-N=1-silu", "packed-s-split",
 }  # fmt: skip
 FP64_CASES = {
     "nonpow2-C-and-HW", "hw-split-channels_last-silu", "groups=1-channels_last",
-    "channel-and-hw-split-cl",
+    "channel-and-hw-split-cl", "packed-cl", "packed-s-split-N=2-silu",
 }  # fmt: skip
 
 PARAMS = [pytest.param(c, torch.float32, id=f"{c.label}-fp32") for c in CASES]
@@ -120,11 +151,11 @@ def test_group_norm_kernel_matches_reference(case: GNCase, dtype, monkeypatch):
     inputs = dict(input=x, num_groups=case.groups, eps=1e-5, act=case.act)
     inputs["weight"] = make_param(c, pdt, seed=1) if case.weight else None
     inputs["bias"] = make_param(c, pdt, seed=2, loc=0.0) if case.bias else None
+    _, _, sc, ss = _common.ncs(x)
+    p = plan(x, case.groups, sc, ss)
     if case.split:
-        _, _, sc, ss = _common.ncs(x)
-        p = plan(x, case.groups, sc, ss)
-        assert p.split > 1, "the case does not split the group"
-        assert p.split_c > 1 or not case.channel_split, "the case does not split channels"
+        assert_splits(p, channels=case.channel_split)
+    assert (p.pack > 1) == case.pack, f"{p.pack} groups per program"
 
     y, dy, grads = run(fused_group_norm, inputs)
     y_ref, g_ref = reference(case, inputs, dy, 1e-5)
@@ -138,6 +169,8 @@ def test_group_norm_kernel_matches_reference(case: GNCase, dtype, monkeypatch):
         check(grads["weight"], g_ref["dweight"], pdt if dtype not in HALF else dtype, "dweight")
     if case.bias:
         check(grads["bias"], g_ref["dbias"], pdt if dtype not in HALF else dtype, "dbias")
+    if case.split:
+        assert_deterministic(fused_group_norm, inputs)
 
 
 def test_channels_last_is_read_in_place():
@@ -164,6 +197,40 @@ def test_off_center_data_keep_their_digits(dtype):
     check(y, y_ref, dtype, "y", **tol)
     check(grads["input"], g_ref["dx"], dtype, "dx", **tol)
     check(grads["weight"], g_ref["dweight"], dtype, "dweight", **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_off_center_data_several_groups_per_program(dtype, monkeypatch):
+    """The packed channels_last kernels (each channel's pivot its group's first element),
+    split along S, on data of mean 1e4 and std 1e-2."""
+    monkeypatch.setattr(_common, "INTERPRET_TILE", 16)
+    x = make_x((1, 15, 6, 5), dtype, "cl", loc=1e4, scale=1e-2)
+    p = plan(x, 5, *_common.ncs(x)[2:])
+    assert p.pack > 1 and p.split > 1
+    w = make_param(15, dtype, seed=1)
+    b = make_param(15, dtype, seed=2, loc=0.0)
+    y, dy, grads = run(fused_group_norm, dict(input=x, num_groups=5, weight=w, bias=b))
+    y_ref, cache = R.group_norm_forward(np64(x), 5, np64(w), np64(b), 1e-5)
+    g_ref = R.group_norm_backward(np64(dy), cache)
+    tol = dict(rtol=1e-8, atol=1e-8) if dtype == torch.float64 else {}
+    check(y, y_ref, dtype, "y", **tol)
+    check(grads["input"], g_ref["dx"], dtype, "dx", **tol)
+    check(grads["weight"], g_ref["dweight"], dtype, "dweight", **tol)
+    check(grads["bias"], g_ref["dbias"], dtype, "dbias", **tol)
+
+
+def test_groups_per_program_fills_the_lanes():
+    """C/G = 10 (SD-UNet's 320 channels in 32 groups): 3 groups per program use 30 of
+    32 lanes per row instead of 10 of 16; NCHW and a power-of-two C/G keep one group."""
+    from normlab.kernels.group_norm_forward import groups_per_program
+
+    assert groups_per_program(10, 32, True, 512) == 3
+    assert groups_per_program(20, 32, True, 512) == 3
+    assert groups_per_program(40, 16, True, 512) == 3
+    assert groups_per_program(16, 32, True, 512) == 1
+    assert groups_per_program(10, 32, False, 512) == 1
+    assert groups_per_program(3, 5, True, 16) == 5  # 15 of 16 lanes
+    assert groups_per_program(3, 5, True, 8) == 1  # the row may not outgrow the tile
 
 
 def test_constant_group_gives_finite_output():

@@ -129,6 +129,11 @@ PROGRAMS_PER_SM = 4
 MIN_TILE = 512
 
 
+def smallest_tile(device: torch.device) -> int:
+    """The tile a :class:`Plan` never shrinks below (no shrinking under the interpreter)."""
+    return MIN_TILE if device.type == "cuda" else tile_size(device)
+
+
 def target_programs(device: torch.device) -> int:
     """How many programs keep the device busy: PROGRAMS_PER_SM per SM on CUDA (528 on
     an H100's 132 SMs). Under the interpreter a pretend count of 4, so that tiny test
@@ -151,29 +156,41 @@ class Plan:
     and its backward: the one planning function of the kernels.
 
     Axis 0 of the grid runs ``per_sample`` programs per sample (``rows`` in all):
-    with ``groups``, one per group of ``width`` = C/groups channels; without, one per
-    block of BLOCK_C channels (``width`` = C). Tiles are (BLOCK_C, BLOCK_S), the
-    contiguous axis filled first. When ``rows`` programs alone would leave the device
-    idle and the kernels merge partial results (``may_split``), axis 1 splits each
-    row's extent into ``split = split_c · split_s`` pieces: ``split_s`` chunks of
-    ``chunk_s`` positions and (groups only: the group's flattened channels × positions
-    extent) ``split_c`` chunks of ``chunk_c`` channels; the tile shrinks (down to
-    MIN_TILE on a GPU) until there are enough pieces. Without a split, ``split`` is 1,
+    with ``groups``, one per ``pack`` consecutive groups of ``cpg`` = C/groups channels
+    (``width`` = pack·cpg); without, one per block of BLOCK_C channels (``width`` = C).
+    Tiles are (BLOCK_C, BLOCK_S), the contiguous axis filled first. When ``rows``
+    programs alone would leave the device idle and the kernels merge partial results
+    (``may_split``), axis 1 splits each row's extent into ``split = split_c · split_s``
+    pieces: ``split_s`` chunks of ``chunk_s`` positions and (one group per program only:
+    the group's flattened channels × positions extent) ``split_c`` chunks of
+    ``chunk_c`` channels; the tile shrinks (down to MIN_TILE on a GPU) until there are
+    enough pieces. Without a split, ``split`` is 1,
     ``chunk_s`` is S and ``chunk_c`` the width.
     """
 
     def __init__(
-        self, x: Tensor, x_sc: int, x_ss: int, *, groups: int | None = None, may_split: bool = False
+        self,
+        x: Tensor,
+        x_sc: int,
+        x_ss: int,
+        *,
+        groups: int | None = None,
+        may_split: bool = False,
+        pack: int = 1,
     ) -> None:
         self.n, self.c, self.s = x.shape[0], x.shape[1], spatial_size(x)
-        self.width = self.c if groups is None else self.c // groups
+        self.cpg = self.c if groups is None else self.c // groups
+        self.pack = pack
+        self.width = self.cpg * pack
         c_fast = channels_fastest(x_sc, x_ss, self.s)
         size = tile_size(x.device)
-        floor = MIN_TILE if x.device.type == "cuda" else size
+        floor = smallest_tile(x.device)
         target = target_programs(x.device)
         while True:
             self.block_c, self.block_s = tile(self.width, self.s, c_fast, size)
-            self.per_sample = triton.cdiv(self.c, self.block_c) if groups is None else groups
+            self.per_sample = (
+                triton.cdiv(self.c, self.block_c) if groups is None else triton.cdiv(groups, pack)
+            )
             self.rows = self.n * self.per_sample
             self.split_c, self.chunk_c = 1, self.width
             self.split_s, self.chunk_s = 1, self.s
@@ -181,7 +198,7 @@ class Plan:
                 break
             want = triton.cdiv(target, max(self.rows, 1))
             self.split_s, self.chunk_s = _chunks(self.s, self.block_s, want)
-            if groups is not None:
+            if groups is not None and pack == 1:
                 rest = triton.cdiv(want, self.split_s)
                 self.split_c, self.chunk_c = _chunks(self.width, self.block_c, rest)
             if self.split_c * self.split_s >= want or size <= floor:

@@ -25,6 +25,7 @@ from ._common import (
     total,
 )
 from .group_norm_forward import piece, plan
+from .group_norm_packed import _group_norm_packed_bwd
 
 __all__ = ["gradients"]
 
@@ -275,26 +276,37 @@ def gradients(
     one_pass = p.split == 1
     rows = p.n * p.split_s
     dwdb = empty((2, rows, p.c), acc, x.device) if has_w or has_b else mean
-    part = mean if one_pass else empty((2, p.rows, p.split), acc, x.device)
+    part = mean if one_pass else empty((2, p.n * num_groups, p.split), acc, x.device)
     pc = rows * p.c
     wb = (x if weight is None else weight, x if bias is None else bias)
     common: dict[str, Any] = dict(
         ACC=tl_acc(x.dtype), HAS_W=has_w, HAS_B=has_b, ACT=act,
         BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.warps,
     )  # fmt: skip
-    if not one_pass:
+    if p.pack > 1:
+        packed = (p.c, p.s, num_groups, p.cpg, p.per_sample, p.pack, p.chunk, p.split)
+        args = (
+            x, dy, dx, *wb, mean, rstd, part, dwdb, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss,
+            dx_sn, dx_sc, dx_ss, *packed, p.n * num_groups * p.split, pc,
+        )  # fmt: skip
+        common.update(BLOCK_G=triton.next_power_of_2(p.pack), BLOCK_P=p.block_p)
+        if not one_pass:
+            _group_norm_packed_bwd[p.grid](*args, SUMS=True, DX_PASS=False, **common)
+        _group_norm_packed_bwd[p.grid](*args, SUMS=one_pass, DX_PASS=True, **common)
+    elif not one_pass:
         _group_norm_bwd_stats[p.grid](
             x, dy, *wb, mean, rstd, part, dwdb,
             x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss,
             p.c, p.s, num_groups, p.width, p.split, p.split_s, p.chunk_c, p.chunk_s, pc,
             **common,
         )  # fmt: skip
-    _group_norm_bwd_dx[p.grid](
-        x, dy, dx, *wb, mean, rstd, part, dwdb,
-        x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss,
-        p.c, p.s, num_groups, p.width, p.split, p.split_s, p.chunk_c, p.chunk_s, pc,
-        ONE_PASS=one_pass, BLOCK_P=p.block_p, **common,
-    )  # fmt: skip
+    if p.pack == 1:
+        _group_norm_bwd_dx[p.grid](
+            x, dy, dx, *wb, mean, rstd, part, dwdb,
+            x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss,
+            p.c, p.s, num_groups, p.width, p.split, p.split_s, p.chunk_c, p.chunk_s, pc,
+            ONE_PASS=one_pass, BLOCK_P=p.block_p, **common,
+        )  # fmt: skip
     dw = db = None
     if has_w or has_b:
         sums = sum_partials(_group_norm_bwd_dwdb, dwdb)

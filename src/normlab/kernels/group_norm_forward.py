@@ -12,16 +12,52 @@ import triton.language as tl
 from torch import Tensor
 
 from .._core.stats import acc_dtype
-from ._common import Plan, apply_act, empty, empty_like, load_channels, ncs, tl_acc, total
+from ._common import (
+    Plan,
+    apply_act,
+    channels_fastest,
+    empty,
+    empty_like,
+    load_channels,
+    ncs,
+    smallest_tile,
+    spatial_size,
+    tl_acc,
+    total,
+)
+from .group_norm_packed import _group_norm_packed_fwd, _group_norm_packed_fwd_stats
 
-__all__ = ["normalize", "piece", "plan"]
+#: The widest tile row (channels) of several groups per program.
+MAX_PACKED_ROW = 256
+
+__all__ = ["groups_per_program", "normalize", "piece", "plan"]
+
+
+def groups_per_program(cpg: int, groups: int, c_fast: bool, widest: int) -> int:
+    """How many consecutive groups one program owns: 1, except in channels_last, where a
+    tile row of next_power_of_2(k·C/G) lanes holds k groups' contiguous channels, and k
+    is the count (at most ``widest`` lanes per row) that leaves the fewest lanes idle
+    over all G groups (the smaller k on a tie: more programs)."""
+    if not c_fast or groups == 1:
+        return 1
+
+    def used(k: int) -> float:
+        return groups * cpg / (triton.cdiv(groups, k) * triton.next_power_of_2(k * cpg))
+
+    fits = [k for k in range(1, groups + 1) if triton.next_power_of_2(k * cpg) <= widest]
+    return max(fits, key=lambda k: (used(k), -k), default=1)
 
 
 def plan(x: Tensor, num_groups: int, x_sc: int, x_ss: int) -> Plan:
-    """One program per (n, group); when N·G programs alone would leave the device idle,
+    """One program per (n, group), or per several groups in channels_last
+    (:func:`groups_per_program`); when those programs alone would leave the device idle,
     each group's (C/G)·S extent is split over several programs (channel chunks ×
-    position chunks)."""
-    return Plan(x, x_sc, x_ss, groups=num_groups, may_split=True)
+    position chunks; position chunks only for several groups per program)."""
+    cpg = x.shape[1] // num_groups if num_groups else 0
+    c_fast = channels_fastest(x_sc, x_ss, spatial_size(x))
+    widest = min(smallest_tile(x.device), MAX_PACKED_ROW)
+    pack = groups_per_program(cpg, num_groups, c_fast, widest)
+    return Plan(x, x_sc, x_ss, groups=num_groups, may_split=True, pack=pack)
 
 
 @triton.jit
@@ -204,13 +240,30 @@ def normalize(
     acc = acc_dtype(x.dtype)
     y = empty_like(x)
     _, y_sn, y_sc, y_ss = ncs(y)
-    mean = empty((p.rows,), acc, x.device)
-    rstd = empty((p.rows,), acc, x.device)
+    mean = empty((p.n * num_groups,), acc, x.device)
+    rstd = empty((p.n * num_groups,), acc, x.device)
     if x.numel() == 0:
         return x, y, mean, rstd
     one_pass = p.split == 1
-    part = mean if one_pass else empty((3, p.rows, p.split), acc, x.device)
+    part = mean if one_pass else empty((3, p.n * num_groups, p.split), acc, x.device)
     common: dict[str, Any] = dict(ACC=tl_acc(x.dtype), BLOCK_C=p.block_c, BLOCK_S=p.block_s)
+    if p.pack > 1:
+        packed = (p.c, p.s, num_groups, p.cpg, p.per_sample, p.pack, p.chunk, p.split)
+        plane = p.n * num_groups * p.split
+        common.update(BLOCK_G=triton.next_power_of_2(p.pack), num_warps=p.warps)
+        if not one_pass:
+            _group_norm_packed_fwd_stats[p.grid](
+                x, part, x_sn, x_sc, x_ss, *packed, plane, **common
+            )  # fmt: skip
+        _group_norm_packed_fwd[p.grid](
+            x, y,
+            x if weight is None else weight,
+            x if bias is None else bias,
+            mean, rstd, part, x_sn, x_sc, x_ss, y_sn, y_sc, y_ss, *packed, plane, eps,
+            ONE_PASS=one_pass, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
+            BLOCK_P=p.block_p, **common,
+        )  # fmt: skip
+        return x, y, mean, rstd
     if not one_pass:
         _group_norm_fwd_stats[p.grid](
             x, part, x_sn, x_sc, x_ss, p.s, num_groups, p.width,

@@ -29,35 +29,9 @@ from ._common import (
     tl_acc,
     total,
 )
+from ._moments import channel_moments
 
 __all__ = ["apply", "grad_input", "grad_sums", "moments"]
-
-
-@triton.jit
-def _channel_moments(
-    xb, shift, x_ss, cm, s_lo, s_hi, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
-):
-    """Mean and M2 of ``x − shift`` per channel over positions [s_lo, s_hi): Welford's
-    update in every lane, then one merge of the lanes along S (Chan's formula for many
-    parts: mean = Σ n_l m_l / n, M2 = Σ M2_l + Σ n_l (m_l − mean)²)."""
-    offs_s = tl.arange(0, BLOCK_S)
-    cnt = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
-    mu = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
-    q = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        x = tl.load(xb + s[None, :].to(tl.int64) * x_ss, mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, x - shift[:, None], 0.0)
-        m = mask.to(ACC)
-        cnt += m
-        delta = d - mu
-        mu += delta * (m / tl.maximum(cnt, 1.0))
-        q += m * delta * (d - mu)
-    count = tl.maximum(total(cnt, 1), 1.0)
-    mean = total(cnt * mu, 1) / count
-    dev = mu - mean[:, None]
-    return mean, total(q, 1) + total(cnt * dev * dev, 1)
 
 
 @triton.jit
@@ -90,7 +64,7 @@ def _switchable_norm_fwd_stats(
     xb = X + n.to(tl.int64) * x_sn + c[:, None].to(tl.int64) * x_sc
     shift = _pivot(X, n, c, cm, x_sn, x_sc, ACC)
     s_lo, s_hi = s_range(S, CHUNK)
-    mean, m2 = _channel_moments(xb, shift, x_ss, cm, s_lo, s_hi, ACC, BLOCK_C, BLOCK_S)
+    _, mean, m2 = channel_moments(xb, shift, x_ss, cm, s_lo, s_hi, ACC, BLOCK_C, BLOCK_S)
     if ONE_PASS:
         out = STATS + n.to(tl.int64) * C + c
         tl.store(out, shift, mask=cm)
