@@ -44,6 +44,12 @@ def _cases() -> dict[type, tuple[Make, int]]:
         cases[frn] = (lambda c, k=frn: k(c, learnable_eps=True), r)
     cases.update(
         {
+            # CBN pools only after its convolution: alone it trains as BN (burn-in far
+            # away, so no warning); the step-counter probe below feeds it from a conv.
+            nnl.CrossIterationBatchNorm2d: (
+                lambda c: nnl.CrossIterationBatchNorm2d(c, burnin=10**6),
+                2,
+            ),
             nnl.EvoNormB0_2d: (nnl.EvoNormB0_2d, 2),
             nnl.EvoNormS0_2d: (lambda c: nnl.EvoNormS0_2d(c, groups=c // 2), 2),
             nnl.GroupNorm: (lambda c: nnl.GroupNorm(c // 2, c), 2),
@@ -173,9 +179,26 @@ def test_step_counter_means_num_batches_tracked_changes_the_training_output(cls)
         return
     late = copy.deepcopy(m)
     late.num_batches_tracked.fill_(100)
-    with torch.no_grad():
-        differs = not torch.allclose(copy.deepcopy(m)(x), late(x), atol=1e-9)
+    run = _STEP_PROBES.get(cls, _no_grad_forward)
+    differs = not torch.allclose(run(copy.deepcopy(m), x), run(late, x), atol=1e-9)
     assert traits_of(cls).step_counter == differs
+
+
+def _no_grad_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m(x)
+
+
+def _cbn_after_a_conv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Three training steps of CBN behind a convolution with burn-in 1: from step 0 it
+    pools the third step with the second; past burn-in (step 100) already the second."""
+    m.burnin = 1
+    torch.manual_seed(0)
+    conv = nn.Conv2d(C, C, 1, bias=False).to(F64)
+    return torch.cat([m(conv(x + i)).detach() for i in range(3)])
+
+
+_STEP_PROBES = {nnl.CrossIterationBatchNorm2d: _cbn_after_a_conv}
 
 
 @pytest.mark.parametrize("cls", CASES, ids=IDS)

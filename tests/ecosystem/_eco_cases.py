@@ -108,6 +108,16 @@ for _r in (1, 2, 3):
         ),
     ]
 CASES += [
+    # Alone (no convolution before it) CBN trains as BN: burn-in far away keeps it there
+    # without its no-convolution warning. Its pooled steps need a conv's autograd graph
+    # (tests/test_cross_iteration_batch_norm.py).
+    EcoCase(
+        "CrossIterationBatchNorm2d",
+        nnl.CrossIterationBatchNorm2d,
+        _bn_like(nnl.CrossIterationBatchNorm2d, burnin=10**9),
+        SHAPES[2],
+        vmap_eval_only=True,
+    ),
     EcoCase(
         "BatchNorm2d-momentumNone",
         nnl.BatchNorm2d,

@@ -21,6 +21,7 @@ from .refs import (
     Reference,
     bn_ref,
     brn_ref,
+    cbn_ref,
     evonorm_b0_ref,
     evonorm_s0_ref,
     frn_ref,
@@ -181,6 +182,24 @@ def _small_batch_cases() -> list[LayerCase]:
             lambda: nnl.MovingAverageBatchNorm2d(5),
             (3, 5, 4, 3),
             mabn_ref,
+            False,
+        ),
+        # Alone (no convolution before it) CBN trains on this batch only; the pooled
+        # steps are checked against the reference in tests/test_cross_iteration_batch_norm.py.
+        LayerCase(
+            "CrossIterationBatchNorm2d burn-in",
+            "cbn",
+            lambda: nnl.CrossIterationBatchNorm2d(5, burnin=10**9),
+            (3, 5, 4, 3),
+            cbn_ref,
+            warm_up=True,
+        ),
+        LayerCase(
+            "CrossIterationBatchNorm2d eval",
+            "cbn",
+            lambda: nnl.CrossIterationBatchNorm2d(5),
+            (2, 5, 3, 3),
+            cbn_ref,
             False,
         ),
     ]

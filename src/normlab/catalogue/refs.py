@@ -22,6 +22,7 @@ __all__ = [
     "as_f64",
     "bn_ref",
     "brn_ref",
+    "cbn_ref",
     "evonorm_b0_ref",
     "evonorm_s0_ref",
     "frn_ref",
@@ -57,6 +58,16 @@ def bn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
         eps=m.eps,
     )
     return y, lambda dy: R.batch_norm_backward(dy, cache)
+
+
+def cbn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
+    """Cross-Iteration BN without a window (burn-in, or no convolution before it); eval is BN's."""
+    if not m.training:
+        return bn_ref(x, m)
+    y, cache = R.cross_iteration_batch_norm_forward(
+        x, [], None, as_f64(m.weight), as_f64(m.bias), eps=m.eps
+    )
+    return y, lambda dy: R.cross_iteration_batch_norm_backward(dy, cache)
 
 
 def frozen_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
