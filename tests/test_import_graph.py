@@ -37,7 +37,7 @@ TOP = {
     "functional": "functional", "nn": "nn",
     "convert": "tools", "fuse": "tools", "recalibrate": "tools", "doctor": "tools",
     "catalogue": "tools", "registry": "tools", "distributed": "tools", "kinds": "tools",
-    "feed": "tools", "guard": "tools", "_loading": "tools",
+    "feed": "tools", "guard": "tools", "_loading": "tools", "integrations": "tools",
     "lab": "lab",
     "cli": "cli", "__main__": "cli",
 }  # fmt: skip
@@ -232,6 +232,12 @@ def test_every_module_imports_on_its_own() -> None:
         """
         import importlib, os, sys, traceback
         import numpy, torch  # what every module needs; normlab itself is not imported
+        sys.path.insert(0, sys.argv.pop(1))
+        try:  # lightning imports torchvision: the zoo's CPU provision for its ops
+            from zoo._zoo import import_torchvision
+            import_torchvision()
+        except ImportError:
+            pass
         assert not [m for m in sys.modules if m.startswith("normlab")]
         failed, running = [], {}
         def reap():
@@ -259,7 +265,8 @@ def test_every_module_imports_on_its_own() -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, "-c", script, *names], capture_output=True, text=True, env=env,
+        [sys.executable, "-c", script, str(pathlib.Path(__file__).parent), *names],
+        capture_output=True, text=True, env=env,
         timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
