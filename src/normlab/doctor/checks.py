@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import nn as nnl
 from .._core.checks import negative_channels
+from ..convert.frozen_stats import is_stats_frozen
 from ..kinds import is_frozen_batch_norm
 from ..nn.traits import traits_of
 from ..registry import auto_groups
@@ -149,7 +150,7 @@ def computes_batch_statistics(m: nn.Module, ctx: Context) -> bool:
     statistics. With a training batch size: also every batch-statistics layer of
     a model in eval mode (``model.train()`` will switch them all).
     """
-    if not keeps_batch_statistics(m):
+    if not keeps_batch_statistics(m) or is_stats_frozen(m):
         return False
     if m.training or not tracks(m):
         return True
@@ -286,6 +287,10 @@ def dynamic_findings(path: str, m: nn.Module, rec: dict[str, Any], ctx: Context)
     if changed:
         detail = f"{name}: {', '.join(sorted(changed))} changed during one forward."
         out.append(finding("frozen_bn_changes", "error", path, detail))
+    calls = rec.get("calls", 0)
+    if calls > 1 and keeps_batch_statistics(m) and not is_stats_frozen(m):
+        detail = f"{name} runs {calls} times in one forward, its statistics shared by every call."
+        out.append(finding("bn_shared_across_calls", "warning", path, detail))
     source = rec.get("after_dropout")
     if source is not None:
         detail = f"{name} takes the output of dropout {source}."

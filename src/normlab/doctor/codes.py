@@ -114,6 +114,15 @@ CODES: dict[str, tuple[str, str]] = {
         "Use momentum=0.1 (torch's default; smaller for tiny batches) or None for a "
         f"cumulative average, or {_RECALIBRATE} after training.",
     ),
+    "bn_shared_across_calls": (
+        "One batch-statistics layer runs several times in one forward (a head shared by the "
+        "FPN levels): in training each call normalizes with its own level's statistics, but "
+        "the running statistics average all levels, so eval normalizes every level with "
+        "statistics none of them has.",
+        "Give each call its own norm (one BN per level, as mmdetection's heads do; the shared "
+        "convs stay shared), or use a batch-independent norm there: "
+        "normlab.convert.convert_norms(model, 'gn', include='<the shared module>').",
+    ),
     "groupnorm32_blocked": (
         "Channel counts not divisible by 32: GroupNorm(32) cannot replace these layers; "
         "convert_norms(model, 'gn') would use fewer groups there.",

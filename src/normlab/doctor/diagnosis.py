@@ -147,6 +147,7 @@ def _probe(
 
     def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
         rec = recs[id(module)]
+        rec["calls"] = rec.get("calls", 0) + 1
         x = args[0] if args else None
         if isinstance(x, Tensor):
             rec["shape"] = tuple(x.shape)
