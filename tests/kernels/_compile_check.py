@@ -93,10 +93,12 @@ def main() -> int:
     for dtype in (torch.float32, torch.bfloat16):
         for cl in (False, True):
             calls(dtype, cl, (1, 4, 7, 5), 2)
+    calls(torch.float32, True, (1, 15, 7, 5), 3)  # channels_last, 3 groups per program, split
     # The GPU tile size on a larger shape: the block shapes a GPU will compile.
     _common.INTERPRET_TILE = _common.TILE
     calls(torch.float16, True, (2, 64, 16, 16), 8)
     calls(torch.float32, False, (2, 64, 16, 16), 8)
+    calls(torch.bfloat16, True, (2, 320, 8, 8), 32)  # C/G = 10: several groups per program
     print(json.dumps({"arch": arch, "compiled": compiled}))
     return 0
 
