@@ -25,7 +25,7 @@ CODES: dict[str, tuple[str, str]] = {
         "overwrite their running statistics.",
         "Call model.eval() before evaluating (and do not call .train() on submodules "
         "afterwards); to keep BN in eval mode during training use "
-        "normlab.convert.freeze_bn(model).",
+        "normlab.convert.freeze_bn(model) (stats_only=True keeps γ and β trainable).",
     ),
     "batch_stats_in_eval": (
         "With track_running_stats=False, BN normalizes with the statistics of the evaluation "
@@ -98,8 +98,9 @@ CODES: dict[str, tuple[str, str]] = {
         "γ and β have requires_grad=False, but the layer trains in training mode: it still "
         "normalizes with batch statistics and updates its running statistics, so it is not "
         "frozen.",
-        "Use normlab.convert.freeze_bn(model) (stays frozen after model.train()), or call "
-        ".eval() on these layers after every model.train().",
+        "Use normlab.convert.freeze_bn(model) (stays frozen after model.train(); "
+        "stats_only=True fixes only the statistics), or call .eval() on these layers after "
+        "every model.train().",
     ),
     "dropout_before_bn": (
         "Dropout output feeds a BN: in training it sees the variance of dropped-out "
