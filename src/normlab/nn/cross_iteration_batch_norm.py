@@ -187,6 +187,14 @@ class CrossIterationBatchNorm2d(NormBase):
         """θ_t for a pooling step, or None (this step is BatchNorm; see the class doc)."""
         if not (self.training and self.buffer_size > 0 and input.requires_grad):
             return None
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            raise RuntimeError(
+                f"{type(self).__name__}: a training step with buffer_size={self.buffer_size} "
+                "cannot be compiled or traced: it reads its step count on the host and "
+                "differentiates its batch statistics with respect to the convolution's "
+                "weight inside forward. Train it eagerly (torch.compiler.disable on the "
+                "conv + CBN block), or use buffer_size=0 (BatchNorm) or eval mode."
+            )
         if not torch.is_grad_enabled() or int(self.num_batches_tracked) <= self.burnin:
             return None
         weight = given if given is not None else preceding_conv_weight(input)
