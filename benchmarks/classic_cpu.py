@@ -10,6 +10,11 @@ and forward+backward, vs torch.nn.BatchNorm2d in eval mode (for the frozen layer
 γ, β frozen: the same computation).
 Prints a table (median ms, p20/p80, ratio normlab/torch measured in the same run)
 and writes the CSV with the command and provenance.
+
+``--clock thread`` (eval family): the CPU time of the calling thread, with torch on
+one thread, instead of wall-clock time: on a shared machine the time this process
+waits for a core does not count, so before/after runs compare the work done; it
+is not the wall-clock speed of a multi-threaded run.
 """
 
 from __future__ import annotations
@@ -64,7 +69,12 @@ def _eval_pairs() -> dict[str, dict[str, Callable[[int], nn.Module]]]:
     }
 
 
-def bench_eval(shapes: list[tuple[int, ...]], reps: int, warmup: int = 3) -> list[BenchRecord]:
+def bench_eval(
+    shapes: list[tuple[int, ...]],
+    reps: int,
+    warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[BenchRecord]:
     """Forward (no_grad) and forward+backward of the eval layers, providers interleaved."""
     records: list[BenchRecord] = []
     for shape in shapes:
@@ -78,7 +88,7 @@ def bench_eval(shapes: list[tuple[int, ...]], reps: int, warmup: int = 3) -> lis
                 times: dict[str, list[float]] = {k: [] for k in mods}
                 for i in range(warmup + reps):
                     for prov, m in mods.items():
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         if mode == "fwd":
                             with torch.no_grad():
                                 m(x)
@@ -86,7 +96,7 @@ def bench_eval(shapes: list[tuple[int, ...]], reps: int, warmup: int = 3) -> lis
                             m(x).backward(dy)
                             x.grad = None
                         if i >= warmup:
-                            times[prov].append((time.perf_counter() - t0) * 1e3)
+                            times[prov].append((clock() - t0) * 1e3)
                 base = statistics.median(times["torch"])
                 for prov, m in mods.items():
                     med = statistics.median(times[prov])
@@ -115,12 +125,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--family", default="classic", choices=["classic", "small-batch", "eval"])
+    ap.add_argument("--clock", default="wall", choices=["wall", "thread"])
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.clock == "thread" and args.family != "eval":
+        ap.error("--clock thread is for --family eval (the other families time wall-clock)")
     if args.family == "eval":
         if dtype != torch.float32:
             ap.error("--family eval measures float32 only")
-        records = bench_eval(SHAPES, args.reps)
+        if args.clock == "thread":
+            torch.set_num_threads(1)  # thread_time counts the calling thread only
+        clock = time.thread_time if args.clock == "thread" else time.perf_counter
+        records = bench_eval(SHAPES, args.reps, clock=clock)
     else:
         layers = list(SMALL_BATCH_LAYERS) if args.family == "small-batch" else None
         records = bench_layers(SHAPES, layers=layers, dtype=dtype, reps=args.reps, progress=print)
