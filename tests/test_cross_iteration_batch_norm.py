@@ -291,3 +291,38 @@ def test_bad_arguments_say_what_and_how():
             conv_weight=other.weight,
             window=window,
         )
+
+
+def _synced_scenario(rank: int, world: int) -> None:
+    """Each rank trains on its share of the batch; its reference, on the whole batch."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).to(F64)
+    ours = nnl.CrossIterationBatchNorm2d(4, buffer_size=2, process_group="world").to(F64)
+    ref_conv, ref = copy.deepcopy(conv), nnl.CrossIterationBatchNorm2d(4, buffer_size=2).to(F64)
+    for step in range(4):
+        x = offcenter(2 * world, 3, 5, 5, seed=step, loc=1.0 + step)
+        g = offcenter(2 * world, 4, 5, 5, seed=50 + step, loc=0.0, scale=1.0)
+        mine = slice(2 * rank, 2 * rank + 2)
+        y, y_ref = ours(conv(x[mine])), ref(ref_conv(x))
+        assert_close(y, y_ref[mine])
+        (y * g[mine]).sum().backward()
+        (y_ref * g).sum().backward()
+        for p in (*conv.parameters(), *ours.parameters()):
+            dist.all_reduce(p.grad)  # the whole batch's gradient, as DDP sums it
+        for model in (conv, ours, ref_conv, ref):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+    for name in ("running_mean", "running_var", "window_mean", "window_var", "window_grad_mean"):
+        assert_close(getattr(ours, name), getattr(ref, name))
+    assert_close(ours.window_grad_var, ref.window_grad_var)
+
+
+@pytest.mark.slow
+def test_process_group_pools_the_global_batch_and_its_gradients():
+    from test_distributed import run_world
+
+    run_world(_synced_scenario, world=2)
