@@ -33,9 +33,11 @@ from ._core.checks import divisors_up_to
 from .nn.traits import LayerTraits, traits_of
 
 __all__ = [
+    "ALIASES",
     "NORM_LAYERS",
     "auto_groups",
     "create_norm",
+    "get_norm",
     "get_norm_layer",
     "group_norm",
     "names_taking",
@@ -87,6 +89,57 @@ NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: The names other libraries give norms (detectron2's ``get_norm``, timm's ``create_norm``,
+#: MONAI's ``Norm``), exact spellings -> (registry name, keywords bound). docs/frameworks.md
+#: shows this table; a name of NORM_LAYERS (any case, ``-`` for ``_``) is found first.
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    # detectron2 (MODEL.RESNETS.NORM, get_norm(norm, out_channels)); "" is no norm.
+    "BN": ("bn", {}),
+    "SyncBN": ("bn", {"process_group": "world"}),
+    "nnSyncBN": ("bn", {"process_group": "world"}),
+    "naiveSyncBN": ("bn", {"process_group": "world"}),
+    "FrozenBN": ("frozen_bn", {}),
+    "GN": ("gn", {"num_groups": 32}),
+    "LN": ("ln", {}),
+    # timm (timm.layers.create_norm / get_norm_layer)
+    "batchnorm": ("bn", {}),
+    "batchnorm1d": ("bn1d", {}),
+    "batchnorm2d": ("bn", {}),
+    "groupnorm": ("gn", {"num_groups": 32}),
+    "groupnorm1": ("gn", {"num_groups": 1}),
+    "layernorm2d": ("ln", {}),
+    "frozenbatchnorm2d": ("frozen_bn", {}),
+    "rmsnorm2d": ("rms", {}),
+    # MONAI (monai.networks.layers.Norm names; a ("group", {"num_groups": 8}) tuple
+    # passes its keywords, see get_norm)
+    "batch": ("bn", {}),
+    "instance": ("in", {"affine": False}),
+    "group": ("gn", {}),
+    "syncbatch": ("bn", {"process_group": "world"}),
+}
+
+
+def get_norm(
+    norm: str | tuple[str, dict[str, Any]] | type | Callable[..., nn.Module] | None,
+    out_channels: int,
+) -> nn.Module | None:
+    """detectron2's ``get_norm(norm, out_channels)`` for every name normlab knows.
+
+    ``norm``: None or ``""`` (no norm: None, as detectron2), a registry name or an
+    :data:`ALIASES` spelling (``"SyncBN"``, ``"groupnorm"``, ``"batch"``), MONAI's
+    ``(name, {keywords})`` tuple, or a class / callable taking the channel count.
+    """
+    if norm is None or norm == "":
+        return None
+    if isinstance(norm, tuple):
+        if len(norm) != 2 or not isinstance(norm[1], dict):
+            raise TypeError(
+                f"get_norm: a tuple norm is MONAI's (name, {{keywords}}), got {norm!r}."
+            )
+        return create_norm(norm[0], out_channels, **norm[1])
+    return create_norm(norm, out_channels)
+
+
 def names_with(trait: str) -> list[str]:
     """Registry names whose layer has ``trait`` (a field of
     :class:`normlab.nn.traits.LayerTraits`, e.g. ``"syncable"``), in registry order."""
@@ -99,12 +152,16 @@ def get_norm_layer(name: str | type | Callable[..., nn.Module]) -> Callable[...,
     """Resolve a registry name, a class or a callable (e.g. functools.partial)."""
     if isinstance(name, str):
         key = name.lower().replace("-", "_")
-        if key not in NORM_LAYERS:
-            raise KeyError(
-                f"unknown norm {name!r}; known names: {', '.join(sorted(NORM_LAYERS))}. "
-                "You can also pass a class or a functools.partial."
-            )
-        return NORM_LAYERS[key]
+        if key in NORM_LAYERS:
+            return NORM_LAYERS[key]
+        if name in ALIASES:
+            target, bound = ALIASES[name]
+            return functools.partial(NORM_LAYERS[target], **bound) if bound else NORM_LAYERS[target]
+        raise KeyError(
+            f"unknown norm {name!r}; known names: {', '.join(sorted(NORM_LAYERS))}, and the "
+            f"other libraries' names {', '.join(sorted(ALIASES))}. You can also pass a class "
+            "or a functools.partial."
+        )
     if isinstance(name, type) or isinstance(name, functools.partial) or callable(name):
         return name
     raise TypeError(f"expected a norm name, class or callable, got {type(name).__name__}")
