@@ -4,9 +4,9 @@
 the batches and the all-or-nothing write, ``levels`` the dependency levels of the
 exact method, ``population`` which statistic a layer keeps (:func:`recalibration_kind`)
 and its exact float64 moments, ``exact`` the exact method's passes, ``ranks`` the
-merge of every rank's moments (``process_group=``). The methods, the variance choice and the protocol are
-explained in ``docs/recalibrate.md``. The names are imported from their modules on
-first access (``normlab._lazy``).
+merge of every rank's moments (``process_group=``). The methods, the variance choice
+and the protocol are explained in ``docs/recalibrate.md``. The names are imported from
+their modules on first access (``normlab._lazy``).
 """
 
 from __future__ import annotations
