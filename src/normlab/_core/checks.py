@@ -14,8 +14,6 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
-from .export import recording
-
 SMALL_BATCH_ALTERNATIVES = (
     "GroupNorm (normlab.nn.GroupNorm), FilterResponseNorm, FrozenBatchNorm "
     "(running statistics only), BatchNorm in eval mode with recalibrated statistics, "
@@ -27,11 +25,11 @@ BACKENDS = ("auto", "torch", "triton")
 
 def check_tensor(layer: str, x: object) -> None:
     """Refuse an input that is not a torch.Tensor (a NumPy array, a list, a number)."""
-    if isinstance(x, Tensor):
+    if isinstance(x, (Tensor, torch.fx.Proxy)):  # a Proxy: torch.fx tracing decides
         return
     kind = type(x)
     name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
-    if kind.__module__ == "numpy" or hasattr(x, "__array__"):
+    if kind.__module__ == "numpy" or hasattr(kind, "__array__"):
         fix = "convert it first with torch.from_numpy(x) (or torch.as_tensor(x))"
     else:
         fix = "convert it first with torch.tensor(x) or torch.as_tensor(x)"
@@ -235,13 +233,15 @@ def stored_variance(layer: str, var: Tensor) -> Tensor:
     ``torch.export``, ``torch.func``): the negative channels become NaN instead,
     as in torch's eval BatchNorm, so the output is never silently wrong, and
     ``normlab doctor`` reports them (``running_var_negative``). While a graph is
-    recorded for a file (:func:`normlab._core.export.recording`) ``var`` is
-    returned as is (the exported op has torch's semantics).
+    recorded for a file (``torch.jit.trace``, which the TorchScript ONNX exporter
+    runs, or ``torch.export``, which the other one runs) ``var`` is returned as is:
+    the recorded graph has torch's semantics. The eager check is one ``min`` over
+    C values.
     """
-    if recording():
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
         return var
     if host_checks_allowed(var) and _REFUSE_NEGATIVE_VARIANCE.get():
-        if bool((var < 0).any()):
+        if var.numel() and float(var.min()) < 0:
             raise ValueError(
                 f"{layer}: running_var is {negative_channels(var)}. A variance cannot be "
                 "negative: the stored statistics are corrupt (a damaged or edited checkpoint, "

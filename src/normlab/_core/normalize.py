@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .export import onnx_exporting, recording, rsqrt
+from .export import onnx_exporting, rsqrt
 from .stats import acc_dtype
 
 
@@ -61,7 +61,9 @@ def affine_normalize(
     w, b = _cast(weight, acc), _cast(bias, acc)
     affine_grad = any(t is not None and t.requires_grad for t in (weight, bias))
     input_grad_only = torch.is_grad_enabled() and x.requires_grad and not affine_grad
-    if not (mean.requires_grad or var.requires_grad or input_grad_only or recording()):
+    # torch.jit.is_tracing(): what recording() adds to the ONNX export handled above.
+    traced = torch.jit.is_tracing()
+    if not (mean.requires_grad or var.requires_grad or input_grad_only or traced):
         zero = torch.zeros(x.shape[1], dtype=acc, device=x.device)
         y = F.batch_norm(xc, zero, _cast(var, acc), w, b, False, 0.0, eps)
         return y if y.dtype == x.dtype else y.to(x.dtype)
