@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import normlab.nn as nnl
-from normlab.lab.bench import (
+from normlab.lab.bench.layers import (
     SMALL_BATCH_LAYERS,
     BenchRecord,
     bench_layers,

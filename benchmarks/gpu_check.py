@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import normlab.functional as NF  # noqa: E402
 from normlab._core import dispatch, measured  # noqa: E402
-from normlab.lab.bench_kernels import bench_kernels  # noqa: E402
+from normlab.lab.bench.kernels import bench_kernels  # noqa: E402
 
 SPEED_SHAPES = [
     (1, 320, 64, 64), (2, 640, 32, 32), (2, 256, 32, 32), (8, 256, 64, 64),

@@ -67,7 +67,9 @@ def test_unknown_attribute_is_an_attribute_error():
 
 
 def test_errors_are_one_class_wherever_imported():
-    from normlab.lab import DataError, ProtocolMismatchError, StoreError, data, errors, store
+    from normlab.lab import DataError, ProtocolMismatchError, StoreError, errors
+    from normlab.lab.data import images as data
+    from normlab.lab.sweep import store
 
     assert DataError is data.DataError is errors.DataError
     assert StoreError is store.StoreError is errors.StoreError
@@ -78,7 +80,7 @@ def test_errors_are_one_class_wherever_imported():
 def test_run_config_defaults_match_the_sweep_parser():
     from normlab.cli import build_parser
     from normlab.lab import RunConfig
-    from normlab.lab.sweep import DEFAULT_BATCH_SIZES
+    from normlab.lab.sweep.orchestrate import DEFAULT_BATCH_SIZES
 
     args = build_parser().parse_args(["sweep"])
     assert args.epochs == RunConfig.epochs

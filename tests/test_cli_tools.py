@@ -114,7 +114,7 @@ def test_help_texts(capsys):
 
 
 def test_bench_warns_when_timings_spread(monkeypatch, capsys):
-    import normlab.lab.bench as bench
+    import normlab.lab.bench.layers as bench
 
     def fake(shapes, **kw):
         return [
@@ -140,8 +140,8 @@ class _ClosedPipe(io.StringIO):
 
 def test_closed_pipe_is_quiet(tmp_path, monkeypatch):
     """`normlab report DB | head`: the reader is gone; no traceback, status 141."""
-    from normlab.lab.store import RunStore
-    from normlab.lab.train import EpochStats, RunConfig, RunRecord
+    from normlab.lab.run.train import EpochStats, RunConfig, RunRecord
+    from normlab.lab.sweep.store import RunStore
 
     db = tmp_path / "runs.db"
     with RunStore(db) as store:

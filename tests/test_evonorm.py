@@ -550,7 +550,7 @@ def test_fast_functions_off_center_fp32_gradients():
 
 
 def _saved_bytes(fn) -> int:
-    """Bytes autograd keeps for backward (as normlab.lab.bench measures them)."""
+    """Bytes autograd keeps for backward (as normlab.lab.bench.layers measures them)."""
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -510,7 +510,7 @@ def test_tlu_ties_send_the_gradient_to_tau_in_the_fast_function():
 
 
 def _saved_bytes(fn) -> int:
-    """Bytes autograd keeps for backward (as normlab.lab.bench measures them)."""
+    """Bytes autograd keeps for backward (as normlab.lab.bench.layers measures them)."""
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -217,10 +217,36 @@ def test_the_checks_can_fail() -> None:
     """The cycle finder and the floor rule on a made-up graph and a made-up edge."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert floor_of("normlab._core.stats")[1] < floor_of("normlab.functional.evonorm")[1]
-    assert floor_of("normlab.lab.sweep")[1] < floor_of("normlab.cli")[1]
+    assert floor_of("normlab.lab.sweep.orchestrate")[1] < floor_of("normlab.cli")[1]
     assert floor_of("normlab.doctor.checks") == floor_of("normlab.registry") == ("tools", 4)
     with pytest.raises(AssertionError, match="not on any floor"):
         floor_of("normlab.doctor_helpers")  # a prefix is no floor: only the names in TOP are
+
+
+#: The lab's sub-packages, each importing only from the ones before it (and the lab's own
+#: ``defaults`` and ``errors``); docs/design.md lists them in this order.
+LAB_ORDER = ("data", "models", "tasks", "run", "sweep", "analysis", "bench")
+#: A task builds its model from a run's config: the type, for hints alone.
+LAB_TYPING_ONLY = {("normlab.lab.tasks.segmentation", "normlab.lab.run.config")}
+
+
+def _lab_part(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[1] == "lab" and parts[2] in LAB_ORDER else None
+
+
+def test_lab_sub_packages_import_downward() -> None:
+    """No lab sub-package imports a later one (so none imports another in a circle)."""
+    upward = set()
+    for m, t in _normlab_edges(typing_too=True):
+        a, b = _lab_part(m), _lab_part(t)
+        if a and b and LAB_ORDER.index(b) > LAB_ORDER.index(a):
+            upward.add((m, t))
+    assert upward == LAB_TYPING_ONLY, sorted(upward ^ LAB_TYPING_ONLY)
+    assert all(t in dict(imports(m)) and dict(imports(m))[t] for m, t in LAB_TYPING_ONLY)
+    assert {p.name for p in (SRC / "lab").iterdir() if p.is_dir() and p.name != "__pycache__"} == {
+        *LAB_ORDER
+    }
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from normlab.cli import main
-from normlab.lab.bench_kernels import PHASES, bench_kernels, default_providers
+from normlab.lab.bench.kernels import PHASES, bench_kernels, default_providers
 
 
 def test_records_cover_every_provider_phase_and_layout():

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as st
 
 from normlab.cli import main
-from normlab.lab.compare import (
+from normlab.lab.analysis.compare import (
     Group,
     compare,
     hedges_g,
@@ -20,8 +20,8 @@ from normlab.lab.compare import (
     power_two_sample,
     sample_size,
 )
-from normlab.lab.store import RunStore
-from normlab.lab.train import EpochStats, RunConfig, RunRecord
+from normlab.lab.run.train import EpochStats, RunConfig, RunRecord
+from normlab.lab.sweep.store import RunStore
 
 BS4 = (74.1, 73.0, 75.2)
 BS8 = (70.3, 71.9, 69.8)

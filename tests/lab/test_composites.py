@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normlab.lab.composites import COMPOSITES
+from normlab.lab.bench.composites import COMPOSITES
 from normlab.registry import create_norm
 
 

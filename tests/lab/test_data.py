@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from normlab.lab.data import ANIMAL_MNIST_CLASSES, DataError, load_images, split_data
+from normlab.lab.data.images import ANIMAL_MNIST_CLASSES, DataError, load_images, split_data
 
 
 def test_embedded_animal_mnist():
@@ -119,7 +119,7 @@ def test_class_with_one_image_refused(tmp_path):
 
 
 def test_training_split_smaller_than_batch(tmp_path):
-    from normlab.lab.data import check_batch_size
+    from normlab.lab.data.images import check_batch_size
 
     np.savez(tmp_path / "few.npz", x=np.zeros((10, 6, 6), np.float32), y=np.arange(10) % 2)
     split = split_data(load_images(tmp_path / "few.npz", image_size=6))

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from normlab.lab.data import load_split
-from normlab.lab.models import build_model, resolve_norm
-from normlab.lab.store import RunStore
-from normlab.lab.train import RunConfig, train_model
+from normlab.lab.data.images import load_split
+from normlab.lab.models.resnet import build_model, resolve_norm
+from normlab.lab.run.train import RunConfig, train_model
+from normlab.lab.sweep.store import RunStore
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from normlab.lab.sweep import SweepConfig
+from normlab.lab.sweep.orchestrate import SweepConfig
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.lab.data import load_split
-from normlab.lab.loop import build_networks, lab_model, train_loop
-from normlab.lab.tasks import CLASSIFICATION, Classification, Task
-from normlab.lab.train import RunConfig
+from normlab.lab.data.images import load_split
+from normlab.lab.run.loop import build_networks, lab_model, train_loop
+from normlab.lab.run.train import RunConfig
+from normlab.lab.tasks.task import CLASSIFICATION, Classification, Task
 
 
 def _configs(npz, seeds=(3,), **kw) -> list[RunConfig]:

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from normlab.cli import main
-from normlab.lab import paths
-from normlab.lab.data import load_images
+from normlab.lab.data.images import load_images
 from normlab.lab.errors import DataError, StoreLockedError
-from normlab.lab.store import RunStore, StoreError
-from normlab.lab.store_lock import lock_path
-from normlab.lab.train import EpochStats, RunConfig, RunRecord
+from normlab.lab.run.train import EpochStats, RunConfig, RunRecord
+from normlab.lab.sweep import paths
+from normlab.lab.sweep.lock import lock_path
+from normlab.lab.sweep.store import RunStore, StoreError
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:
@@ -181,7 +181,8 @@ def test_second_sweep_process_refused(tmp_path, capsys):
         [
             sys.executable,
             "-c",
-            "import sys, time; from normlab.lab.store import RunStore; s = RunStore(sys.argv[1]);"
+            "import sys, time; from normlab.lab.sweep.store import RunStore; "
+            "s = RunStore(sys.argv[1]);"
             " print('open', flush=True); time.sleep(60)",
             str(db),
         ],

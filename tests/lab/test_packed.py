@@ -13,12 +13,12 @@ import math
 import pytest
 import torch
 
-from normlab.lab import loop as lab_loop
-from normlab.lab import models as lab_models
-from normlab.lab.data import load_split
-from normlab.lab.models import build_model
-from normlab.lab.packed import pack_states, unpack_state
-from normlab.lab.train import RunConfig, train_model, train_packed, train_runs
+from normlab.lab.data.images import load_split
+from normlab.lab.models import resnet as lab_models
+from normlab.lab.models.resnet import build_model
+from normlab.lab.run import loop as lab_loop
+from normlab.lab.run.packed import pack_states, unpack_state
+from normlab.lab.run.train import RunConfig, train_model, train_packed, train_runs
 
 NORMS = ["bn", "bn+recal", "bn+recal-pb", "gn", "frn", "sn", "mabn", "brn", "evonorm_b0"]
 NORMS += ["evonorm_s0", "ln", "in"]

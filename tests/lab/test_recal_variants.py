@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from normlab.lab.data import load_split
-from normlab.lab.models import recal_variance, resolve_norm
-from normlab.lab.train import RunConfig, train_model
+from normlab.lab.data.images import load_split
+from normlab.lab.models.resnet import recal_variance, resolve_norm
+from normlab.lab.run.train import RunConfig, train_model
 from normlab.recalibrate import recalibrate
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from normlab.lab.report import key_comparisons, render_markdown, summarize, summary_dicts
-from normlab.lab.train import EpochStats, RunConfig, RunRecord
+from normlab.lab.analysis.report import key_comparisons, render_markdown, summarize, summary_dicts
+from normlab.lab.run.train import EpochStats, RunConfig, RunRecord
 
 
 def _rec(seed: int, epochs: int, error: float, norm: str = "bn") -> RunRecord:

@@ -11,15 +11,15 @@ import sqlite3
 import pytest
 import torch
 
-from normlab.lab.data import load_images, split_data
-from normlab.lab.data_prep import data_hash
+from normlab.lab.analysis.report import markdown_table, summarize, summary_dicts
+from normlab.lab.data.images import load_images, split_data
+from normlab.lab.data.prepare import data_hash
+from normlab.lab.data.scenes import silhouette_scenes
 from normlab.lab.errors import DataError
-from normlab.lab.models import canonical_norm
-from normlab.lab.report import markdown_table, summarize, summary_dicts
-from normlab.lab.seg_data import silhouette_scenes
-from normlab.lab.store import ProtocolMismatchError, RunStore
-from normlab.lab.sweep import SweepConfig, run_sweep
-from normlab.lab.train import EpochStats, RunConfig, RunRecord, train_run
+from normlab.lab.models.resnet import canonical_norm
+from normlab.lab.run.train import EpochStats, RunConfig, RunRecord, train_run
+from normlab.lab.sweep.orchestrate import SweepConfig, run_sweep
+from normlab.lab.sweep.store import ProtocolMismatchError, RunStore
 
 
 @pytest.fixture

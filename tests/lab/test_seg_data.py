@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from normlab.lab.data import ANIMAL_MNIST_CLASSES
-from normlab.lab.errors import DataError
-from normlab.lab.seg_data import (
+from normlab.lab.data.images import ANIMAL_MNIST_CLASSES
+from normlab.lab.data.scenes import (
     SegData,
     _compose,
     _silhouettes,
@@ -16,7 +15,8 @@ from normlab.lab.seg_data import (
     silhouette_scenes,
     split_seg_data,
 )
-from normlab.lab.seg_folder import load_seg_split
+from normlab.lab.data.seg_folder import load_seg_split
+from normlab.lab.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from normlab.lab.data.seg_folder import load_seg_folder, load_seg_split, read_mask
 from normlab.lab.errors import DataError
-from normlab.lab.seg_folder import load_seg_folder, load_seg_split, read_mask
 
 
 def _write(root, stems=("a", "b", "c", "d"), size=(12, 16), classes=3, seed=0):

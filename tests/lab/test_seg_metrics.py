@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from normlab.lab.seg_metrics import (
+from normlab.lab.tasks.seg_metrics import (
     class_iou,
     confusion_matrix,
     evaluate_segmentation,

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from normlab import nn as nnl
-from normlab.lab.models import resolve_norm
-from normlab.lab.seg_data import silhouette_scenes
-from normlab.lab.seg_metrics import seg_cross_entropy
-from normlab.lab.seg_models import UNet, build_segmentation_model, segmentation_norms
+from normlab.lab.data.scenes import silhouette_scenes
+from normlab.lab.models.resnet import resolve_norm
+from normlab.lab.models.unet import UNet, build_segmentation_model, segmentation_norms
+from normlab.lab.tasks.seg_metrics import seg_cross_entropy
 
 
 @pytest.mark.parametrize(

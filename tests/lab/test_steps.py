@@ -7,12 +7,12 @@ import math
 import pytest
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import normlab.lab.sweep as lab_sweep
+import normlab.lab.sweep.orchestrate as lab_sweep
 from normlab.cli import main
-from normlab.lab.data import load_split
-from normlab.lab.store import ProtocolMismatchError, RunStore
-from normlab.lab.sweep import SweepConfig, run_sweep
-from normlab.lab.train import EpochStats, RunConfig, RunRecord, train_run, train_runs
+from normlab.lab.data.images import load_split
+from normlab.lab.run.train import EpochStats, RunConfig, RunRecord, train_run, train_runs
+from normlab.lab.sweep.orchestrate import SweepConfig, run_sweep
+from normlab.lab.sweep.store import ProtocolMismatchError, RunStore
 
 #: Key of the old default config, computed before `ranks`, `stem_stride` and `steps` existed.
 OLD_KEY = "1d754d509908903a46df7dd18b9a2fc3"

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from normlab.lab.store import ProtocolMismatchError, RunStore, StoreError
-from normlab.lab.train import EpochStats, RunConfig, RunRecord
+from normlab.lab.run.train import EpochStats, RunConfig, RunRecord
+from normlab.lab.sweep.store import ProtocolMismatchError, RunStore, StoreError
 
 
 def _record(seed: int = 0) -> RunRecord:

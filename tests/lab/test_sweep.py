@@ -8,10 +8,16 @@ import sqlite3
 import matplotlib.image as mpimg
 import pytest
 
-from normlab.lab.report import summarize, write_report
-from normlab.lab.store import RunStore
-from normlab.lab.sweep import SweepConfig, default_norms, expand_norms, merge_shards, run_sweep
-from normlab.lab.train import RunConfig, train_run
+from normlab.lab.analysis.report import summarize, write_report
+from normlab.lab.run.train import RunConfig, train_run
+from normlab.lab.sweep.orchestrate import (
+    SweepConfig,
+    default_norms,
+    expand_norms,
+    merge_shards,
+    run_sweep,
+)
+from normlab.lab.sweep.store import RunStore
 
 
 def test_tiny_sweep_store_table_png(tmp_path, tiny_kwargs):
@@ -190,7 +196,7 @@ def test_recal_variant_needs_recalibrate(tiny_npz):
 def test_in_process_runs_use_one_thread(tmp_path, tiny_kwargs, monkeypatch):
     import torch
 
-    import normlab.lab.runner as runner
+    import normlab.lab.sweep.runner as runner
 
     seen = []
     real = runner.train_runs

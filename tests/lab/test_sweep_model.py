@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from normlab.cli import main
-from normlab.lab.run_config import RunConfig, RunRecord
-from normlab.lab.store import RunStore
-from normlab.lab.sweep import SweepConfig, run_sweep
-from normlab.lab.user_model import ModelFactoryError, load_factory
-from normlab.lab.user_runs import UserModelBuilder
+from normlab.lab.models.user_model import ModelFactoryError, load_factory
+from normlab.lab.run.config import RunConfig, RunRecord
+from normlab.lab.run.user_builder import UserModelBuilder
+from normlab.lab.sweep.orchestrate import SweepConfig, run_sweep
+from normlab.lab.sweep.store import RunStore
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "my_model.py"
 #: Small enough for seconds per sweep: one epoch on 128 of the built-in 16×16 images.
@@ -214,8 +214,8 @@ def test_builder_pickles_by_spec_and_refuses_packing(tmp_path):
         norms=("gn",), batch_sizes=(2,), seeds=(3,), epochs=1, max_train=64, model=factory
     )
     assert cfg.pack is False
-    from normlab.lab.data import load_split
-    from normlab.lab.sweep import plan_runs
+    from normlab.lab.data.images import load_split
+    from normlab.lab.sweep.orchestrate import plan_runs
 
     [run] = plan_runs(cfg)
     split = load_split(None, 16, 64)

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from normlab.cli import main
-from normlab.lab.run_config import EpochStats, RunConfig, RunRecord
-from normlab.lab.seg_metrics import confusion_matrix, mean_iou, pixel_error
-from normlab.lab.seg_task import Segmentation
-from normlab.lab.store import RunStore
-from normlab.lab.train import train_run
+from normlab.lab.run.config import EpochStats, RunConfig, RunRecord
+from normlab.lab.run.train import train_run
+from normlab.lab.sweep.store import RunStore
+from normlab.lab.tasks.seg_metrics import confusion_matrix, mean_iou, pixel_error
+from normlab.lab.tasks.segmentation import Segmentation
 
 #: One epoch on a few built-in 16×16 scenes: a second or two per run.
 TINY = ["--epochs", "1", "--max-train", "24", "--image-size", "16", "--seeds", "0,1"]

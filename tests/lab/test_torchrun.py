@@ -1,4 +1,4 @@
-"""Sharded torchrun sweeps without a shared file system (:mod:`normlab.lab.ranks`).
+"""Sharded torchrun sweeps without a shared file system (:mod:`normlab.lab.sweep.ranks`).
 
 Two ranks run ``normlab sweep`` as torchrun starts them on two machines: the same
 environment variables, and each in a working directory of its own, so that the relative
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from normlab.lab.links import DEFAULT_TIMEOUT, TIMEOUT_ENV, gist, rank_timeout
-from normlab.lab.store import RunStore
-from normlab.lab.sweep import SweepConfig, run_sweep
+from normlab.lab.sweep.links import DEFAULT_TIMEOUT, TIMEOUT_ENV, gist, rank_timeout
+from normlab.lab.sweep.orchestrate import SweepConfig, run_sweep
+from normlab.lab.sweep.store import RunStore
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),

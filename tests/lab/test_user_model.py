@@ -1,4 +1,4 @@
-"""normlab.lab.user_model: a user's model factory, loaded, built with each lab norm, checked."""
+"""normlab.lab.models.user_model: a user's model factory, loaded, built with each norm, checked."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.lab import models
-from normlab.lab.user_model import (
+from normlab.lab.models import resnet as models
+from normlab.lab.models.user_model import (
     ConversionSummary,
     ModelFactoryError,
     build_user_model,

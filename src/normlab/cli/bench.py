@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..lab.paths import check_output_file
+from ..lab.sweep.paths import check_output_file
 from .args import int_list, name_list, positive_int
 
 __all__ = ["add_parser", "run"]
@@ -70,8 +70,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..lab.bench import bench_layers, write_csv
-    from ..lab.devices import check_device
+    from ..lab.bench.layers import bench_layers, write_csv
+    from ..lab.sweep.devices import check_device
 
     if args.csv:
         check_output_file(args.csv, "--csv")
@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_kernels(args: argparse.Namespace) -> int:
     import torch
 
-    from ..lab.bench import write_csv
-    from ..lab.bench_kernels import bench_kernels
+    from ..lab.bench.kernels import bench_kernels
+    from ..lab.bench.layers import write_csv
 
     for layout in args.layouts:
         if layout not in ("nchw", "nhwc"):
@@ -150,7 +150,7 @@ def _run_kernels(args: argparse.Namespace) -> int:
 
 def _warn_spread(records: Sequence[Any]) -> None:
     """Say so when repetitions disagree: then the medians (and ratios) are not to be trusted."""
-    from ..lab.bench import spread_warning
+    from ..lab.bench.layers import spread_warning
 
     warning = spread_warning(records)
     if warning:

@@ -1,6 +1,6 @@
 """``normlab compare``: parse arguments, read the groups, call :func:`compare`, print.
 
-Also the two renderings of a :class:`~normlab.lab.compare.CompareResult`: the text the
+Also the two renderings of a :class:`~normlab.lab.analysis.compare.CompareResult`: the text the
 command prints (:func:`render_text`) and the JSON it writes (:func:`result_dict`).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # scipy loads only when compare runs, not for every `normlab` command
-    from ..lab.compare import CompareResult, Group
+    from ..lab.analysis.compare import CompareResult, Group
 
 __all__ = ["add_parser", "render_text", "result_dict", "run"]
 
@@ -103,7 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_groups(args: argparse.Namespace) -> list[Group]:
-    from ..lab.compare_io import groups_from_csv, groups_from_specs, groups_from_store
+    from ..lab.analysis.compare_io import groups_from_csv, groups_from_specs, groups_from_store
 
     sources = [
         s
@@ -137,7 +137,7 @@ def _read_groups(args: argparse.Namespace) -> list[Group]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``normlab compare``; errors a user can fix are raised as ValueError."""
-    from ..lab.compare import compare
+    from ..lab.analysis.compare import compare
 
     groups = _read_groups(args)
     higher = args.higher_is_better
@@ -243,7 +243,7 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
 
 def render_text(r: CompareResult, metric: str | None = None) -> str:
     """The report ``normlab compare`` prints: groups, pairs, verdicts, resolution, plan."""
-    from ..lab.compare import decimals_for, fmt_p
+    from ..lab.analysis.compare import decimals_for, fmt_p
 
     dec = decimals_for(r.groups)
     level = f"{100 * (1 - r.alpha):g}%"

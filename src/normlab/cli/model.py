@@ -1,7 +1,7 @@
 """``normlab sweep --model``: the user's own network, and the tables the lab prints.
 
 Built without torch (every ``normlab`` command builds the sweep's parser); the factory
-is loaded when the sweep starts (:class:`normlab.lab.sweep.SweepConfig`).
+is loaded when the sweep starts (:class:`normlab.lab.sweep.orchestrate.SweepConfig`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..lab.train import RunRecord
+    from ..lab.run.train import RunRecord
 
 __all__ = ["add_model_arguments", "print_tables"]
 
@@ -31,8 +31,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def print_tables(records: Sequence[RunRecord]) -> None:
     """Print the error table, and the conversions of a user model's runs if any."""
-    from ..lab.report import markdown_table, summarize
-    from ..lab.report_models import conversion_lines
+    from ..lab.analysis.report import markdown_table, summarize
+    from ..lab.analysis.report_models import conversion_lines
 
     print("\n".join(markdown_table(summarize(records))))
     conversions = conversion_lines(records)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..lab.paths import check_report_outputs, check_store_path
+from ..lab.sweep.paths import check_report_outputs, check_store_path
 from .task import print_results
 
 __all__ = ["add_parser", "add_report_outputs", "run"]
@@ -36,8 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_report_outputs(args.out, args.json)
     check_store_path(args.db, write=False, option="store")
-    from ..lab.report import summarize, write_json, write_report
-    from ..lab.store import RunStore
+    from ..lab.analysis.report import summarize, write_json, write_report
+    from ..lab.sweep.store import RunStore
 
     with RunStore(args.db, readonly=True) as store:
         records = store.records()

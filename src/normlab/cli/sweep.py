@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..lab import defaults
-from ..lab.paths import check_report_outputs, check_store_path
+from ..lab.sweep.paths import check_report_outputs, check_store_path
 from .args import GivenOption, int_at_least, int_list, name_list, positive_int
 from .length import add_length_arguments
 from .model import add_model_arguments
@@ -16,7 +16,7 @@ from .report import add_report_outputs
 from .task import add_lr_argument, add_task_arguments, print_results, task_options
 
 if TYPE_CHECKING:
-    from ..lab.runner import SweepInterrupted
+    from ..lab.sweep.runner import SweepInterrupted
 
 __all__ = ["add_parser", "run"]
 
@@ -119,8 +119,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_report_outputs(args.out, args.json)
     check_store_path(args.db, write=True)
-    from ..lab.report import summarize, write_json, write_report
-    from ..lab.sweep import (
+    from ..lab.analysis.report import summarize, write_json, write_report
+    from ..lab.sweep.orchestrate import (
         RankFailedError,
         SweepConfig,
         SweepInterrupted,

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..lab import defaults
-from ..lab.task_defaults import CLASSIFICATION_TASK, SEGMENTATION_DEFAULTS, SEGMENTATION_TASK, TASKS
+from ..lab.defaults import CLASSIFICATION_TASK, SEGMENTATION_DEFAULTS, SEGMENTATION_TASK, TASKS
 from .args import GivenOption, positive_float
 
 if TYPE_CHECKING:
-    from ..lab.train import RunRecord
+    from ..lab.run.train import RunRecord
 
 __all__ = [
     "add_lr_argument",
@@ -86,7 +86,7 @@ def resolve_task_defaults(args: argparse.Namespace) -> None:
 
 
 def task_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~normlab.lab.sweep.SweepConfig` fields that follow from ``args.task``,
+    """The :class:`~normlab.lab.sweep.config.SweepConfig` fields that follow from ``args.task``,
     after :func:`resolve_task_defaults` has put the task's defaults into ``args``."""
     resolve_task_defaults(args)
     if args.task == SEGMENTATION_TASK:
@@ -97,9 +97,9 @@ def task_options(args: argparse.Namespace) -> dict[str, Any]:
 def print_results(records: Sequence[RunRecord]) -> None:
     """Print the sweep's tables: the error table (and a user model's conversions) of
     classification runs; mIoU and pixel error of segmentation runs, with their names."""
-    from ..lab.report import markdown_table, metric_cells
-    from ..lab.report_models import conversion_lines
-    from ..lab.report_seg import METRIC_TITLES, segmentation_records
+    from ..lab.analysis.report import markdown_table, metric_cells
+    from ..lab.analysis.report_models import conversion_lines
+    from ..lab.analysis.report_seg import METRIC_TITLES, segmentation_records
     from .model import print_tables
 
     segmented = segmentation_records(records)

@@ -1,27 +1,32 @@
 """The lab: how each norm behaves as the batch shrinks, as library code returning records.
 
-``sweep.run_sweep`` trains the grid norms × batch sizes × seeds (``train.train_run`` per
-run), ``store.RunStore`` keeps every finished run in SQLite, and ``report`` turns the
-stored runs into a table with spread, Welch tests, a plot and a Markdown report.
+One sub-package per role: ``data`` (images, scenes, user folders, the embedded set),
+``models`` (ResNet, U-Net, a user's factory), ``tasks`` (the Task protocol, classification,
+segmentation), ``run`` (config, protocol, the one loop, packing, train), ``sweep`` (the
+grid, workers, torchrun ranks, the store), ``analysis`` (t-tests, power, compare, the
+report) and ``bench``; ``defaults`` and ``errors`` are the torch-free pieces they share.
+:func:`run_sweep` trains the grid, :class:`RunStore` keeps every finished run in SQLite,
+:func:`write_report` turns stored runs into tables, Welch tests, a plot and Markdown.
 
-The exported names are imported from their submodules on first access (PEP 562), so that
-the torch-free parts (``compare``, ``stats``, ``power``) load without torch.
+The exported names are imported from their modules on first access (PEP 562), so that
+the torch-free parts (``analysis.compare``, ``analysis.ttests``) load without torch.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes
+from .._lazy import lazy_attributes, names_from
 
 if TYPE_CHECKING:
-    from .data import DataError, ImageData, Split, load_images, split_data
-    from .models import build_model
-    from .report import ReportFiles, summarize, write_json, write_report
-    from .runner import SweepInterrupted
-    from .store import ProtocolMismatchError, RunStore, StoreError
-    from .sweep import SweepConfig, SweepResult, default_norms, merge_shards, run_sweep
-    from .train import EpochStats, RunConfig, RunRecord, train_run
+    from .analysis.report import ReportFiles, summarize, write_json, write_report
+    from .data.images import DataError, ImageData, Split, load_images, split_data
+    from .models.resnet import build_model
+    from .models.user_model import build_user_model, load_factory
+    from .run.train import EpochStats, RunConfig, RunRecord, train_run
+    from .sweep.orchestrate import SweepConfig, SweepResult, default_norms, merge_shards, run_sweep
+    from .sweep.runner import SweepInterrupted
+    from .sweep.store import ProtocolMismatchError, RunStore, StoreError
 
 __all__ = [
     "DataError",
@@ -38,7 +43,9 @@ __all__ = [
     "SweepInterrupted",
     "SweepResult",
     "build_model",
+    "build_user_model",
     "default_norms",
+    "load_factory",
     "load_images",
     "merge_shards",
     "run_sweep",
@@ -49,34 +56,22 @@ __all__ = [
     "write_report",
 ]
 
-#: Exported name -> the submodule it is imported from.
-_SOURCES = {
-    "DataError": "data",
-    "EpochStats": "train",
-    "ImageData": "data",
-    "ProtocolMismatchError": "store",
-    "ReportFiles": "report",
-    "RunConfig": "train",
-    "RunRecord": "train",
-    "RunStore": "store",
-    "Split": "data",
-    "StoreError": "store",
-    "SweepConfig": "sweep",
-    "SweepInterrupted": "runner",
-    "SweepResult": "sweep",
-    "build_model": "models",
-    "default_norms": "sweep",
-    "load_images": "data",
-    "merge_shards": "sweep",
-    "run_sweep": "sweep",
-    "split_data": "data",
-    "summarize": "report",
-    "train_run": "train",
-    "write_json": "report",
-    "write_report": "report",
+#: Each module and the public names that live there.
+_MODULES = {
+    ".data.images": ("DataError", "ImageData", "Split", "load_images", "split_data"),
+    ".models.resnet": ("build_model",),
+    ".models.user_model": ("build_user_model", "load_factory"),
+    ".analysis.report": ("ReportFiles", "summarize", "write_json", "write_report"),
+    ".sweep.runner": ("SweepInterrupted",),
+    ".sweep.store": ("ProtocolMismatchError", "RunStore", "StoreError"),
+    ".sweep.orchestrate": (
+        "SweepConfig",
+        "SweepResult",
+        "default_norms",
+        "merge_shards",
+        "run_sweep",
+    ),
+    ".run.train": ("EpochStats", "RunConfig", "RunRecord", "train_run"),
 }
 
-
-__getattr__, __dir__ = lazy_attributes(
-    __name__, globals(), {k: (f".{v}", k) for k, v in _SOURCES.items()}, __all__
-)
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), names_from(_MODULES), __all__)

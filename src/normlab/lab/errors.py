@@ -2,7 +2,7 @@
 
 :func:`normlab.cli.main` catches them to print one line and exit with status 2, and
 must do so without importing the torch-heavy modules that raise them;
-:mod:`normlab.lab.data` and :mod:`normlab.lab.store` re-export them.
+:mod:`normlab.lab.data.images` and :mod:`normlab.lab.sweep.store` re-export them.
 """
 
 from __future__ import annotations

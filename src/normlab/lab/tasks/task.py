@@ -1,0 +1,88 @@
+"""What a lab run learns: the loss it minimizes and the errors it reports.
+
+The training loop (:mod:`normlab.lab.run.loop`) knows nothing about labels; a :class:`Task`
+turns a model's output and the targets into a loss to minimize and error metrics to
+report. The loop trains S networks side by side (the seeds of a packed model, S = 1 for
+a lone run), so every tensor a task sees carries that network dim first:
+
+* ``output``: (S, B, ...), the packed model's output; a lone model's (B, ...) output
+  gets a leading dim of 1;
+* ``target``: (S, B, ...), the targets of each network's own batch (``Split.y_train``
+  indexed by each network's sample indices).
+
+Errors are built from a *tally*: counts per network, shape (S, T), that add up over
+batches (and over the ranks of a data-parallel run) before :meth:`Task.errors` turns them
+into metrics. Counts, not per-batch averages, so that a metric such as mIoU, which is
+not a mean of per-batch values, is exact over a whole test set.
+
+:data:`CLASSIFICATION` (cross-entropy, top-1 error in %) is the lab's task.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CLASSIFICATION", "Classification", "Task"]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """Loss and error metrics of a run from model output and target (shapes: module doc).
+
+    ``metrics`` names what :meth:`errors` returns, in %; the first is the run's headline
+    error: ``EpochStats.train_error`` / ``test_error`` and ``RunRecord.final_error``.
+    """
+
+    metrics: tuple[str, ...]
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Each network's mean loss over its batch: shape (S,), differentiable.
+
+        The loop minimizes the sum over the networks, so network s's gradient is that of
+        its own loss alone; a task must not mix networks.
+        """
+        ...
+
+    def tally(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Counts (int64, shape (S, T)) of one batch that sum over batches and ranks."""
+        ...
+
+    def errors(self, tally: torch.Tensor) -> list[dict[str, float]]:
+        """Per network, each of ``metrics`` in % from a summed :meth:`tally`."""
+        ...
+
+
+class Classification:
+    """Image classification: cross-entropy loss, top-1 error (% of samples misclassified).
+
+    ``output``: logits (S, B, K); ``target``: class indices (S, B). Tally per network:
+    ``[misclassified, samples]``.
+    """
+
+    metrics: tuple[str, ...] = ("error",)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        packs, batch = target.shape[:2]
+        if packs == 1:
+            # One network: the mean-reduced loss, as a lone model's training computes it
+            # (a mean over a per-sample loss may round differently).
+            return F.cross_entropy(output[0], target[0]).reshape(1)
+        per_sample = F.cross_entropy(
+            output.reshape(packs * batch, -1), target.reshape(-1), reduction="none"
+        )
+        return per_sample.view(packs, batch).mean(1)
+
+    def tally(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        wrong = (output.argmax(-1) != target).sum(1)
+        count = torch.full_like(wrong, target.shape[1])
+        return torch.stack([wrong, count], dim=1).to(torch.int64)
+
+    def errors(self, tally: torch.Tensor) -> list[dict[str, float]]:
+        return [{"error": 100.0 * int(w) / max(1, int(n))} for w, n in tally.tolist()]
+
+
+#: The lab's task: classification of the split's images into its classes.
+CLASSIFICATION = Classification()
