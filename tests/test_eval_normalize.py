@@ -84,3 +84,39 @@ def test_half_input_is_normalized_in_float32_and_returned_in_its_dtype():
     assert y.dtype == torch.bfloat16
     r = dict(t64, x=x.double())  # the reference on the bf16-rounded input
     torch.testing.assert_close(y.double(), _reference(r, 1e-5), rtol=1e-2, atol=1e-2)
+
+
+def test_the_one_pass_fold_runs_only_where_it_is_accurate():
+    from normlab._core.normalize import FOLD_MAX_RATIO, _fold_is_accurate
+
+    x = torch.randn(2, 3, 4, 4)
+    var = torch.ones(3)
+    assert _fold_is_accurate(x, torch.full((3,), FOLD_MAX_RATIO * 0.99), var, 0.0)
+    assert not _fold_is_accurate(x, torch.tensor([0.0, FOLD_MAX_RATIO * 1.01, 0.0]), var, 0.0)
+    assert not _fold_is_accurate(x, torch.full((3,), float("nan")), var, 0.0)
+    assert not _fold_is_accurate(x.half(), torch.zeros(3), var, 1e-5)  # half: centered
+    assert not _fold_is_accurate(x, torch.zeros(3, requires_grad=True), var, 1e-5)
+
+
+@pytest.mark.parametrize("branch", ["no_grad", "input_only", "affine"])
+def test_the_fold_at_its_bound_loses_at_most_three_bits(branch):
+    """|μ|/σ just under the bound: the fold's error stays within 8 ulps of |γ| + |y|'s own."""
+    from normlab._core.normalize import FOLD_MAX_RATIO
+
+    g = torch.Generator().manual_seed(3)
+    std = 0.37
+    mean = torch.full((C,), 0.999 * FOLD_MAX_RATIO * std, dtype=torch.float64)
+    x = mean.reshape(1, C, 1, 1) + std * torch.randn(4, C, 9, 7, generator=g, dtype=torch.float64)
+    t64 = {
+        "x": x.float().double(),
+        "mean": mean.float().double(),
+        "var": torch.full((C,), std**2, dtype=torch.float64).float().double(),
+        "weight": (1 + 0.2 * torch.randn(C, generator=g, dtype=torch.float64)).float().double(),
+        "bias": (0.3 * torch.randn(C, generator=g, dtype=torch.float64)).float().double(),
+    }
+    ref = _reference(t64, 0.0)
+    t = {k: v.float().requires_grad_(k in BRANCHES[branch]) for k, v in t64.items()}
+    y = affine_normalize(t["x"], t["mean"], t["var"], t["weight"], t["bias"], 0.0)
+    ulp = torch.finfo(torch.float32).eps
+    bound = ulp * (8 * t64["weight"].abs().reshape(1, C, 1, 1) + 2 * ref.abs())
+    assert ((y.double() - ref).abs() <= bound).all()

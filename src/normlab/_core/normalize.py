@@ -34,7 +34,11 @@ def affine_normalize(
     used as given (no clamp): the callers pass it through
     :func:`normlab._core.checks.stored_variance`.
 
-    How, by what autograd needs (same formula, the fastest torch ops for each):
+    Where the fold is provably accurate (eager fp32/fp64 CPU, every channel's
+    ``|mean|/σ ≤`` :data:`FOLD_MAX_RATIO`: at most 3 bits lost), the one-pass folded
+    form runs instead (torch's own eval kernel; ``x·a + b`` where only the input
+    needs a gradient). Otherwise, by what autograd needs (the centered formula, the
+    fastest torch ops for each):
 
     * no gradient for γ, β, mean or var: ``x − mean``, then torch's eval
       ``F.batch_norm`` on the centered data with mean 0 (its kernel's folding,
@@ -55,6 +59,8 @@ def affine_normalize(
     acc = acc_dtype(x.dtype)
     if onnx_exporting():
         return _exported_batch_norm(x, mean, var, weight, bias, eps, acc)
+    if _fold_is_accurate(x, mean, var, eps):
+        return _folded(x, mean, var, weight, bias, eps)
     shape = channel_shape(x)
     # x − mean in acc (type promotion: one pass for half input, no separate cast).
     xc = torch.sub(x, mean.to(acc).reshape(shape))
@@ -72,6 +78,57 @@ def affine_normalize(
     if b is not None:
         y = y + b.reshape(shape)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+#: The fold ``x·a + (β − μ·a)`` (``a = γ/σ``) adds a rounding error of about
+#: ``2·|μ|/σ`` units in the last place of ``|γ|`` over the centered form. Where every
+#: channel has ``|μ|/σ ≤ FOLD_MAX_RATIO`` that is at most 8 ulps (3 bits), and the
+#: one-pass fold runs; off-center data (CT: ``|μ|/σ ≈ 1e6``) take the centered form.
+FOLD_MAX_RATIO = 4.0
+
+
+def _fold_is_accurate(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> bool:
+    """Whether the one-pass folded form is within :data:`FOLD_MAX_RATIO`'s bound here.
+
+    Only for eager fp32/fp64 CPU input with statistics that need no gradient: the
+    test reads one number on the host (free on CPU; a synchronization on a GPU,
+    where the centered form runs instead) and is data-dependent (so never while
+    compiling or recording a graph).
+    """
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or mean.requires_grad
+        or var.requires_grad
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or x.numel() == 0
+    ):
+        return False
+    # |μ|/σ ≤ R  ⟺  var − μ²/R² ≥ −eps: one fused op and one reduction (NaN: False).
+    slack = float(torch.addcmul(var, mean, mean, value=-1.0 / FOLD_MAX_RATIO**2).amin())
+    return slack >= -eps
+
+
+def _folded(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """The folded eval form: torch's native eval kernel (one pass; its backward gives
+    γ and β their gradients), or, where only the input needs a gradient,
+    ``x·a + (β − μ·a)`` (its backward is one multiply and saves nothing input-sized;
+    ``addcmul``'s backward is slower)."""
+    dt = x.dtype
+    w, b = _cast(weight, dt), _cast(bias, dt)
+    affine_grad = any(t is not None and t.requires_grad for t in (weight, bias))
+    if not (torch.is_grad_enabled() and x.requires_grad) or affine_grad:
+        return F.batch_norm(x, _cast(mean, dt), _cast(var, dt), w, b, False, 0.0, eps)
+    shape = channel_shape(x)
+    with torch.no_grad():
+        a = torch.rsqrt(var.to(dt) + eps)
+        if w is not None:
+            a = a * w
+        shift = -mean.to(dt) * a if b is None else b - mean.to(dt) * a
+    return x * a.reshape(shape) + shift.reshape(shape)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
