@@ -39,7 +39,7 @@ import os, signal, sys
 
 fault = os.environ.get("NORMLAB_TEST_FAULT")
 if fault:
-    from normlab.lab import ranks
+    from normlab.lab.sweep import ranks
 
     real = ranks.execute_runs
 
