@@ -54,7 +54,7 @@ def build(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
 
 
 if __name__ == "__main__":
-    from normlab.lab import build_user_model, load_factory
+    from normlab.lab.user_model import build_user_model, load_factory
 
     factory = load_factory(f"{__file__}:build")
     print(f"{factory.name} (source hash {factory.source_hash})")
