@@ -323,6 +323,28 @@ def load_channels(
 
 
 @triton.jit
+def rows_at(P, n, ch, sn, sc):
+    """``P + n·sn + ch·sc`` in int64: where the rows of sample ``n`` and channels ``ch``
+    (one channel, or ``c[:, None]`` for a block of them) start, at position 0."""
+    return P + n.to(tl.int64) * sn + ch.to(tl.int64) * sc
+
+
+@triton.jit
+def s_tile(s0, cm, s_hi, BLOCK_S: tl.constexpr):
+    """``(ss, mask)`` of the tile of positions [s0, s0 + BLOCK_S): the (1, BLOCK_S) int64
+    positions and the mask of the (channel, position) elements that exist (channels
+    ``cm``, positions below ``s_hi``: the tail tile of a piece is partial)."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    return s[None, :].to(tl.int64), cm[:, None] & (s < s_hi)[None, :]
+
+
+@triton.jit
+def load_tile(rows, ss, stride, mask, ACC: tl.constexpr):
+    """The tile ``rows[ss·stride]`` in ACC, 0 where masked (a 0 adds nothing to a sum)."""
+    return tl.load(rows + ss * stride, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def sum_split(PART, row0, SPLIT, c, cm, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """``Σ_{q < SPLIT} PART[row0 + q, c]`` for a (rows, C) buffer of per-piece partial
     sums, added in the order of q: every program that needs the total of one (n, c)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import total
+from ._common import (
+    load_tile,
+    s_tile,
+    total,
+)
 
 __all__ = ["channel_moments"]
 
@@ -19,14 +23,12 @@ def channel_moments(
     row, ``shift`` one pivot per channel) over positions [s_lo, s_hi): Welford's update
     in every lane, then one merge of the lanes along S (Chan's formula for many parts:
     mean = Σ n_l m_l / n, M2 = Σ M2_l + Σ n_l (m_l − mean)²)."""
-    offs_s = tl.arange(0, BLOCK_S)
     cnt = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     mu = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     q = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        x = tl.load(xb + s[None, :].to(tl.int64) * x_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        x = load_tile(xb, ss, x_ss, mask, ACC)
         d = tl.where(mask, x - shift[:, None], 0.0)
         m = mask.to(ACC)
         cnt += m

@@ -53,8 +53,11 @@ from ._common import (
     kernel_backward,
     kernel_forward,
     load_channels,
+    load_tile,
     ncs,
+    rows_at,
     s_range,
+    s_tile,
     sum_split,
     tl_acc,
     total,
@@ -69,12 +72,10 @@ def _square_sums(
     xb, x_ss, cm, s_lo, s_hi, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
 ):
     """Σ x² per channel over positions [s_lo, s_hi): per-lane sums, one reduction."""
-    offs_s = tl.arange(0, BLOCK_S)
     acc = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        x = tl.load(xb + s[None, :].to(tl.int64) * x_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        x = load_tile(xb, ss, x_ss, mask, ACC)
         acc += x * x
     return total(acc, 1)
 
@@ -96,7 +97,7 @@ def _frn_fwd_stats(
     BLOCK_S: tl.constexpr,
 ):
     n, c, cm = channel_block(CB, C, BLOCK_C)
-    xb = X + n.to(tl.int64) * x_sn + c[:, None].to(tl.int64) * x_sc
+    xb = rows_at(X, n, c[:, None], x_sn, x_sc)
     s_lo, s_hi = s_range(S, CHUNK)
     sq = _square_sums(xb, x_ss, cm, s_lo, s_hi, ACC, BLOCK_C, BLOCK_S)
     tl.store(PART + (n.to(tl.int64) * SPLIT + tl.program_id(1)) * C + c, sq, mask=cm)
@@ -133,8 +134,8 @@ def _frn_fwd(
 ):
     n, c, cm = channel_block(CB, C, BLOCK_C)
     cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    yb = Y + n.to(tl.int64) * y_sn + cc * y_sc
+    xb = rows_at(X, n, cc, x_sn, x_sc)
+    yb = rows_at(Y, n, cc, y_sn, y_sc)
     if ONE_PASS:
         sq = _square_sums(xb, x_ss, cm, 0, S, ACC, BLOCK_C, BLOCK_S)
     else:
@@ -146,12 +147,9 @@ def _frn_fwd(
     bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
     tau = load_channels(TAU, c, cm, HAS_TAU, 0.0, ACC, BLOCK_C)
     s_lo, s_hi = s_range(S, CHUNK)
-    offs_s = tl.arange(0, BLOCK_S)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        x = load_tile(xb, ss, x_ss, mask, ACC)
         z = x * scale[:, None] + bias[:, None]
         if HAS_TAU:
             z = tl.where(z > tau[:, None], z, tau[:, None])

@@ -19,8 +19,11 @@ from ._common import (
     empty,
     empty_like,
     load_channels,
+    load_tile,
     ncs,
+    rows_at,
     s_range,
+    s_tile,
     sum_partials,
     sum_rows,
     sum_split,
@@ -55,17 +58,14 @@ def _frn_bwd_sums(
     BLOCK_S: tl.constexpr,
 ):
     """The four per-channel sums over positions [s_lo, s_hi), stored to row ``row``."""
-    offs_s = tl.arange(0, BLOCK_S)
     acc_a = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_dt = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        xhat = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC) * rs[:, None]
-        dz = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        xhat = load_tile(xb, ss, x_ss, mask, ACC) * rs[:, None]
+        dz = load_tile(dyb, ss, dy_ss, mask, ACC)
         if HAS_TAU:
             above = xhat * w[:, None] + bias[:, None] > tau[:, None]
             acc_dt += tl.where(above, 0.0, dz)
@@ -110,8 +110,8 @@ def _frn_bwd_stats(
 ):
     n, c, cm = channel_block(CB, C, BLOCK_C)
     cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + cc * dy_sc
+    xb = rows_at(X, n, cc, x_sn, x_sc)
+    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
     rs = tl.load(RS + n.to(tl.int64) * C + c, mask=cm, other=0.0)
     w = load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C)
     bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
@@ -160,9 +160,9 @@ def _frn_bwd_dx(
 ):
     n, c, cm = channel_block(CB, C, BLOCK_C)
     cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + cc * dy_sc
-    dxb = DX + n.to(tl.int64) * dx_sn + cc * dx_sc
+    xb = rows_at(X, n, cc, x_sn, x_sc)
+    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
+    dxb = rows_at(DX, n, cc, dx_sn, dx_sc)
     nc = n.to(tl.int64) * C + c
     rs = tl.load(RS + nc, mask=cm, other=0.0)
     w = load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C)
@@ -179,13 +179,10 @@ def _frn_bwd_dx(
         tl.store(A + nc, a, mask=cm)
     a_over_s = a / S
     s_lo, s_hi = s_range(S, CHUNK)
-    offs_s = tl.arange(0, BLOCK_S)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        xhat = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC) * rs[:, None]
-        dz = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        xhat = load_tile(xb, ss, x_ss, mask, ACC) * rs[:, None]
+        dz = load_tile(dyb, ss, dy_ss, mask, ACC)
         if HAS_TAU:
             dz = tl.where(xhat * w[:, None] + bias[:, None] > tau[:, None], dz, 0.0)
         dx = (dz * w[:, None] - xhat * a_over_s[:, None]) * rs[:, None]

@@ -41,7 +41,11 @@ from ._common import (
     empty_like,
     kernel_backward,
     kernel_forward,
+    load_tile,
     ncs,
+    rows_at,
+    s_range,
+    s_tile,
     sum_partials,
     sum_rows,
     tl_acc,
@@ -74,20 +78,15 @@ def _frozen_bn_fwd(
     BLOCK_S: tl.constexpr,
 ):
     n, c, cm = channel_block(CB, C, BLOCK_C)
-    sp = tl.program_id(1)
     mean = tl.load(MEAN + c, mask=cm, other=0.0)
     scale = tl.load(SCALE + c, mask=cm, other=0.0)
     bias = tl.load(BIAS + c, mask=cm, other=0.0)
-    xb = X + n.to(tl.int64) * x_sn + c[:, None].to(tl.int64) * x_sc
-    yb = Y + n.to(tl.int64) * y_sn + c[:, None].to(tl.int64) * y_sc
-    s_lo = sp * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
-    offs_s = tl.arange(0, BLOCK_S)
+    xb = rows_at(X, n, c[:, None], x_sn, x_sc)
+    yb = rows_at(Y, n, c[:, None], y_sn, y_sc)
+    s_lo, s_hi = s_range(S, CHUNK)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        x = load_tile(xb, ss, x_ss, mask, ACC)
         y = (x - mean[:, None]) * scale[:, None] + bias[:, None]
         if ACT != 0:
             y = apply_act(y, ACT)
@@ -130,21 +129,17 @@ def _frozen_bn_bwd(
     scale = tl.load(SCALE + c, mask=cm, other=0.0)
     bias = tl.load(BIAS + c, mask=cm, other=0.0)
     cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + cc * dy_sc
-    dxb = DX + n.to(tl.int64) * dx_sn + cc * dx_sc
-    s_lo = sp * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
-    offs_s = tl.arange(0, BLOCK_S)
+    xb = rows_at(X, n, cc, x_sn, x_sc)
+    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
+    dxb = rows_at(DX, n, cc, dx_sn, dx_sc)
+    s_lo, s_hi = s_range(S, CHUNK)
     acc_xm = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_dz = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        dz = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        dz = load_tile(dyb, ss, dy_ss, mask, ACC)
         if NEED_DP or ACT != 0:  # without both, dx = dy·s needs no x
-            xm = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC) - mean[:, None]
+            xm = load_tile(xb, ss, x_ss, mask, ACC) - mean[:, None]
             if ACT != 0:
                 z = xm * scale[:, None] + bias[:, None]
                 dz = tl.where(mask, act_backward(dz, z, ACT), 0.0)

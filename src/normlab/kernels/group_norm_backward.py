@@ -18,7 +18,10 @@ from ._common import (
     empty,
     empty_like,
     load_channels,
+    load_tile,
     ncs,
+    rows_at,
+    s_tile,
     sum_partials,
     sum_rows,
     tl_acc,
@@ -63,7 +66,6 @@ def _group_bwd_sums(
     (per-lane accumulators, one reduction at the end); also writes those channels' dγ/dβ
     partial sums to row ``row`` of DWDB."""
     offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
     acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for c0 in range(c_lo, c_hi, BLOCK_C):
@@ -74,12 +76,10 @@ def _group_bwd_sums(
         acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
         acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + offs_s
-            mask = cm[:, None] & (s < s_hi)[None, :]
+            ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
             cc = c[:, None].to(tl.int64)
-            ss = s[None, :].to(tl.int64)
-            x = tl.load(xb + cc * x_sc + ss * x_ss, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dyb + cc * dy_sc + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+            x = load_tile(xb + cc * x_sc, ss, x_ss, mask, ACC)
+            dy = load_tile(dyb + cc * dy_sc, ss, dy_ss, mask, ACC)
             xhat = tl.where(mask, ((x - shift) - mean) * rstd, 0.0)
             dz = dy
             if ACT != 0:
@@ -134,8 +134,8 @@ def _group_norm_bwd_stats(
     n = ng // G
     g = ng % G
     c_first = g * CPG
-    xb = X + n.to(tl.int64) * x_sn + c_first.to(tl.int64) * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + c_first.to(tl.int64) * dy_sc
+    xb = rows_at(X, n, c_first, x_sn, x_sc)
+    dyb = rows_at(DY, n, c_first, dy_sn, dy_sc)
     shift = tl.load(xb).to(ACC)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
@@ -194,9 +194,9 @@ def _group_norm_bwd_dx(
     n = ng // G
     g = ng % G
     c_first = g * CPG
-    xb = X + n.to(tl.int64) * x_sn + c_first.to(tl.int64) * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + c_first.to(tl.int64) * dy_sc
-    dxb = DX + n.to(tl.int64) * dx_sn + c_first.to(tl.int64) * dx_sc
+    xb = rows_at(X, n, c_first, x_sn, x_sc)
+    dyb = rows_at(DY, n, c_first, dy_sn, dy_sc)
+    dxb = rows_at(DX, n, c_first, dx_sn, dx_sc)
     shift = tl.load(xb).to(ACC)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
@@ -216,19 +216,16 @@ def _group_norm_bwd_dx(
 
     c_lo, c_hi, s_lo, s_hi, _ = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
     offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c0 + offs_c
         cm = c < c_hi
         w = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C)
         b = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + offs_s
-            mask = cm[:, None] & (s < s_hi)[None, :]
+            ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
             cc = c[:, None].to(tl.int64)
-            ss = s[None, :].to(tl.int64)
-            x = tl.load(xb + cc * x_sc + ss * x_ss, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dyb + cc * dy_sc + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+            x = load_tile(xb + cc * x_sc, ss, x_ss, mask, ACC)
+            dy = load_tile(dyb + cc * dy_sc, ss, dy_ss, mask, ACC)
             xhat = ((x - shift) - mean) * rstd
             if ACT != 0:
                 dy = act_backward(dy, xhat * w[:, None] + b[:, None], ACT)

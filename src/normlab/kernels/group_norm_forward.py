@@ -19,7 +19,10 @@ from ._common import (
     empty,
     empty_like,
     load_channels,
+    load_tile,
     ncs,
+    rows_at,
+    s_tile,
     smallest_tile,
     spatial_size,
     tl_acc,
@@ -135,7 +138,7 @@ def _group_norm_fwd_stats(
     sp = tl.program_id(1)
     n = ng // G
     g = ng % G
-    xb = X + n.to(tl.int64) * x_sn + (g * CPG).to(tl.int64) * x_sc
+    xb = rows_at(X, n, g * CPG, x_sn, x_sc)
     shift = tl.load(xb).to(ACC)
     c_lo, c_hi, s_lo, s_hi, _ = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
     count, mean, m2 = _group_moments(
@@ -185,8 +188,8 @@ def _group_norm_fwd(
     n = ng // G
     g = ng % G
     c_first = g * CPG
-    xb = X + n.to(tl.int64) * x_sn + c_first.to(tl.int64) * x_sc
-    yb = Y + n.to(tl.int64) * y_sn + c_first.to(tl.int64) * y_sc
+    xb = rows_at(X, n, c_first, x_sn, x_sc)
+    yb = rows_at(Y, n, c_first, y_sn, y_sc)
     shift = tl.load(xb).to(ACC)
     if ONE_PASS:
         count, mean, m2 = _group_moments(xb, shift, x_sc, x_ss, 0, CPG, 0, S, ACC, BLOCK_C, BLOCK_S)
@@ -211,7 +214,6 @@ def _group_norm_fwd(
 
     c_lo, c_hi, s_lo, s_hi, _ = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
     offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c0 + offs_c
         cm = c < c_hi
@@ -219,11 +221,9 @@ def _group_norm_fwd(
         scale = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C) * rstd
         shift_out = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + offs_s
-            mask = cm[:, None] & (s < s_hi)[None, :]
+            ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
             cc = c[:, None].to(tl.int64)
-            ss = s[None, :].to(tl.int64)
-            x = tl.load(xb + cc * x_sc + ss * x_ss, mask=mask, other=0.0).to(ACC)
+            x = load_tile(xb + cc * x_sc, ss, x_ss, mask, ACC)
             y = ((x - shift) - mean) * scale[:, None] + shift_out[:, None]
             if ACT != 0:
                 y = apply_act(y, ACT)

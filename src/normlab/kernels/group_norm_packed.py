@@ -17,7 +17,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import act_backward, apply_act, load_channels, s_range, total
+from ._common import (
+    act_backward,
+    apply_act,
+    load_channels,
+    load_tile,
+    rows_at,
+    s_range,
+    s_tile,
+    total,
+)
 from ._moments import channel_moments
 
 __all__: list[str] = []
@@ -147,7 +156,7 @@ def _group_norm_packed_fwd(
     xn = X + n.to(tl.int64) * x_sn
     shift = tl.load(xn + (gc * CPG).to(tl.int64) * x_sc, mask=cm, other=0.0).to(ACC)
     xb = xn + c[:, None].to(tl.int64) * x_sc
-    yb = Y + n.to(tl.int64) * y_sn + c[:, None].to(tl.int64) * y_sc
+    yb = rows_at(Y, n, c[:, None], y_sn, y_sc)
     ng = n.to(tl.int64) * G + g
     if ONE_PASS:
         count, mean, m2 = _packed_moments(xb, shift, x_ss, cm, oh, 0, S, ACC, BLOCK_C, BLOCK_S)
@@ -171,12 +180,9 @@ def _group_norm_packed_fwd(
     scale = load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C) * _to_channels(rstd, oh)
     bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
     s_lo, s_hi = s_range(S, CHUNK)
-    offs_s = tl.arange(0, BLOCK_S)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        x = load_tile(xb, ss, x_ss, mask, ACC)
         y = ((x - shift[:, None]) - mean_c[:, None]) * scale[:, None] + bias[:, None]
         if ACT != 0:
             y = apply_act(y, ACT)
@@ -193,17 +199,14 @@ def _packed_bwd_sums(
     also writes the program's channels of row ``row`` of the dγ/dβ partial buffer."""
     w = load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C)
     b = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
     acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
-        dz = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        x = load_tile(xb, ss, x_ss, mask, ACC)
+        dz = load_tile(dyb, ss, dy_ss, mask, ACC)
         xhat = tl.where(mask, ((x - shift[:, None]) - mean_c[:, None]) * rstd_c[:, None], 0.0)
         if ACT != 0:
             dz = tl.where(mask, act_backward(dz, xhat * w[:, None] + b[:, None], ACT), 0.0)
@@ -267,7 +270,7 @@ def _group_norm_packed_bwd(
     xn = X + n.to(tl.int64) * x_sn
     shift = tl.load(xn + (gc * CPG).to(tl.int64) * x_sc, mask=cm, other=0.0).to(ACC)
     xb = xn + c[:, None].to(tl.int64) * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + c[:, None].to(tl.int64) * dy_sc
+    dyb = rows_at(DY, n, c[:, None], dy_sn, dy_sc)
     ngc = n.to(tl.int64) * G + gc
     mean_c = tl.load(MEAN + ngc, mask=cm, other=0.0)
     rstd_c = tl.load(RSTD + ngc, mask=cm, other=0.0)
@@ -293,14 +296,11 @@ def _group_norm_packed_bwd(
         c2 = _to_channels(sum2, oh) / (CPG * S)
         w = load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C)
         b = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
-        dxb = DX + n.to(tl.int64) * dx_sn + c[:, None].to(tl.int64) * dx_sc
-        offs_s = tl.arange(0, BLOCK_S)
+        dxb = rows_at(DX, n, c[:, None], dx_sn, dx_sc)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + offs_s
-            mask = cm[:, None] & (s < s_hi)[None, :]
-            ss = s[None, :].to(tl.int64)
-            x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
-            dz = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+            ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+            x = load_tile(xb, ss, x_ss, mask, ACC)
+            dz = load_tile(dyb, ss, dy_ss, mask, ACC)
             xhat = ((x - shift[:, None]) - mean_c[:, None]) * rstd_c[:, None]
             if ACT != 0:
                 dz = act_backward(dz, xhat * w[:, None] + b[:, None], ACT)

@@ -21,8 +21,11 @@ from ._common import (
     empty,
     empty_like,
     load_channels,
+    load_tile,
     ncs,
+    rows_at,
     s_range,
+    s_tile,
     sum_partials,
     sum_rows,
     tile_size,
@@ -61,7 +64,7 @@ def _switchable_norm_fwd_stats(
     BLOCK_S: tl.constexpr,
 ):
     n, c, cm = channel_block(CB, C, BLOCK_C)
-    xb = X + n.to(tl.int64) * x_sn + c[:, None].to(tl.int64) * x_sc
+    xb = rows_at(X, n, c[:, None], x_sn, x_sc)
     shift = _pivot(X, n, c, cm, x_sn, x_sc, ACC)
     s_lo, s_hi = s_range(S, CHUNK)
     _, mean, m2 = channel_moments(xb, shift, x_ss, cm, s_lo, s_hi, ACC, BLOCK_C, BLOCK_S)
@@ -142,15 +145,12 @@ def _switchable_norm_fwd(
     scale = tl.load(SCALE + nc, mask=cm, other=0.0)
     bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
     cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    yb = Y + n.to(tl.int64) * y_sn + cc * y_sc
+    xb = rows_at(X, n, cc, x_sn, x_sc)
+    yb = rows_at(Y, n, cc, y_sn, y_sc)
     s_lo, s_hi = s_range(S, CHUNK)
-    offs_s = tl.arange(0, BLOCK_S)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        x = load_tile(xb, ss, x_ss, mask, ACC)
         y = ((x - shift[:, None]) - m[:, None]) * scale[:, None] + bias[:, None]
         tl.store(yb + ss * y_ss, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -183,18 +183,15 @@ def _switchable_norm_bwd_stats(
     shift = tl.load(SHIFT + nc, mask=cm, other=0.0)
     m = tl.load(M + nc, mask=cm, other=0.0)
     cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + cc * dy_sc
+    xb = rows_at(X, n, cc, x_sn, x_sc)
+    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
     s_lo, s_hi = s_range(S, CHUNK)
-    offs_s = tl.arange(0, BLOCK_S)
     acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        x = load_tile(xb, ss, x_ss, mask, ACC)
+        dy = load_tile(dyb, ss, dy_ss, mask, ACC)
         acc1 += dy
         acc2 += dy * tl.where(mask, (x - shift[:, None]) - m[:, None], 0.0)
     out = SUMS + (n.to(tl.int64) * SPLIT + tl.program_id(1)) * C + c
@@ -250,17 +247,14 @@ def _switchable_norm_bwd_dx(
     ga = tl.load(GA + nc, mask=cm, other=0.0)
     gb = tl.load(GB + nc, mask=cm, other=0.0)
     cc = c[:, None].to(tl.int64)
-    xb = X + n.to(tl.int64) * x_sn + cc * x_sc
-    dyb = DY + n.to(tl.int64) * dy_sn + cc * dy_sc
-    dxb = DX + n.to(tl.int64) * dx_sn + cc * dx_sc
+    xb = rows_at(X, n, cc, x_sn, x_sc)
+    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
+    dxb = rows_at(DX, n, cc, dx_sn, dx_sc)
     s_lo, s_hi = s_range(S, CHUNK)
-    offs_s = tl.arange(0, BLOCK_S)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + offs_s
-        mask = cm[:, None] & (s < s_hi)[None, :]
-        ss = s[None, :].to(tl.int64)
-        x = tl.load(xb + ss * x_ss, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dyb + ss * dy_ss, mask=mask, other=0.0).to(ACC)
+        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+        x = load_tile(xb, ss, x_ss, mask, ACC)
+        dy = load_tile(dyb, ss, dy_ss, mask, ACC)
         xc = (x - shift[:, None]) - mu[:, None]
         dx = dy * scale[:, None] + ga[:, None] + gb[:, None] * xc
         tl.store(dxb + ss * dx_ss, dx.to(DX.dtype.element_ty), mask=mask)
