@@ -1,7 +1,7 @@
 """The ``normlab`` command: one parser, each subcommand a module of this package.
 
 Every subcommand module (``sweep``, ``report``, ``check``, ``doctor``, ``bench``,
-``compare``) has ``add_parser(subparsers)`` and ``run(args) -> int``; this module builds
+``compare``, ``data``) has ``add_parser(subparsers)`` and ``run(args) -> int``; this module builds
 the parser from them and turns the errors a user can fix into one line and a status.
 """
 
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from . import bench, check, compare, doctor, report, sweep
+from . import bench, check, compare, data, doctor, report, sweep
 
 __all__ = ["build_parser", "main"]
 
@@ -27,6 +27,7 @@ COMMANDS: dict[str, ModuleType] = {
     "doctor": doctor,
     "bench": bench,
     "compare": compare,
+    "data": data,
 }
 
 
