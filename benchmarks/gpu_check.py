@@ -105,7 +105,7 @@ def section_env(device: str, ctx: dict) -> dict:
     info["auto_blocker"] = dispatch.auto_blocker(x) if device == "cuda" else "CPU input"
     info["auto_picks"] = {
         op.value: dispatch.resolve_backend(op, "auto", x)
-        for op, paths in dispatch.TABLE.items()
+        for op, paths in dispatch.OP_PATHS.items()
         if paths.triton is None
     }
     return info

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-from normlab._core.dispatch import TABLE
+from normlab._core.dispatch import OP_PATHS
 
 DESIGN = pathlib.Path(__file__).resolve().parents[1] / "docs" / "design.md"
 
@@ -21,7 +21,7 @@ def test_the_dispatch_table_in_design_md_is_the_codes():
     def has(reason: str | None) -> str:
         return "yes" if reason is None else "—"
 
-    code = {op.value: (has(p.triton), has(p.fused), has(p.autograd)) for op, p in TABLE.items()}
+    code = {op.value: (has(p.triton), has(p.fused), has(p.autograd)) for op, p in OP_PATHS.items()}
     assert _doc_table() == code
 
 

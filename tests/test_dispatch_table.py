@@ -1,7 +1,7 @@
 """The one dispatch decision: its table and its answers.
 
 Every functional that takes ``backend=`` asks :func:`normlab._core.dispatch.choose_path`
-exactly once per call, for an op of :data:`~normlab._core.dispatch.TABLE`; every op
+exactly once per call, for an op of :data:`~normlab._core.dispatch.OP_PATHS`; every op
 in the table is used by a functional; every missing path has a reason, which the
 error for ``backend="triton"`` quotes. The decisions for CPU, a CUDA stand-in, a
 tensor subclass, ``torch.compile``, ONNX export, ``torch.func`` and a process group
@@ -21,7 +21,7 @@ import torch
 import normlab.functional as NF
 from _testing import offcenter
 from normlab._core import dispatch, measured
-from normlab._core.dispatch import TABLE, Op, Path, choose_path
+from normlab._core.dispatch import OP_PATHS, Op, Path, choose_path
 
 FUNCTIONAL = pathlib.Path(NF.__file__).parent
 
@@ -41,13 +41,13 @@ def _ops_named_in_functionals() -> set[Op]:
 
 
 def test_every_op_is_in_the_table_and_used() -> None:
-    assert set(TABLE) == set(Op)
+    assert set(OP_PATHS) == set(Op)
     assert _ops_named_in_functionals() == set(Op)
     assert all(op.value.isidentifier() for op in Op)  # identifiers, not display strings
 
 
 def test_every_missing_path_has_a_reason() -> None:
-    for op, paths in TABLE.items():
+    for op, paths in OP_PATHS.items():
         assert paths.label, op
         present = [p for p in (paths.triton, paths.fused, paths.autograd) if p is None]
         assert present, f"{op} has no path at all"
@@ -172,7 +172,7 @@ def test_subclass_and_context_decisions(monkeypatch) -> None:
     assert choose_path(Op.SWITCHABLE_NORM, x, "auto", None) is Path.AUTOGRAD
 
 
-KERNEL_OPS = [op for op, p in TABLE.items() if p.triton is None]
+KERNEL_OPS = [op for op, p in OP_PATHS.items() if p.triton is None]
 
 
 @pytest.fixture
@@ -317,7 +317,7 @@ def test_triton_version_parses_the_installed_one() -> None:
 def test_errors_quote_the_table(monkeypatch) -> None:
     x = offcenter(2, 3, 4, seed=1)
     for op in (Op.LAYER_NORM, Op.BATCH_NORM, Op.EVONORM_B0):
-        paths = TABLE[op]
+        paths = OP_PATHS[op]
         with pytest.raises(RuntimeError, match="backend='triton' was requested") as e:
             choose_path(op, x, "triton", None)
         assert paths.triton in str(e.value) and str(e.value).startswith(paths.label)

@@ -17,7 +17,7 @@ from torch import nn
 
 import normlab.nn as nnl
 from normlab.catalogue import randomize
-from normlab.nn.traits import TABLE, LayerTraits, traits_of
+from normlab.nn.traits import LAYER_TRAITS, LayerTraits, traits_of
 
 F64 = torch.float64
 C = 4
@@ -91,8 +91,8 @@ def _input(cls: type, seed: int = 1, c: int = C) -> torch.Tensor:
 
 
 def test_the_table_covers_every_exported_layer_class():
-    missing = {c.__name__ for c in _exported() if c not in TABLE}
-    assert not missing, f"add these classes to normlab.nn.traits.TABLE: {sorted(missing)}"
+    missing = {c.__name__ for c in _exported() if c not in LAYER_TRAITS}
+    assert not missing, f"add these classes to normlab.nn.traits.LAYER_TRAITS: {sorted(missing)}"
     assert _exported() == set(CASES), "tests/test_traits.py: CASES must cover normlab.nn"
 
 

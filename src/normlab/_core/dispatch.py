@@ -1,7 +1,7 @@
 """Which implementation runs an op: a Triton kernel, a fused Function or plain autograd.
 
 One decision, made here for every functional op by :func:`choose_path`, from a
-table (:data:`TABLE`: which paths each op has, and why the others are missing),
+table (:data:`OP_PATHS`: which paths each op has, and why the others are missing),
 the input, the ``backend=`` argument, the process group and the context
 (``torch.compile``, export, ``torch.func`` transforms, tensor subclasses):
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = [
-    "TABLE",
+    "OP_PATHS",
     "TRITON_TESTED",
     "Op",
     "OpPaths",
@@ -107,7 +107,7 @@ _NATIVE = "torch's own kernel already computes it in one or two passes"
 _ELEMENTWISE = "it is one elementwise pass with fixed statistics"
 _ONLY_AUTOGRAD = "its plain ops already save no full-size intermediate"
 
-TABLE: dict[Op, OpPaths] = {
+OP_PATHS: dict[Op, OpPaths] = {
     Op.BATCH_NORM: OpPaths(
         "batch_norm",
         "only eval mode (training=False: running statistics) has a Triton kernel",
@@ -279,7 +279,7 @@ def check_backend(label: str, backend: str) -> None:
 
 def _lookup(op: Op | str) -> tuple[Op, OpPaths]:
     try:
-        return Op(op), TABLE[Op(op)]
+        return Op(op), OP_PATHS[Op(op)]
     except ValueError:
         raise ValueError(
             f"unknown op {op!r}; the dispatched ops are {[o.value for o in Op]}."
@@ -363,7 +363,7 @@ def choose_path(
       ``NORMLAB_TRITON=0``. CPU input never takes it under "auto", even with
       ``TRITON_INTERPRET=1``, and then triton is not imported.
       ``backend="triton"`` takes it or raises a RuntimeError that names what is
-      missing (with :data:`TABLE`'s reason).
+      missing (with :data:`OP_PATHS`'s reason).
     * :attr:`Path.FUSED` where the op has a fused Function, there is no process
       group, no constant requires grad, and
       :func:`normlab._core.fused.fused_allowed` holds (eager CPU, non-empty, no

@@ -15,7 +15,7 @@ buffers hold), ``_step_counter`` (``num_batches_tracked`` drives a schedule) and
 ``_recalibrate_unbiased``, declared on the user's class. Declared on a subclass
 of a table class, they override the inherited entry.
 
-Adding a layer: add its classes to :data:`TABLE` with their traits.
+Adding a layer: add its classes to :data:`LAYER_TRAITS` with their traits.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from .moving_average_batch_norm import (
 from .rms_norm import RMSNorm, RMSNorm2d
 from .switchable_norm import SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d
 
-__all__ = ["RECALIBRATE_KINDS", "TABLE", "LayerTraits", "traits_of"]
+__all__ = ["RECALIBRATE_KINDS", "LAYER_TRAITS", "LayerTraits", "traits_of"]
 
 #: The statistics a layer's running buffers can hold (see :mod:`normlab.recalibrate`).
 RECALIBRATE_KINDS = ("batch_mean_var", "batch_second_moment", "instance_mean_var")
@@ -133,7 +133,7 @@ def _family(traits: LayerTraits, *classes: type) -> dict[type, LayerTraits]:
 
 
 #: Layer class -> traits. Lookup walks the class's MRO, so subclasses inherit an entry.
-TABLE: dict[type, LayerTraits] = {
+LAYER_TRAITS: dict[type, LayerTraits] = {
     **_family(_BATCH_NORM, BatchNorm1d, BatchNorm2d, BatchNorm3d),
     **_family(_FROZEN, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d),
     # BRN: r and d carry no gradient; both run a warm-up / ramp on num_batches_tracked.
@@ -176,7 +176,7 @@ TABLE: dict[type, LayerTraits] = {
     nn.LocalResponseNorm: _MIXES_CHANNELS,
 }
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    TABLE[nn.RMSNorm] = _MIXES_CHANNELS
+    LAYER_TRAITS[nn.RMSNorm] = _MIXES_CHANNELS
 
 _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 _PROTOCOL = ("_recalibrate_kind", "_step_counter", "_recalibrate_unbiased")
@@ -191,7 +191,7 @@ def _looks_frozen(module: nn.Module) -> bool:
 
 
 def _class_traits(cls: type) -> LayerTraits | None:
-    base = next((TABLE[c] for c in cls.__mro__ if c in TABLE), None)
+    base = next((LAYER_TRAITS[c] for c in cls.__mro__ if c in LAYER_TRAITS), None)
     declared = {a: getattr(cls, a) for a in _PROTOCOL if hasattr(cls, a)}
     if not declared:
         return base
