@@ -4,8 +4,8 @@ As for Filter Response Norm (see :mod:`normlab.functional._frn_autograd`; the
 shared machinery is :mod:`normlab._core.fused`): the Functions save **only x** plus
 per-(sample, channel) vectors, recompute the rest in backward with a
 hand-derived gradient, and write every full-tensor step into a buffer they own.
-The kernels, with the statistics and the gradient formulas, are in
-:mod:`normlab.functional._evonorm_kernels`. The plain differentiable composites
+The fused passes, with the statistics and the gradient formulas, are in
+:mod:`normlab.functional._evonorm_fused`. The plain differentiable composites
 (:func:`b0_normalize`, :func:`s0_composite`) run under
 ``torch.compile``/``torch.func``/TorchScript tracing, for distributed
 statistics, and for double backward (recomputed and differentiated).
@@ -22,7 +22,7 @@ from .._core.export import rsqrt
 from .._core.fused import autograd_needed, composite_grads
 from .._core.normalize import channel_shape
 from .._core.stats import acc_dtype, centered, centered_moments, mix_group_moments, moments
-from ._evonorm_kernels import b0_backward, b0_forward, s0_backward, s0_forward
+from ._evonorm_fused import b0_backward, b0_forward, s0_backward, s0_forward
 from .group_norm import group_pivot
 
 __all__ = [
@@ -78,7 +78,7 @@ def _b0_composite(
 
 
 class _EvoNormB0Function(torch.autograd.Function):
-    """B0 that saves ``x`` and per-(n, c) statistics only; gradient in ``_evonorm_kernels``."""
+    """B0 that saves ``x`` and per-(n, c) statistics only; gradient in ``_evonorm_fused``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -166,7 +166,7 @@ def s0_composite(
 
 
 class _EvoNormS0Function(torch.autograd.Function):
-    """S0 that saves ``x`` and per-(n, c) statistics only; gradient in ``_evonorm_kernels``."""
+    """S0 that saves ``x`` and per-(n, c) statistics only; gradient in ``_evonorm_fused``."""
 
     @staticmethod
     def forward(  # type: ignore[override]

@@ -1,4 +1,4 @@
-r"""EvoNorm-B0 and EvoNorm-S0 eager kernels: forward and hand-derived backward.
+r"""EvoNorm-B0 and EvoNorm-S0 in fused eager passes (torch ops, no Triton): forward and backward.
 
 The autograd.Functions of :mod:`normlab.functional._evonorm_autograd` call these:
 each forward returns the output plus the per-(sample, channel) vectors backward
@@ -37,7 +37,7 @@ Backward, with ``t = dy/den``, ``w = dy·x/den²`` and ``wm = w·inst``
           = γ·t − γ·v·wm + (K_I + K_B)·(x − μ_I) + K_B·(μ_I − μ_B)
 
 (``∂σ/∂x = (x − μ)/(σ·count)`` for a biased variance.) In eval σ_B is the
-running one and carries no gradient. The kernels work in units of σ_B
+running one and carries no gradient. These passes work in units of σ_B
 (``e = den/σ_B = max(v·x/σ_B + σ_I/σ_B, 1)``): the max is a clamp at the scalar
 1 and the instance side is exactly ``e > 1``, recomputed bit for bit in backward.
 
