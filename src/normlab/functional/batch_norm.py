@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._core.activation import activation, check_act
 from .._core.checks import (
     check_batch_count,
     check_eps,
@@ -21,7 +22,6 @@ from .._core.dispatch import Op, Path, choose_path
 from .._core.normalize import affine_normalize
 from .._core.running import update_running_stats
 from .._core.stats import acc_dtype, centered, pivot, reduced_count, rstd
-from .group_norm import activation, check_act
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

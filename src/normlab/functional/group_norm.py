@@ -5,30 +5,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._core.activation import activation, check_act
 from .._core.checks import check_eps, check_floating, check_groups, check_min_dims, check_params
 from .._core.dispatch import Op, Path, choose_path
 from .._core.stats import acc_dtype, centered
 
-__all__ = ["activation", "check_act", "group_norm", "group_pivot"]
-
-ACTIVATIONS = (None, "silu", "relu")
-
-
-def check_act(layer: str, act: str | None) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(
-            f"{layer}: act must be one of {ACTIVATIONS} (the activations fused into the "
-            f"norm's kernel), got {act!r}; apply any other activation after the layer."
-        )
-
-
-def activation(y: Tensor, act: str | None) -> Tensor:
-    """``act(y)`` for an ``act`` that passed :func:`check_act` (torch path)."""
-    if act == "silu":
-        return F.silu(y)
-    if act == "relu":
-        return F.relu(y)
-    return y
+__all__ = ["group_norm", "group_pivot"]
 
 
 def group_pivot(x: Tensor, num_groups: int) -> Tensor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._core.activation import ACTIVATIONS, check_act
 from .._core.checks import check_batch_count, check_min_dims
 from .._core.dispatch import available, interpreting, missing
 from .._core.running import update_running_stats
@@ -42,10 +43,6 @@ __all__ = [
     "missing",
 ]
 
-#: The activations a kernel can apply after the affine map, in its own pass; a
-#: kernel receives the index into this tuple as a constexpr (0 none, 1 SiLU, 2 ReLU).
-ACTIVATIONS = (None, "silu", "relu")
-
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -58,11 +55,9 @@ def _check_dtype(layer: str, x: Tensor) -> None:
 
 
 def _act_code(layer: str, act: str | None) -> int:
-    if act not in ACTIVATIONS:
-        raise ValueError(
-            f"{layer}: act must be one of {ACTIVATIONS} (the activations fused into the "
-            f"norm's kernel), got {act!r}; apply any other activation after the layer."
-        )
+    """The kernels' constexpr for ``act``: its index in :data:`ACTIVATIONS` (0 none, 1 SiLU,
+    2 ReLU)."""
+    check_act(layer, act)
     return ACTIVATIONS.index(act)
 
 

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
+from .._core.activation import check_act
 from .._core.checks import check_channels, check_eps, check_floating, check_rank
 from .._core.dispatch import check_backend
-from ..functional.group_norm import check_act
 from ._base import NormBase, check_num_features
 
 __all__ = [

@@ -7,9 +7,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import functional as NF
+from .._core.activation import check_act
 from .._core.checks import check_channels, check_eps, check_groups, check_rank
 from .._core.dispatch import check_backend
-from ..functional.group_norm import check_act
 from ._base import add_affine, reset_affine
 
 __all__ = ["GroupNorm"]
