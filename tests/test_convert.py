@@ -21,7 +21,7 @@ from normlab.convert import (
     unfreeze_bn,
 )
 from normlab.kinds import activation_tail, is_norm_act, overrides_forward
-from normlab.registry import NORM_LAYERS, group_norm
+from normlab.registry import NORM_LAYERS, group_norm_layer
 
 N_BN = 8  # distinct BatchNorm modules in TinyResNet (one of them registered twice)
 
@@ -156,7 +156,7 @@ def test_convert_to_frozen_equals_eval_bn():
 def test_convert_with_partial_and_eps():
     model = make_model()
     model.stem[1].eps = 1e-3
-    model, report = convert_norms(model, functools.partial(group_norm, num_groups=2))
+    model, report = convert_norms(model, functools.partial(group_norm_layer, num_groups=2))
     assert model.stem[1].num_groups == 2
     assert report.replacements[0].details["groups_reason"] == "as given"
     assert model.stem[1].eps == 1e-3

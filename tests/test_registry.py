@@ -14,7 +14,7 @@ from normlab.registry import (
     auto_groups,
     create_norm,
     get_norm_layer,
-    group_norm,
+    group_norm_layer,
     names_taking,
     rank_matched,
 )
@@ -65,7 +65,7 @@ def test_class_and_partial_and_kwargs():
     make = functools.partial(nnl.BatchNorm2d, eps=1e-3, affine=False)
     bn = create_norm(make, 8)
     assert bn.eps == 1e-3 and bn.weight is None
-    gn = create_norm(functools.partial(group_norm, num_groups=4), 8)
+    gn = create_norm(functools.partial(group_norm_layer, num_groups=4), 8)
     assert gn.num_groups == 4
     assert get_norm_layer(make) is make
 
@@ -93,7 +93,7 @@ def test_frn_linear_is_frn_without_tlu_and_rank_matches():
     make = rank_matched(get_norm_layer("frn_linear"), 3)
     assert type(make(8)) is nnl.FilterResponseNorm3d and make(8).tau is None
     assert type(rank_matched(get_norm_layer("in"), 1)(8)) is nnl.InstanceNorm1d
-    assert rank_matched(group_norm, 3) is group_norm  # a function has no siblings
+    assert rank_matched(group_norm_layer, 3) is group_norm_layer  # a function has no siblings
 
 
 def test_names_taking_an_input_rank_are_found_by_running_the_layers():

@@ -39,7 +39,7 @@ __all__ = [
     "create_norm",
     "get_norm",
     "get_norm_layer",
-    "group_norm",
+    "group_norm_layer",
     "names_taking",
     "names_with",
     "norm_layer",
@@ -52,7 +52,7 @@ def auto_groups(num_channels: int, preferred: int = 32) -> int:
     return divisors_up_to(num_channels, preferred)[0]
 
 
-def group_norm(num_features: int, num_groups: int | None = None, **kwargs: Any) -> nn.Module:
+def group_norm_layer(num_features: int, num_groups: int | None = None, **kwargs: Any) -> nn.Module:
     """GroupNorm with ``num_features`` channels; groups default to :func:`auto_groups`."""
     groups = auto_groups(num_features) if num_groups is None else num_groups
     return nnl.GroupNorm(groups, num_features, **kwargs)
@@ -74,7 +74,7 @@ NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "bn1d": nnl.BatchNorm1d,
     "bn3d": nnl.BatchNorm3d,
     "frozen_bn": nnl.FrozenBatchNorm2d,
-    "gn": group_norm,
+    "gn": group_norm_layer,
     "ln": _layer_norm,
     "in": functools.partial(nnl.InstanceNorm2d, affine=True),
     "frn": nnl.FilterResponseNorm2d,
