@@ -193,8 +193,7 @@ def frozen_batch_norm(
     check_floating(layer, input)
     check_eps(layer, eps, zero_ok=True)
     check_act(layer, act)
-    if input.dim() < 2:
-        raise ValueError(f"{layer}: expected (N, C, *spatial), got shape {tuple(input.shape)}.")
+    check_min_dims(layer, input, 2)
     path = choose_path(Op.FROZEN_BATCH_NORM, input, backend, None)
     c = input.shape[1]
     check_params(

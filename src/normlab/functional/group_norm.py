@@ -55,7 +55,7 @@ def group_norm(
         backend: ``"auto"`` (the Triton kernels of :mod:`normlab.kernels` for CUDA
             input when triton imports, torch otherwise), ``"torch"`` or ``"triton"``.
     """
-    layer = "GroupNorm"
+    layer = "group_norm"
     check_floating(layer, input)
     check_eps(layer, eps, zero_ok=True)
     check_min_dims(layer, input, 2, "an (N, C, *spatial) input")

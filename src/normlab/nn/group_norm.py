@@ -62,10 +62,11 @@ class GroupNorm(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        check_groups("GroupNorm", num_channels, num_groups)
-        check_eps("GroupNorm", eps, zero_ok=True)
-        check_act("GroupNorm", act)
-        check_backend("GroupNorm", backend)
+        layer = type(self).__name__
+        check_groups(layer, num_channels, num_groups)
+        check_eps(layer, eps, zero_ok=True)
+        check_act(layer, act)
+        check_backend(layer, backend)
         self.act = act
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
@@ -80,8 +81,9 @@ class GroupNorm(nn.Module):
         reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        check_rank("GroupNorm", input, (2, 3, 4, 5), "(N, C, *spatial)")
-        check_channels("GroupNorm", input, self.num_channels)
+        layer = type(self).__name__
+        check_rank(layer, input, (2, 3, 4, 5), "(N, C, *spatial)")
+        check_channels(layer, input, self.num_channels)
         return NF.group_norm(
             input,
             self.num_groups,
