@@ -367,12 +367,9 @@ def s_range(S, CHUNK):
 def sum_rows(
     PART,  # (K, P, C) partial per-channel sums, ACC dtype
     OUT,  # (K, C) their sums over P, OUT's dtype
-    P,
-    C,
-    ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    P, C,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     """Body of the ``*_dwdb`` phase kernels: plane ``k = program_id(1)``,
     ``OUT[k, c] = Σ_p PART[k, p, c]`` in ACC, for the columns of ``program_id(0)``."""
     k = tl.program_id(1).to(tl.int64)

@@ -84,18 +84,13 @@ def _square_sums(
 def _frn_fwd_stats(
     X,  # (N, C, S) input, strides (x_sn, x_sc, x_ss)
     PART,  # (N, SPLIT, C) ACC out: Σ x² of each chunk
-    x_sn,
-    x_sc,
-    x_ss,
-    C,
-    S,
+    x_sn, x_sc, x_ss,
+    C, S,
     CB,  # channel blocks per sample
     CHUNK,  # positions per chunk
     SPLIT,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     xb = rows_at(X, n, c[:, None], x_sn, x_sc)
     s_lo, s_hi = s_range(S, CHUNK)
@@ -113,25 +108,16 @@ def _frn_fwd(
     E,  # (1,) ACC: |ε|
     RS,  # (N, C) ACC out: r = 1/sqrt(ν² + |ε|)
     PART,  # (N, SPLIT, C) ACC in when not ONE_PASS: Σ x² per chunk
-    x_sn,
-    x_sc,
-    x_ss,
-    y_sn,
-    y_sc,
-    y_ss,
-    C,
-    S,
+    x_sn, x_sc, x_ss,
+    y_sn, y_sc, y_ss,
+    C, S,
     CB,  # channel blocks per sample
-    CHUNK,
-    SPLIT,
+    CHUNK, SPLIT,
     ACC: tl.constexpr,
     ONE_PASS: tl.constexpr,  # SPLIT == 1: reduce here
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_TAU: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_TAU: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
-):
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     cc = c[:, None].to(tl.int64)
     xb = rows_at(X, n, cc, x_sn, x_sc)

@@ -36,27 +36,15 @@ __all__ = ["gradients"]
 
 @triton.jit
 def _frn_bwd_sums(
-    xb,
-    dyb,
+    xb, dyb,
     DPART,  # (4, N·SPLIT, C) ACC out: this program's row of A, Σ dz·x̂, Σ dz, Σ dy·[z <= τ]
     row,
     PC,  # N·SPLIT·C, the plane stride of DPART
-    C,
-    c,
-    cm,
-    rs,
-    w,
-    bias,
-    tau,
-    x_ss,
-    dy_ss,
-    s_lo,
-    s_hi,
-    ACC: tl.constexpr,
-    HAS_TAU: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    C, c, cm, rs, w, bias, tau,
+    x_ss, dy_ss,
+    s_lo, s_hi,
+    ACC: tl.constexpr, HAS_TAU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     """The four per-channel sums over positions [s_lo, s_hi), stored to row ``row``."""
     acc_a = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
@@ -89,25 +77,12 @@ def _frn_bwd_stats(
     TAU,  # (C,) τ when HAS_TAU
     RS,  # (N, C) ACC: r from the forward
     DPART,  # (4, N·SPLIT, C) ACC out: the sums of each (n, chunk)
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    C,
-    S,
-    CB,
-    CHUNK,
-    SPLIT,
-    PC,
-    ACC: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_TAU: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    x_sn, x_sc, x_ss,
+    dy_sn, dy_sc, dy_ss,
+    C, S, CB, CHUNK, SPLIT, PC,
+    ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_TAU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     cc = c[:, None].to(tl.int64)
     xb = rows_at(X, n, cc, x_sn, x_sc)
@@ -135,29 +110,13 @@ def _frn_bwd_dx(
     RS,  # (N, C) ACC: r from the forward
     A,  # (N, C) ACC out: Σ_s dx̂·x̂ (for dε)
     DPART,  # (4, N·SPLIT, C) ACC: in when not ONE_PASS, out (its one row) when ONE_PASS
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    dx_sn,
-    dx_sc,
-    dx_ss,
-    C,
-    S,
-    CB,
-    CHUNK,
-    SPLIT,
-    PC,
-    ACC: tl.constexpr,
-    ONE_PASS: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_TAU: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    x_sn, x_sc, x_ss,
+    dy_sn, dy_sc, dy_ss,
+    dx_sn, dx_sc, dx_ss,
+    C, S, CB, CHUNK, SPLIT, PC,
+    ACC: tl.constexpr, ONE_PASS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_TAU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     cc = c[:, None].to(tl.int64)
     xb = rows_at(X, n, cc, x_sn, x_sc)
@@ -193,12 +152,9 @@ def _frn_bwd_dx(
 def _frn_bwd_dwdb(
     DPART,  # (3, N·SPLIT, C) ACC: per-(n, chunk) Σ dz·x̂, Σ dz, Σ dy·[z <= τ]
     OUT,  # (3, C) ACC out: dγ, dβ, dτ
-    P,
-    C,
-    ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    P, C,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     sum_rows(DPART, OUT, P, C, ACC, BLOCK_P, BLOCK_C)
 
 

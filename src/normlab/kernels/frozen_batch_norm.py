@@ -62,21 +62,13 @@ def _frozen_bn_fwd(
     MEAN,  # (C,) ACC μ
     SCALE,  # (C,) ACC s = γ/sqrt(var + eps)
     BIAS,  # (C,) ACC β
-    x_sn,
-    x_sc,
-    x_ss,
-    y_sn,
-    y_sc,
-    y_ss,
-    C,
-    S,
+    x_sn, x_sc, x_ss,
+    y_sn, y_sc, y_ss,
+    C, S,
     CB,  # channel blocks per sample
     CHUNK,  # positions per program along axis 1
-    ACC: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    ACC: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     mean = tl.load(MEAN + c, mask=cm, other=0.0)
     scale = tl.load(SCALE + c, mask=cm, other=0.0)
@@ -102,27 +94,14 @@ def _frozen_bn_bwd(
     SCALE,  # (C,) ACC
     BIAS,  # (C,) ACC
     DPART,  # (2, N·SPLIT, C) ACC out when NEED_DP: Σ dz·(x − μ), Σ dz per row
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    dx_sn,
-    dx_sc,
-    dx_ss,
-    C,
-    S,
-    CB,
-    CHUNK,
-    SPLIT,
+    x_sn, x_sc, x_ss,
+    dy_sn, dy_sc, dy_ss,
+    dx_sn, dx_sc, dx_ss,
+    C, S, CB, CHUNK, SPLIT,
     PC,  # plane stride of DPART
-    ACC: tl.constexpr,
-    ACT: tl.constexpr,
-    NEED_DP: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, ACT: tl.constexpr, NEED_DP: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
-):
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     sp = tl.program_id(1)
     mean = tl.load(MEAN + c, mask=cm, other=0.0)
@@ -157,12 +136,9 @@ def _frozen_bn_bwd(
 def _frozen_bn_bwd_dwdb(
     DPART,  # (2, P, C) ACC: partial Σ dz·(x − μ), Σ dz
     OUT,  # (2, C) ACC out
-    P,
-    C,
-    ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    P, C,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     sum_rows(DPART, OUT, P, C, ACC, BLOCK_P, BLOCK_C)
 
 

@@ -37,31 +37,16 @@ __all__ = ["gradients"]
 def _group_bwd_sums(
     xb,  # pointer to x[n, first channel of the group, 0]
     dyb,  # pointer to dy[n, first channel of the group, 0]
-    W,
-    B,
+    W, B,
     DWDB,  # (2, P, C) ACC out: this program's row of Σ dz·x̂ and Σ dz per channel
-    row,
-    c_first,
-    shift,
-    mean,
-    rstd,
-    x_sc,
-    x_ss,
-    dy_sc,
-    dy_ss,
-    c_lo,
-    c_hi,
-    s_lo,
-    s_hi,
+    row, c_first, shift, mean, rstd,
+    x_sc, x_ss, dy_sc, dy_ss,
+    c_lo, c_hi, s_lo, s_hi,
     PC,  # P·C, the plane stride of DWDB
     C,
-    ACC: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     """Σ dx̂ and Σ dx̂·x̂ over channels [c_lo, c_hi) × positions [s_lo, s_hi) of one group
     (per-lane accumulators, one reduction at the end); also writes those channels' dγ/dβ
     partial sums to row ``row`` of DWDB."""
@@ -107,28 +92,12 @@ def _group_norm_bwd_stats(
     RSTD,  # (N·G,) ACC
     PART,  # (2, N·G, SPLIT) ACC out: Σ dx̂ and Σ dx̂·x̂ per split
     DWDB,  # (2, N·SPLIT_S, C) ACC out: dγ/dβ partial rows
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    C,
-    S,
-    G,
-    CPG,
-    SPLIT,
-    SPLIT_S,
-    CHUNK_C,
-    CHUNK_S,
-    PC,
-    ACC: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    x_sn, x_sc, x_ss,
+    dy_sn, dy_sc, dy_ss,
+    C, S, G, CPG, SPLIT, SPLIT_S, CHUNK_C, CHUNK_S, PC,
+    ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     ng = tl.program_id(0)
     sp = tl.program_id(1)
     n = ng // G
@@ -162,33 +131,13 @@ def _group_norm_bwd_dx(
     RSTD,  # (N·G,) ACC
     PART,  # (2, N·G, SPLIT) ACC in when not ONE_PASS: Σ dx̂, Σ dx̂·x̂ per split
     DWDB,  # (2, N, C) ACC out when ONE_PASS: dγ/dβ partial rows
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    dx_sn,
-    dx_sc,
-    dx_ss,
-    C,
-    S,
-    G,
-    CPG,
-    SPLIT,
-    SPLIT_S,
-    CHUNK_C,
-    CHUNK_S,
-    PC,
-    ACC: tl.constexpr,
-    ONE_PASS: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
+    x_sn, x_sc, x_ss,
+    dy_sn, dy_sc, dy_ss,
+    dx_sn, dx_sc, dx_ss,
+    C, S, G, CPG, SPLIT, SPLIT_S, CHUNK_C, CHUNK_S, PC,
+    ACC: tl.constexpr, ONE_PASS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
     ng = tl.program_id(0)
     sp = tl.program_id(1)
     n = ng // G
@@ -238,12 +187,9 @@ def _group_norm_bwd_dx(
 def _group_norm_bwd_dwdb(
     DWDB,  # (2, P, C) ACC: per-row partial Σ dz·x̂ (plane 0) and Σ dz (plane 1)
     OUT,  # (2, C) ACC out: dγ, dβ
-    P,
-    C,
-    ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    P, C,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     sum_rows(DWDB, OUT, P, C, ACC, BLOCK_P, BLOCK_C)
 
 

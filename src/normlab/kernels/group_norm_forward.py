@@ -78,16 +78,10 @@ def piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S):
 def _group_moments(
     xb,  # pointer to x[n, first channel of the group, 0]
     shift,  # scalar ACC: the pivot subtracted from every element
-    x_sc,
-    x_ss,
-    c_lo,
-    c_hi,
-    s_lo,
-    s_hi,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    x_sc, x_ss,
+    c_lo, c_hi, s_lo, s_hi,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     """Count, mean and M2 of ``x − shift`` over channels [c_lo, c_hi) × positions
     [s_lo, s_hi): Welford's update in every lane of the tile, then one merge of the
     lanes (Chan's formula for many parts: mean = Σ n_l m_l / n,
@@ -120,20 +114,12 @@ def _group_moments(
 def _group_norm_fwd_stats(
     X,  # (N, C, S) input, strides (x_sn, x_sc, x_ss)
     PART,  # (3, N·G, SPLIT) ACC out: count, mean and M2 of (x − pivot) per piece
-    x_sn,
-    x_sc,
-    x_ss,
-    S,
-    G,
-    CPG,
-    SPLIT,
-    SPLIT_S,
+    x_sn, x_sc, x_ss,
+    S, G, CPG, SPLIT, SPLIT_S,
     CHUNK_C,  # channels per piece
     CHUNK_S,  # positions per piece
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     ng = tl.program_id(0)
     sp = tl.program_id(1)
     n = ng // G
@@ -160,29 +146,16 @@ def _group_norm_fwd(
     MEAN,  # (N·G,) ACC out: mean of (x − pivot)
     RSTD,  # (N·G,) ACC out: 1/sqrt(var + eps)
     PART,  # (3, N·G, SPLIT) ACC in when not ONE_PASS: count, mean, M2 per piece
-    x_sn,
-    x_sc,
-    x_ss,
-    y_sn,
-    y_sc,
-    y_ss,
-    S,
-    G,
-    CPG,
-    SPLIT,
-    SPLIT_S,
-    CHUNK_C,
-    CHUNK_S,
-    eps,
+    x_sn, x_sc, x_ss,
+    y_sn, y_sc, y_ss,
+    S, G, CPG, SPLIT, SPLIT_S, CHUNK_C, CHUNK_S, eps,
     ACC: tl.constexpr,
     ONE_PASS: tl.constexpr,  # SPLIT == 1: compute the statistics here
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACT: tl.constexpr,  # 0 none, 1 SiLU, 2 ReLU
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_P: tl.constexpr,  # >= SPLIT
-):
+):  # fmt: skip
     ng = tl.program_id(0)
     sp = tl.program_id(1)
     n = ng // G

@@ -65,17 +65,11 @@ def _to_channels(vg, oh):
 
 @triton.jit
 def _packed_moments(
-    xb,
-    shift,
+    xb, shift,
     x_ss,
-    cm,
-    oh,
-    s_lo,
-    s_hi,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    cm, oh, s_lo, s_hi,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     """Per-group count, mean, M2 of x − pivot over positions [s_lo, s_hi)."""
     cnt, mean, m2 = channel_moments(xb, shift, x_ss, cm, s_lo, s_hi, ACC, BLOCK_C, BLOCK_S)
     cnt_g = _to_groups(cnt, oh)
@@ -88,23 +82,14 @@ def _packed_moments(
 def _group_norm_packed_fwd_stats(
     X,  # (N, C, S) input, strides (x_sn, x_sc, x_ss)
     PART,  # (3, N·G, SPLIT) ACC out: count, mean, M2 of (x − pivot) per chunk
-    x_sn,
-    x_sc,
-    x_ss,
-    C,
-    S,
-    G,
-    CPG,
+    x_sn, x_sc, x_ss,
+    C, S, G, CPG,
     GB,  # group blocks per sample
     PACK,  # groups per program
-    CHUNK,
-    SPLIT,
+    CHUNK, SPLIT,
     PLANE,  # N·G·SPLIT, the plane stride of PART
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-):
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
     n, c, cm, gc, g, gm, oh = _lanes(GB, CPG, G, C, PACK, BLOCK_C, BLOCK_G)
     xn = X + n.to(tl.int64) * x_sn
     shift = tl.load(xn + (gc * CPG).to(tl.int64) * x_sc, mask=cm, other=0.0).to(ACC)
@@ -126,32 +111,13 @@ def _group_norm_packed_fwd(
     MEAN,  # (N·G,) ACC out: mean of (x − pivot)
     RSTD,  # (N·G,) ACC out
     PART,  # (3, N·G, SPLIT) ACC in when not ONE_PASS
-    x_sn,
-    x_sc,
-    x_ss,
-    y_sn,
-    y_sc,
-    y_ss,
-    C,
-    S,
-    G,
-    CPG,
-    GB,
-    PACK,
-    CHUNK,
-    SPLIT,
-    PLANE,
-    eps,
-    ACC: tl.constexpr,
-    ONE_PASS: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    x_sn, x_sc, x_ss,
+    y_sn, y_sc, y_ss,
+    C, S, G, CPG, GB, PACK, CHUNK, SPLIT, PLANE, eps,
+    ACC: tl.constexpr, ONE_PASS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_P: tl.constexpr,
-):
+):  # fmt: skip
     n, c, cm, gc, g, gm, oh = _lanes(GB, CPG, G, C, PACK, BLOCK_C, BLOCK_G)
     xn = X + n.to(tl.int64) * x_sn
     shift = tl.load(xn + (gc * CPG).to(tl.int64) * x_sc, mask=cm, other=0.0).to(ACC)
@@ -234,36 +200,18 @@ def _group_norm_packed_bwd(
     RSTD,  # (N·G,) ACC
     PART,  # (2, N·G, SPLIT) ACC: Σ dx̂, Σ dx̂·x̂ per chunk (out in the sums pass, in after)
     DWDB,  # (2, N·SPLIT, C) ACC out (in the pass that reduces): dγ/dβ partial rows
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    dx_sn,
-    dx_sc,
-    dx_ss,
-    C,
-    S,
-    G,
-    CPG,
-    GB,
-    PACK,
-    CHUNK,
-    SPLIT,
+    x_sn, x_sc, x_ss,
+    dy_sn, dy_sc, dy_ss,
+    dx_sn, dx_sc, dx_ss,
+    C, S, G, CPG, GB, PACK, CHUNK, SPLIT,
     PLANE,  # N·G·SPLIT, the plane stride of PART
     PC,  # N·SPLIT·C, the plane stride of DWDB
     ACC: tl.constexpr,
     SUMS: tl.constexpr,  # reduce this program's chunk (and write DWDB)
     DX_PASS: tl.constexpr,  # write dx of this program's chunk
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
     """One kernel, three uses: the sums pass of a split (SUMS), the dx pass of a split
     (DX_PASS, reading the chunks' sums) and, with SPLIT = 1, both in one program."""
     n, c, cm, gc, g, gm, oh = _lanes(GB, CPG, G, C, PACK, BLOCK_C, BLOCK_G)

@@ -48,21 +48,15 @@ def _switchable_norm_fwd_stats(
     X,  # (N, C, S) input, strides (x_sn, x_sc, x_ss)
     STATS,  # (3, N, C) ACC out when ONE_PASS: pivot, mean of (x − pivot), biased variance
     PART,  # (2, N·SPLIT, C) ACC out when not ONE_PASS: mean and M2 of each chunk
-    x_sn,
-    x_sc,
-    x_ss,
-    C,
-    S,
+    x_sn, x_sc, x_ss,
+    C, S,
     CB,  # channel blocks per sample
     CHUNK,  # positions per chunk
     SPLIT,
     PC,  # N·C, the plane stride of STATS
     QC,  # N·SPLIT·C, the plane stride of PART
-    ACC: tl.constexpr,
-    ONE_PASS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    ACC: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     xb = rows_at(X, n, c[:, None], x_sn, x_sc)
     shift = _pivot(X, n, c, cm, x_sn, x_sc, ACC)
@@ -84,18 +78,10 @@ def _switchable_norm_fwd_merge(
     X,  # (N, C, S) input (its pivots)
     PART,  # (2, N·SPLIT, C) ACC: mean and M2 of (x − pivot) per chunk
     STATS,  # (3, N, C) ACC out: pivot, mean, biased variance
-    x_sn,
-    x_sc,
-    C,
-    S,
-    CB,
-    CHUNK,
-    SPLIT,
-    PC,
-    QC,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    x_sn, x_sc,
+    C, S, CB, CHUNK, SPLIT, PC, QC,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     """Chan's merge of the SPLIT chunks of each row, in the order of the chunks."""
     n, c, cm = channel_block(CB, C, BLOCK_C)
     rows = PART + n.to(tl.int64) * SPLIT * C + c
@@ -123,21 +109,11 @@ def _switchable_norm_fwd(
     M,  # (N, C) ACC mixed mean minus p
     SCALE,  # (N, C) ACC γ/sqrt(mixed var + eps)
     B,  # (C,) β when HAS_B
-    x_sn,
-    x_sc,
-    x_ss,
-    y_sn,
-    y_sc,
-    y_ss,
-    C,
-    S,
-    CB,
-    CHUNK,
-    ACC: tl.constexpr,
-    HAS_B: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    x_sn, x_sc, x_ss,
+    y_sn, y_sc, y_ss,
+    C, S, CB, CHUNK,
+    ACC: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     nc = n.to(tl.int64) * C + c
     shift = tl.load(SHIFT + nc, mask=cm, other=0.0)
@@ -162,22 +138,12 @@ def _switchable_norm_bwd_stats(
     SHIFT,  # (N, C) ACC pivot
     M,  # (N, C) ACC mixed mean minus pivot
     SUMS,  # (2, N·SPLIT, C) ACC out: Σ dy and Σ dy·((x − p) − M) of each chunk
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    C,
-    S,
-    CB,
-    CHUNK,
-    SPLIT,
+    x_sn, x_sc, x_ss,
+    dy_sn, dy_sc, dy_ss,
+    C, S, CB, CHUNK, SPLIT,
     QC,  # N·SPLIT·C, the plane stride of SUMS
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     nc = n.to(tl.int64) * C + c
     shift = tl.load(SHIFT + nc, mask=cm, other=0.0)
@@ -203,12 +169,9 @@ def _switchable_norm_bwd_stats(
 def _switchable_norm_bwd_merge(
     PART,  # (2·N, SPLIT, C) ACC: S₁, S₂ of each chunk
     OUT,  # (2·N, C) ACC out: S₁, S₂ of each row
-    P,
-    C,
-    ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    P, C,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     sum_rows(PART, OUT, P, C, ACC, BLOCK_P, BLOCK_C)
 
 
@@ -222,23 +185,12 @@ def _switchable_norm_bwd_dx(
     SCALE,  # (N, C) ACC
     GA,  # (N, C) ACC dμ/S
     GB,  # (N, C) ACC 2·dσ²/S
-    x_sn,
-    x_sc,
-    x_ss,
-    dy_sn,
-    dy_sc,
-    dy_ss,
-    dx_sn,
-    dx_sc,
-    dx_ss,
-    C,
-    S,
-    CB,
-    CHUNK,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    x_sn, x_sc, x_ss,
+    dy_sn, dy_sc, dy_ss,
+    dx_sn, dx_sc, dx_ss,
+    C, S, CB, CHUNK,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
     nc = n.to(tl.int64) * C + c
     shift = tl.load(SHIFT + nc, mask=cm, other=0.0)
