@@ -57,7 +57,7 @@ from .._core.collectives import (
 )
 from .._core.dispatch import Op, choose_path
 from .._core.normalize import affine_normalize
-from .._core.running import update_running_stats
+from .._core.running import all_finite, guarded_copy_, note, update_running_stats
 from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
 
 if TYPE_CHECKING:
@@ -178,13 +178,17 @@ def _pooled(
 def _push(
     window: IterationWindow, batch: _Batch, grads: tuple[Tensor, Tensor], theta: Tensor
 ) -> None:
-    new = (batch.mean, batch.var, *grads, theta)
+    """Push this batch's entry, newest first; a non-finite entry is not pushed."""
     with torch.no_grad():
+        new = [
+            v.detach().to(buf.dtype)
+            for buf, v in zip(window[:5], (batch.mean, batch.var, *grads, theta), strict=True)
+        ]
+        ok = all_finite(*new)
         for buf, value in zip(window[:5], new, strict=True):
-            if buf.shape[0] > 1:
-                buf[1:] = buf[:-1].clone()
-            buf[0] = value.detach().to(buf.dtype)
-        window.filled.add_(1).clamp_(max=window.mean.shape[0])
+            guarded_copy_(buf, torch.cat([value.unsqueeze(0), buf[:-1]]), ok)
+        window.filled.add_(ok.to(window.filled.dtype)).clamp_(max=window.mean.shape[0])
+    note(ok)
 
 
 def cross_iteration_batch_norm(

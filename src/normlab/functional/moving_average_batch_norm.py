@@ -72,7 +72,7 @@ from .._core.checks import (
 from .._core.collectives import all_reduce_sum, resolve_process_group, sync_moments
 from .._core.dispatch import Op, choose_path
 from .._core.normalize import channel_shape
-from .._core.running import snapshot
+from .._core.running import all_finite, guarded_copy_, note, snapshot
 from .._core.stats import acc_dtype, dot_sums, reduced_count, rstd
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ class _MABNFunction(torch.autograd.Function):
         psi_filled: Tensor,  # () long
         slot: Tensor,  # (1,) long: this step's slot in the window
         use_window: Tensor,  # () bool: past warm-up
+        finite: Tensor,  # () bool: the forward kept its statistics (not a skipped batch)
         group: ProcessGroup | None = None,  # sync ψ over this group
         total: Tensor | None = None,  # () values per channel over the group
     ) -> Tensor:
@@ -161,7 +162,7 @@ class _MABNFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, s, r)
         ctx.has_bias = bias is not None
         ctx.psi_window, ctx.psi_filled = psi_window, psi_filled
-        ctx.slot, ctx.use_window = slot, use_window
+        ctx.slot, ctx.use_window, ctx.finite = slot, use_window, finite
         ctx.group, ctx.total = group, total
         return y.to(x.dtype)
 
@@ -184,11 +185,13 @@ class _MABNFunction(torch.autograd.Function):
             psi_b = gamma * r * s * sum_dy_x / n
         else:  # ψ of the global batch: the one backward all_reduce
             psi_b = gamma * r * s * all_reduce_sum(sum_dy_x, ctx.group) / ctx.total.to(acc)
-        with torch.no_grad():
-            window = ctx.psi_window
-            window.index_copy_(0, ctx.slot, psi_b.reshape(1, -1).to(window.dtype))
-            ctx.psi_filled.add_(1).clamp_(max=window.shape[0])
-            psi_sma = window.sum(dim=0).to(acc) / ctx.psi_filled.to(acc)
+        with torch.no_grad():  # ψ of a skipped or non-finite batch is not kept
+            window, ok = ctx.psi_window, ctx.finite & torch.isfinite(psi_b).all()
+            new = window.index_copy(0, ctx.slot, psi_b.reshape(1, -1).to(window.dtype))
+            filled = (ctx.psi_filled + 1).clamp_(max=window.shape[0])
+            psi_sma = new.sum(dim=0).to(acc) / filled.to(acc)
+            guarded_copy_(window, new, ok)
+            guarded_copy_(ctx.psi_filled, filled, ok)
         psi = torch.where(ctx.use_window, psi_sma, psi_b)
         # ∂L/∂x = s·(g − x̂·ψ) = (γ·r·s)·dy − (s²·ψ)·x
         dx = None
@@ -203,7 +206,7 @@ class _MABNFunction(torch.autograd.Function):
         dbias = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = sum_dy.to(dy.dtype)
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
 def _check_state(
@@ -361,12 +364,15 @@ def moving_average_batch_norm(
                     f"rank's input has shape {tuple(input.shape)}); MABN needs at least one."
                 )
             chi_b = g.mean_abs.reshape(1, c)
-        chi_window.index_copy_(0, slot, chi_b.to(chi_window.dtype))
+        # A non-finite χ_B is normalized with but not kept (_core.running).
+        ok = all_finite(chi_b.to(chi_window.dtype))
+        window = chi_window.index_copy(0, slot, chi_b.to(chi_window.dtype))
+        guarded_copy_(chi_window, window, ok)
         filled = torch.clamp(t + 1, max=m).to(acc)
-        chi_sma = chi_window.sum(dim=0).to(acc) / filled
+        chi_sma = window.sum(dim=0).to(acc) / filled
         in_warmup = t < warmup_iters
         # The stored (buffer-dtype) value of this batch, so a reload sees the same χ.
-        chi_now = chi_window.index_select(0, slot).reshape(c).to(acc)
+        chi_now = window.index_select(0, slot).reshape(c).to(acc)
         chi = torch.where(in_warmup, chi_now, chi_sma)
         s = rstd(chi, eps)
         # A snapshot, not a read: running_var is updated below and r is needed in
@@ -381,8 +387,9 @@ def moving_average_batch_norm(
         else:
             factor = torch.full((), momentum, dtype=acc, device=input.device)
         new_ema = ema * (1 - factor) + chi * factor
-        running_var.copy_(new_ema.to(running_var.dtype))
-        num_batches_tracked.add_(1)
+        guarded_copy_(running_var, new_ema, ok)
+        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+        note(ok)
     return _MABNFunction.apply(
-        input, weight, bias, s, r, psi_window, psi_filled, slot, ~in_warmup, group, total
+        input, weight, bias, s, r, psi_window, psi_filled, slot, ~in_warmup, ok, group, total
     )

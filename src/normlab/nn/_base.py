@@ -4,12 +4,26 @@ Mirrors torch's ``_NormBase``: the same constructor arguments, parameter and
 buffer names (``weight``, ``bias``, ``running_mean``, ``running_var``,
 ``num_batches_tracked``) and state_dict versioning, so checkpoints move between
 torch and normlab. A subclass sets ``_ranks`` / ``_layout`` (the accepted input
-ranks) and writes ``forward``.
+ranks) and writes ``forward``, which :func:`guards_running_stats` wraps (every
+subclass, via ``__init_subclass__``).
+
+Non-finite batches: the functionals keep a layer's running state when a batch's
+statistics are inf/NaN (:mod:`normlab._core.running`); here the layer learns of it,
+puts ``num_batches_tracked`` back (a skipped batch is not a batch averaged), counts
+it in :attr:`NormBase.nonfinite_batches_skipped` (a plain attribute: no state_dict
+key) and warns once. On CPU the flag is read at once; on a GPU the count stays on
+the device until the next natural sync point (``.eval()`` / ``.train(False)``,
+``state_dict()``, or reading the count), so training adds no host sync. Under
+``torch.compile``, tracing or ``torch.func`` the buffers are guarded all the same,
+but ``num_batches_tracked`` still advances and nothing is counted or warned.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +36,9 @@ from .._core.checks import (
     check_rank,
     refuse_under_transforms,
 )
+from .._core.running import watch
+
+_Forward = TypeVar("_Forward", bound=Callable[..., Any])
 
 
 def check_num_features(layer: str, num_features: int) -> int:
@@ -61,6 +78,46 @@ def reset_affine(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def _eager() -> bool:
+    """Plain eager code: not compiling, exporting, tracing or under a torch.func transform."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+def read_at_once(flag: Tensor) -> bool:
+    """Whether a skip flag is read as it comes (CPU: free) or kept on the device until
+    the next natural sync point (a GPU: no host sync per layer per step)."""
+    return flag.device.type == "cpu"
+
+
+def guards_running_stats(forward: _Forward) -> _Forward:
+    """Wrap the ``forward`` of a :class:`NormBase` layer (done for every subclass).
+
+    In an eager training forward it collects the finite flags of the layer's guarded
+    writes (:func:`normlab._core.running.watch`); when one was skipped it puts
+    ``num_batches_tracked`` back to its value before the call and counts the batch
+    (see the module doc).
+    """
+
+    @functools.wraps(forward)
+    def guarded(self: NormBase, *args: Any, **kwargs: Any) -> Any:
+        if not (self.training and _eager()):
+            return forward(self, *args, **kwargs)
+        counter = self._buffers.get("num_batches_tracked")
+        before = None if counter is None else counter.detach().clone()
+        with watch() as flags:
+            out = forward(self, *args, **kwargs)
+        if flags and not any(isinstance(f, torch.fx.Proxy) for f in flags):
+            self._record_finite(flags, counter, before)
+        return out
+
+    guarded._guards_running_stats = True  # type: ignore[attr-defined]
+    return guarded  # type: ignore[return-value]
+
+
 class NormBase(nn.Module):
     """Constructor, buffers, the momentum rule, repr and state_dict versioning (see above)."""
 
@@ -71,11 +128,23 @@ class NormBase(nn.Module):
     # which refuses it only in training, and for InstanceNorm).
     _eps_zero_ok: bool = False
 
+    # Skipped non-finite batches: counted on the host, pending on the device (see the
+    # module doc); class defaults, so modules pickled before they existed load.
+    _nonfinite_skipped: int = 0
+    _nonfinite_pending: Tensor | None = None
+    _nonfinite_warned: bool = False
+
     num_features: int
     eps: float
     momentum: float | None
     affine: bool
     track_running_stats: bool
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if callable(forward) and not getattr(forward, "_guards_running_stats", False):
+            cls.forward = guards_running_stats(forward)  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -152,6 +221,68 @@ class NormBase(nn.Module):
                 )
                 factor = 1.0 / float(self.num_batches_tracked)
         return factor
+
+    @property
+    def nonfinite_batches_skipped(self) -> int:
+        """Training batches whose non-finite statistics left the running state unchanged.
+
+        Counted since construction, in eager mode (not under ``torch.compile``); not
+        in the state_dict. Reading it syncs with the device once.
+        """
+        self._flush_nonfinite()
+        return self._nonfinite_skipped
+
+    def _record_finite(
+        self, flags: list[Tensor], counter: Tensor | None, before: Tensor | None
+    ) -> None:
+        """Undo the step count of a skipped batch and count it (no host sync on a GPU)."""
+        ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        with torch.no_grad():
+            if counter is not None and before is not None:
+                counter.copy_(torch.where(ok, counter, before))
+            skipped = (~ok).to(torch.long)
+        if read_at_once(skipped):
+            self._count_skipped(int(skipped))
+            return
+        pending = self._nonfinite_pending
+        if pending is not None and pending.device != skipped.device:
+            self._flush_nonfinite()  # the layer moved: settle the old device's count
+            pending = None
+        self._nonfinite_pending = skipped if pending is None else pending + skipped
+
+    def _flush_nonfinite(self) -> None:
+        pending = self._nonfinite_pending
+        if pending is not None:
+            self._nonfinite_pending = None
+            self._count_skipped(int(pending))
+
+    def _count_skipped(self, n: int) -> None:
+        if n <= 0:
+            return
+        self._nonfinite_skipped += n
+        if not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            warnings.warn(
+                f"{type(self).__name__}({self.num_features}): a training batch had non-finite "
+                "(inf/NaN) statistics, so this layer kept its previous running statistics "
+                "and did not count the batch (its output is what the math gives: NaN/inf "
+                "where the input was). It warns once and counts such batches in "
+                ".nonfinite_batches_skipped (normlab doctor reports them). Find the inf/NaN "
+                "source: an AMP overflow (bf16 autocast, torch.amp.GradScaler), a bad "
+                "sample, a diverging step; normlab.guard undoes the statistics of the steps "
+                "GradScaler skips.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def train(self, mode: bool = True) -> NormBase:
+        if not mode:
+            self._flush_nonfinite()  # a natural sync point: report a GPU's pending count
+        return super().train(mode)
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self._flush_nonfinite()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
         s = "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, ".format(

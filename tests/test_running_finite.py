@@ -1,0 +1,277 @@
+"""Running statistics are never written non-finite (issue #24 item 3).
+
+For every normlab layer with running statistics: a training batch holding one inf,
+one NaN and an all-inf channel leaves every buffer bitwise unchanged (running
+statistics, ``num_batches_tracked``, each layer's own state), the output is what
+the math gives (NaN where torch's layer gives NaN), the layer warns once and counts
+the batch, the state_dict keys stay the same, and the next finite batch updates the
+state exactly as if the bad batches had never been seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import normlab.nn as nnl
+from _testing import assert_close, offcenter
+from normlab._core.running import update_running_stats, watch
+
+F64 = torch.float64
+C = 5  # channels 0-2 are made bad, 3-4 stay finite
+BAD = (0, 1, 2)
+GOOD = (3, 4)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    torch_twin: Callable[[], nn.Module] | None = None
+    conv: bool = False  # the input is a convolution's output (CBN pools over iterations)
+    channels_coupled: bool = False  # a bad channel reaches every output (SN's LN branch)
+
+
+def _in_twin(cls: type, **kw) -> Callable[[], nn.Module]:
+    return lambda: cls(C, track_running_stats=True, **kw).to(F64)
+
+
+CASES = [
+    Case("bn1d", lambda: nnl.BatchNorm1d(C).to(F64), (8, C), lambda: nn.BatchNorm1d(C).to(F64)),
+    Case(
+        "bn1d_3d", lambda: nnl.BatchNorm1d(C).to(F64), (4, C, 3), lambda: nn.BatchNorm1d(C).to(F64)
+    ),
+    Case(
+        "bn2d", lambda: nnl.BatchNorm2d(C).to(F64), (4, C, 3, 3), lambda: nn.BatchNorm2d(C).to(F64)
+    ),
+    Case(
+        "bn2d_cumulative",
+        lambda: nnl.BatchNorm2d(C, momentum=None).to(F64),
+        (4, C, 3, 3),
+        lambda: nn.BatchNorm2d(C, momentum=None).to(F64),
+    ),
+    Case(
+        "bn3d",
+        lambda: nnl.BatchNorm3d(C).to(F64),
+        (2, C, 2, 3, 3),
+        lambda: nn.BatchNorm3d(C).to(F64),
+    ),
+    Case(
+        "in2d",
+        lambda: nnl.InstanceNorm2d(C, track_running_stats=True).to(F64),
+        (3, C, 4, 4),
+        _in_twin(nn.InstanceNorm2d),
+    ),
+    Case(
+        "in1d_cumulative",
+        lambda: nnl.InstanceNorm1d(C, track_running_stats=True, momentum=None).to(F64),
+        (3, C, 6),
+        _in_twin(nn.InstanceNorm1d, momentum=None),
+    ),
+    Case("sn2d", lambda: nnl.SwitchableNorm2d(C).to(F64), (4, C, 3, 3), channels_coupled=True),
+    Case(
+        "brn2d",
+        lambda: nnl.BatchRenorm2d(C, warmup_iters=1, r_max_rampup_iters=2, d_max_rampup_iters=2).to(
+            F64
+        ),
+        (4, C, 3, 3),
+    ),
+    Case(
+        "mabn2d",
+        lambda: nnl.MovingAverageBatchNorm2d(C, window=2, warmup_iters=1).to(F64),
+        (4, C, 3, 3),
+    ),
+    Case(
+        "mabn2d_cumulative",
+        lambda: nnl.MovingAverageBatchNorm2d(C, momentum=None, window=3, warmup_iters=0).to(F64),
+        (4, C, 3, 3),
+    ),
+    Case("evonorm_b0", lambda: nnl.EvoNormB0_2d(C).to(F64), (4, C, 3, 3)),
+    Case(
+        "cbn",
+        lambda: nnl.CrossIterationBatchNorm2d(C, buffer_size=2, burnin=0).to(F64),
+        (4, 3, 5, 5),
+        conv=True,
+    ),
+]
+
+
+def _poison(x: Tensor) -> Tensor:
+    """One +inf in channel 0, one NaN in channel 1, channel 2 all +inf."""
+    x = x.clone()
+    x[(0, 0, *([0] * (x.dim() - 2)))] = float("inf")
+    x[(1 % x.shape[0], 1, *([1] * (x.dim() - 2)))] = float("nan")
+    x[:, 2] = float("inf")
+    return x
+
+
+class Runner:
+    """A layer (behind a fixed convolution for CBN) and a step: forward, then backward."""
+
+    def __init__(self, case: Case) -> None:
+        torch.manual_seed(0)
+        self.case = case
+        self.layer = case.build().train()
+        self.conv = nn.Conv2d(3, C, 3).to(F64) if case.conv else None
+
+    def input(self, seed: int) -> Tensor:
+        return offcenter(*self.case.shape, seed=seed)
+
+    def forward(self, x: Tensor, poisoned: bool = False) -> Tensor:
+        if self.conv is None:
+            return self.layer(_poison(x) if poisoned else x)
+        h = self.conv(x)
+        if poisoned:  # on the convolution's output: the graph to its weight stays
+            h = h + (_poison(h.detach()) - h.detach())
+        return self.layer(h, self.conv.weight)
+
+    def step(self, seed: int, poisoned: bool = False) -> Tensor:
+        y = self.forward(self.input(seed).requires_grad_(), poisoned)
+        y.backward(offcenter(*y.shape, seed=1000 + seed))
+        return y.detach()
+
+    def buffers(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.layer.named_buffers()}
+
+
+def _assert_same(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(actual[k], v), k
+
+
+def _skip_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "non-finite (inf/NaN)" in str(w.message)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_bad_batch_keeps_every_buffer_and_the_next_good_batch_updates_as_before(case):
+    ours, clean = Runner(case), Runner(case)
+    for seed in (1, 2):  # fills CBN's window and MABN's, moves past the warm-ups
+        ours.step(seed)
+        clean.step(seed)
+    before = ours.buffers()
+    keys = list(ours.layer.state_dict())
+    with pytest.warns(RuntimeWarning, match="kept its previous running statistics") as rec:
+        for seed in (3, 4, 5):
+            ours.step(seed, poisoned=True)
+            assert ours.layer.nonfinite_batches_skipped == seed - 2
+    assert len(_skip_warnings(rec.list)) == 1
+    message = _skip_warnings(rec.list)[0]
+    assert f"{type(ours.layer).__name__}({C})" in message and "normlab.guard" in message
+    after = ours.buffers()
+    _assert_same(after, before)
+    for k, v in after.items():
+        assert not v.is_floating_point() or bool(torch.isfinite(v).all()), k
+    assert list(ours.layer.state_dict()) == keys
+    assert not any("nonfinite" in k for k in keys)
+    # The next finite batches: as if the bad ones had never been seen, to the bit.
+    for seed in (6, 7):
+        y = ours.step(seed)
+        y_clean = clean.step(seed)
+        assert torch.equal(y, y_clean)
+        _assert_same(ours.buffers(), clean.buffers())
+    assert ours.layer.nonfinite_batches_skipped == 3
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_the_output_of_a_bad_batch_is_what_the_math_gives(case):
+    ours = Runner(case)
+    ours.step(1)
+    probe = copy.deepcopy(ours)  # the same state, fed the input without the bad values
+    x = ours.input(9)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        y = ours.forward(x, poisoned=True).detach()
+    if case.torch_twin is not None:
+        twin = case.torch_twin().train()
+        twin.load_state_dict(probe.layer.state_dict())
+        expected = twin(_poison(x))
+        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10, equal_nan=True)
+        # torch writes the NaN into its running statistics; normlab keeps the old ones.
+        assert not bool(torch.isfinite(twin.running_var).all())
+        return
+    if case.channels_coupled:
+        assert bool(torch.isnan(y).all())  # the LN branch spreads every bad channel
+        return
+    for c in BAD:
+        assert not bool(torch.isfinite(y[:, c]).all()), f"channel {c} hides its inf/NaN"
+    y_clean = probe.forward(x).detach()
+    assert_close(y[:, list(GOOD)], y_clean[:, list(GOOD)])
+
+
+def test_a_gpu_style_count_waits_for_the_next_sync_point(monkeypatch):
+    # On a GPU the flag stays on the device: counted (and warned) at .eval(),
+    # state_dict() or a read of the count, never per step.
+    monkeypatch.setattr("normlab.nn._base.read_at_once", lambda flag: False)
+    layer = nnl.BatchNorm2d(C).to(F64).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(3):
+            layer(_poison(offcenter(4, C, 3, 3, seed=seed)))
+    assert layer._nonfinite_skipped == 0 and layer._nonfinite_pending is not None
+    with pytest.warns(RuntimeWarning, match="non-finite") as rec:
+        layer.eval()
+    assert len(_skip_warnings(rec.list)) == 1
+    assert layer.nonfinite_batches_skipped == 3 and layer._nonfinite_pending is None
+    layer.train()
+    layer(_poison(offcenter(4, C, 3, 3, seed=7)))
+    layer.state_dict()  # the other sync point; warned once already
+    assert layer._nonfinite_pending is None and layer.nonfinite_batches_skipped == 4
+
+
+def test_a_counted_layer_copies_pickles_and_loads():
+    layer = nnl.BatchNorm1d(C).to(F64).train()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        layer(_poison(offcenter(6, C, seed=0)))
+    clone = copy.deepcopy(layer)
+    assert clone.nonfinite_batches_skipped == 1
+    fresh = nnl.BatchNorm1d(C).to(F64)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.nonfinite_batches_skipped == 0  # a diagnostic of this object, not state
+
+
+def test_update_running_stats_is_torchs_update_for_finite_values_and_flags_the_rest():
+    g = torch.Generator().manual_seed(3)
+    mean, var = torch.randn(7, generator=g), torch.rand(7, generator=g) + 0.5
+    bm, bv = torch.randn(7, generator=g), torch.rand(7, generator=g) + 0.5
+    rm, rv = mean.clone(), var.clone()
+    with watch() as flags:
+        finite = update_running_stats(rm, rv, bm, bv, 0.1)
+    assert bool(finite) and len(flags) == 1 and flags[0] is finite
+    assert torch.equal(rm, mean.mul(0.9).add(bm, alpha=0.1))
+    assert torch.equal(rv, var.mul(0.9).add(bv, alpha=0.1))
+    bv[4] = float("inf")  # only the variance is bad: the mean is kept too
+    finite = update_running_stats(rm, rv, bm, bv, 0.1)
+    assert not bool(finite)
+    assert torch.equal(rm, mean.mul(0.9).add(bm, alpha=0.1))
+    # A float32 variance that overflows the buffers' float16 is not written either.
+    half = torch.ones(2, dtype=torch.float16)
+    update_running_stats(None, half, torch.zeros(2), torch.tensor([1.0, 1e6]), 0.5)
+    assert torch.equal(half, torch.ones(2, dtype=torch.float16))
+    assert update_running_stats(None, None, bm, bv, 0.1) is None
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_keeps_the_guard():
+    torch._dynamo.reset()
+    eager = nnl.BatchNorm2d(C).train()
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    x = offcenter(4, C, 3, 3, dtype=torch.float32, seed=0)
+    assert_close(compiled(x), eager(x), torch.float32)
+    kept = compiled_layer.running_mean.clone(), compiled_layer.running_var.clone()
+    y = compiled(_poison(x))  # compiled: guarded, not counted nor warned
+    assert bool(torch.isnan(y[:, 1]).all())
+    assert torch.equal(compiled_layer.running_mean, kept[0])
+    assert torch.equal(compiled_layer.running_var, kept[1])
+    x2 = offcenter(4, C, 3, 3, dtype=torch.float32, seed=1)
+    assert_close(compiled(x2), eager(x2), torch.float32)
+    assert_close(compiled_layer.running_mean, eager.running_mean, torch.float32)
+    assert_close(compiled_layer.running_var, eager.running_var, torch.float32)
