@@ -22,6 +22,7 @@ from torch import Tensor, nn
 import normlab.nn as nnl
 from _testing import assert_close, offcenter
 from normlab._core.running import update_running_stats, watch
+from normlab.doctor import diagnose
 
 F64 = torch.float64
 C = 5  # channels 0-2 are made bad, 3-4 stay finite
@@ -275,3 +276,23 @@ def test_compiled_fullgraph_keeps_the_guard():
     assert_close(compiled(x2), eager(x2), torch.float32)
     assert_close(compiled_layer.running_mean, eager.running_mean, torch.float32)
     assert_close(compiled_layer.running_var, eager.running_var, torch.float32)
+
+
+def test_the_doctor_reports_skipped_batches_by_module_path():
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nnl.BatchNorm2d(8), nn.ReLU(), nnl.BatchNorm2d(8))
+    x = offcenter(4, 3, 4, 4, dtype=torch.float32, seed=0)
+    for seed in range(3):
+        net(offcenter(4, 3, 4, 4, dtype=torch.float32, seed=seed))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        net(bad)
+        net(bad)
+    report = diagnose(net.eval(), x)
+    found = [f for f in report.findings if f.code == "nonfinite_batches_skipped"]
+    assert [(f.module, f.severity) for f in found] == [("1", "warning"), ("3", "warning")]
+    assert "2 training batch(es)" in found[0].detail and "normlab.guard" in found[0].fix
+    assert not [f for f in report.findings if f.code == "running_stats_nonfinite"]
+    clean = nn.Sequential(nn.Conv2d(3, 8, 1), nnl.BatchNorm2d(8))
+    clean(x)
+    assert not [f for f in diagnose(clean.eval(), x).findings if f.code.startswith("nonfinite")]

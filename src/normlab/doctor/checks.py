@@ -228,6 +228,10 @@ def static_findings(path: str, m: nn.Module, ctx: Context) -> list[Finding]:
             bad = int((~torch.isfinite(buf)).sum())
             detail = f"{name}.{buf_name}: {bad} of {buf.numel()} value(s) NaN/inf."
             out.append(finding("running_stats_nonfinite", "error", path, detail))
+    skipped = getattr(m, "nonfinite_batches_skipped", 0)
+    if isinstance(skipped, int) and skipped > 0:
+        detail = f"{name}: {skipped} training batch(es) with non-finite statistics skipped."
+        out.append(finding("nonfinite_batches_skipped", "warning", path, detail))
     var = tensor(m, "running_var")
     if var is not None and var.is_floating_point() and bool((var < 0).any()):
         detail = f"{name}.running_var {negative_channels(var)}."

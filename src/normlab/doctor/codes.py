@@ -62,6 +62,14 @@ CODES: dict[str, tuple[str, str]] = {
         "Find the step that diverged (lower the learning rate, check the data for NaN/inf), "
         f"then recompute the statistics with {_RECALIBRATE}.",
     ),
+    "nonfinite_batches_skipped": (
+        "Training batches with inf/NaN statistics reached this layer; it kept its previous "
+        "running statistics (torch's BN would have written the NaN into them), but those "
+        "batches' outputs and gradients were NaN/inf and something upstream produces them.",
+        "Find the source: an AMP overflow (bf16 autocast or torch.amp.GradScaler; restore "
+        "the statistics of skipped steps with normlab.guard.snapshot_running_stats), a bad "
+        "sample in the data, a diverging step (lower the learning rate).",
+    ),
     "running_var_negative": (
         "A negative running_var is impossible for a variance: the stored statistics are "
         "corrupt (an edited or damaged checkpoint, a bad conversion). torch's eval BN gives "
