@@ -227,7 +227,11 @@ def test_the_checks_can_fail() -> None:
 #: ``defaults`` and ``errors``); docs/design.md lists them in this order.
 LAB_ORDER = ("data", "models", "tasks", "run", "sweep", "analysis", "bench")
 #: A task builds its model from a run's config: the type, for hints alone.
-LAB_TYPING_ONLY = {("normlab.lab.tasks.segmentation", "normlab.lab.run.config")}
+LAB_TYPING_ONLY = {
+    ("normlab.lab.tasks.segmentation", "normlab.lab.run.config"),
+    ("normlab.lab.tasks.detection", "normlab.lab.run.config"),
+    ("normlab.lab.tasks.registry", "normlab.lab.run.config"),
+}
 
 
 def _lab_part(module: str) -> str | None:

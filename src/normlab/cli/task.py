@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..lab import defaults
-from ..lab.defaults import CLASSIFICATION_TASK, SEGMENTATION_DEFAULTS, SEGMENTATION_TASK, TASKS
+from ..lab.defaults import (
+    CLASSIFICATION_TASK,
+    DETECTION_DEFAULTS,
+    DETECTION_TASK,
+    SEGMENTATION_DEFAULTS,
+    SEGMENTATION_TASK,
+    TASKS,
+)
 from .args import GivenOption, positive_float
 
 if TYPE_CHECKING:
@@ -43,8 +50,25 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
         "scenes, or --data FOLDER with images/ and masks/; reports mIoU and pixel error). "
         f"Segmentation's defaults: norms {','.join(seg.norms)}, batch sizes "
         f"{','.join(map(str, seg.batch_sizes))}, {seg.epochs} epochs, lr {seg.base_lr}, "
-        f"image size {seg.image_size}, {seg.max_train} training scenes, no packing "
-        "(default: %(default)s)",
+        f"image size {seg.image_size}, {seg.max_train} training scenes, no packing. "
+        "detection: the lab's CenterNet detector on built-in detection scenes, or --data "
+        "annotations.json (COCO), COCO AP by pycocotools; defaults: treatments "
+        f"{','.join(DETECTION_DEFAULTS.norms)}, batch sizes "
+        f"{','.join(map(str, DETECTION_DEFAULTS.batch_sizes))}, {DETECTION_DEFAULTS.epochs} "
+        f"epochs, lr {DETECTION_DEFAULTS.base_lr}, image size {DETECTION_DEFAULTS.image_size}, "
+        f"{DETECTION_DEFAULTS.max_train} training scenes (default: %(default)s)",
+    )
+    det = p.add_argument_group("detection (--task detection)")
+    det.add_argument(
+        "--images",
+        metavar="DIR",
+        help="folder the COCO file's file_name entries are relative to (default: the "
+        "folder of the --data annotations file)",
+    )
+    det.add_argument(
+        "--val-data",
+        metavar="FILE.json",
+        help="COCO annotations of the test images (default: a seeded 20%% of --data's)",
     )
 
 
@@ -66,9 +90,9 @@ def resolve_task_defaults(args: argparse.Namespace) -> None:
     ``--epochs`` counts too when ``--steps`` is given (it is then the number of
     evaluation points); the length option records whether ``--epochs`` was given.
     """
-    if args.task != SEGMENTATION_TASK:
+    if args.task not in (SEGMENTATION_TASK, DETECTION_TASK):
         return
-    seg = SEGMENTATION_DEFAULTS
+    seg = SEGMENTATION_DEFAULTS if args.task == SEGMENTATION_TASK else DETECTION_DEFAULTS
     chosen: dict[str, Any] = {
         "batch_sizes": list(seg.batch_sizes),
         "lr": seg.base_lr,
@@ -89,8 +113,20 @@ def task_options(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`~normlab.lab.sweep.config.SweepConfig` fields that follow from ``args.task``,
     after :func:`resolve_task_defaults` has put the task's defaults into ``args``."""
     resolve_task_defaults(args)
+    detection_only = [o for o in ("images", "val_data") if getattr(args, o, None) is not None]
+    if args.task != DETECTION_TASK and detection_only:
+        flag = "--" + detection_only[0].replace("_", "-")
+        raise ValueError(f"{flag} belongs to --task detection (COCO data); drop it or add it")
     if args.task == SEGMENTATION_TASK:
         return {"task": args.task, "widths": SEGMENTATION_DEFAULTS.widths}
+    if args.task == DETECTION_TASK:
+        from ..lab.data.det_coco import data_spec
+
+        if args.data is None and detection_only:
+            raise ValueError("--images and --val-data need --data annotations.json")
+        if args.data is not None:
+            args.data = data_spec(args.data, args.images, args.val_data)
+        return {"task": args.task, "widths": DETECTION_DEFAULTS.widths}
     return {"task": args.task}
 
 

@@ -34,11 +34,25 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .det_scenes import DetData, DetSplit, pad_targets, raw_detection_scenes
+from .det_scenes import (
+    DEFAULT_DET_TEST,
+    DetData,
+    DetSplit,
+    detection_scenes,
+    pad_targets,
+    raw_detection_scenes,
+)
 from .images import ANIMAL_MNIST_CLASSES, read_image, resize
 from .prepare import standardize
 
-__all__ = ["export_coco", "load_coco", "load_coco_split"]
+__all__ = [
+    "data_spec",
+    "export_coco",
+    "load_coco",
+    "load_coco_split",
+    "load_detection_split",
+    "parse_data_spec",
+]
 
 _TOLERANCE = 1e-3  # pixels: a box may end at the image edge up to float rounding
 
@@ -259,3 +273,30 @@ def export_coco(
         x, boxes = raw_detection_scenes(n, train=train, image_size=image_size, seed=seed)
         paths.append(_write(root, stem, x, boxes))
     return paths[0], paths[1]
+
+
+def data_spec(data: str, images: str | None = None, val_data: str | None = None) -> str:
+    """One string naming a COCO run's data (``RunConfig.data``): the annotations file, and
+    ``|images=DIR`` and ``|val=FILE`` when given, so the store compares all three."""
+    parts = [data]
+    if images is not None:
+        parts.append(f"images={images}")
+    if val_data is not None:
+        parts.append(f"val={val_data}")
+    return "|".join(parts)
+
+
+def parse_data_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``(annotations, images, val_data)`` of a :func:`data_spec` string."""
+    path, *rest = spec.split("|")
+    extra = dict(p.split("=", 1) for p in rest if "=" in p)
+    return path, extra.get("images"), extra.get("val")
+
+
+def load_detection_split(data: str | None, image_size: int, max_train: int | None) -> DetSplit:
+    """The (cached) data of a detection run: the built-in scenes (``data=None``;
+    ``max_train`` training scenes, default 600) or a :func:`data_spec` of COCO files."""
+    if data is None:
+        return detection_scenes(max_train or 600, DEFAULT_DET_TEST, image_size)
+    path, images, val_data = parse_data_spec(data)
+    return load_coco_split(path, images, val_data, image_size, max_train)

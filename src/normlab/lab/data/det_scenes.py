@@ -115,10 +115,11 @@ class DetSplit:
         return data_hash(self)
 
 
-def pad_targets(boxes: list[np.ndarray]) -> torch.Tensor:
+def pad_targets(boxes: list[np.ndarray], rows: int = 1) -> torch.Tensor:
     """Per-image ``(k_i, 5)`` rows ``[class, x1, y1, x2, y2]`` as one ``(N, M, 5)`` tensor,
-    padded with class -1 (M >= 1, so an empty set still has a row)."""
-    m = max([1, *(len(b) for b in boxes)])
+    padded with class -1; M is the most rows of any image, at least ``rows`` (>= 1, so an
+    empty set still has a row; a split pads its training and test targets alike)."""
+    m = max([rows, *(len(b) for b in boxes)])
     out = np.full((len(boxes), m, 5), -1.0, dtype=np.float32)
     for i, b in enumerate(boxes):
         if len(b):
@@ -228,11 +229,12 @@ def detection_scenes(
     xs_train, xs_test = standardize(
         torch.from_numpy(x_train), torch.from_numpy(x_test), torch.float64
     )
+    rows = max(len(b) for b in (*b_train, *b_test))
     return DetSplit(
         xs_train,
-        pad_targets(b_train),
+        pad_targets(b_train, rows),
         xs_test,
-        pad_targets(b_test),
+        pad_targets(b_test, rows),
         len(ANIMAL_MNIST_CLASSES),
         ANIMAL_MNIST_CLASSES,
         "detection-scenes",

@@ -10,9 +10,9 @@ the seeds into one model (:mod:`normlab.lab.run.packed`). The protocol is descri
 * the *model builder* (:data:`ModelBuilder`) makes a run's network from its config and
   data; :func:`lab_model`, the lab's ResNet, is the default.
 
-The two defaults stand for the run's own task (``RunConfig.task``): a segmentation run
-given them trains :class:`normlab.lab.tasks.segmentation.Segmentation` and the lab's U-Net
-(:func:`normlab.lab.tasks.segmentation.segmentation_model`) instead.
+The two defaults stand for the run's own task (``RunConfig.task``): a segmentation or
+detection run given them trains that task and its default model instead
+(:func:`normlab.lab.tasks.registry.task_defaults`).
 
 Training length: ``RunConfig.steps`` optimizer steps, or ``epochs`` passes of
 ``n // (ranks · batch_size)`` steps each (the last incomplete batch of a pass is dropped).
@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..defaults import SEGMENTATION_TASK
 from ..models.resnet import build_model, recal_variance
-from ..tasks.segmentation import Segmentation, segmentation_model
-from ..tasks.task import CLASSIFICATION, Task
+from ..tasks.registry import task_defaults
+from ..tasks.task import CLASSIFICATION, Task, merge_tallies, tally_over_ranks
 from .config import EpochStats, RunConfig
 from .packed import pack_states
 
@@ -189,8 +188,7 @@ def _test_errors(
     for i in range(0, len(x), _EVAL_CHUNK):
         xb, yb = x[i : i + _EVAL_CHUNK].to(device), y[i : i + _EVAL_CHUNK].to(device)
         out = _forward(model, xb if packs == 1 else xb.repeat(1, packs, 1, 1), packs)
-        t = task.tally(out, yb.expand(packs, *yb.shape)).cpu()
-        tally = t if tally is None else tally + t
+        tally = merge_tallies(task, tally, task.tally(out, yb.expand(packs, *yb.shape)).cpu())
     if tally is None:
         return [dict.fromkeys(task.metrics, 0.0) for _ in range(packs)]
     return task.errors(tally)
@@ -215,11 +213,13 @@ def _for_task(
 ) -> tuple[Task, ModelBuilder]:
     """The task and builder of ``config``'s runs: the defaults (:data:`CLASSIFICATION`,
     :func:`lab_model`) stand for the run's own task and its default model."""
-    if config.task != SEGMENTATION_TASK:
+    own = task_defaults(config, split)
+    if own is None:
         return task, build
-    if task is CLASSIFICATION:
-        task = Segmentation(split.num_classes, getattr(split, "ignore_index", 255))
-    return task, segmentation_model if build is lab_model else build
+    own_task, own_build = own
+    return (own_task if task is CLASSIFICATION else task), (
+        own_build if build is lab_model else build
+    )
 
 
 def _headline(task: Task, tally: torch.Tensor | None, packs: int) -> list[float]:
@@ -303,7 +303,8 @@ def train_loop(
             model,
             device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
         )
-    variance = recal_variance(base.norm)
+    # A task may say which norms the loop recalibrates (detection: none; it does so once).
+    variance = getattr(task, "recal_variance", recal_variance)(base.norm)
     peak = base.base_lr * global_batch / 32
     opt = _optimizer(model, peak, base.weight_decay)
     per_pass = n // global_batch
@@ -365,17 +366,16 @@ def train_loop(
             opt.step()
             step += 1
             loss_sum += losses.detach().cpu().double() * bs
-            t = task.tally(out.detach(), yb).cpu()
-            tally = t if tally is None else tally + t
+            tally = merge_tallies(task, tally, task.tally(out.detach(), yb).cpu())
         if not bool(alive.any()):
             break
         if base.ranks > 1 and tally is not None:
-            # Sum the period's loss and counts over the ranks; one diverged rank stops all.
+            # Sum the period's loss over the ranks and merge their tallies
+            # (:func:`tally_over_ranks`); one diverged rank stops all.
             flag = torch.tensor([float(late_nan)], dtype=torch.float64)
-            flat = _all_reduce(base, torch.cat([loss_sum, tally.double().flatten(), flag]))
-            loss_sum = flat[:packs]
-            tally = flat[packs:-1].round().to(torch.int64).view(tally.shape)
-            late_nan = bool(flat[-1] > 0)
+            flat = _all_reduce(base, torch.cat([loss_sum, flag]))
+            loss_sum, late_nan = flat[:packs], bool(flat[-1] > 0)
+            tally = tally_over_ranks(task, tally, base.device)
         last = late_nan or point == base.epochs - 1
         if variance is not None and not late_nan:
             _recalibrate(model, x_train, base, packs, variance)

@@ -14,11 +14,18 @@ from pathlib import Path
 
 from ...registry import NORM_LAYERS
 from ..data.images import Split
-from ..defaults import CLASSIFICATION_TASK, DEFAULT_BATCH_SIZES, SEGMENTATION_TASK, TASKS
+from ..defaults import (
+    CLASSIFICATION_TASK,
+    DEFAULT_BATCH_SIZES,
+    DETECTION_TASK,
+    SEGMENTATION_TASK,
+    TASKS,
+)
 from ..models.resnet import canonical_norm
 from ..models.user_factory import UserFactory, load_factory
 from ..run.loop import ModelBuilder, lab_model
 from ..run.train import RunConfig, RunRecord
+from ..tasks.detection import detection_model
 from ..tasks.segmentation import segmentation_model
 from .devices import check_device
 
@@ -130,6 +137,8 @@ class SweepConfig:
                     "segmentation without --per-rank-batch (--workers N trains N runs at a time)"
                 )
             object.__setattr__(self, "pack", False)  # one U-Net per run
+        if self.task == DETECTION_TASK:
+            object.__setattr__(self, "pack", False)  # one detector per run
 
     @property
     def factory(self) -> UserFactory | None:
@@ -194,6 +203,9 @@ def model_builder(config: SweepConfig, planned: list[RunConfig], split: Split) -
         if config.task == SEGMENTATION_TASK:
             for norm in dict.fromkeys(c.norm for c in planned):  # a 1-D norm fails here
                 segmentation_model(next(c for c in planned if c.norm == norm), split)
+        if config.task == DETECTION_TASK:
+            for norm in dict.fromkeys(c.norm for c in planned):  # refusals come here
+                detection_model(next(c for c in planned if c.norm == norm), split)
         return lab_model  # the loop's default: the run's own task's model
     from ..run.user_builder import UserModelBuilder
 

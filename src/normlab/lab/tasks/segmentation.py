@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..data.det_coco import load_detection_split
 from ..data.images import load_split
 from ..data.seg_folder import load_seg_split
-from ..defaults import SEGMENTATION_TASK
+from ..defaults import DETECTION_TASK, SEGMENTATION_TASK
 from ..models.unet import build_segmentation_model
 from .seg_metrics import confusion_matrix, mean_iou, pixel_error, seg_cross_entropy
 
@@ -111,7 +112,8 @@ def segmentation_model(config: RunConfig, split: SegSplit, packs: int = 1) -> nn
 def load_task_split(
     task: str, data: str | None, image_size: int, max_train: int | None
 ) -> Split | SegSplit:
-    """The (cached) data of a run of ``task``: classification images or segmentation scenes.
+    """The (cached) data of a run of ``task``: classification images, segmentation scenes
+    or detection scenes (:func:`~normlab.lab.data.det_coco.load_detection_split`).
 
     Raises:
         DataError: the data cannot be loaded for this task (e.g. a classification folder
@@ -119,4 +121,6 @@ def load_task_split(
     """
     if task == SEGMENTATION_TASK:
         return load_seg_split(data, image_size, max_train)
+    if task == DETECTION_TASK:
+        return load_detection_split(data, image_size, max_train)
     return load_split(data, image_size, max_train)

@@ -13,7 +13,11 @@ a lone run), so every tensor a task sees carries that network dim first:
 Errors are built from a *tally*: counts per network, shape (S, T), that add up over
 batches (and over the ranks of a data-parallel run) before :meth:`Task.errors` turns them
 into metrics. Counts, not per-batch averages, so that a metric such as mIoU, which is
-not a mean of per-batch values, is exact over a whole test set.
+not a mean of per-batch values, is exact over a whole test set. A metric that is no sum
+at all (COCO AP ranks every detection of the set) *gathers*: a task with ``gathers =
+True`` returns per-image rows (any float dtype) that are concatenated along T over
+batches and ranks (:func:`merge_tallies`), and :meth:`Task.errors` scores the whole set
+at once. The loop treats both kinds the same way through :func:`merge_tallies`.
 
 :data:`CLASSIFICATION` (cross-entropy, top-1 error in %) is the lab's task.
 """
@@ -25,7 +29,14 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CLASSIFICATION", "Classification", "Task"]
+__all__ = [
+    "CLASSIFICATION",
+    "Classification",
+    "Task",
+    "gathers",
+    "merge_tallies",
+    "tally_over_ranks",
+]
 
 
 @runtime_checkable
@@ -53,6 +64,36 @@ class Task(Protocol):
     def errors(self, tally: torch.Tensor) -> list[dict[str, float]]:
         """Per network, each of ``metrics`` in % from a summed :meth:`tally`."""
         ...
+
+
+def gathers(task: Task) -> bool:
+    """Whether ``task``'s tallies are per-image rows to concatenate (module docstring);
+    False for counts that sum, the default."""
+    return bool(getattr(task, "gathers", False))
+
+
+def merge_tallies(task: Task, total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """``total`` with one more batch's (or rank's) tally ``part``: summed, or concatenated
+    along T for a task that :func:`gathers`."""
+    if total is None:
+        return part
+    return torch.cat([total, part], dim=1) if gathers(task) else total + part
+
+
+def tally_over_ranks(task: Task, tally: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """A data-parallel run's tally over every rank of the process group: counts summed
+    (exactly: as float64, rounded back to int64), or per-image rows gathered in rank order
+    (every rank takes the same number of equal batches, so each holds the same T)."""
+    import torch.distributed as dist
+
+    t = tally.to(device) if device.startswith("cuda") else tally.clone()
+    if gathers(task):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat([p.cpu() for p in parts], dim=1)
+    summed = t.double()
+    dist.all_reduce(summed)
+    return summed.cpu().round().to(tally.dtype)
 
 
 class Classification:

@@ -1,0 +1,33 @@
+"""Which task and default model a run of each ``RunConfig.task`` trains.
+
+Classification is the loop's own default (:data:`~normlab.lab.tasks.task.CLASSIFICATION`
+and the lab's ResNet); every other task names its :class:`~normlab.lab.tasks.task.Task`
+and its default model builder here, the one place the loop asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..defaults import DETECTION_TASK, SEGMENTATION_TASK
+from .detection import Detection, detection_model
+from .segmentation import Segmentation, segmentation_model
+from .task import Task
+
+if TYPE_CHECKING:
+    from ..run.config import RunConfig
+
+__all__ = ["task_defaults"]
+
+
+def task_defaults(config: RunConfig, split: Any) -> tuple[Task, Callable[..., Any]] | None:
+    """``(task, default model builder)`` of ``config.task`` on ``split``; None for
+    classification (the loop's defaults)."""
+    if config.task == SEGMENTATION_TASK:
+        return Segmentation(split.num_classes, getattr(split, "ignore_index", 255)), (
+            segmentation_model
+        )
+    if config.task == DETECTION_TASK:
+        return Detection(split.num_classes, int(split.y_train.shape[1])), detection_model
+    return None
