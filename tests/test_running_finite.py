@@ -135,7 +135,7 @@ class Runner:
 
     def step(self, seed: int, poisoned: bool = False) -> Tensor:
         y = self.forward(self.input(seed).requires_grad_(), poisoned)
-        y.backward(offcenter(*y.shape, seed=1000 + seed))
+        y.backward(offcenter(*y.shape, seed=1000 + seed).to(y.device))
         return y.detach()
 
     def buffers(self) -> dict[str, Tensor]:
@@ -296,3 +296,36 @@ def test_the_doctor_reports_skipped_batches_by_module_path():
     clean = nn.Sequential(nn.Conv2d(3, 8, 1), nnl.BatchNorm2d(8))
     clean(x)
     assert not [f for f in diagnose(clean.eval(), x).findings if f.code.startswith("nonfinite")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_on_a_gpu_the_guard_never_syncs_and_the_count_comes_at_eval(case):
+    if case.name.endswith("cumulative"):
+        pytest.skip("momentum=None reads num_batches_tracked on the host by design")
+    ours = Runner(case)
+    ours.layer.cuda()
+    if ours.conv is not None:
+        ours.conv.cuda()
+    ours.input = lambda seed: offcenter(*case.shape, seed=seed).cuda()  # type: ignore[method-assign]
+    ours.step(1)
+    ours.step(2)
+    torch.cuda.synchronize()
+    before = ours.buffers()
+    # Some layers read the host by design (CBN's step count); the guard must add none.
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            for seed in (3, 4):
+                y = ours.forward(ours.input(seed), poisoned=True)
+                y.backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ours_files = ("_core/running.py", "nn/_base.py")
+    assert not [w for w in syncs if w.filename.replace("\\", "/").endswith(ours_files)]
+    assert not _skip_warnings(syncs)  # counted on the device, not yet read
+    _assert_same(ours.buffers(), before)
+    with pytest.warns(RuntimeWarning, match="non-finite") as rec:
+        ours.layer.eval()
+    assert len(_skip_warnings(rec.list)) == 1 and ours.layer.nonfinite_batches_skipped == 2
