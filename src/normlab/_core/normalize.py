@@ -93,7 +93,7 @@ def _fold_is_accurate(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> bool:
     Only for eager fp32/fp64 CPU input with statistics that need no gradient: the
     test reads one number on the host (free on CPU; a synchronization on a GPU,
     where the centered form runs instead) and is data-dependent (so never while
-    compiling or recording a graph).
+    compiling, recording a graph or under a ``torch.func`` transform).
     """
     if (
         x.device.type != "cpu"
@@ -102,6 +102,7 @@ def _fold_is_accurate(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> bool:
         or var.requires_grad
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
         or x.numel() == 0
     ):
         return False
