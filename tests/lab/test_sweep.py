@@ -136,8 +136,8 @@ def test_merge_shards_of_old_shard_files(tmp_path, tiny_kwargs):
 
 
 def test_default_norms_and_all():
-    assert default_norms() == ["bn", "gn", "frn", "sn", "mabn", "brn"]
-    assert expand_norms(["all"]) == ["bn", "gn", "frn", "sn", "mabn", "brn"]
+    assert default_norms() == ["bn", "gn", "frn", "sn", "mabn", "brn", "cbn"]
+    assert expand_norms(["all"]) == ["bn", "gn", "frn", "sn", "mabn", "brn", "cbn"]
     assert expand_norms(["gn", "all", "bn+recal"]) == [
         "gn",
         "bn",
@@ -145,6 +145,7 @@ def test_default_norms_and_all():
         "sn",
         "mabn",
         "brn",
+        "cbn",
         "bn+recal",
     ]
 

@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--norms",
         type=name_list,
         help="comma-separated norm names "
-        "(default and 'all': bn, gn and the small-batch family frn, sn, mabn, brn)",
+        "(default and 'all': bn, gn and the small-batch family frn, sn, mabn, brn, cbn)",
     )
     p.add_argument(
         "--batch-sizes",

@@ -24,8 +24,8 @@ from ..defaults import (
 from ..models.resnet import canonical_norm
 from ..models.user_factory import UserFactory, load_factory
 from ..run.loop import ModelBuilder, lab_model
+from ..run.pretrain import DetectionBuilder, spec
 from ..run.train import RunConfig, RunRecord
-from ..tasks.detection import detection_model
 from ..tasks.segmentation import segmentation_model
 from .devices import check_device
 
@@ -41,13 +41,13 @@ __all__ = [
 
 
 #: The small-batch family, in the order they appear in the report when present.
-SMALL_BATCH_FAMILY = ("frn", "sn", "mabn", "brn")
+SMALL_BATCH_FAMILY = ("frn", "sn", "mabn", "brn", "cbn")
 
 
 def default_norms(per_rank_batch: bool = False) -> list[str]:
-    """BN, GN and the small-batch family the registry has (FRN, SN, MABN, BRN).
+    """BN, GN and the small-batch family the registry has (FRN, SN, MABN, BRN, CBN).
 
-    The whole default grid (6 norms × 5 batch sizes × 3 seeds) fits the 10-minute budget
+    The whole default grid (7 norms × 5 batch sizes × 3 seeds) fits the 10-minute budget
     on a 2-core CPU because each cell's seeds train packed in one model
     (:mod:`normlab.lab.run.packed`) and the stem conv has stride 2 (see the README's protocol).
     With ``per_rank_batch``: BN with per-rank statistics, BN synced over the ranks, GN.
@@ -100,6 +100,10 @@ class SweepConfig:
     #: unpacked, on the built-in scenes or a ``data`` folder of ``images/`` and ``masks/``;
     #: the CLI's defaults for it are :data:`~normlab.lab.defaults.SEGMENTATION_DEFAULTS`.
     task: str = CLASSIFICATION_TASK
+    #: Detection: the pretraining protocol of every run's backbone
+    #: (:data:`normlab.lab.run.pretrain.DEFAULT_PRETRAIN`, the CLI's default), or None to
+    #: train from scratch (``--no-pretrain``).
+    pretrain: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -139,6 +143,10 @@ class SweepConfig:
             object.__setattr__(self, "pack", False)  # one U-Net per run
         if self.task == DETECTION_TASK:
             object.__setattr__(self, "pack", False)  # one detector per run
+            if self.pretrain is not None:
+                spec(self.pretrain)
+        elif self.pretrain is not None:
+            raise ValueError("pretraining is part of --task detection only; drop it")
 
     @property
     def factory(self) -> UserFactory | None:
@@ -177,6 +185,7 @@ def plan_runs(config: SweepConfig, ranks: int = 1, data_hash: str | None = None)
             model_hash=None if factory is None else factory.source_hash,
             task=config.task,
             data_hash=data_hash,
+            pretrain=config.pretrain,
         )
         for b in sorted(config.batch_sizes)
         for s in config.seeds
@@ -204,8 +213,9 @@ def model_builder(config: SweepConfig, planned: list[RunConfig], split: Split) -
             for norm in dict.fromkeys(c.norm for c in planned):  # a 1-D norm fails here
                 segmentation_model(next(c for c in planned if c.norm == norm), split)
         if config.task == DETECTION_TASK:
-            for norm in dict.fromkeys(c.norm for c in planned):  # refusals come here
-                detection_model(next(c for c in planned if c.norm == norm), split)
+            build = DetectionBuilder()
+            build.check(planned, split)  # refusals and pretraining come here
+            return build
         return lab_model  # the loop's default: the run's own task's model
     from ..run.user_builder import UserModelBuilder
 
