@@ -4,8 +4,9 @@ Mirrors torch's ``_NormBase``: the same constructor arguments, parameter and
 buffer names (``weight``, ``bias``, ``running_mean``, ``running_var``,
 ``num_batches_tracked``) and state_dict versioning, so checkpoints move between
 torch and normlab. A subclass sets ``_ranks`` / ``_layout`` (the accepted input
-ranks) and writes ``forward``, which :func:`guards_running_stats` wraps (every
-subclass, via ``__init_subclass__``).
+ranks; a 1d/2d/3d class names its ``dims=`` instead, :class:`ByDims`) and writes
+``forward``, which :func:`guards_running_stats` wraps (every subclass, via
+``__init_subclass__``). ``process_group`` is stored for the layers that sync.
 
 Non-finite batches: the functionals keep a layer's running state when a batch's
 statistics are inf/NaN (:mod:`normlab._core.running`); here the layer learns of it,
@@ -23,7 +24,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,41 @@ from .._core.checks import (
 from .._core.running import watch
 
 _Forward = TypeVar("_Forward", bound=Callable[..., Any])
+
+#: The input ranks and their layout of a 1d, 2d and 3d per-channel layer (torch's BatchNorm*d).
+DIM_LAYOUTS: dict[int, tuple[tuple[int, ...], str]] = {
+    1: ((2, 3), "(N, C) or (N, C, L)"),
+    2: ((4,), "(N, C, H, W)"),
+    3: ((5,), "(N, C, D, H, W)"),
+}
+
+
+class ByDims:
+    """The accepted input ranks of a per-channel layer, and the input check they drive.
+
+    ``class BatchNorm2d(_BatchNorm, dims=2)`` sets ``_ranks`` / ``_layout`` from
+    ``_dim_layouts``; a class named with ``dims`` and no docstring takes its base's,
+    so the three classes of a family say only which they are.
+    """
+
+    num_features: int
+
+    _ranks: tuple[int, ...] = ()
+    _layout: str = ""
+    _dim_layouts: ClassVar[dict[int, tuple[tuple[int, ...], str]]] = DIM_LAYOUTS
+
+    def __init_subclass__(cls, dims: int | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if dims is not None:
+            cls._ranks, cls._layout = cls._dim_layouts[dims]
+            if cls.__doc__ is None:
+                cls.__doc__ = cls.__mro__[1].__doc__
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        check_floating(name, x)
+        check_rank(name, x, self._ranks, self._layout)
+        check_channels(name, x, self.num_features)
 
 
 def check_num_features(layer: str, num_features: int) -> int:
@@ -118,12 +154,10 @@ def guards_running_stats(forward: _Forward) -> _Forward:
     return guarded  # type: ignore[return-value]
 
 
-class NormBase(nn.Module):
+class NormBase(ByDims, nn.Module):
     """Constructor, buffers, the momentum rule, repr and state_dict versioning (see above)."""
 
     _version = 2
-    _ranks: tuple[int, ...] = ()
-    _layout: str = ""
     # Whether eps=0 is accepted at construction (torch accepts it for BatchNorm,
     # which refuses it only in training, and for InstanceNorm).
     _eps_zero_ok: bool = False
@@ -155,6 +189,7 @@ class NormBase(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        process_group: Any = None,
         *,
         bias: bool = True,
     ) -> None:
@@ -173,6 +208,7 @@ class NormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
+        self.process_group = process_group
         add_affine(self, self.num_features, affine, factory, bias=bias)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
@@ -196,12 +232,6 @@ class NormBase(nn.Module):
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         reset_affine(self)
-
-    def _check_input(self, x: Tensor) -> None:
-        name = type(self).__name__
-        check_floating(name, x)
-        check_rank(name, x, self._ranks, self._layout)
-        check_channels(name, x, self.num_features)
 
     def _momentum_factor(self) -> float:
         """Advance ``num_batches_tracked`` and return the weight of the new batch.

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 
 from .. import functional as NF
 from .._core.activation import check_act
-from .._core.checks import check_channels, check_eps, check_floating, check_rank
+from .._core.checks import check_eps
 from .._core.dispatch import check_backend
-from ._base import NormBase, check_num_features
+from ._base import ByDims, NormBase, check_num_features
 
 __all__ = [
     "BatchNorm1d",
@@ -65,24 +65,6 @@ class _BatchNorm(NormBase):
 
     _eps_zero_ok = True
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        process_group: Any = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
-        self.process_group = process_group
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         factor = self._momentum_factor()
@@ -101,25 +83,19 @@ class _BatchNorm(NormBase):
         )
 
 
-class BatchNorm1d(_BatchNorm):
-    __doc__ = _BatchNorm.__doc__
-    _ranks = (2, 3)
-    _layout = "(N, C) or (N, C, L)"
+class BatchNorm1d(_BatchNorm, dims=1):
+    pass
 
 
-class BatchNorm2d(_BatchNorm):
-    __doc__ = _BatchNorm.__doc__
-    _ranks = (4,)
-    _layout = "(N, C, H, W)"
+class BatchNorm2d(_BatchNorm, dims=2):
+    pass
 
 
-class BatchNorm3d(_BatchNorm):
-    __doc__ = _BatchNorm.__doc__
-    _ranks = (5,)
-    _layout = "(N, C, D, H, W)"
+class BatchNorm3d(_BatchNorm, dims=3):
+    pass
 
 
-class _FrozenBatchNorm(nn.Module):
+class _FrozenBatchNorm(ByDims, nn.Module):
     r"""BatchNorm with statistics and affine fixed forever.
 
     .. math:: y = (x - \mu_{\text{run}})\,\frac{\gamma}{\sqrt{\sigma^2_{\text{run}} + \epsilon}}
@@ -140,9 +116,6 @@ class _FrozenBatchNorm(nn.Module):
         backend: ``"auto"`` (the Triton kernel for CUDA input when triton imports),
             ``"torch"`` or ``"triton"``; see :func:`normlab.functional.frozen_batch_norm`.
     """
-
-    _ranks: tuple[int, ...] = ()
-    _layout: str = ""
 
     def __init__(
         self,
@@ -178,10 +151,7 @@ class _FrozenBatchNorm(nn.Module):
         self.running_var.copy_(_identity_var(self.eps, self.running_var))
 
     def forward(self, input: Tensor) -> Tensor:
-        name = type(self).__name__
-        check_floating(name, input)
-        check_rank(name, input, self._ranks, self._layout)
-        check_channels(name, input, self.num_features)
+        self._check_input(input)
         return NF.frozen_batch_norm(
             input,
             self.weight,
@@ -237,19 +207,13 @@ def _identity_var(eps: float, like: Tensor) -> Tensor:
     return v.expand_as(like)
 
 
-class FrozenBatchNorm1d(_FrozenBatchNorm):
-    __doc__ = _FrozenBatchNorm.__doc__
-    _ranks = (2, 3)
-    _layout = "(N, C) or (N, C, L)"
+class FrozenBatchNorm1d(_FrozenBatchNorm, dims=1):
+    pass
 
 
-class FrozenBatchNorm2d(_FrozenBatchNorm):
-    __doc__ = _FrozenBatchNorm.__doc__
-    _ranks = (4,)
-    _layout = "(N, C, H, W)"
+class FrozenBatchNorm2d(_FrozenBatchNorm, dims=2):
+    pass
 
 
-class FrozenBatchNorm3d(_FrozenBatchNorm):
-    __doc__ = _FrozenBatchNorm.__doc__
-    _ranks = (5,)
-    _layout = "(N, C, D, H, W)"
+class FrozenBatchNorm3d(_FrozenBatchNorm, dims=3):
+    pass

@@ -83,8 +83,7 @@ class _BatchRenorm(NormBase):
         dtype: Any = None,
         process_group: Any = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
-        self.process_group = process_group
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, process_group)
         name = type(self).__name__
         if not r_max >= 1.0:
             raise ValueError(
@@ -155,19 +154,13 @@ class _BatchRenorm(NormBase):
         )
 
 
-class BatchRenorm1d(_BatchRenorm):
-    __doc__ = _BatchRenorm.__doc__
-    _ranks = (2, 3)
-    _layout = "(N, C) or (N, C, L)"
+class BatchRenorm1d(_BatchRenorm, dims=1):
+    pass
 
 
-class BatchRenorm2d(_BatchRenorm):
-    __doc__ = _BatchRenorm.__doc__
-    _ranks = (4,)
-    _layout = "(N, C, H, W)"
+class BatchRenorm2d(_BatchRenorm, dims=2):
+    pass
 
 
-class BatchRenorm3d(_BatchRenorm):
-    __doc__ = _BatchRenorm.__doc__
-    _ranks = (5,)
-    _layout = "(N, C, D, H, W)"
+class BatchRenorm3d(_BatchRenorm, dims=3):
+    pass

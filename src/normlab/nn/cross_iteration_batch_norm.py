@@ -138,9 +138,16 @@ class CrossIterationBatchNorm2d(NormBase):
         if not isinstance(rho, (int, float)) or not float("-inf") < float(rho) < float("inf"):
             raise ValueError(f"{name}: rho must be a finite number (1.0: the paper), got {rho!r}.")
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            process_group,
+            bias=bias,
         )
-        self.process_group = process_group
         self.buffer_size = buffer_size
         self.burnin = burnin
         self.rho = float(rho)

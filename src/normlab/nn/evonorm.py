@@ -10,24 +10,14 @@ from torch import Tensor, nn
 from .. import functional as NF
 from .._core.checks import (
     check_batch_count,
-    check_channels,
     check_eps,
-    check_floating,
     check_groups,
-    check_rank,
 )
 from .._core.collectives import sync_active
 from .._core.stats import reduced_count
-from ._base import NormBase, add_affine, check_num_features, reset_affine
+from ._base import ByDims, NormBase, add_affine, check_num_features, reset_affine
 
 __all__ = ["EvoNormB0_2d", "EvoNormS0_2d"]
-
-
-def _check_input(module: nn.Module, x: Tensor) -> None:
-    name = type(module).__name__
-    check_floating(name, x)
-    check_rank(name, x, (4,), "(N, C, H, W)")
-    check_channels(name, x, module.num_features)  # type: ignore[arg-type]
 
 
 class EvoNormB0_2d(NormBase):
@@ -83,8 +73,9 @@ class EvoNormB0_2d(NormBase):
         dtype: Any = None,
         process_group: Any = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.process_group = process_group
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, process_group
+        )
         del self.running_mean  # B0 uses no mean
         self.v = nn.Parameter(torch.ones(self.num_features, device=device, dtype=dtype))
         # v first, as in the state_dict of every EvoNormB0_2d checkpoint.
@@ -122,7 +113,7 @@ class EvoNormB0_2d(NormBase):
         )
 
 
-class EvoNormS0_2d(nn.Module):
+class EvoNormS0_2d(ByDims, nn.Module):
     r"""EvoNorm-S0 (Liu et al., "Evolving Normalization-Activation Layers", NeurIPS 2020).
 
     .. math:: y = \frac{x\,\operatorname{sigmoid}(v_c x)}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}}
@@ -150,6 +141,9 @@ class EvoNormS0_2d(nn.Module):
         >>> layer = normlab.nn.EvoNormS0_2d(64, groups=32)
         >>> y = layer(torch.randn(2, 64, 8, 8))
     """
+
+    _ranks = (4,)
+    _layout = "(N, C, H, W)"
 
     def __init__(
         self,
@@ -179,7 +173,7 @@ class EvoNormS0_2d(nn.Module):
         reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        _check_input(self, input)
+        self._check_input(input)
         return NF.evonorm_s0(input, self.groups, self.v, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from .._core.checks import (
     check_rank,
 )
 from .._core.dispatch import check_backend
-from ._base import add_affine, check_num_features, reset_affine
+from ._base import DIM_LAYOUTS, ByDims, add_affine, check_num_features, reset_affine
 
 __all__ = [
     "FilterResponseNorm1d",
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-class _FilterResponseNorm(nn.Module):
+class _FilterResponseNorm(ByDims, nn.Module):
     r"""Filter Response Normalization with a Thresholded Linear Unit
     (Singh & Krishnan, CVPR 2020, arXiv 1911.09737).
 
@@ -67,8 +67,7 @@ class _FilterResponseNorm(nn.Module):
         >>> y = frn(torch.randn(2, 16, 8, 8))   # FRN + TLU
     """
 
-    _ranks: tuple[int, ...] = ()
-    _layout: str = ""
+    _dim_layouts = {**DIM_LAYOUTS, 1: ((3,), "(N, C, L)")}
 
     def __init__(
         self,
@@ -120,10 +119,7 @@ class _FilterResponseNorm(nn.Module):
         return self.eps
 
     def forward(self, input: Tensor) -> Tensor:
-        name = type(self).__name__
-        check_floating(name, input)
-        check_rank(name, input, self._ranks, self._layout)
-        check_channels(name, input, self.num_features)
+        self._check_input(input)
         eps = self.effective_eps()
         if self.tau is not None:
             return NF.frn_tlu(input, self.weight, self.bias, self.tau, eps, backend=self.backend)
@@ -138,22 +134,16 @@ class _FilterResponseNorm(nn.Module):
         return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")
 
 
-class FilterResponseNorm1d(_FilterResponseNorm):
-    __doc__ = _FilterResponseNorm.__doc__
-    _ranks = (3,)
-    _layout = "(N, C, L)"
+class FilterResponseNorm1d(_FilterResponseNorm, dims=1):
+    pass
 
 
-class FilterResponseNorm2d(_FilterResponseNorm):
-    __doc__ = _FilterResponseNorm.__doc__
-    _ranks = (4,)
-    _layout = "(N, C, H, W)"
+class FilterResponseNorm2d(_FilterResponseNorm, dims=2):
+    pass
 
 
-class FilterResponseNorm3d(_FilterResponseNorm):
-    __doc__ = _FilterResponseNorm.__doc__
-    _ranks = (5,)
-    _layout = "(N, C, D, H, W)"
+class FilterResponseNorm3d(_FilterResponseNorm, dims=3):
+    pass
 
 
 class TLU(nn.Module):

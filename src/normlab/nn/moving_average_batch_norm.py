@@ -116,13 +116,12 @@ class _MovingAverageBatchNorm(NormBase):
         check_mabn_options(name, window, warmup_iters, r_clip, momentum, r_warmup_iters)
         # The base registers running_mean/running_var together; MABN has no mean,
         # so it takes neither and registers its own state below.
-        super().__init__(num_features, eps, momentum, affine, False, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, False, device, dtype, process_group)
         self.track_running_stats = True
         self.window = int(window)
         self.warmup_iters = int(warmup_iters)
         self.r_clip = float(r_clip)
         self.r_warmup_iters = None if r_warmup_iters is None else int(r_warmup_iters)
-        self.process_group = process_group
         factory = {"device": device, "dtype": dtype}
         del self.running_mean
         self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -174,19 +173,13 @@ class _MovingAverageBatchNorm(NormBase):
         return s
 
 
-class MovingAverageBatchNorm1d(_MovingAverageBatchNorm):
-    __doc__ = _MovingAverageBatchNorm.__doc__
-    _ranks = (2, 3)
-    _layout = "(N, C) or (N, C, L)"
+class MovingAverageBatchNorm1d(_MovingAverageBatchNorm, dims=1):
+    pass
 
 
-class MovingAverageBatchNorm2d(_MovingAverageBatchNorm):
-    __doc__ = _MovingAverageBatchNorm.__doc__
-    _ranks = (4,)
-    _layout = "(N, C, H, W)"
+class MovingAverageBatchNorm2d(_MovingAverageBatchNorm, dims=2):
+    pass
 
 
-class MovingAverageBatchNorm3d(_MovingAverageBatchNorm):
-    __doc__ = _MovingAverageBatchNorm.__doc__
-    _ranks = (5,)
-    _layout = "(N, C, D, H, W)"
+class MovingAverageBatchNorm3d(_MovingAverageBatchNorm, dims=3):
+    pass

@@ -74,8 +74,6 @@ class _SwitchableNorm(NormBase):
         >>> torch.softmax(sn.mean_weight, 0)  # the learned (IN, LN, BN) mixture
     """
 
-    _rank: int = 4
-
     def __init__(
         self,
         num_features: int,
@@ -103,16 +101,16 @@ class _SwitchableNorm(NormBase):
             bool(track_running_stats) and self.using_bn,
             device,
             dtype,
+            process_group,
         )
-        k = len(switchable_norm_components(self._rank, self.using_bn))
+        k = len(self.components)
         self.mean_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
         self.var_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
-        self.process_group = process_group
 
     @property
     def components(self) -> tuple[str, ...]:
         """Names of the mixed normalizers, in the order of the logits."""
-        return switchable_norm_components(self._rank, self.using_bn)
+        return switchable_norm_components(self._ranks[0], self.using_bn)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -153,23 +151,16 @@ class _SwitchableNorm(NormBase):
 
 class SwitchableNorm1d(_SwitchableNorm):
     __doc__ = _SwitchableNorm.__doc__
-    _rank = 2
     _ranks = (2,)
     _layout = "(N, C); for (N, C, L) use SwitchableNorm2d on x.unsqueeze(-1)"
 
 
-class SwitchableNorm2d(_SwitchableNorm):
-    __doc__ = _SwitchableNorm.__doc__
-    _rank = 4
-    _ranks = (4,)
-    _layout = "(N, C, H, W)"
+class SwitchableNorm2d(_SwitchableNorm, dims=2):
+    pass
 
 
-class SwitchableNorm3d(_SwitchableNorm):
-    __doc__ = _SwitchableNorm.__doc__
-    _rank = 5
-    _ranks = (5,)
-    _layout = "(N, C, D, H, W)"
+class SwitchableNorm3d(_SwitchableNorm, dims=3):
+    pass
 
 
 def _per_channel(name: str, key: str, t: Tensor, c: int) -> Tensor:
