@@ -48,3 +48,21 @@ def lazy_attributes(
 def names_from(modules: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, str | None]]:
     """The ``sources`` of :func:`lazy_attributes` from each module and the names it exports."""
     return {name: (module, name) for module, names in modules.items() for name in names}
+
+
+def lazy_package(
+    package: str,
+    namespace: dict[str, Any],
+    modules: dict[str, tuple[str, ...]],
+    private: dict[str, tuple[str, str | None]] | None = None,
+) -> tuple[list[str], Callable[[str], Any], Callable[[], list[str]]]:
+    """``__all__``, ``__getattr__`` and ``__dir__`` of a package from its one module table.
+
+    ``modules`` maps each relative module to the public names it exports; ``__all__``
+    is those names, sorted. ``private`` adds names resolved the same way but not
+    exported. For type checkers the package imports the same names under
+    ``TYPE_CHECKING`` as explicit re-exports (``from .m import x as x``).
+    """
+    sources = {**names_from(modules), **(private or {})}
+    exported = sorted(name for names in modules.values() for name in names)
+    return (exported, *lazy_attributes(package, namespace, sources, exported))

@@ -12,16 +12,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes, names_from
+from .._lazy import lazy_package
 
 if TYPE_CHECKING:
-    from .cases import CATALOGUE, LayerCase
+    from .cases import CATALOGUE as CATALOGUE
+    from .cases import LayerCase as LayerCase
     from .selfcheck import (
-        CheckResult,
-        check_case,
-        prepare,
-        randomize,
-        run_checks,
+        CheckResult as CheckResult,
+    )
+    from .selfcheck import (
+        check_case as check_case,
+    )
+    from .selfcheck import (
+        prepare as prepare,
+    )
+    from .selfcheck import (
+        randomize as randomize,
+    )
+    from .selfcheck import (
+        run_checks as run_checks,
     )
 
 #: Each module and the public names that live there.
@@ -29,15 +38,5 @@ _MODULES = {
     ".cases": ("CATALOGUE", "LayerCase"),
     ".selfcheck": ("CheckResult", "check_case", "prepare", "randomize", "run_checks"),
 }
-__all__ = [
-    "CATALOGUE",
-    "CheckResult",
-    "LayerCase",
-    "check_case",
-    "prepare",
-    "randomize",
-    "run_checks",
-]
-_LAZY = names_from(_MODULES)
 
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)
+__all__, __getattr__, __dir__ = lazy_package(__name__, globals(), _MODULES)

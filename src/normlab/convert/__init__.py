@@ -15,19 +15,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes, names_from
+from .._lazy import lazy_package
 
 if TYPE_CHECKING:
-    from ..fuse import fuse_conv_bn
-    from ..kinds import is_batch_norm, is_frozen_batch_norm
-    from .freeze import freeze_bn, unfreeze_bn
-    from .frozen_stats import is_stats_frozen
-    from .norms import convert_norms
-    from .select import Selection, select_modules
+    from ..fuse import fuse_conv_bn as fuse_conv_bn
+    from ..kinds import is_batch_norm as is_batch_norm
+    from ..kinds import is_frozen_batch_norm as is_frozen_batch_norm
+    from .freeze import freeze_bn as freeze_bn
+    from .freeze import unfreeze_bn as unfreeze_bn
+    from .frozen_stats import is_stats_frozen as is_stats_frozen
+    from .norms import convert_norms as convert_norms
+    from .select import Selection as Selection
+    from .select import select_modules as select_modules
     from .surgery import (
-        ConversionReport,
-        Replacement,
-        Skipped,
+        ConversionReport as ConversionReport,
+    )
+    from .surgery import (
+        Replacement as Replacement,
+    )
+    from .surgery import (
+        Skipped as Skipped,
     )
 
 #: Each module and the public names that live there.
@@ -40,20 +47,5 @@ _MODULES = {
     "..fuse": ("fuse_conv_bn",),
     "..kinds": ("is_batch_norm", "is_frozen_batch_norm"),
 }
-__all__ = [
-    "ConversionReport",
-    "Replacement",
-    "Selection",
-    "Skipped",
-    "convert_norms",
-    "freeze_bn",
-    "fuse_conv_bn",
-    "is_batch_norm",
-    "is_frozen_batch_norm",
-    "is_stats_frozen",
-    "select_modules",
-    "unfreeze_bn",
-]
-_LAZY = names_from(_MODULES)
 
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)
+__all__, __getattr__, __dir__ = lazy_package(__name__, globals(), _MODULES)

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes, names_from
+from .._lazy import lazy_package
 
 if TYPE_CHECKING:
-    from .codes import CODES, Finding
-    from .diagnosis import DoctorForwardError, diagnose
-    from .report import FindingGroup, LayerInfo, Report
-    from .target import DoctorTargetError, load_target
+    from .codes import CODES as CODES
+    from .codes import Finding as Finding
+    from .diagnosis import DoctorForwardError as DoctorForwardError
+    from .diagnosis import diagnose as diagnose
+    from .report import FindingGroup as FindingGroup
+    from .report import LayerInfo as LayerInfo
+    from .report import Report as Report
+    from .target import DoctorTargetError as DoctorTargetError
+    from .target import load_target as load_target
 
 #: Each module and the public names that live there.
 _MODULES = {
@@ -27,17 +32,5 @@ _MODULES = {
     ".report": ("FindingGroup", "LayerInfo", "Report"),
     ".target": ("DoctorTargetError", "load_target"),
 }
-__all__ = [
-    "CODES",
-    "DoctorForwardError",
-    "DoctorTargetError",
-    "Finding",
-    "FindingGroup",
-    "LayerInfo",
-    "Report",
-    "diagnose",
-    "load_target",
-]
-_LAZY = names_from(_MODULES)
 
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)
+__all__, __getattr__, __dir__ = lazy_package(__name__, globals(), _MODULES)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes, names_from
+from .._lazy import lazy_package
 
 if TYPE_CHECKING:
-    from .check import compare_outputs
-    from .folding import fuse_conv_bn
-    from .report import REASONS, FuseReport
+    from .check import compare_outputs as compare_outputs
+    from .folding import fuse_conv_bn as fuse_conv_bn
+    from .report import REASONS as REASONS
+    from .report import FuseReport as FuseReport
 
 #: Each module and the public names that live there.
 _MODULES = {
@@ -23,12 +24,5 @@ _MODULES = {
     ".check": ("compare_outputs",),
     ".folding": ("fuse_conv_bn",),
 }
-__all__ = [
-    "FuseReport",
-    "REASONS",
-    "compare_outputs",
-    "fuse_conv_bn",
-]
-_LAZY = names_from(_MODULES)
 
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)
+__all__, __getattr__, __dir__ = lazy_package(__name__, globals(), _MODULES)

@@ -13,27 +13,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes, names_from
+from .._lazy import lazy_package
 
 if TYPE_CHECKING:
-    from .population import KINDS, recalibration_kind
+    from .population import KINDS as KINDS
+    from .population import recalibration_kind as recalibration_kind
     from .recalibration import (
-        RecalibrationReport,
-        recalibrate,
+        RecalibrationReport as RecalibrationReport,
+    )
+    from .recalibration import (
+        recalibrate as recalibrate,
     )
 
-#: Each module and the public names that live there.
+#: Each module and the public names that live there (``_Population``, the accumulator,
+#: resolves too, for tests).
 _MODULES = {
     ".population": ("KINDS", "recalibration_kind"),
     ".recalibration": ("RecalibrationReport", "recalibrate"),
 }
-__all__ = [
-    "KINDS",
-    "RecalibrationReport",
-    "recalibrate",
-    "recalibration_kind",
-]
-_LAZY = names_from(_MODULES)
-_LAZY["_Population"] = (".population", "Population")  # the accumulator, for tests
 
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, __all__)
+__all__, __getattr__, __dir__ = lazy_package(
+    __name__, globals(), _MODULES, private={"_Population": (".population", "Population")}
+)
