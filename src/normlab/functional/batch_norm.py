@@ -29,6 +29,47 @@ if TYPE_CHECKING:
 __all__ = ["batch_norm", "frozen_batch_norm"]
 
 
+def check_batch_norm_input(
+    layer: str, input: Tensor, eps: float, training: bool, process_group: object
+) -> ProcessGroup | None:
+    """The input checks of a batch-statistics functional (BatchNorm, CBN); the process
+    group to pool over in training (None in eval)."""
+    check_floating(layer, input)
+    # torch's rule: eps=0 is fine with fixed statistics, not with batch statistics.
+    check_eps(layer, eps, zero_ok=not training)
+    check_min_dims(layer, input, 2)
+    return resolve_process_group(process_group) if training else None
+
+
+def check_batch_norm_params(
+    layer: str,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+) -> Tensor | None:
+    """Check the per-channel tensors; in eval (which needs both running statistics) the
+    stored variance to normalize with, in training ``running_var`` as given."""
+    check_params(
+        layer,
+        (input.shape[1],),
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    if training:
+        return running_var
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{layer}: training=False needs running_mean and running_var; pass "
+            "training=True to normalize with batch statistics."
+        )
+    return stored_variance(layer, running_var)
+
+
 def _cast(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if p is None else p.to(dtype)
 
@@ -83,24 +124,14 @@ def batch_norm(
         Tensor of the input's shape, dtype and memory format.
     """
     layer = "batch_norm"
-    check_floating(layer, input)
-    # torch's rule: eps=0 is fine with fixed statistics, not with batch statistics.
-    check_eps(layer, eps, zero_ok=not training)
-    check_min_dims(layer, input, 2)
-    group = resolve_process_group(process_group) if training else None
+    group = check_batch_norm_input(layer, input, eps, training, process_group)
     # Only eval mode (fixed statistics: one elementwise pass) has a Triton kernel.
     path = choose_path(Op.BATCH_NORM if training else Op.BATCH_NORM_EVAL, input, backend, group)
     c = input.shape[1]
-    check_params(
-        layer, (c,), weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    running_var = check_batch_norm_params(
+        layer, input, weight, bias, running_mean, running_var, training
     )
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                f"{layer}: training=False needs running_mean and running_var; pass "
-                "training=True to normalize with batch statistics."
-            )
-        running_var = stored_variance(layer, running_var)
         if path is Path.TRITON:
             from ..kernels import fused_frozen_batch_norm
 

@@ -42,23 +42,18 @@ from torch import Tensor
 
 from .._core.checks import (
     check_batch_count,
-    check_eps,
-    check_floating,
-    check_min_dims,
-    check_params,
-    stored_variance,
 )
 from .._core.collectives import (
     all_reduce_sum,
     check_global_count,
     local_moments,
-    resolve_process_group,
     sync_moments,
 )
 from .._core.dispatch import Op, choose_path
 from .._core.normalize import affine_normalize
 from .._core.running import all_finite, guarded_copy_, note, update_running_stats
 from .._core.stats import acc_dtype, centered, centered_moments, pivot, reduced_count
+from .batch_norm import check_batch_norm_input, check_batch_norm_params
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -233,23 +228,12 @@ def cross_iteration_batch_norm(
     Returns:
         Tensor of the input's shape, dtype and memory format.
     """
-    check_floating(_LAYER, input)
-    check_eps(_LAYER, eps, zero_ok=not training)
-    check_min_dims(_LAYER, input, 2)
-    group = resolve_process_group(process_group) if training else None
+    group = check_batch_norm_input(_LAYER, input, eps, training, process_group)
     op = Op.CROSS_ITERATION_BATCH_NORM if training else Op.CROSS_ITERATION_BATCH_NORM_EVAL
     choose_path(op, input, backend, group)
     c = input.shape[1]
-    check_params(
-        _LAYER, (c,), weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
+    var = check_batch_norm_params(_LAYER, input, weight, bias, running_mean, running_var, training)
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                f"{_LAYER}: training=False needs running_mean and running_var; pass "
-                "training=True to normalize with batch statistics."
-            )
-        var = stored_variance(_LAYER, running_var)
         return affine_normalize(input, running_mean, var, weight, bias, eps)
     if input.numel() == 0:
         return affine_normalize(input, input.new_zeros(c), input.new_ones(c), weight, bias, eps)
