@@ -28,7 +28,7 @@ def test_scenes_boxes_are_the_painted_silhouettes():
         c, x1, y1, x2, y2 = b.T
         assert np.all((c >= 0) & (c <= 9) & (x1 >= 0) & (y1 >= 0) & (x2 <= 32) & (y2 <= 32))
         assert np.all((x2 > x1) & (y2 > y1))
-        assert np.all(x2 - x1 <= round(0.55 * 32))
+        assert np.all(x2 - x1 <= round(0.6 * 32))
 
 
 def test_scenes_are_seeded_and_test_stream_is_separate():

@@ -66,6 +66,13 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
         "folder of the --data annotations file)",
     )
     det.add_argument(
+        "--no-pretrain",
+        action="store_true",
+        help="train the detector from scratch (default: its backbone is first pretrained on "
+        "the classification images, once per norm family, and cached; frozen_bn, bn_eval "
+        "and bn+recal need it)",
+    )
+    det.add_argument(
         "--val-data",
         metavar="FILE.json",
         help="COCO annotations of the test images (default: a seeded 20%% of --data's)",
@@ -114,6 +121,8 @@ def task_options(args: argparse.Namespace) -> dict[str, Any]:
     after :func:`resolve_task_defaults` has put the task's defaults into ``args``."""
     resolve_task_defaults(args)
     detection_only = [o for o in ("images", "val_data") if getattr(args, o, None) is not None]
+    if getattr(args, "no_pretrain", False) and args.task != DETECTION_TASK:
+        detection_only.append("no_pretrain")
     if args.task != DETECTION_TASK and detection_only:
         flag = "--" + detection_only[0].replace("_", "-")
         raise ValueError(f"{flag} belongs to --task detection (COCO data); drop it or add it")
@@ -126,7 +135,10 @@ def task_options(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("--images and --val-data need --data annotations.json")
         if args.data is not None:
             args.data = data_spec(args.data, args.images, args.val_data)
-        return {"task": args.task, "widths": DETECTION_DEFAULTS.widths}
+        from ..lab.run.pretrain import DEFAULT_PRETRAIN
+
+        pretrain = None if args.no_pretrain else DEFAULT_PRETRAIN
+        return {"task": args.task, "widths": DETECTION_DEFAULTS.widths, "pretrain": pretrain}
     return {"task": args.task}
 
 

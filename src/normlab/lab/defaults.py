@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_MAX_TRAIN",
     "DETECTION_DEFAULTS",
+    "DETECTION_FROZEN",
     "DETECTION_TASK",
     "SEGMENTATION_DEFAULTS",
     "SEGMENTATION_TASK",
@@ -59,6 +60,9 @@ SEGMENTATION_TASK = "segmentation"
 #: Object detection (CenterNet loss, COCO AP by pycocotools): the lab's detector on the
 #: built-in detection scenes (:mod:`normlab.lab.data.det_scenes`) or a COCO file.
 DETECTION_TASK = "detection"
+#: Detection treatments that freeze a pretrained backbone's statistics (meaningless for a
+#: backbone trained from scratch; :mod:`normlab.lab.run.pretrain`).
+DETECTION_FROZEN = ("frozen_bn", "bn_eval", "bn+recal")
 #: Every task a run may have.
 TASKS = (CLASSIFICATION_TASK, SEGMENTATION_TASK, DETECTION_TASK)
 
@@ -92,10 +96,10 @@ class DetectionDefaults:
     """
 
     epochs: int = 3
-    base_lr: float = 0.08
+    base_lr: float = 0.4
     image_size: int = 48
     #: Training scenes (the built-in test set is always 300 scenes).
-    max_train: int = 600
+    max_train: int = 1000
     batch_sizes: tuple[int, ...] = (2, 4, 8)
     norms: tuple[str, ...] = ("bn", "frozen_bn", "bn_eval", "gn")
     #: Channels of the detector's stem and its stride-4 and stride-8 stages.

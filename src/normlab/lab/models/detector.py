@@ -10,7 +10,7 @@ Layout for ``widths = (w0, w1, w2)`` and ``neck`` channels n:
 * head: two towers of one 3×3 conv-norm-activation each, then a 1×1 conv (with bias):
   K class heatmap logits (bias −2.19, so every location starts at p ≈ 0.1, as in
   CenterNet) and 4 box channels: the centre's sub-cell offset (x, y) and the box size
-  (w, h), in units of the stride-4 map's cells.
+  (log w, log h), in units of the stride-4 map's cells.
 
 Output: ``(B, K + 4, S/4, S/4)``. :mod:`normlab.lab.tasks.detection` turns it into a loss
 and, by decoding (heatmap peaks by 3×3 max-pool NMS, top-k), into boxes.

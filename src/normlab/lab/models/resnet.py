@@ -50,14 +50,16 @@ __all__ = [
 
 #: Lab-only variants: ``name -> registry layer``. ``bn+recal`` and ``bn+recal-pb`` train
 #: exactly like BN; the trainer recalibrates their running statistics before evaluation.
-VARIANTS = {"bn+recal": "bn", "bn+recal_pb": "bn"}
+#: ``bn_eval`` (detection only, :mod:`normlab.lab.run.pretrain`): a pretrained BN whose
+#: statistics are frozen for fine-tuning.
+VARIANTS = {"bn+recal": "bn", "bn+recal_pb": "bn", "bn_eval": "bn"}
 #: Recalibrated variants -> the ``variance`` estimator the trainer passes to
 #: :func:`normlab.recalibrate.recalibrate` (precise BN) before each evaluation: the
 #: pooled variance of all values (``bn+recal``) or the mean of the per-batch variances
 #: (``bn+recal-pb``, what BN's moving average estimates).
 RECALIBRATED = {"bn+recal": "population", "bn+recal_pb": "per_batch"}
 #: How each variant is written (the README's spelling), by its case- and dash-folded form.
-_VARIANT_SPELLING = {"bn+recal": "bn+recal", "bn+recal_pb": "bn+recal-pb"}
+_VARIANT_SPELLING = {"bn+recal": "bn+recal", "bn+recal_pb": "bn+recal-pb", "bn_eval": "bn_eval"}
 
 
 def _known_names() -> list[str]:

@@ -21,6 +21,7 @@ from ..defaults import (
     DEFAULT_EPOCHS,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_TRAIN,
+    DETECTION_TASK,
     TASKS,
 )
 from ..models.resnet import canonical_norm
@@ -72,11 +73,19 @@ class RunConfig:
     #: Part of the protocol, not of the key: a store refuses runs of another data variant
     #: instead of storing them beside the old ones.
     data_hash: str | None = None
+    #: A detection run's pretraining protocol (:func:`normlab.lab.run.pretrain.spec`):
+    #: its backbone starts from the weights that protocol trains. None: from scratch.
+    pretrain: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", canonical_norm(self.norm))
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        if self.norm == "bn_eval" and self.task != DETECTION_TASK:
+            raise ValueError(
+                "norm 'bn_eval' (frozen statistics, trainable affine) fine-tunes a pretrained "
+                "backbone: it belongs to --task detection; use bn or frozen_bn here"
+            )
         if self.ranks < 1:
             raise ValueError(f"ranks must be >= 1, got {self.ranks}")
         if self.batch_size < 2:
@@ -142,7 +151,7 @@ class RunConfig:
             d.pop("ranks")
         if d["stem_stride"] == 1:
             d.pop("stem_stride")
-        for name in ("steps", "model", "model_hash"):
+        for name in ("steps", "model", "model_hash", "pretrain"):
             if d[name] is None:
                 d.pop(name)
         if d["task"] == CLASSIFICATION_TASK:

@@ -11,12 +11,13 @@ Loss (:class:`Detection`, per network, after CenterNet, Zhou et al. 2019): each 
 centre ``(cx, cy)`` on the map marks the peak cell ``(⌊cx⌋, ⌊cy⌋)`` of a Gaussian of
 σ = max(0.5, √(w·h)/6) map cells in its class's heatmap (the maximum where two overlap);
 the heatmap's penalty-reduced focal loss (α = 2, β = 4) over all cells, plus, at each
-object's peak cell, the L1 loss of the sub-cell offset (weight 1) and of the size in
-cells (weight 0.1), all divided by the network's number of objects (at least 1).
+object's peak cell, the L1 loss of the sub-cell offset and of the log of the size in
+cells (both weight 1; a log size makes the error relative, as IoU is), all divided by
+the network's number of objects (at least 1).
 
 Decoding (:func:`decode`): heatmap probabilities, the local maxima of a 3×3 max-pool
 (CenterNet's NMS), the top :data:`TOP_K` over classes and cells; each box from its cell,
-offset and size, scaled by the stride and clipped to the image.
+offset and size (e to the predicted log size), scaled by the stride and clipped to the image.
 
 Metrics, in %: ``ap_error`` = 100 − AP (the headline, "lower is better" like the other
 tasks' errors, so the report's statistics and ``normlab compare`` apply unchanged),
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..defaults import DETECTION_FROZEN
 from ..models.detector import STRIDE, build_detector
 from ..models.resnet import resolve_norm
 from .detection_ap import coco_ap
@@ -50,7 +52,8 @@ __all__ = ["DETECTION_METRICS", "TOP_K", "Detection", "decode", "detection_model
 DETECTION_METRICS = ("ap_error", "ap", "ap50", "ap75")
 #: Detections kept per image.
 TOP_K = 20
-_SIZE_WEIGHT = 0.1
+_SIZE_WEIGHT = 1.0
+_MAX_LOG_SIZE = 8.0  # cells: e^8 is far beyond any map, so decoding never overflows
 
 
 def _heat_targets(target: torch.Tensor, k: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
@@ -69,7 +72,7 @@ def _heat_targets(target: torch.Tensor, k: int, h: int, w: int) -> tuple[torch.T
     heat = (gauss[:, :, None] * onehot[..., None, None]).amax(1)
     cell = (iy * w + ix).long()
     offset = torch.stack([cx - ix, cy - iy], -1)
-    size = torch.stack([x2 - x1, y2 - y1], -1)
+    size = torch.stack([x2 - x1, y2 - y1], -1).clamp_min(1e-3).log()
     return heat, cell, offset, size, valid
 
 
@@ -101,7 +104,7 @@ def decode(output: torch.Tensor, num_classes: int, top_k: int = TOP_K) -> torch.
     box = output[:, num_classes:].flatten(2).gather(2, pix[:, None].expand(-1, 4, -1))
     cx = (pix % w).to(output.dtype) + box[:, 0]
     cy = (pix // w).to(output.dtype) + box[:, 1]
-    bw, bh = box[:, 2].clamp_min(0), box[:, 3].clamp_min(0)
+    bw, bh = box[:, 2].clamp(max=_MAX_LOG_SIZE).exp(), box[:, 3].clamp(max=_MAX_LOG_SIZE).exp()
     xs = torch.stack([cx - bw / 2, cx + bw / 2], -1).mul(STRIDE).clamp(0, w * STRIDE)
     ys = torch.stack([cy - bh / 2, cy + bh / 2], -1).mul(STRIDE).clamp(0, h * STRIDE)
     return torch.stack(
@@ -168,7 +171,18 @@ class Detection:
 
 def detection_model(config: RunConfig, split: DetSplit, packs: int = 1) -> nn.Module:
     """The default model builder of a detection run trained from scratch: the lab's
-    detector with the run's norm. One network per run (unpacked)."""
+    detector with the run's norm. One network per run (unpacked). A pretrained run
+    (``config.pretrain``) is built by :class:`normlab.lab.run.pretrain.DetectionBuilder`."""
+    if config.norm in DETECTION_FROZEN:
+        raise ValueError(
+            f"norm {config.norm!r} freezes a pretrained backbone's statistics; a detector "
+            "trained from scratch has none: pretrain it (normlab.lab.run.pretrain)"
+        )
+    if config.pretrain is not None:
+        raise ValueError(
+            f"run {config.norm}@{config.batch_size} fine-tunes a pretrained backbone "
+            f"({config.pretrain}); train it with build=normlab.lab.run.pretrain.DetectionBuilder()"
+        )
     if packs != 1:
         raise ValueError(
             f"the lab's detector trains one seed per model; it cannot be packed {packs} "
