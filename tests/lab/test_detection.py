@@ -142,6 +142,7 @@ def test_cli_sweep_trains_detection_and_stores_ap(tmp_path):
         "sweep",
         "--task",
         "detection",
+        "--no-pretrain",
         "--norms",
         "bn,gn",
         "--batch-sizes",
@@ -170,4 +171,5 @@ def test_cli_sweep_trains_detection_and_stores_ap(tmp_path):
         m = r.final_metrics
         assert set(m) == {"ap_error", "ap", "ap50", "ap75"}
         assert r.final_error == pytest.approx(100.0 - m["ap"]) and 0 <= m["ap"] <= 100
-    assert (tmp_path / "rep" / "report.md").is_file()
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "Test COCO AP@[.5:.95]" in report and "Backbone trained from scratch" in report

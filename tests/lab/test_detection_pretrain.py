@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from normlab.cli import main
+from normlab.lab.analysis.report import render_markdown
 from normlab.lab.data.det_scenes import detection_scenes
 from normlab.lab.run.config import RunConfig
 from normlab.lab.run.pretrain import DetectionBuilder, family, pretrained_backbone, spec
@@ -130,3 +131,6 @@ def test_pretrained_run_trains_and_records_its_protocol():
     assert record.conversion["pretrain"] == TINY
     assert len(record.conversion["staleness"]) == 7
     assert set(record.final_metrics) == {"ap_error", "ap", "ap50", "ap75"}
+    report = render_markdown([record])
+    assert "Frozen statistics vs the detection images'" in report
+    assert "| bn_eval |" in report and TINY in report

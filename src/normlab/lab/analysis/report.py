@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..run.protocol import protocol_key, protocol_names, protocol_of
 from ..run.train import RunRecord
+from . import report_det as det
 from . import report_seg as seg
 from .cells import Cell
 from .report_models import conversion_lines, model_lines, training_length
@@ -247,7 +248,13 @@ def _protocol_lines(records: Sequence[RunRecord]) -> list[str]:
         *model_lines(r, values),
     ]
     return [
-        *(seg.segmentation_protocol_lines(r) if seg.is_segmentation([r]) else head),
+        *(
+            seg.segmentation_protocol_lines(r)
+            if seg.is_segmentation([r])
+            else det.detection_protocol_lines(r)
+            if det.is_detection([r])
+            else head
+        ),
         f"- SGD momentum 0.9, weight decay {c.weight_decay}, lr = {c.base_lr} × batch / 32, "
         + training_length(c)
         + "; test error in eval mode (BN: running statistics).",
@@ -295,6 +302,7 @@ def render_markdown(
         out += [f"![test error vs batch size]({plot_name})", ""]
     tables = {m: markdown_table(metric_cells(records, m)) for m in seg.METRIC_TITLES}
     out += seg.headline_sections(records, markdown_table(cells), tables)
+    out += det.detection_sections(records, lambda m: markdown_table(metric_cells(records, m)))
     diverged = [x for x in records if x.diverged]
     if diverged:
         out += [
@@ -348,6 +356,8 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path) -> ReportFil
         png = seg.plot_segmentation(
             {m: metric_cells(records, m) for m in seg.METRIC_TITLES}, out / "sweep.png"
         )
+    elif det.is_detection(records):
+        png = plot_errors(cells, out / "sweep.png", "Detection: 100 − COCO AP@[.5:.95]")
     else:
         png = plot_errors(cells, out / "sweep.png")
     md = out / "report.md"
