@@ -99,7 +99,7 @@ class DetectionDefaults:
     base_lr: float = 0.4
     image_size: int = 48
     #: Training scenes (the built-in test set is always 300 scenes).
-    max_train: int = 1000
+    max_train: int = 800
     batch_sizes: tuple[int, ...] = (2, 4, 8)
     norms: tuple[str, ...] = ("bn", "frozen_bn", "bn_eval", "gn")
     #: Channels of the detector's stem and its stride-4 and stride-8 stages.

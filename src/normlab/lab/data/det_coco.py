@@ -295,8 +295,8 @@ def parse_data_spec(spec: str) -> tuple[str, str | None, str | None]:
 
 def load_detection_split(data: str | None, image_size: int, max_train: int | None) -> DetSplit:
     """The (cached) data of a detection run: the built-in scenes (``data=None``;
-    ``max_train`` training scenes, default 1000) or a :func:`data_spec` of COCO files."""
+    ``max_train`` training scenes, default 800) or a :func:`data_spec` of COCO files."""
     if data is None:
-        return detection_scenes(max_train or 1000, DEFAULT_DET_TEST, image_size)
+        return detection_scenes(max_train or 800, DEFAULT_DET_TEST, image_size)
     path, images, val_data = parse_data_spec(data)
     return load_coco_split(path, images, val_data, image_size, max_train)
