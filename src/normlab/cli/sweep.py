@@ -64,7 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         help="a .npz with x, y or a folder of class sub-folders; segmentation: a folder of "
-        "images/ and masks/ (default: embedded Animal-MNIST; built-in silhouette scenes)",
+        "images/ and masks/; detection: a COCO annotations .json (default: embedded "
+        "Animal-MNIST; built-in silhouette scenes; built-in detection scenes)",
     )
     p.add_argument(
         "--image-size",
