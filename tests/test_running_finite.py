@@ -1,11 +1,13 @@
 """Running statistics are never written non-finite (issue #24 item 3).
 
 For every normlab layer with running statistics: a training batch holding one inf,
-one NaN and an all-inf channel leaves every buffer bitwise unchanged (running
-statistics, ``num_batches_tracked``, each layer's own state), the output is what
-the math gives (NaN where torch's layer gives NaN), the layer warns once and counts
-the batch, the state_dict keys stay the same, and the next finite batch updates the
-state exactly as if the bad batches had never been seen.
+one NaN and an all-inf channel leaves the bad channels' running statistics bitwise
+unchanged (for the layers with a window per layer, MABN and CBN, every buffer:
+the window, the statistics, ``num_batches_tracked``), while the finite channels of
+the per-channel layers update exactly as from the clean batch (packed seeds of one
+layer stay independent); the output is what the math gives (NaN where torch's layer
+gives NaN), the layer warns once and counts the batch, the state_dict keys stay the
+same, and the next finite batches update the state as before.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Case:
     shape: tuple[int, ...]
     torch_twin: Callable[[], nn.Module] | None = None
     conv: bool = False  # the input is a convolution's output (CBN pools over iterations)
+    windowed: bool = False  # a window per layer (MABN, CBN): a bad batch is kept out whole
     channels_coupled: bool = False  # a bad channel reaches every output (SN's LN branch)
 
 
@@ -88,11 +91,13 @@ CASES = [
         "mabn2d",
         lambda: nnl.MovingAverageBatchNorm2d(C, window=2, warmup_iters=1).to(F64),
         (4, C, 3, 3),
+        windowed=True,
     ),
     Case(
         "mabn2d_cumulative",
         lambda: nnl.MovingAverageBatchNorm2d(C, momentum=None, window=3, warmup_iters=0).to(F64),
         (4, C, 3, 3),
+        windowed=True,
     ),
     Case("evonorm_b0", lambda: nnl.EvoNormB0_2d(C).to(F64), (4, C, 3, 3)),
     Case(
@@ -100,6 +105,7 @@ CASES = [
         lambda: nnl.CrossIterationBatchNorm2d(C, buffer_size=2, burnin=0).to(F64),
         (4, 3, 5, 5),
         conv=True,
+        windowed=True,
     ),
 ]
 
@@ -168,18 +174,43 @@ def test_a_bad_batch_keeps_every_buffer_and_the_next_good_batch_updates_as_befor
     message = _skip_warnings(rec.list)[0]
     assert f"{type(ours.layer).__name__}({C})" in message and "normlab.guard" in message
     after = ours.buffers()
-    _assert_same(after, before)
     for k, v in after.items():
         assert not v.is_floating_point() or bool(torch.isfinite(v).all()), k
     assert list(ours.layer.state_dict()) == keys
     assert not any("nonfinite" in k for k in keys)
-    # The next finite batches: as if the bad ones had never been seen, to the bit.
-    for seed in (6, 7):
-        y = ours.step(seed)
-        y_clean = clean.step(seed)
-        assert torch.equal(y, y_clean)
-        _assert_same(ours.buffers(), clean.buffers())
+    if case.windowed:
+        _assert_same(after, before)
+        # The next finite batches: as if the bad ones had never been seen, to the bit.
+        for seed in (6, 7):
+            y = ours.step(seed)
+            y_clean = clean.step(seed)
+            assert torch.equal(y, y_clean)
+            _assert_same(ours.buffers(), clean.buffers())
+    else:
+        for seed in (3, 4, 5):  # the clean twin sees the same finite channels
+            clean.step(seed)
+        _assert_per_channel(after, before, clean.buffers())
+        for seed in (6, 7):
+            y, y_clean = ours.step(seed), clean.step(seed)
+            assert torch.equal(y[:, list(GOOD)], y_clean[:, list(GOOD)])
+        for k, v in ours.buffers().items():
+            if v.dim() == 1 and v.numel() == C:
+                assert torch.equal(v[list(GOOD)], clean.buffers()[k][list(GOOD)]), k
     assert ours.layer.nonfinite_batches_skipped == 3
+
+
+def _assert_per_channel(
+    after: dict[str, Tensor], before: dict[str, Tensor], clean: dict[str, Tensor]
+) -> None:
+    """Per-channel statistics: bad channels as before, good ones as the clean twin's;
+    the batch counts (``num_batches_tracked`` as the clean twin's)."""
+    assert after.keys() == before.keys() == clean.keys()
+    for k, v in after.items():
+        if v.dim() == 1 and v.numel() == C:
+            assert torch.equal(v[list(BAD)], before[k][list(BAD)]), k
+            assert torch.equal(v[list(GOOD)], clean[k][list(GOOD)]), k
+        else:
+            assert torch.equal(v, clean[k]), k
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -245,13 +276,20 @@ def test_update_running_stats_is_torchs_update_for_finite_values_and_flags_the_r
     rm, rv = mean.clone(), var.clone()
     with watch() as flags:
         finite = update_running_stats(rm, rv, bm, bv, 0.1)
-    assert bool(finite) and len(flags) == 1 and flags[0] is finite
+    assert bool(finite.all()) and len(flags) == 1 and flags[0] is finite
     assert torch.equal(rm, mean.mul(0.9).add(bm, alpha=0.1))
     assert torch.equal(rv, var.mul(0.9).add(bv, alpha=0.1))
-    bv[4] = float("inf")  # only the variance is bad: the mean is kept too
+    rm0, rv0 = rm.clone(), rv.clone()
+    bv[4] = float("inf")  # only channel 4's variance is bad: its mean is kept too
     finite = update_running_stats(rm, rv, bm, bv, 0.1)
-    assert not bool(finite)
-    assert torch.equal(rm, mean.mul(0.9).add(bm, alpha=0.1))
+    assert finite.tolist() == [True] * 4 + [False] + [True] * 2
+    assert rm[4] == rm0[4] and rv[4] == rv0[4]
+    others = [0, 1, 2, 3, 5, 6]
+    assert torch.equal(rm[others], rm0.mul(0.9).add(bm, alpha=0.1)[others])
+    assert torch.equal(rv[others], rv0.mul(0.9).add(bv, alpha=0.1)[others])
+    whole = update_running_stats(rm, rv, bm, bv, 0.1, per_channel=False)  # CBN's rule
+    assert whole.dim() == 0 and not bool(whole)
+    assert torch.equal(rm[others], rm0.mul(0.9).add(bm, alpha=0.1)[others])
     # A float32 variance that overflows the buffers' float16 is not written either.
     half = torch.ones(2, dtype=torch.float16)
     update_running_stats(None, half, torch.zeros(2), torch.tensor([1.0, 1e6]), 0.5)
@@ -270,8 +308,12 @@ def test_compiled_fullgraph_keeps_the_guard():
     kept = compiled_layer.running_mean.clone(), compiled_layer.running_var.clone()
     y = compiled(_poison(x))  # compiled: guarded, not counted nor warned
     assert bool(torch.isnan(y[:, 1]).all())
-    assert torch.equal(compiled_layer.running_mean, kept[0])
-    assert torch.equal(compiled_layer.running_var, kept[1])
+    bad, good = list(BAD), list(GOOD)
+    assert torch.equal(compiled_layer.running_mean[bad], kept[0][bad])
+    assert torch.equal(compiled_layer.running_var[bad], kept[1][bad])
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        eager(_poison(x))
+    assert_close(compiled_layer.running_mean[good], eager.running_mean[good], torch.float32)
     x2 = offcenter(4, C, 3, 3, dtype=torch.float32, seed=1)
     assert_close(compiled(x2), eager(x2), torch.float32)
     assert_close(compiled_layer.running_mean, eager.running_mean, torch.float32)

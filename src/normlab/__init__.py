@@ -13,13 +13,15 @@ from ._lazy import lazy_attributes
 if TYPE_CHECKING:
     from . import functional, nn
     from ._core.checks import NormShapeError
+    from ._core.running import NonFiniteStatisticsWarning
 
 __version__ = "0.1.0"
 
-__all__ = ["NormShapeError", "__version__", "functional", "nn"]
+__all__ = ["NonFiniteStatisticsWarning", "NormShapeError", "__version__", "functional", "nn"]
 
 #: Exported name -> (module it lives in, attribute there or None for the module itself).
 _LAZY = {
+    "NonFiniteStatisticsWarning": ("._core.running", "NonFiniteStatisticsWarning"),
     "NormShapeError": ("._core.checks", "NormShapeError"),
     "functional": (".functional", None),
     "nn": (".nn", None),

@@ -2,9 +2,11 @@
 
 A batch whose statistics hold inf or NaN (an AMP overflow, a bad sample) would write
 them into the running statistics for good. Every write of running state goes through
-this module instead: :func:`update_running_stats` (torch's exponential update) and
-:func:`guarded_copy_` (a layer's own state: MABN's windows, CBN's window) write the
-new values only where the batch was finite, with ``torch.where`` on a 0-dim flag, so
+this module instead: :func:`update_running_stats` (torch's exponential update, per
+channel: a channel whose new mean or variance is not finite keeps its values, the
+others update, so the packed seeds of one layer stay independent) and
+:func:`guarded_copy_` (a layer's own state: MABN's windows, CBN's window, on a 0-dim
+flag) write the new values only where the batch was finite, with ``torch.where``, so
 nothing syncs with the host and ``torch.compile`` keeps one graph. A finite batch
 gives the same bits as the plain in-place update.
 
@@ -23,7 +25,20 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "guarded_copy_", "note", "snapshot", "update_running_stats", "watch"]
+__all__ = [
+    "NonFiniteStatisticsWarning",
+    "all_finite",
+    "guarded_copy_",
+    "note",
+    "snapshot",
+    "update_running_stats",
+    "watch",
+]
+
+
+class NonFiniteStatisticsWarning(RuntimeWarning):
+    """A layer kept its running statistics through a batch with inf/NaN statistics."""
+
 
 #: The innermost watcher's flag list, or None outside :func:`watch`.
 _WATCHER: ContextVar[list[Tensor] | None] = ContextVar("running_stats_watcher", default=None)
@@ -47,10 +62,10 @@ def snapshot(*tensors: Tensor) -> tuple[Tensor, ...]:
 def watch() -> Iterator[list[Tensor]]:
     """Collect the finite flags (0-dim bool tensors) of the guarded writes inside.
 
-    A flag is False when that write was skipped because the batch's values were
-    not finite. Nested watchers see only their own writes; each thread (and each
-    ``contextvars`` context) has its own, so ``nn.DataParallel``'s replicas do not
-    mix.
+    A flag (0-dim, or one per channel) is False where that write was skipped because
+    the batch's values were not finite. Nested watchers see only their own writes;
+    each thread (and each ``contextvars`` context) has its own, so
+    ``nn.DataParallel``'s replicas do not mix.
     """
     flags: list[Tensor] = []
     token = _WATCHER.set(flags)
@@ -90,13 +105,17 @@ def update_running_stats(
     batch_mean: Tensor,
     batch_var_unbiased: Tensor,
     momentum: float,
+    *,
+    per_channel: bool = True,
 ) -> Tensor | None:
-    """torch's update, in place: ``running = (1 − m)·running + m·batch``, if finite.
+    """torch's update, in place: ``running = (1 − m)·running + m·batch``, where finite.
 
-    When any written value of this batch (the mean and the unbiased variance, in the
-    buffers' dtype) is inf or NaN, both buffers keep their previous values. Returns
-    the 0-dim bool flag (True: updated), also handed to an active :func:`watch`;
-    None when there is no buffer to update.
+    A channel whose written values (the mean and the unbiased variance, in the
+    buffers' dtype) hold inf or NaN keeps its previous values in both buffers; the
+    other channels update. With ``per_channel=False`` (a layer whose other state is
+    kept per layer: CBN's window) any bad channel keeps every channel's values. Returns
+    the bool flag (per channel, or 0-dim; True: updated), also handed to an active
+    :func:`watch`; None when there is no buffer to update.
     """
     if running_mean is None and running_var is None:
         return None
@@ -106,7 +125,13 @@ def update_running_stats(
             for buf, new in ((running_mean, batch_mean), (running_var, batch_var_unbiased))
             if buf is not None
         ]
-        finite = all_finite(*(new for _, new in pairs))
+        news = [new for _, new in pairs]
+        if per_channel and all(n.shape == news[0].shape for n in news):
+            finite = torch.isfinite(news[0])
+            for n in news[1:]:
+                finite = finite & torch.isfinite(n)
+        else:
+            finite = all_finite(*news)
         for buf, new in pairs:
             # The same ops as torch's in-place update, so a finite batch gives its bits.
             blended = buf.mul(1.0 - momentum).add(new, alpha=momentum)

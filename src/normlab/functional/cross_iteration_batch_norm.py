@@ -257,7 +257,9 @@ def cross_iteration_batch_norm(
     y = affine_normalize(input, mean, var, weight, bias, eps)
     n = batch.count if isinstance(batch.count, int) else batch.count.to(batch.var.dtype)
     unbiased = batch.var.detach() * (n / (n - 1))
-    update_running_stats(running_mean, running_var, batch.mean.detach(), unbiased, momentum)
+    update_running_stats(
+        running_mean, running_var, batch.mean.detach(), unbiased, momentum, per_channel=False
+    )
     if pool:
         _push(window, batch, grads, conv_weight)  # type: ignore[arg-type]
     return y

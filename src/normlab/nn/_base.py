@@ -8,9 +8,11 @@ ranks; a 1d/2d/3d class names its ``dims=`` instead, :class:`ByDims`) and writes
 ``forward``, which :func:`guards_running_stats` wraps (every subclass, via
 ``__init_subclass__``). ``process_group`` is stored for the layers that sync.
 
-Non-finite batches: the functionals keep a layer's running state when a batch's
-statistics are inf/NaN (:mod:`normlab._core.running`); here the layer learns of it,
-puts ``num_batches_tracked`` back (a skipped batch is not a batch averaged), counts
+Non-finite batches: the functionals keep a layer's running state where a batch's
+statistics are inf/NaN (per channel; per layer for windowed state, see
+:mod:`normlab._core.running`); here the layer learns of it, puts
+``num_batches_tracked`` back when no channel took the batch (a skipped batch is not a
+batch averaged), counts
 it in :attr:`NormBase.nonfinite_batches_skipped` (a plain attribute: no state_dict
 key) and warns once. On CPU the flag is read at once; on a GPU the count stays on
 the device until the next natural sync point (``.eval()`` / ``.train(False)``,
@@ -37,7 +39,7 @@ from .._core.checks import (
     check_rank,
     refuse_under_transforms,
 )
-from .._core.running import watch
+from .._core.running import NonFiniteStatisticsWarning, watch
 
 _Forward = TypeVar("_Forward", bound=Callable[..., Any])
 
@@ -133,9 +135,9 @@ def guards_running_stats(forward: _Forward) -> _Forward:
     """Wrap the ``forward`` of a :class:`NormBase` layer (done for every subclass).
 
     In an eager training forward it collects the finite flags of the layer's guarded
-    writes (:func:`normlab._core.running.watch`); when one was skipped it puts
-    ``num_batches_tracked`` back to its value before the call and counts the batch
-    (see the module doc).
+    writes (:func:`normlab._core.running.watch`); when a channel was kept back it counts
+    the batch, and when no channel took it puts ``num_batches_tracked`` back to its
+    value before the call (see the module doc).
     """
 
     @functools.wraps(forward)
@@ -266,10 +268,12 @@ class NormBase(ByDims, nn.Module):
         self, flags: list[Tensor], counter: Tensor | None, before: Tensor | None
     ) -> None:
         """Undo the step count of a skipped batch and count it (no host sync on a GPU)."""
-        ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()
         with torch.no_grad():
+            ok = torch.stack([f.all() for f in flags]).all()  # nothing was kept back
             if counter is not None and before is not None:
-                counter.copy_(torch.where(ok, counter, before))
+                # The batch counts when any channel took it (packed seeds: the others).
+                updated = torch.stack([f.any() for f in flags]).any()
+                counter.copy_(torch.where(updated, counter, before))
             skipped = (~ok).to(torch.long)
         if read_at_once(skipped):
             self._count_skipped(int(skipped))
@@ -301,7 +305,7 @@ class NormBase(ByDims, nn.Module):
                 "source: an AMP overflow (bf16 autocast, torch.amp.GradScaler), a bad "
                 "sample, a diverging step; normlab.guard undoes the statistics of the steps "
                 "GradScaler skips.",
-                RuntimeWarning,
+                NonFiniteStatisticsWarning,
                 stacklevel=2,
             )
 

@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
+from ..._core.running import NonFiniteStatisticsWarning
 from ..data.images import Split
 from ..data.scenes import SegSplit
 from ..defaults import SEGMENTATION_TASK
@@ -78,7 +80,7 @@ def train_model(
     For ``config.ranks > 1`` every rank of the initialized process group calls this with
     the same config and data; the returned model is this rank's replica (unwrapped).
     """
-    model, [(history, diverged)] = train_loop(
+    model, [(history, diverged)] = _quiet_loop(
         [config],
         split,
         task=task,
@@ -192,7 +194,16 @@ def train_packed(
         ``on_epoch(i, stats)`` is called after each epoch of run ``i``.
     """
     check_packable(configs)
-    return train_loop(configs, split, task=task, build=build, on_epoch=on_epoch)
+    return _quiet_loop(configs, split, task=task, build=build, on_epoch=on_epoch)
+
+
+def _quiet_loop(*args: Any, **kwargs: Any) -> Any:
+    """:func:`train_loop` without the layers' non-finite-statistics warnings: a run whose
+    loss turns non-finite is recorded as diverged, and a packed run's NaN reaches only its
+    own channels of each layer (the others' statistics still update)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteStatisticsWarning)
+        return train_loop(*args, **kwargs)
 
 
 def train_runs(
