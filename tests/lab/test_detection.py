@@ -173,3 +173,20 @@ def test_cli_sweep_trains_detection_and_stores_ap(tmp_path):
         assert r.final_error == pytest.approx(100.0 - m["ap"]) and 0 <= m["ap"] <= 100
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "Test COCO AP@[.5:.95]" in report and "Backbone trained from scratch" in report
+
+
+def test_exported_coco_trains_through_data(tmp_path):
+    """`normlab data export-coco` then `normlab sweep --task detection --data ...`."""
+    assert main(["data", "export-coco", str(tmp_path / "c"), "--train", "8", "--val", "4",
+                 "--image-size", "32"]) == 0  # fmt: skip
+    argv = ["sweep", "--task", "detection", "--no-pretrain", "--norms", "gn",
+            "--batch-sizes", "2", "--seeds", "1", "--epochs", "1", "--image-size", "32",
+            "--data", str(tmp_path / "c/train.json"), "--val-data", str(tmp_path / "c/val.json"),
+            "--db", str(tmp_path / "d.db"), "--out", str(tmp_path / "rep"), "--workers", "1",
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    with RunStore(tmp_path / "d.db", create=False) as store:
+        [record] = store.records()
+    assert record.num_train == 8 and record.num_test == 4
+    assert record.config.data.endswith("|val=" + str(tmp_path / "c/val.json"))
+    assert set(record.final_metrics) == {"ap_error", "ap", "ap50", "ap75"}
