@@ -4,12 +4,8 @@ One decision, made here for every functional op by :func:`choose_path`, from a
 table (:data:`OP_PATHS`: which paths each op has, and why the others are missing),
 the input, the ``backend=`` argument, the process group and the context
 (``torch.compile``, export, ``torch.func`` transforms, tensor subclasses):
-
-* :attr:`Path.TRITON`: :mod:`normlab.kernels` on CUDA tensors (or on CPU tensors
-  under Triton's interpreter, for tests).
-* :attr:`Path.FUSED`: a hand-written CPU autograd.Function that saves only the
-  input and small statistics (:mod:`normlab._core.fused`).
-* :attr:`Path.AUTOGRAD`: plain torch ops, which every tool understands.
+:attr:`Path.TRITON` (:mod:`normlab.kernels`), :attr:`Path.FUSED` (a hand-written CPU
+autograd.Function, :mod:`normlab._core.fused`) or :attr:`Path.AUTOGRAD` (plain torch).
 
 Safe by default: ``backend="auto"`` takes the kernels only where a recorded GPU
 measurement enables them (:mod:`normlab._core.measured`, empty today) or where the

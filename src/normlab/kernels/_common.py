@@ -1,11 +1,7 @@
-"""Helpers shared by the kernel files: (N, C, S) views by strides, tile sizes and the
-launch plan, allocation (poisonable for tests), activations, the partial-row reduction.
-
-Every kernel sees its tensor as (N, C, S), S the flattened spatial dims, addressed
-as ``n·stride_n + c·stride_c + s·stride_s``. That covers NCHW-contiguous
-(stride_s = 1) and channels_last (stride_c = 1) without a copy; only a tensor whose
-spatial dims cannot be flattened by strides (a transposed H/W, say) is copied.
-"""
+"""Helpers shared by the kernel files: (N, C, S) views by strides, tiles and the launch
+plan, allocation (poisonable for tests), activations, the partial-row reduction. A kernel
+addresses ``n·stride_n + c·stride_c + s·stride_s`` (S: the flattened spatial dims), so
+NCHW and channels_last need no copy; only unflattenable spatial strides are copied."""
 
 from __future__ import annotations
 
@@ -21,13 +17,11 @@ from torch import Tensor
 
 from .._core.dispatch import interpreting
 
-# Elements of one program's tile. 2048 keeps 16 fp32 values per thread at 4 warps.
-# Chosen from the layout alone (no timing was possible when it was written): the
-# first thing to tune on a GPU.
+# Elements of one program's tile: 16 fp32 values per thread at 4 warps. Chosen from the
+# layout alone (untimed): the first thing to tune on a GPU.
 TILE = 2048
-# Under the interpreter every tile operation costs the same Python overhead whatever
-# its size, so tiles are big (one tile per program at test shapes); tests lower this
-# to run the multi-tile loops, their tail masks and the split paths.
+# Interpreter: a tile op costs the same whatever its size, so one big tile per program;
+# tests lower this to run the multi-tile loops, their tail masks and the split paths.
 INTERPRET_TILE = 4096
 
 _POISON = False
@@ -35,8 +29,7 @@ _POISON = False
 
 @contextlib.contextmanager
 def poisoned() -> Iterator[None]:
-    """Fill every buffer the kernels allocate with NaN (tests: a value that a kernel
-    forgot to write then cannot pass for a right one)."""
+    """Fill every buffer the kernels allocate with NaN (tests: an unwritten value fails)."""
     global _POISON
     old, _POISON = _POISON, True
     try:
@@ -60,8 +53,7 @@ def empty_like(t: Tensor) -> Tensor:
 
 
 def tl_acc(dtype: torch.dtype) -> tl.dtype:
-    """The kernels' accumulation dtype for input of ``dtype``, as
-    :func:`normlab._core.stats.acc_dtype` (``docs/numerics.md`` rule 1)."""
+    """The accumulation dtype for ``dtype``, as ``_core.stats.acc_dtype`` (numerics rule 1)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -99,7 +91,7 @@ def spatial_size(t: Tensor) -> int:
 
 
 def channels_fastest(sc: int, ss: int, s_len: int) -> bool:
-    """Whether channels are the contiguous axis (channels_last), so tiles run along C."""
+    """Whether channels are the contiguous axis (channels_last): tiles run along C."""
     return sc == 1 and (ss != 1 or s_len == 1)
 
 
@@ -108,8 +100,7 @@ def tile_size(device: torch.device) -> int:
 
 
 def tile(c_len: int, s_len: int, c_fast: bool, size: int) -> tuple[int, int]:
-    """``(BLOCK_C, BLOCK_S)``: powers of two with product <= ``size``, the contiguous
-    axis filled first (coalesced loads on either layout)."""
+    """``(BLOCK_C, BLOCK_S)``: powers of two, product <= ``size``, contiguous axis first."""
     p2c, p2s = triton.next_power_of_2(max(c_len, 1)), triton.next_power_of_2(max(s_len, 1))
     if c_fast:
         bc = min(p2c, size)
@@ -228,7 +219,7 @@ total = triton.jit(tl.sum.fn) if interpreting() else tl.sum
 
 def device_guard(t: Tensor) -> contextlib.AbstractContextManager[Any]:
     """``torch.cuda.device(t.device)`` for a CUDA tensor (Triton launches on the current
-    device, which need not be the tensor's), a no-op otherwise."""
+    device, not the tensor's), a no-op otherwise."""
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
@@ -272,8 +263,7 @@ def kernel_backward(label: str) -> Callable[[F], F]:
 
 
 def dense(t: Tensor | None) -> Tensor | None:
-    """``t`` contiguous (a sliced or expanded γ, β or τ; the kernels read (C,) vectors
-    as contiguous), or None."""
+    """``t`` contiguous (the kernels read a sliced or expanded γ, β or τ as (C,)), or None."""
     return None if t is None else t.contiguous()
 
 
