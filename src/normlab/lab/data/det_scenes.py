@@ -51,8 +51,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .images import ANIMAL_MNIST_CLASSES, resize
-from .prepare import data_hash, standardize
+from .images import ANIMAL_MNIST_CLASSES, ImageData, SplitViews, resize
+from .prepare import standardize
 from .scenes import _backgrounds, _silhouettes
 
 __all__ = [
@@ -80,22 +80,13 @@ _MAX_COVER = 0.3
 
 
 @dataclass(frozen=True)
-class DetData:
+class DetData(ImageData):
     """Unstandardized images ``x`` (float32 ``(N, C, S, S)`` in [0, 1]) and box targets ``y``
     (float32 ``(N, M, 5)``, module docstring), with the class names."""
 
-    x: torch.Tensor
-    y: torch.Tensor
-    classes: tuple[str, ...]
-    name: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
 
 @dataclass(frozen=True)
-class DetSplit:
+class DetSplit(SplitViews):
     """Standardized train and test images with box targets (module docstring)."""
 
     x_train: torch.Tensor
@@ -105,19 +96,6 @@ class DetSplit:
     num_classes: int
     classes: tuple[str, ...]
     name: str
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.x_train.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.x_train.shape[-1])
-
-    @functools.cached_property
-    def data_hash(self) -> str:
-        """:func:`~normlab.lab.data.prepare.data_hash` of this split."""
-        return data_hash(self)
 
 
 def pad_targets(boxes: list[np.ndarray], rows: int = 1) -> torch.Tensor:

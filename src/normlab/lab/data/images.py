@@ -46,6 +46,7 @@ __all__ = [
     "ImageData",
     "Split",
     "check_batch_size",
+    "SplitViews",
     "data_hash",
     "load_images",
     "load_split",
@@ -83,8 +84,28 @@ class ImageData:
         return len(self.classes)
 
 
+class SplitViews:
+    """What every task's split (classification, segmentation, detection) derives from its
+    ``x_train``: channels, side, and the :func:`data_hash` of its tensors."""
+
+    x_train: torch.Tensor
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+    @functools.cached_property
+    def data_hash(self) -> str:
+        """:func:`data_hash` of this split."""
+        return data_hash(self)
+
+
 @dataclass(frozen=True)
-class Split:
+class Split(SplitViews):
     """Standardized train and test tensors of one dataset."""
 
     x_train: torch.Tensor
@@ -93,15 +114,6 @@ class Split:
     y_test: torch.Tensor
     num_classes: int
     name: str
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.x_train.shape[1])
-
-    @functools.cached_property
-    def data_hash(self) -> str:
-        """:func:`data_hash` of this split."""
-        return data_hash(self)
 
 
 def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:

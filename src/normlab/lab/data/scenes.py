@@ -53,8 +53,14 @@ import torch
 
 from ..defaults import SEGMENTATION_DEFAULTS
 from ..errors import DataError
-from .images import ANIMAL_MNIST_CLASSES, ImageData, load_default, resize, standardize
-from .prepare import data_hash
+from .images import (
+    ANIMAL_MNIST_CLASSES,
+    ImageData,
+    SplitViews,
+    load_default,
+    resize,
+    standardize,
+)
 
 __all__ = [
     "DEFAULT_SEG_IMAGE_SIZE",
@@ -87,7 +93,7 @@ class SegData(ImageData):
 
 
 @dataclass(frozen=True)
-class SegSplit:
+class SegSplit(SplitViews):
     """Standardized train and test images with per-pixel targets (:data:`IGNORE_INDEX` = void).
 
     ``x_*``: float32 ``(N, C, S, S)``; ``y_*``: int64 ``(N, S, S)`` with values in
@@ -102,19 +108,6 @@ class SegSplit:
     classes: tuple[str, ...]
     name: str
     ignore_index: int = IGNORE_INDEX
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.x_train.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.x_train.shape[-1])
-
-    @functools.cached_property
-    def data_hash(self) -> str:
-        """:func:`~normlab.lab.data.prepare.data_hash` of this split."""
-        return data_hash(self)
 
 
 def _source_pools(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
