@@ -13,14 +13,14 @@ known norm + activation layer is refused (nothing is changed), never replaced.
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
 
 from ..kinds import is_batch_norm, is_frozen_batch_norm
 from .frozen_stats import asked_training, freeze_stats, is_stats_frozen, thaw_stats
-from .select import Filter, select_modules
+from .select import Filter, Filters, select_modules
 from .surgery import (
     BATCH_NORM_BY_RANK,
     FROZEN_BY_RANK,
@@ -37,6 +37,9 @@ from .surgery import (
     with_tail,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["freeze_bn", "unfreeze_bn"]
 
 
@@ -44,23 +47,17 @@ def _trainable_bn(m: nn.Module) -> bool:
     return is_batch_norm(m) and not is_stats_frozen(m)
 
 
+class _FreezeOptions(Filters, total=False):
+    stats_only: bool
+
+
 @overload
 def freeze_bn(
-    model: nn.Module,
-    *,
-    stats_only: bool = ...,
-    include: Filter = ...,
-    exclude: Filter = ...,
-    return_report: Literal[False] = ...,
+    model: nn.Module, *, return_report: Literal[False] = ..., **options: Unpack[_FreezeOptions]
 ) -> nn.Module: ...
 @overload
 def freeze_bn(
-    model: nn.Module,
-    *,
-    stats_only: bool = ...,
-    include: Filter = ...,
-    exclude: Filter = ...,
-    return_report: Literal[True],
+    model: nn.Module, *, return_report: Literal[True], **options: Unpack[_FreezeOptions]
 ) -> tuple[nn.Module, ConversionReport]: ...
 def freeze_bn(
     model: nn.Module,
@@ -158,23 +155,17 @@ def _thawable(m: nn.Module) -> bool:
     return is_frozen_batch_norm(m) or is_stats_frozen(m)
 
 
+class _UnfreezeOptions(Filters, total=False):
+    momentum: float | None
+
+
 @overload
 def unfreeze_bn(
-    model: nn.Module,
-    *,
-    momentum: float | None = ...,
-    include: Filter = ...,
-    exclude: Filter = ...,
-    return_report: Literal[False] = ...,
+    model: nn.Module, *, return_report: Literal[False] = ..., **options: Unpack[_UnfreezeOptions]
 ) -> nn.Module: ...
 @overload
 def unfreeze_bn(
-    model: nn.Module,
-    *,
-    momentum: float | None = ...,
-    include: Filter = ...,
-    exclude: Filter = ...,
-    return_report: Literal[True],
+    model: nn.Module, *, return_report: Literal[True], **options: Unpack[_UnfreezeOptions]
 ) -> tuple[nn.Module, ConversionReport]: ...
 def unfreeze_bn(
     model: nn.Module,

@@ -25,6 +25,7 @@ import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import TypedDict
 
 from torch import nn
 
@@ -33,6 +34,13 @@ __all__ = ["Filter", "Selection", "select_modules"]
 Predicate = Callable[[str, nn.Module], bool]
 #: what ``include=`` / ``exclude=`` take
 Filter = str | Sequence[str] | Predicate | None
+
+
+class Filters(TypedDict, total=False):
+    """The two filter keywords, for the tools' typed overloads (``**options: Unpack[...]``)."""
+
+    include: Filter
+    exclude: Filter
 
 
 def _ancestry(path: str) -> list[str]:

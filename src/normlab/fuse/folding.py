@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
 
-from ..convert.select import Filter, Selection, select_modules
+from ..convert.select import Filter, Filters, Selection, select_modules
 from ..feed import ForwardFn, feed
 from ..kinds import activation_tail, is_frozen_batch_norm
 from .check import (
@@ -30,6 +30,9 @@ from .check import (
 )
 from .graph import find_uses, is_bn_like
 from .report import REASONS, FusedPair, FuseReport, SkippedBN
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["fuse_conv_bn"]
 
@@ -229,33 +232,29 @@ def _restore(undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
     undo.clear()
 
 
+class _FuseOptions(Filters, total=False):
+    rtol: float | None
+    atol: float | None
+    compare: Callable[[Any, Any], Any] | Literal[False] | None
+    strict: bool
+    forward_fn: ForwardFn | None
+
+
 @overload
 def fuse_conv_bn(
     model: nn.Module,
     check_inputs: Any = ...,
     *,
-    rtol: float | None = ...,
-    atol: float | None = ...,
-    compare: Callable[[Any, Any], Any] | Literal[False] | None = ...,
-    strict: bool = ...,
-    forward_fn: ForwardFn | None = ...,
-    include: Filter = ...,
-    exclude: Filter = ...,
     return_report: Literal[False] = ...,
+    **options: Unpack[_FuseOptions],
 ) -> nn.Module: ...
 @overload
 def fuse_conv_bn(
     model: nn.Module,
     check_inputs: Any = ...,
     *,
-    rtol: float | None = ...,
-    atol: float | None = ...,
-    compare: Callable[[Any, Any], Any] | Literal[False] | None = ...,
-    strict: bool = ...,
-    forward_fn: ForwardFn | None = ...,
-    include: Filter = ...,
-    exclude: Filter = ...,
     return_report: Literal[True],
+    **options: Unpack[_FuseOptions],
 ) -> tuple[nn.Module, FuseReport]: ...
 def fuse_conv_bn(
     model: nn.Module,

@@ -22,7 +22,7 @@ from torch import nn
 
 from .._core.collectives import resolve_process_group
 from ..convert.frozen_stats import asked_training, is_stats_frozen
-from ..convert.select import Filter, select_modules
+from ..convert.select import Filter, Filters, select_modules
 from .exact import exact_passes
 from .passes import Buffers, Survey, progress_bar, run_pass, write
 from .population import VARIANCES, Population, Variance
@@ -30,6 +30,7 @@ from .ranks import Ranks, local_forwards
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+    from typing_extensions import Unpack
 
 __all__ = ["RecalibrationReport", "recalibrate"]
 
@@ -73,21 +74,23 @@ class RecalibrationReport:
     filtered: tuple[str, ...] = ()
 
 
+class _RecalibrateOptions(Filters, total=False):
+    forward_fn: Callable[[nn.Module, Any], Any] | None
+    method: Method
+    variance: Variance
+    levels: Literal["graph", "sequential"]
+    progress: bool | None
+    process_group: ProcessGroup | str | None
+
+
 @overload
 def recalibrate(
     model: nn.Module,
     batches: Iterable[Any],
     num_batches: int | None = ...,
     *,
-    forward_fn: Callable[[nn.Module, Any], Any] | None = ...,
-    method: Method = ...,
-    variance: Variance = ...,
-    levels: Literal["graph", "sequential"] = ...,
-    progress: bool | None = ...,
-    process_group: ProcessGroup | str | None = ...,
-    include: Filter = ...,
-    exclude: Filter = ...,
     return_report: Literal[False] = ...,
+    **options: Unpack[_RecalibrateOptions],
 ) -> nn.Module: ...
 
 
@@ -97,15 +100,8 @@ def recalibrate(
     batches: Iterable[Any],
     num_batches: int | None = ...,
     *,
-    forward_fn: Callable[[nn.Module, Any], Any] | None = ...,
-    method: Method = ...,
-    variance: Variance = ...,
-    levels: Literal["graph", "sequential"] = ...,
-    progress: bool | None = ...,
-    process_group: ProcessGroup | str | None = ...,
-    include: Filter = ...,
-    exclude: Filter = ...,
     return_report: Literal[True],
+    **options: Unpack[_RecalibrateOptions],
 ) -> RecalibrationReport: ...
 
 
