@@ -140,6 +140,26 @@ def check_min_dims(layer: str, x: Tensor, min_dims: int, expected: str | None = 
         raise ValueError(f"{layer}: expected {what}, got shape {tuple(x.shape)}.")
 
 
+def check_norm_input(
+    layer: str,
+    x: Tensor,
+    eps: float,
+    min_dims: int,
+    expected: str | None = None,
+    *,
+    zero_ok: bool = False,
+) -> None:
+    """The preamble of a functional norm: a floating-point tensor, a valid eps, enough dims.
+
+    :func:`check_floating`, :func:`check_eps` (``zero_ok`` as there) and
+    :func:`check_min_dims` (``min_dims``, ``expected`` as there), in that order, so
+    the first problem found is the one reported.
+    """
+    check_floating(layer, x)
+    check_eps(layer, eps, zero_ok=zero_ok)
+    check_min_dims(layer, x, min_dims, expected)
+
+
 def check_normalized_shape(layer: str, x: Tensor, shape: tuple[int, ...]) -> None:
     """Refuse a ``normalized_shape`` that is not the last ``len(shape)`` dims of ``x``."""
     k = len(shape)

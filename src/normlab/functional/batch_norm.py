@@ -14,6 +14,7 @@ from .._core.checks import (
     check_eps,
     check_floating,
     check_min_dims,
+    check_norm_input,
     check_params,
     stored_variance,
 )
@@ -34,10 +35,8 @@ def check_batch_norm_input(
 ) -> ProcessGroup | None:
     """The input checks of a batch-statistics functional (BatchNorm, CBN); the process
     group to pool over in training (None in eval)."""
-    check_floating(layer, input)
     # torch's rule: eps=0 is fine with fixed statistics, not with batch statistics.
-    check_eps(layer, eps, zero_ok=not training)
-    check_min_dims(layer, input, 2)
+    check_norm_input(layer, input, eps, 2, zero_ok=not training)
     return resolve_process_group(process_group) if training else None
 
 

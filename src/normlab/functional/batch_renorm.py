@@ -9,9 +9,7 @@ from torch import Tensor
 
 from .._core.checks import (
     check_batch_count,
-    check_eps,
-    check_floating,
-    check_min_dims,
+    check_norm_input,
     check_params,
     host_checks_allowed,
     stored_variance,
@@ -107,9 +105,7 @@ def batch_renorm(
         Tensor of the input's shape and dtype.
     """
     layer = "batch_renorm"
-    check_floating(layer, input)
-    check_eps(layer, eps)
-    check_min_dims(layer, input, 2)
+    check_norm_input(layer, input, eps, 2)
     group = resolve_process_group(process_group) if training else None
     limits = [t for t in (r_max, d_max) if isinstance(t, Tensor)]
     op = Op.BATCH_RENORM if training else Op.BATCH_RENORM_EVAL

@@ -9,10 +9,8 @@ from torch import Tensor
 
 from .._core.checks import (
     check_batch_count,
-    check_eps,
-    check_floating,
     check_groups,
-    check_min_dims,
+    check_norm_input,
     check_params,
     stored_variance,
 )
@@ -27,12 +25,6 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["evonorm_b0", "evonorm_s0"]
-
-
-def _check_input(layer: str, x: Tensor, eps: float) -> None:
-    check_floating(layer, x)
-    check_eps(layer, eps)
-    check_min_dims(layer, x, 3)
 
 
 def evonorm_b0(
@@ -80,7 +72,7 @@ def evonorm_b0(
             default group); see :mod:`normlab.distributed`.
     """
     layer = "evonorm_b0"
-    _check_input(layer, input, eps)
+    check_norm_input(layer, input, eps, 3)
     group = resolve_process_group(process_group) if training else None
     # The fused Function gives running_var no gradient: one that asks for it keeps
     # the composite.
@@ -167,7 +159,7 @@ def evonorm_s0(
         eps: > 0, added to the group variance.
     """
     layer = "evonorm_s0"
-    _check_input(layer, input, eps)
+    check_norm_input(layer, input, eps, 3)
     path = choose_path(Op.EVONORM_S0, input, backend, None, v, weight, bias)
     c = input.shape[1]
     check_groups(layer, c, num_groups)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._core.activation import activation, check_act
-from .._core.checks import check_eps, check_floating, check_groups, check_min_dims, check_params
+from .._core.checks import check_groups, check_norm_input, check_params
 from .._core.dispatch import Op, Path, choose_path
 from .._core.stats import acc_dtype, centered
 
@@ -56,9 +56,7 @@ def group_norm(
             input when triton imports, torch otherwise), ``"torch"`` or ``"triton"``.
     """
     layer = "group_norm"
-    check_floating(layer, input)
-    check_eps(layer, eps, zero_ok=True)
-    check_min_dims(layer, input, 2, "an (N, C, *spatial) input")
+    check_norm_input(layer, input, eps, 2, "an (N, C, *spatial) input", zero_ok=True)
     check_act(layer, act)
     path = choose_path(Op.GROUP_NORM, input, backend, None)
     c = input.shape[1]

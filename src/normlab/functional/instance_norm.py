@@ -7,9 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._core.checks import (
-    check_eps,
-    check_floating,
-    check_min_dims,
+    check_norm_input,
     check_params,
     stored_variance,
 )
@@ -44,9 +42,7 @@ def instance_norm(
     the batch is empty).
     """
     layer = "InstanceNorm"
-    check_floating(layer, input)
-    check_eps(layer, eps, zero_ok=True)
-    check_min_dims(layer, input, 3)
+    check_norm_input(layer, input, eps, 3, zero_ok=True)
     choose_path(Op.INSTANCE_NORM, input, backend, None)  # torch ops only
     c = input.shape[1]
     check_params(

@@ -63,9 +63,7 @@ from torch.autograd.function import once_differentiable
 
 from .._core.checks import (
     check_count,
-    check_eps,
-    check_floating,
-    check_min_dims,
+    check_norm_input,
     check_params,
     stored_variance,
 )
@@ -312,9 +310,7 @@ def moving_average_batch_norm(
     Returns:
         Tensor of the input's shape and dtype.
     """
-    check_floating(_LAYER, input)
-    check_eps(_LAYER, eps)
-    check_min_dims(_LAYER, input, 2)
+    check_norm_input(_LAYER, input, eps, 2)
     group = resolve_process_group(process_group) if training else None
     # Training has one implementation, the stateful Function (refused under torch.func).
     op = Op.MOVING_AVERAGE_BATCH_NORM if training else Op.MOVING_AVERAGE_BATCH_NORM_EVAL

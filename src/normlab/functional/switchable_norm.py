@@ -9,9 +9,8 @@ from torch import Tensor
 
 from .._core.checks import (
     check_batch_count,
-    check_eps,
     check_floating,
-    check_min_dims,
+    check_norm_input,
     check_params,
     stored_variance,
 )
@@ -116,9 +115,7 @@ def switchable_norm(
         >>> y = normlab.functional.switchable_norm(x, logits, logits)
     """
     layer = "switchable_norm"
-    check_floating(layer, input)
-    check_eps(layer, eps)
-    check_min_dims(layer, input, 2, "an (N, C) or (N, C, *spatial) input")
+    check_norm_input(layer, input, eps, 2, "an (N, C) or (N, C, *spatial) input")
     bn_from_batch = using_bn and training
     group = resolve_process_group(process_group) if bn_from_batch else None
     # The fused Function reads running statistics as constants (no gradient).
