@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (
+from ._jit import (
     load_tile,
     s_tile,
     total,

@@ -46,20 +46,22 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    channel_block,
     channel_plan,
     empty,
     empty_like,
     kernel_backward,
     kernel_forward,
+    ncs,
+    tl_acc,
+)
+from ._jit import (
+    channel_block,
     load_channels,
     load_tile,
-    ncs,
     rows_at,
     s_range,
     s_tile,
     sum_split,
-    tl_acc,
     total,
 )
 from .filter_response_norm_backward import gradients

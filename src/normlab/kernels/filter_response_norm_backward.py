@@ -14,20 +14,22 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    channel_block,
     channel_plan,
     empty,
     empty_like,
+    ncs,
+    sum_partials,
+    tl_acc,
+)
+from ._jit import (
+    channel_block,
     load_channels,
     load_tile,
-    ncs,
     rows_at,
     s_range,
     s_tile,
-    sum_partials,
     sum_rows,
     sum_split,
-    tl_acc,
     total,
 )
 

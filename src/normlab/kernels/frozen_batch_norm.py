@@ -33,22 +33,24 @@ from torch import Tensor
 
 from .._core.stats import acc_dtype
 from ._common import (
-    act_backward,
-    apply_act,
-    channel_block,
     channel_plan,
     empty,
     empty_like,
     kernel_backward,
     kernel_forward,
-    load_tile,
     ncs,
+    sum_partials,
+    tl_acc,
+)
+from ._jit import (
+    act_backward,
+    apply_act,
+    channel_block,
+    load_tile,
     rows_at,
     s_range,
     s_tile,
-    sum_partials,
     sum_rows,
-    tl_acc,
     total,
 )
 

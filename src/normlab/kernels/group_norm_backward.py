@@ -14,17 +14,19 @@ from torch import Tensor
 
 from .._core.stats import acc_dtype
 from ._common import (
-    act_backward,
     empty,
     empty_like,
+    ncs,
+    sum_partials,
+    tl_acc,
+)
+from ._jit import (
+    act_backward,
     load_channels,
     load_tile,
-    ncs,
     rows_at,
     s_tile,
-    sum_partials,
     sum_rows,
-    tl_acc,
     total,
 )
 from .group_norm_forward import piece, plan

@@ -14,18 +14,20 @@ from torch import Tensor
 from .._core.stats import acc_dtype
 from ._common import (
     Plan,
-    apply_act,
     channels_fastest,
     empty,
     empty_like,
-    load_channels,
-    load_tile,
     ncs,
-    rows_at,
-    s_tile,
     smallest_tile,
     spatial_size,
     tl_acc,
+)
+from ._jit import (
+    apply_act,
+    load_channels,
+    load_tile,
+    rows_at,
+    s_tile,
     total,
 )
 from .group_norm_packed import _group_norm_packed_fwd, _group_norm_packed_fwd_stats

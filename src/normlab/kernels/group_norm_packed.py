@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (
+from ._jit import (
     act_backward,
     apply_act,
     load_channels,

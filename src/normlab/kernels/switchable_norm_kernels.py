@@ -17,19 +17,21 @@ from torch import Tensor
 
 from ._common import (
     Plan,
-    channel_block,
     empty,
     empty_like,
+    ncs,
+    sum_partials,
+    tile_size,
+    tl_acc,
+)
+from ._jit import (
+    channel_block,
     load_channels,
     load_tile,
-    ncs,
     rows_at,
     s_range,
     s_tile,
-    sum_partials,
     sum_rows,
-    tile_size,
-    tl_acc,
     total,
 )
 from ._moments import channel_moments
