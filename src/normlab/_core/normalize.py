@@ -57,8 +57,12 @@ def affine_normalize(
     :mod:`normlab._core.export`).
     """
     acc = acc_dtype(x.dtype)
-    if onnx_exporting():
-        return _exported_batch_norm(x, mean, var, weight, bias, eps, acc)
+    if onnx_exporting():  # eval-mode F.batch_norm in acc; no Cast where dtypes agree
+        y = F.batch_norm(
+            _cast(x, acc), _cast(mean, acc), _cast(var, acc), _cast(weight, acc), _cast(bias, acc),
+            False, 0.0, eps,
+        )  # fmt: skip
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     if _fold_is_accurate(x, mean, var, eps):
         return _folded(x, mean, var, weight, bias, eps)
     shape = channel_shape(x)
@@ -134,20 +138,3 @@ def _folded(
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-def _exported_batch_norm(
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    acc: torch.dtype,
-) -> Tensor:
-    """Eval-mode ``F.batch_norm`` in ``acc``; no ``Cast`` nodes where dtypes already agree."""
-    y = F.batch_norm(
-        _cast(x, acc), _cast(mean, acc), _cast(var, acc), _cast(weight, acc), _cast(bias, acc),
-        False, 0.0, eps,
-    )  # fmt: skip
-    return y if y.dtype == x.dtype else y.to(x.dtype)
