@@ -31,10 +31,10 @@ from lightning.pytorch.plugins import LayerSync
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from ..distributed import WORLD, convert_sync, revert_sync, sync_running_stats
+from ..distributed import WORLD, convert_sync, revert_sync
 from ..doctor import Report, diagnose
-from ..recalibrate import recalibrate
 from ..recalibrate.ranks import local_forwards
+from ._precise import first_batches, recalibrate_in_eval
 
 __all__ = ["Doctor", "NormlabSync", "PreciseBN", "first_item"]
 
@@ -71,12 +71,7 @@ def _training_batches(trainer: Trainer, limit: int | None) -> list[Any]:
             "normlab: the trainer has no training dataloader yet, so there are no batches "
             "to take statistics from; the callbacks run within Trainer.fit."
         )
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+    return first_batches(loader, limit)
 
 
 def _distributed(trainer: Trainer) -> bool:
@@ -126,24 +121,14 @@ class PreciseBN(Callback):
             move_data_to_device(self.batch_fn(b), pl_module.device)
             for b in _training_batches(trainer, self.num_batches)
         ]
-        flags = [(m, m.training) for m in pl_module.modules()]
-        pl_module.eval()
-        try:
-            self.last = recalibrate(
-                pl_module,
-                batches,
-                method=self.method,  # type: ignore[arg-type]
-                variance=self.variance,  # type: ignore[arg-type]
-                forward_fn=self.forward_fn,
-                process_group=WORLD if _distributed(trainer) else None,
-                progress=False,
-                return_report=True,
-            )
-            if _distributed(trainer):
-                sync_running_stats(pl_module, "reduce")
-        finally:
-            for m, flag in flags:
-                m.training = flag
+        self.last = recalibrate_in_eval(
+            pl_module,
+            batches,
+            method=self.method,
+            variance=self.variance,
+            forward_fn=self.forward_fn,
+            distributed=_distributed(trainer),
+        )
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING

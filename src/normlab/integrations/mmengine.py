@@ -26,9 +26,9 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import MODELS, Registry
 from torch import nn
 
-from ..distributed import WORLD, sync_running_stats
-from ..recalibrate import recalibrate
+from ..distributed import WORLD
 from ..registry import create_norm
+from ._precise import first_batches, recalibrate_in_eval
 
 __all__ = ["NAMES", "PreciseBNHook", "register"]
 
@@ -131,27 +131,11 @@ class PreciseBNHook(Hook):
 
     def before_val_epoch(self, runner: Any) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        batches = []
-        for batch in runner.train_dataloader:
-            batches.append(batch)
-            if len(batches) >= self.num_batches:
-                break
-        distributed = get_world_size() > 1
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            self.last = recalibrate(
-                model,
-                batches,
-                method=self.method,  # type: ignore[arg-type]
-                variance=self.variance,  # type: ignore[arg-type]
-                forward_fn=self.forward_fn,
-                process_group=WORLD if distributed else None,
-                progress=False,
-                return_report=True,
-            )
-            if distributed:
-                sync_running_stats(model, "reduce")
-        finally:
-            for m, flag in flags:
-                m.training = flag
+        self.last = recalibrate_in_eval(
+            model,
+            first_batches(runner.train_dataloader, self.num_batches),
+            method=self.method,
+            variance=self.variance,
+            forward_fn=self.forward_fn,
+            distributed=get_world_size() > 1,
+        )
