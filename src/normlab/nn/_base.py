@@ -156,7 +156,35 @@ def guards_running_stats(forward: _Forward) -> _Forward:
     return guarded  # type: ignore[return-value]
 
 
-class NormBase(ByDims, nn.Module):
+class UpgradesStateDict(nn.Module):
+    """A module that rewrites an older or foreign checkpoint's entries before they load.
+
+    The one override of torch's ``_load_from_state_dict`` hook for the layers here: a
+    subclass writes :meth:`_upgrade_state_dict`, which edits ``state_dict`` in place.
+    """
+
+    def _upgrade_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
+    ) -> None:
+        """Rewrite the entries of this module (keys under ``prefix``); none by default."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        self._upgrade_state_dict(state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class NormBase(ByDims, UpgradesStateDict):
     """Constructor, buffers, the momentum rule, repr and state_dict versioning (see above)."""
 
     _version = 2
@@ -254,6 +282,24 @@ class NormBase(ByDims, nn.Module):
                 factor = 1.0 / float(self.num_batches_tracked)
         return factor
 
+    def _batch_norm_args(self, momentum: float) -> tuple[Any, ...]:
+        """The arguments after ``input`` of a BatchNorm-style functional, by torch's rule.
+
+        ``(running_mean, running_var, weight, bias, training, momentum, eps)``, the
+        order of ``F.batch_norm``: batch statistics in training or without buffers; a
+        training forward gets the buffers (to update) only while ``track_running_stats``
+        is on, which torch lets a user switch off after construction.
+        """
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        mean, var = self.running_mean, self.running_var
+        if self.training and not self.track_running_stats:
+            mean = var = None
+        return mean, var, self.weight, self.bias, use_batch_stats, momentum, self.eps
+
+    def _sync_group(self) -> Any:
+        """The process group a forward computes its batch statistics over: none in eval."""
+        return self.process_group if self.training else None
+
     @property
     def nonfinite_batches_skipped(self) -> int:
         """Training batches whose non-finite statistics left the running state unchanged.
@@ -326,15 +372,8 @@ class NormBase(ByDims, nn.Module):
             s += "bias=False, "
         return s + f"track_running_stats={self.track_running_stats}"
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
+    def _upgrade_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
     ) -> None:
         version = local_metadata.get("version", None)
         if (version is None or version < 2) and self.track_running_stats and self._version >= 2:
@@ -348,6 +387,3 @@ class NormBase(ByDims, nn.Module):
                     and self.num_batches_tracked.device != torch.device("meta")
                     else torch.tensor(0, dtype=torch.long)
                 )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )

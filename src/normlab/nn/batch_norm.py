@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional as NF
 from .._core.activation import check_act
 from .._core.checks import check_eps
 from .._core.dispatch import check_backend
-from ._base import ByDims, NormBase, check_num_features
+from ._base import ByDims, NormBase, UpgradesStateDict, check_num_features
 
 __all__ = [
     "BatchNorm1d",
@@ -68,18 +68,8 @@ class _BatchNorm(NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         factor = self._momentum_factor()
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
         return NF.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-            process_group=self.process_group if self.training else None,
+            input, *self._batch_norm_args(factor), process_group=self._sync_group()
         )
 
 
@@ -95,7 +85,7 @@ class BatchNorm3d(_BatchNorm, dims=3):
     pass
 
 
-class _FrozenBatchNorm(ByDims, nn.Module):
+class _FrozenBatchNorm(ByDims, UpgradesStateDict):
     r"""BatchNorm with statistics and affine fixed forever.
 
     .. math:: y = (x - \mu_{\text{run}})\,\frac{\gamma}{\sqrt{\sigma^2_{\text{run}} + \epsilon}}
@@ -171,24 +161,14 @@ class _FrozenBatchNorm(ByDims, nn.Module):
             s += f", backend={self.backend!r}"
         return s
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
+    def _upgrade_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
     ) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)
         if prefix + "running_mean" in state_dict:  # a BatchNorm without weight or bias
             for key, value in (("weight", 1.0), ("bias", 0.0)):
                 if prefix + key not in state_dict:
                     state_dict[prefix + key] = torch.full_like(getattr(self, key), value)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
 
 def _identity_var(eps: float, like: Tensor) -> Tensor:

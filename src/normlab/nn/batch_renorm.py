@@ -142,7 +142,7 @@ class _BatchRenorm(NormBase):
             factor,
             self.eps,
             *limits,
-            process_group=self.process_group if self.training else None,
+            process_group=self._sync_group(),
         )
 
     def extra_repr(self) -> str:

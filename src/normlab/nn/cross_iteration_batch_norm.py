@@ -229,21 +229,13 @@ class CrossIterationBatchNorm2d(NormBase):
         window = None
         if weight is not None:
             window = self._window(weight, acc_dtype(input.dtype))
-        use_batch_stats = self.training or self.running_mean is None
-        track = not self.training or self.track_running_stats
         return NF.cross_iteration_batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
+            *self._batch_norm_args(factor),
             conv_weight=weight,
             window=window,
             rho=self.rho,
-            process_group=self.process_group if self.training else None,
+            process_group=self._sync_group(),
         )
 
     def extra_repr(self) -> str:

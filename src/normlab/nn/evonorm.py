@@ -95,7 +95,7 @@ class EvoNormB0_2d(NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         use_batch = self.training or not self.track_running_stats
-        group = self.process_group if self.training else None
+        group = self._sync_group()
         if use_batch and not sync_active(group):  # synced: the global count is checked
             # Refuse a one-value batch before num_batches_tracked moves.
             check_batch_count(type(self).__name__, input, reduced_count(input, (0, 2, 3)))

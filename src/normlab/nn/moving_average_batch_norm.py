@@ -159,7 +159,7 @@ class _MovingAverageBatchNorm(NormBase):
             warmup_iters=self.warmup_iters,
             r_clip=self.r_clip,
             r_warmup_iters=self.r_warmup_iters,
-            process_group=self.process_group if self.training else None,
+            process_group=self._sync_group(),
         )
 
     def extra_repr(self) -> str:

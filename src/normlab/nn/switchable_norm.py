@@ -137,7 +137,7 @@ class _SwitchableNorm(NormBase):
             eps=self.eps,
             using_bn=self.using_bn,
             backend=self.backend,
-            process_group=self.process_group if self.training else None,
+            process_group=self._sync_group(),
         )
 
     def extra_repr(self) -> str:
