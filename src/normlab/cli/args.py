@@ -83,5 +83,9 @@ class GivenOption(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
+        self.check_given(namespace)
         setattr(namespace, self.dest, values)
         namespace.given_options = {*getattr(namespace, "given_options", ()), self.dest}
+
+    def check_given(self, namespace: argparse.Namespace) -> None:
+        """Refuse the option in view of those given before it (a subclass's rule; none here)."""

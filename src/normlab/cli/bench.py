@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..lab.bench.layers import bench_layers, write_csv
+    from ..lab.bench.layers import bench_layers
     from ..lab.sweep.devices import check_device
 
     if args.csv:
@@ -86,27 +86,25 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         reps=args.reps,
     )
-    print(
+    header = (
         f"{'layer':22} {'shape':14} {'provider':8} {'median ms':>10} {'p20':>8} {'p80':>8} "
         f"{'ratio':>6} {'saved MiB':>9}"
     )
-    for r in records:
-        print(
+    return _report(
+        args,
+        records,
+        header,
+        lambda r: (
             f"{r.layer:22} {r.shape:14} {r.provider:8} {r.median_ms:10.3f} {r.p20_ms:8.3f} "
             f"{r.p80_ms:8.3f} {r.ratio_vs_torch:6.2f} {r.saved_bytes / 2**20:9.2f}"
-        )
-    _warn_spread(records)
-    if args.csv:
-        write_csv(records, args.csv, "normlab " + " ".join(args.argv))
-        print(f"wrote {args.csv}")
-    return 0
+        ),
+    )
 
 
 def _run_kernels(args: argparse.Namespace) -> int:
     import torch
 
     from ..lab.bench.kernels import bench_kernels
-    from ..lab.bench.layers import write_csv
 
     for layout in args.layouts:
         if layout not in ("nchw", "nhwc"):
@@ -131,27 +129,36 @@ def _run_kernels(args: argparse.Namespace) -> int:
         reps=args.reps,
         progress=lambda msg: print(msg, file=sys.stderr) if "skipping" in msg else None,
     )
-    print(
+    header = (
         f"{'layer':20} {'shape':15} {'layout':6} {'provider':14} {'phase':7} {'median ms':>10} "
         f"{'p20':>8} {'p80':>8} {'GB/s':>7} {'%copy':>6} {'ratio':>6} {'MiB':>8}"
     )
-    for r in records:
-        print(
+    return _report(
+        args,
+        records,
+        header,
+        lambda r: (
             f"{r.layer:20} {r.shape:15} {r.layout:6} {r.provider:14} {r.phase:7} "
             f"{r.median_ms:10.3f} {r.p20_ms:8.3f} {r.p80_ms:8.3f} {r.gbps:7.1f} "
             f"{r.pct_of_copy:6.1f} {r.ratio_vs_torch:6.2f} {r.mem_mib:8.2f}"
-        )
-    _warn_spread(records)
+        ),
+    )
+
+
+def _report(
+    args: argparse.Namespace, records: Sequence[Any], header: str, row: Callable[[Any], str]
+) -> int:
+    """Print the table (``header``, then ``row(r)`` per record), warn when repetitions
+    disagree (then the medians and ratios are not to be trusted), write ``--csv``."""
+    from ..lab.bench.layers import spread_warning, write_csv
+
+    print(header)
+    for r in records:
+        print(row(r))
+    warning = spread_warning(records)
+    if warning:
+        print(f"normlab bench: warning: {warning}", file=sys.stderr)
     if args.csv:
         write_csv(records, args.csv, "normlab " + " ".join(args.argv))
         print(f"wrote {args.csv}")
     return 0
-
-
-def _warn_spread(records: Sequence[Any]) -> None:
-    """Say so when repetitions disagree: then the medians (and ratios) are not to be trusted."""
-    from ..lab.bench.layers import spread_warning
-
-    warning = spread_warning(records)
-    if warning:
-        print(f"normlab bench: warning: {warning}", file=sys.stderr)

@@ -6,8 +6,6 @@ Built without torch (every ``normlab`` command builds the sweep's parser).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from typing import Any
 
 from .args import GivenOption, positive_int
 
@@ -21,13 +19,7 @@ class _OneLength(GivenOption):
     (``--epochs 3 --steps 500``), so the check reads what was given.
     """
 
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
+    def check_given(self, namespace: argparse.Namespace) -> None:
         other = {"epochs": "steps", "steps": "epochs"}[self.dest]
         if other in getattr(namespace, "given_options", ()):
             raise argparse.ArgumentError(
@@ -35,7 +27,6 @@ class _OneLength(GivenOption):
                 f"not allowed with --{other}: a run is as long as either a number of epochs "
                 "or a number of optimizer steps; give one of them",
             )
-        super().__call__(parser, namespace, values, option_string)
 
 
 def add_length_arguments(p: argparse.ArgumentParser, default_epochs: int) -> None:
