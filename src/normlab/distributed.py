@@ -97,8 +97,7 @@ from ._core.collectives import (
 from .convert.frozen_stats import asked_training, carry_stats_freeze, is_stats_frozen
 from .convert.select import Filter, select_modules
 from .convert.surgery import BATCH_NORM_BY_RANK, rank_of, replace
-from .kinds import holds_running_stats
-from .nn.traits import traits_of
+from .kinds import has_trait, holds_running_stats
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -125,8 +124,7 @@ __all__ = [
 
 def is_sync_layer(module: nn.Module) -> bool:
     """True for a normlab layer that takes ``process_group`` (its traits say ``syncable``)."""
-    traits = traits_of(module)
-    return traits is not None and traits.syncable
+    return has_trait(module, "syncable")
 
 
 _TORCH_BN = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)

@@ -44,24 +44,28 @@ __all__ = [
 ]
 
 
+def has_trait(module: nn.Module, trait: str) -> bool:
+    """Whether ``module``'s traits (:func:`normlab.nn.traits.traits_of`) say ``trait``;
+    False for a module whose class has none."""
+    traits = traits_of(module)
+    return traits is not None and getattr(traits, trait)
+
+
 def is_batch_norm(module: nn.Module) -> bool:
     """True for torch's BatchNorm family (incl. SyncBatchNorm) and normlab's BatchNorm*d."""
-    traits = traits_of(module)
-    return traits is not None and traits.batch_norm
+    return has_trait(module, "batch_norm")
 
 
 def is_frozen_batch_norm(module: nn.Module) -> bool:
     """True for normlab's FrozenBatchNorm*d and torchvision/detectron2-style frozen BN."""
-    traits = traits_of(module)
-    return traits is not None and traits.frozen_batch_norm
+    return has_trait(module, "frozen_batch_norm")
 
 
 def holds_running_stats(module: nn.Module) -> bool:
     """True for a layer whose buffers a training forward updates (its traits say
     ``stateful``: torch's and normlab's BN, IN with running statistics, BRN, MABN, SN,
     EvoNorm B0, ...) and for any other module that holds a ``running_*`` buffer."""
-    traits = traits_of(module)
-    if traits is not None and traits.stateful:
+    if has_trait(module, "stateful"):
         return True
     return any(n.startswith("running_") for n, b in module._buffers.items() if b is not None)
 
