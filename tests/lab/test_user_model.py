@@ -457,7 +457,9 @@ def test_segmentation_output_and_the_model_is_left_as_it_was():
         check_output(Seg(5, as_dict=True), "segmentation", **kw)
     with pytest.raises(ModelFactoryError, match=r"needs \(2, 5\)"):
         check_output(Seg(5), "classification", **kw)
-    with pytest.raises(ValueError, match="unknown task 'detection'"):
+    with pytest.raises(ValueError, match="unknown task 'keypoints'"):
+        check_output(model, "keypoints", **kw)
+    with pytest.raises(ModelFactoryError, match="needs a torchvision-style detector"):
         check_output(model, "detection", **kw)
 
 

@@ -27,6 +27,7 @@ from ...kinds import is_batch_norm, is_frozen_batch_norm
 from ...registry import create_norm
 from ...registry import norm_layer as registry_norm_layer
 from . import resnet as models
+from .user_detector import check_detector
 from .user_factory import ModelFactoryError, UserFactory, load_factory, short_text
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
     "load_factory",
 ]
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
 
 
 def _lab_group_norm(num_features: int) -> nn.Module:
@@ -319,8 +320,9 @@ def check_output(
     """Run a copy of ``model`` in train mode on 2 random off-center images; check the output.
 
     ``task`` ``"classification"`` needs (2, num_classes) logits, ``"segmentation"`` needs
-    (2, num_classes, image_size, image_size). The model itself and torch's global RNG
-    are left untouched (running statistics included). Returns the output shape.
+    (2, num_classes, image_size, image_size), ``"detection"`` the torchvision detection
+    API (:func:`~normlab.lab.models.user_detector.check_detector`). The model itself and
+    torch's global RNG are left untouched (running statistics included). Returns the output shape.
 
     Raises:
         ModelFactoryError: the forward fails, or gives no tensor or the wrong shape.
@@ -328,6 +330,9 @@ def check_output(
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}.")
+    if task == "detection":  # num_classes: torchvision's, the background included
+        kw = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+        return check_detector(model, **kw, name=name)
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32

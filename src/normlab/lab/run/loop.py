@@ -32,7 +32,7 @@ from torch import nn
 
 from ..models.resnet import build_model, recal_variance
 from ..tasks.registry import task_defaults
-from ..tasks.task import CLASSIFICATION, Task, merge_tallies, tally_over_ranks
+from ..tasks.task import CLASSIFICATION, Task, merge_tallies, run_model, tally_over_ranks
 from .config import EpochStats, RunConfig
 from .packed import pack_states
 
@@ -172,12 +172,6 @@ def _inputs(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[idx].transpose(0, 1).reshape(batch, packs * x.shape[1], *x.shape[2:])
 
 
-def _forward(model: nn.Module, x: torch.Tensor, packs: int) -> torch.Tensor:
-    """Output (S, B, ...) of ``model`` on input ``x`` (B, S·C, H, W)."""
-    out = model(x)
-    return out.unsqueeze(0) if packs == 1 else out
-
-
 @torch.no_grad()
 def _test_errors(
     model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, device: str, packs: int
@@ -187,8 +181,9 @@ def _test_errors(
     tally = None
     for i in range(0, len(x), _EVAL_CHUNK):
         xb, yb = x[i : i + _EVAL_CHUNK].to(device), y[i : i + _EVAL_CHUNK].to(device)
-        out = _forward(model, xb if packs == 1 else xb.repeat(1, packs, 1, 1), packs)
-        tally = merge_tallies(task, tally, task.tally(out, yb.expand(packs, *yb.shape)).cpu())
+        yb = yb.expand(packs, *yb.shape)
+        out = run_model(task, model, xb if packs == 1 else xb.repeat(1, packs, 1, 1), yb, packs)
+        tally = merge_tallies(task, tally, task.tally(out, yb).cpu())
     if tally is None:
         return [dict.fromkeys(task.metrics, 0.0) for _ in range(packs)]
     return task.errors(tally)
@@ -338,7 +333,7 @@ def train_loop(
             lr = _lr_at(step, total, warmup, peak)
             for g in opt.param_groups:
                 g["lr"] = lr
-            out = _forward(net, xb, packs)
+            out = run_model(task, net, xb, yb, packs)
             losses = task.loss(out, yb)
             finite = torch.isfinite(losses.detach()).cpu()
             if not bool(finite[alive].all()):

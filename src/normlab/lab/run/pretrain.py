@@ -40,7 +40,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ __all__ = [
     "family",
     "pretrained_backbone",
     "spec",
+    "staleness",
 ]
 
 #: The default pretraining protocol of ``normlab sweep --task detection``.
@@ -155,10 +156,12 @@ def pretrained_backbone(
         return state, error
 
 
-def _staleness(backbone: nn.Module, x: torch.Tensor) -> list[float | None]:
+def staleness(backbone: nn.Module, batches: Iterable[Any]) -> list[float | None]:
     """Per BatchNorm of ``backbone`` in depth order: the doctor's staleness of its running
-    statistics against the inputs it gets from ``x`` (in eval mode)."""
+    statistics against the inputs it gets from ``batches`` (in eval mode; each batch is
+    fed as :func:`normlab.feed.feed` does: a tensor, or a list of images for a detector)."""
     from ...doctor.staleness import ExampleMoments, stale_distance
+    from ...feed import feed
 
     layers = [
         m
@@ -175,8 +178,8 @@ def _staleness(backbone: nn.Module, x: torch.Tensor) -> list[float | None]:
     backbone.eval()
     try:
         with torch.no_grad():
-            for i in range(0, len(x), 64):
-                backbone(x[i : i + 64])
+            for batch in batches:
+                feed(backbone, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -228,7 +231,7 @@ class DetectionBuilder:
             batches = list(split.x_train.split(32))
             recalibrate(model.backbone, batches, method="precise", progress=False)
         if treatment in FROZEN_TREATMENTS:
-            note["staleness"] = _staleness(model.backbone, split.x_train[:256])
+            note["staleness"] = staleness(model.backbone, split.x_train[:256].split(64))
             freeze_bn(model.backbone, stats_only=treatment == "bn_eval")
         self._notes[config.key()] = note
         return model

@@ -31,7 +31,8 @@ class UserModelBuilder:
 
     Args:
         factory: the loaded factory (:func:`normlab.lab.models.user_model.load_factory`).
-        task: ``"classification"`` or ``"segmentation"``: what the output must fit;
+        task: ``"classification"`` or ``"segmentation"``: what the output must fit
+            (detection: :class:`normlab.lab.run.user_detection.UserDetectionBuilder`);
             None: each run's own task (its config's ``task``, else classification).
     """
 
@@ -49,11 +50,7 @@ class UserModelBuilder:
         self, config: RunConfig, split: Split, seed: int | None = None
     ) -> tuple[nn.Module, ConversionSummary]:
         """The model of ``config`` on ``split`` (seeded with ``seed``, default the run's)."""
-        if config.model_hash not in (None, self.factory.source_hash):
-            raise ValueError(
-                f"run planned for {config.model} with source hash {config.model_hash}, but "
-                f"the builder holds {self.factory.name} with hash {self.factory.source_hash}"
-            )
+        self._check_hash(config)
         return build_user_model(
             self.factory,
             config.norm,
@@ -63,6 +60,13 @@ class UserModelBuilder:
             seed=config.seed if seed is None else seed,
             task=self.task or getattr(config, "task", None) or "classification",
         )
+
+    def _check_hash(self, config: RunConfig) -> None:
+        if config.model_hash not in (None, self.factory.source_hash):
+            raise ValueError(
+                f"run planned for {config.model} with source hash {config.model_hash}, but "
+                f"the builder holds {self.factory.name} with hash {self.factory.source_hash}"
+            )
 
     def __call__(self, config: RunConfig, split: Split, packs: int = 1) -> nn.Module:
         if packs != 1:

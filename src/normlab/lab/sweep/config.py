@@ -143,6 +143,8 @@ class SweepConfig:
             object.__setattr__(self, "pack", False)  # one U-Net per run
         if self.task == DETECTION_TASK:
             object.__setattr__(self, "pack", False)  # one detector per run
+            if self.model is not None:  # the user's factory loads its own pretrained weights
+                object.__setattr__(self, "pretrain", None)
             if self.pretrain is not None:
                 spec(self.pretrain)
         elif self.pretrain is not None:
@@ -218,7 +220,12 @@ def model_builder(config: SweepConfig, planned: list[RunConfig], split: Split) -
             return build
         return lab_model  # the loop's default: the run's own task's model
     from ..run.user_builder import UserModelBuilder
+    from ..run.user_detection import UserDetectionBuilder
 
-    build = UserModelBuilder(config.factory, config.task)
+    build: UserModelBuilder = (
+        UserDetectionBuilder(config.factory)
+        if config.task == DETECTION_TASK
+        else UserModelBuilder(config.factory, config.task)
+    )
     build.check(planned, split)
     return build

@@ -2,7 +2,9 @@
 
 Classification is the loop's own default (:data:`~normlab.lab.tasks.task.CLASSIFICATION`
 and the lab's ResNet); every other task names its :class:`~normlab.lab.tasks.task.Task`
-and its default model builder here, the one place the loop asks.
+and its default model builder here, the one place the loop asks. A detection run of the
+user's model (``RunConfig.model``) follows the torchvision detection API
+(:class:`~normlab.lab.tasks.detection_api.DetectorAPI`); the lab's detector, CenterNet's.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..defaults import DETECTION_TASK, SEGMENTATION_TASK
 from .detection import Detection, detection_model
+from .detection_api import DetectorAPI
 from .segmentation import Segmentation, segmentation_model
 from .task import Task
 
@@ -29,5 +32,6 @@ def task_defaults(config: RunConfig, split: Any) -> tuple[Task, Callable[..., An
             segmentation_model
         )
     if config.task == DETECTION_TASK:
-        return Detection(split.num_classes, int(split.y_train.shape[1])), detection_model
+        kind = Detection if getattr(config, "model", None) is None else DetectorAPI
+        return kind(split.num_classes, int(split.y_train.shape[1])), detection_model
     return None

@@ -19,6 +19,10 @@ True`` returns per-image rows (any float dtype) that are concatenated along T ov
 batches and ranks (:func:`merge_tallies`), and :meth:`Task.errors` scores the whole set
 at once. The loop treats both kinds the same way through :func:`merge_tallies`.
 
+A model that needs the targets in its forward (a torchvision-style detector computes its
+losses there) is run by its task: a task with a ``forward(model, x, target)`` method
+returns the (S, B, ...) output itself, and the loop calls it through :func:`run_model`.
+
 :data:`CLASSIFICATION` (cross-entropy, top-1 error in %) is the lab's task.
 """
 
@@ -28,6 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
     "CLASSIFICATION",
@@ -35,6 +40,7 @@ __all__ = [
     "Task",
     "gathers",
     "merge_tallies",
+    "run_model",
     "tally_over_ranks",
 ]
 
@@ -70,6 +76,18 @@ def gathers(task: Task) -> bool:
     """Whether ``task``'s tallies are per-image rows to concatenate (module docstring);
     False for counts that sum, the default."""
     return bool(getattr(task, "gathers", False))
+
+
+def run_model(
+    task: Task, model: nn.Module, x: torch.Tensor, target: torch.Tensor, packs: int
+) -> torch.Tensor:
+    """Output (S, B, ...) of ``model`` on input ``x`` (B, S·C, H, W) with targets (S, B, ...):
+    the task's own ``forward`` if it has one (module docstring), else ``model(x)``."""
+    forward = getattr(task, "forward", None)
+    if forward is not None:
+        return forward(model, x, target)  # type: ignore[no-any-return]
+    out = model(x)
+    return out.unsqueeze(0) if packs == 1 else out
 
 
 def merge_tallies(task: Task, total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
