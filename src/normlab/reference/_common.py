@@ -120,19 +120,6 @@ def check_dy(dy: object, cache: dict) -> np.ndarray:
     return dy
 
 
-def ema_update(
-    running: np.ndarray, batch: np.ndarray, momentum: float | None, num_batches_tracked: int
-) -> np.ndarray:
-    """torch's running-statistic update.
-
-    ``running <- (1 - m) * running + m * batch``; ``m = momentum`` (the weight of the new
-    value), or ``m = 1 / (num_batches_tracked + 1)`` (a cumulative average) when
-    ``momentum is None``; ``num_batches_tracked`` is the count *before* this step.
-    """
-    m = 1.0 / (num_batches_tracked + 1) if momentum is None else float(momentum)
-    return (1.0 - m) * running + m * batch
-
-
 def normalize_with(
     x: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float, stat_axes: Axes
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import as_f64, channel_norm_forward, ema_update, moments, norm_backward, reduced_count
+from ._common import as_f64, channel_norm_forward, moments, norm_backward, reduced_count
+from ._running import running_update
 
 
 def _stat_axes(x: np.ndarray) -> tuple[int, ...]:
@@ -73,28 +74,25 @@ def batch_norm_backward(dy, cache: dict) -> dict:
     return norm_backward(dy, cache)
 
 
-def batch_norm_update_running(
-    x,
-    running_mean,
-    running_var,
-    *,
-    momentum: float | None = 0.1,
-    num_batches_tracked: int = 0,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """New ``(running_mean, running_var, num_batches_tracked)`` after one training batch.
+def _batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel over (N, *S): the mean and the *unbiased* variance (count n > 1)."""
+    axes = _stat_axes(x)
+    n = _check_count(x, axes, "running statistics")
+    mean, var = moments(x, axes)
+    return mean.reshape(-1), var.reshape(-1) * n / (n - 1)
+
+
+batch_norm_update_running = running_update(
+    "batch_norm_update_running",
+    _batch_stats,
+    """``(x, running_mean, running_var, *, momentum=0.1, num_batches_tracked=0)``: new
+    ``(running_mean, running_var, num_batches_tracked)`` after one training batch.
 
     ``running_mean <- (1 - m) running_mean + m mean_B``,
     ``running_var  <- (1 - m) running_var  + m var_B * n / (n - 1)`` (unbiased),
     n = N * prod(S); m = momentum, or 1 / (num_batches_tracked + 1) when momentum is None.
-    """
-    x = as_f64(x)
-    axes = _stat_axes(x)
-    n = _check_count(x, axes, "running statistics")
-    mean, var = moments(x, axes)
-    batch_mean, batch_var = mean.reshape(-1), var.reshape(-1) * n / (n - 1)
-    new_mean = ema_update(as_f64(running_mean), batch_mean, momentum, num_batches_tracked)
-    new_var = ema_update(as_f64(running_var), batch_var, momentum, num_batches_tracked)
-    return new_mean, new_var, num_batches_tracked + 1
+    """,
+)
 
 
 def frozen_batch_norm_forward(

@@ -101,22 +101,7 @@ def batch_renorm_backward(dy, cache: dict) -> dict:
     return {"dx": dx, "dweight": dweight, "dbias": dbias}
 
 
-def batch_renorm_update_running(
-    x,
-    running_mean,
-    running_var,
-    *,
-    momentum: float | None = 0.1,
-    num_batches_tracked: int = 0,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """New ``(running_mean, running_var, num_batches_tracked)``: BatchNorm's update.
-
-    ``running <- (1 - m) running + m batch`` with the unbiased batch variance.
-    """
-    return batch_norm_update_running(
-        x,
-        running_mean,
-        running_var,
-        momentum=momentum,
-        num_batches_tracked=num_batches_tracked,
-    )
+#: New ``(running_mean, running_var, num_batches_tracked)``: BatchNorm's update,
+#: ``running <- (1 - m) running + m batch`` with the unbiased batch variance (the same
+#: function as :func:`~normlab.reference.batch_norm.batch_norm_update_running`).
+batch_renorm_update_running = batch_norm_update_running

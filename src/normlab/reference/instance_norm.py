@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import as_f64, channel_norm_forward, ema_update, moments, norm_backward, reduced_count
+from ._common import as_f64, channel_norm_forward, moments, norm_backward, reduced_count
+from ._running import running_update
 
 
 def _spatial_axes(x: np.ndarray) -> tuple[int, ...]:
@@ -70,28 +71,24 @@ def instance_norm_backward(dy, cache: dict) -> dict:
     return norm_backward(dy, cache)
 
 
-def instance_norm_update_running(
-    x,
-    running_mean,
-    running_var,
-    *,
-    momentum: float | None = 0.1,
-    num_batches_tracked: int = 0,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """New ``(running_mean, running_var, num_batches_tracked)``, torch's InstanceNorm semantics.
+def _instance_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel: the mean over n of the per-(n, c) means and unbiased variances over S."""
+    axes = _spatial_axes(x)
+    n = _check_count(x, axes)
+    mean, var = moments(x, axes)
+    unbiased = var * n / (n - 1)
+    return mean.reshape(x.shape[:2]).mean(axis=0), unbiased.reshape(x.shape[:2]).mean(axis=0)
+
+
+instance_norm_update_running = running_update(
+    "instance_norm_update_running",
+    _instance_stats,
+    """``(x, running_mean, running_var, *, momentum=0.1, num_batches_tracked=0)``: new
+    ``(running_mean, running_var, num_batches_tracked)``, torch's InstanceNorm semantics.
 
     The batch values are the mean over n of the per-(n, c) means and of the per-(n, c)
     *unbiased* variances (count prod(S)); then ``running <- (1 - m) running + m batch``.
     ``momentum=None`` here means the cumulative average ``m = 1 / (num_batches_tracked + 1)``
     (note: torch's ``nn.InstanceNorm*`` module instead passes momentum 0.0, i.e. no update).
-    """
-    x = as_f64(x)
-    axes = _spatial_axes(x)
-    n = _check_count(x, axes)
-    mean, var = moments(x, axes)
-    unbiased = var * n / (n - 1)
-    batch_mean = mean.reshape(x.shape[:2]).mean(axis=0)
-    batch_var = unbiased.reshape(x.shape[:2]).mean(axis=0)
-    new_mean = ema_update(as_f64(running_mean), batch_mean, momentum, num_batches_tracked)
-    new_var = ema_update(as_f64(running_var), batch_var, momentum, num_batches_tracked)
-    return new_mean, new_var, num_batches_tracked + 1
+    """,
+)
