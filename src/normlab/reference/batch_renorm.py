@@ -59,33 +59,23 @@ def batch_renorm_forward(
         raise ValueError(f"batch renorm expects input of shape (N, C, *spatial), got {x.shape}")
     weight, bias = as_f64(weight), as_f64(bias)
     rm, rv = as_f64(running_mean), as_f64(running_var)
-    if not training:
+    if training:
+        axes = (0, *range(2, x.ndim))
+        if reduced_count(x.shape, axes) <= 1:
+            raise ValueError(f"batch renorm in training needs > 1 value per channel, got {x.shape}")
+        xb, mean_b, rstd = standardize(x, axes, eps)
+        sigma_b = 1.0 / rstd
+        mu = param_view("running_mean", rm, x.shape, _CHANNEL)
+        sigma = np.sqrt(param_view("running_var", rv, x.shape, _CHANNEL) + eps)
+        r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
+        d = np.clip((mean_b - mu) / sigma, -d_max, d_max)
+        xhat = xb * r + d
+        renorm = {"renorm": True, "xb": xb, "r": r, "d": d}
+    else:  # the running statistics as constants (``axes=None``): BatchNorm's eval
+        axes = None
         xhat, rstd = normalize_with(x, rm, rv, eps, _CHANNEL)
-        cache = make_cache(x, xhat, rstd, None, weight, bias, _CHANNEL)
-        cache["renorm"] = False
-        return affine_forward(xhat, weight, bias, _CHANNEL), cache
-    axes = (0, *range(2, x.ndim))
-    if reduced_count(x.shape, axes) <= 1:
-        raise ValueError(f"batch renorm in training needs > 1 value per channel, got {x.shape}")
-    xb, mean_b, rstd_b = standardize(x, axes, eps)
-    sigma_b = 1.0 / rstd_b
-    mu = param_view("running_mean", rm, x.shape, _CHANNEL)
-    sigma = np.sqrt(param_view("running_var", rv, x.shape, _CHANNEL) + eps)
-    r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
-    d = np.clip((mean_b - mu) / sigma, -d_max, d_max)
-    xhat = xb * r + d
-    cache = {
-        "shape": x.shape,
-        "renorm": True,
-        "xb": xb,
-        "xhat": xhat,
-        "rstd": rstd_b,
-        "r": r,
-        "d": d,
-        "axes": axes,
-        "weight": weight,
-        "has_bias": bias is not None,
-    }
+        renorm = {"renorm": False}
+    cache = make_cache(x, xhat, rstd, axes, weight, bias, _CHANNEL) | renorm
     return affine_forward(xhat, weight, bias, _CHANNEL), cache
 
 
