@@ -39,14 +39,21 @@ from torch import nn
 
 from ..defaults import DETECTION_FROZEN
 from ..models.detector import STRIDE, build_detector
-from ..models.resnet import resolve_norm
+from ..models.resnet import is_synced, resolve_norm
 from .detection_ap import coco_ap
 
 if TYPE_CHECKING:
     from ..data.det_scenes import DetSplit
     from ..run.config import RunConfig
 
-__all__ = ["DETECTION_METRICS", "TOP_K", "Detection", "decode", "detection_model"]
+__all__ = [
+    "DETECTION_METRICS",
+    "TOP_K",
+    "Detection",
+    "decode",
+    "detection_model",
+    "synced_if_asked",
+]
 
 #: What :class:`Detection` reports, headline first.
 DETECTION_METRICS = ("ap_error", "ap", "ap50", "ap75")
@@ -188,9 +195,20 @@ def detection_model(config: RunConfig, split: DetSplit, packs: int = 1) -> nn.Mo
             f"the lab's detector trains one seed per model; it cannot be packed {packs} "
             "seeds side by side (sweep with pack=False)"
         )
-    return build_detector(
+    model = build_detector(
         resolve_norm(config.norm),
         num_classes=split.num_classes,
         in_channels=split.in_channels,
         widths=config.widths,
     )
+    return synced_if_asked(model, config.norm)
+
+
+def synced_if_asked(model: nn.Module, norm: str) -> nn.Module:
+    """``model`` with its norms synchronized over the default process group for a
+    ``+sync`` norm (``bn+sync``: global-batch statistics under torchrun), else as it is."""
+    if is_synced(norm):
+        from ...distributed import convert_sync
+
+        convert_sync(model, "world")
+    return model
