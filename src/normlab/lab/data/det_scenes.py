@@ -53,7 +53,7 @@ import torch
 from ..errors import DataError
 from .images import ANIMAL_MNIST_CLASSES, ImageData, SplitViews, resize
 from .prepare import standardize
-from .scenes import _backgrounds, _silhouettes
+from .scenes import _backgrounds, _silhouettes, _source_pools
 
 __all__ = [
     "DEFAULT_DET_IMAGE_SIZE",
@@ -69,7 +69,6 @@ __all__ = [
 DEFAULT_DET_IMAGE_SIZE = 48
 #: Built-in test scenes (the training scenes: ``max_train``).
 DEFAULT_DET_TEST = 300
-_TEST_POOL_FRACTION = 0.2
 _NOISE_STD = 0.04
 _MASK_THRESHOLD = 0.5
 _TRIES = 10
@@ -108,17 +107,6 @@ def pad_targets(boxes: list[np.ndarray], rows: int = 1) -> torch.Tensor:
         if len(b):
             out[i, : len(b)] = b
     return torch.from_numpy(out)
-
-
-def _source_pools(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng([seed, 10])
-    train, test = [], []
-    for c in range(int(labels.max()) + 1):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = round(len(idx) * _TEST_POOL_FRACTION)
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def _cover(box: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> float:
@@ -189,7 +177,7 @@ def raw_detection_scenes(
     if max_objects < 1:
         raise DataError(f"max_objects must be >= 1, got {max_objects}")
     silhouettes, classes = _silhouettes()
-    train_pool, test_pool = _source_pools(classes, seed)
+    train_pool, test_pool = _source_pools(classes, seed, stream=10)
     rng = np.random.default_rng([seed, 11 if train else 12])
     pool = train_pool if train else test_pool
     return _compose(rng, n, image_size, pool, silhouettes, classes, max_objects)

@@ -110,9 +110,10 @@ class SegSplit(SplitViews):
     ignore_index: int = IGNORE_INDEX
 
 
-def _source_pools(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the training and test silhouettes, 20 % of each class for testing."""
-    rng = np.random.default_rng([seed, 0])
+def _source_pools(labels: np.ndarray, seed: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and test silhouettes, 20 % of each class for testing,
+    permuted by stream ``[seed, stream]`` (the detection scenes': ``[seed, 10]``)."""
+    rng = np.random.default_rng([seed, stream])
     train, test = [], []
     for c in range(int(labels.max()) + 1):
         idx = rng.permutation(np.flatnonzero(labels == c))
