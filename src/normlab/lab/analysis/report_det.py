@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..defaults import DETECTION_TASK
-from .report_models import model_line
+from .report_models import all_of_task, data_line, model_line, task_records
 
 if TYPE_CHECKING:
     from ..run.train import RunRecord
@@ -43,12 +43,12 @@ AP_TITLES = {
 
 def detection_records(records: Sequence[RunRecord]) -> list[RunRecord]:
     """The detection runs among ``records``."""
-    return [r for r in records if r.config.task == DETECTION_TASK]
+    return task_records(records, DETECTION_TASK)
 
 
 def is_detection(records: Sequence[RunRecord]) -> bool:
     """Whether every one of ``records`` (at least one) is a detection run."""
-    return bool(records) and len(detection_records(records)) == len(records)
+    return all_of_task(records, DETECTION_TASK)
 
 
 def staleness_lines(records: Sequence[RunRecord]) -> list[str]:
@@ -127,8 +127,7 @@ def detection_protocol_lines(r: RunRecord) -> list[str]:
     if c.pretrain and err is not None and not math.isnan(err):
         pretrain += f" Pretrained {c.norm} backbone's classification test error: {err:.1f} %."
     return [
-        f"- Data: {data} at {c.image_size}×{c.image_size}, {r.num_train} training / "
-        f"{r.num_test} test images.",
+        data_line(r, data),
         model,
         pretrain,
         "- Metrics: COCO AP@[.5:.95], AP50, AP75 by pycocotools over every test image's "

@@ -5,6 +5,9 @@ Each run of a user model stores its conversion summary
 and source version, one row per norm: how its layers were built, how many were
 converted to which class, what was left in place and what warned, so a reader can see
 which network each row of the error table trained.
+
+Also the pieces the task reports (segmentation, detection) share: their runs among a
+store's records (:func:`task_records`) and the protocol's data line (:func:`data_line`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,34 @@ from typing import Any
 
 from ..run.config import RunConfig, RunRecord
 
-__all__ = ["conversion_lines", "model_line", "model_lines", "training_length"]
+__all__ = [
+    "all_of_task",
+    "conversion_lines",
+    "data_line",
+    "model_line",
+    "model_lines",
+    "task_records",
+    "training_length",
+]
+
+
+def task_records(records: Sequence[RunRecord], task: str) -> list[RunRecord]:
+    """The runs of ``task`` among ``records``."""
+    return [r for r in records if r.config.task == task]
+
+
+def all_of_task(records: Sequence[RunRecord], task: str) -> bool:
+    """Whether every one of ``records`` (at least one) is a run of ``task``."""
+    return bool(records) and len(task_records(records, task)) == len(records)
+
+
+def data_line(r: RunRecord, data: str) -> str:
+    """The protocol's ``- Data: ...`` line of a segmentation or detection run ``r``."""
+    c = r.config
+    return (
+        f"- Data: {data} at {c.image_size}×{c.image_size}, {r.num_train} training / "
+        f"{r.num_test} test images."
+    )
 
 
 def model_line(config: RunConfig) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..data.scenes import DEFAULT_SEG_TEST
 from ..defaults import SEGMENTATION_TASK
-from .report_models import model_line
+from .report_models import all_of_task, data_line, model_line, task_records
 
 if TYPE_CHECKING:
     from ..run.train import RunRecord
@@ -45,12 +45,12 @@ METRIC_TITLES = {
 
 def segmentation_records(records: Sequence[RunRecord]) -> list[RunRecord]:
     """The segmentation runs among ``records``."""
-    return [r for r in records if r.config.task == SEGMENTATION_TASK]
+    return task_records(records, SEGMENTATION_TASK)
 
 
 def is_segmentation(records: Sequence[RunRecord]) -> bool:
     """Whether every one of ``records`` (at least one) is a segmentation run."""
-    return bool(records) and len(segmentation_records(records)) == len(records)
+    return all_of_task(records, SEGMENTATION_TASK)
 
 
 def headline_sections(
@@ -108,8 +108,7 @@ def segmentation_protocol_lines(r: RunRecord) -> list[str]:
         ]
     )
     return [
-        f"- Data: {data} at {c.image_size}×{c.image_size}, {r.num_train} training / "
-        f"{r.num_test} test images.",
+        data_line(r, data),
         *model,
         "- Metrics: mean IoU over the classes present and pixel error, from one confusion "
         "matrix summed over the whole test set (pooled pixels, void pixels skipped).",
