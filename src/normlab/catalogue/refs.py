@@ -47,13 +47,21 @@ def as_f64(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().to(torch.float64).cpu().numpy()
 
 
+def _affine(m: nn.Module) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A layer's weight and bias (γ, β), as the references' positional arguments take them."""
+    return as_f64(m.weight), as_f64(m.bias)
+
+
+def _running(m: nn.Module) -> dict[str, np.ndarray | None]:
+    """A layer's running statistics, as the references' keywords take them."""
+    return {"running_mean": as_f64(m.running_mean), "running_var": as_f64(m.running_var)}
+
+
 def bn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
     y, cache = R.batch_norm_forward(
         x,
-        as_f64(m.weight),
-        as_f64(m.bias),
-        running_mean=as_f64(m.running_mean),
-        running_var=as_f64(m.running_var),
+        *_affine(m),
+        **_running(m),
         training=m.training or m.running_mean is None,
         eps=m.eps,
     )
@@ -64,31 +72,29 @@ def cbn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
     """Cross-Iteration BN without a window (burn-in, or no convolution before it); eval is BN's."""
     if not m.training:
         return bn_ref(x, m)
-    y, cache = R.cross_iteration_batch_norm_forward(
-        x, [], None, as_f64(m.weight), as_f64(m.bias), eps=m.eps
-    )
+    y, cache = R.cross_iteration_batch_norm_forward(x, [], None, *_affine(m), eps=m.eps)
     return y, lambda dy: R.cross_iteration_batch_norm_backward(dy, cache)
 
 
 def frozen_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
     y, cache = R.frozen_batch_norm_forward(
-        x, as_f64(m.weight), as_f64(m.bias), as_f64(m.running_mean), as_f64(m.running_var), m.eps
+        x, *_affine(m), as_f64(m.running_mean), as_f64(m.running_var), m.eps
     )
     return y, lambda dy: R.frozen_batch_norm_backward(dy, cache)
 
 
 def gn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
-    y, cache = R.group_norm_forward(x, m.num_groups, as_f64(m.weight), as_f64(m.bias), m.eps)
+    y, cache = R.group_norm_forward(x, m.num_groups, *_affine(m), m.eps)
     return y, lambda dy: R.group_norm_backward(dy, cache)
 
 
 def ln_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
-    y, cache = R.layer_norm_forward(x, m.normalized_shape, as_f64(m.weight), as_f64(m.bias), m.eps)
+    y, cache = R.layer_norm_forward(x, m.normalized_shape, *_affine(m), m.eps)
     return y, lambda dy: R.layer_norm_backward(dy, cache)
 
 
 def ln2d_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
-    y, cache = R.layer_norm2d_forward(x, as_f64(m.weight), as_f64(m.bias), m.eps)
+    y, cache = R.layer_norm2d_forward(x, *_affine(m), m.eps)
     return y, lambda dy: R.layer_norm2d_backward(dy, cache)
 
 
@@ -96,10 +102,8 @@ def in_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
     use_input = m.training or not m.track_running_stats
     y, cache = R.instance_norm_forward(
         x,
-        as_f64(m.weight),
-        as_f64(m.bias),
-        running_mean=as_f64(m.running_mean),
-        running_var=as_f64(m.running_var),
+        *_affine(m),
+        **_running(m),
         use_input_stats=use_input,
         eps=m.eps,
     )
@@ -126,10 +130,8 @@ def sn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
         x,
         as_f64(m.mean_weight),
         as_f64(m.var_weight),
-        as_f64(m.weight),
-        as_f64(m.bias),
-        running_mean=as_f64(m.running_mean),
-        running_var=as_f64(m.running_var),
+        *_affine(m),
+        **_running(m),
         training=m.training or m.running_mean is None,
         eps=m.eps,
         using_bn=m.using_bn,
@@ -140,7 +142,7 @@ def sn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
 def frn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
     tau = as_f64(m.tau) if m.tlu else None
     eps = float(m.effective_eps())
-    y, cache = R.filter_response_norm_forward(x, as_f64(m.weight), as_f64(m.bias), eps=eps, tau=tau)
+    y, cache = R.filter_response_norm_forward(x, *_affine(m), eps=eps, tau=tau)
     return y, lambda dy: R.filter_response_norm_backward(dy, cache)
 
 
@@ -153,10 +155,8 @@ def brn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
     r_max, d_max = (float(t) for t in m.renorm_limits())
     y, cache = R.batch_renorm_forward(
         x,
-        as_f64(m.weight),
-        as_f64(m.bias),
-        running_mean=as_f64(m.running_mean),
-        running_var=as_f64(m.running_var),
+        *_affine(m),
+        **_running(m),
         training=m.training,
         eps=m.eps,
         r_max=r_max,
@@ -169,8 +169,7 @@ def evonorm_b0_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
     y, cache = R.evonorm_b0_forward(
         x,
         as_f64(m.v),
-        as_f64(m.weight),
-        as_f64(m.bias),
+        *_affine(m),
         running_var=as_f64(m.running_var),
         training=m.training or m.running_var is None,
         eps=m.eps,
@@ -179,17 +178,14 @@ def evonorm_b0_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
 
 
 def evonorm_s0_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
-    y, cache = R.evonorm_s0_forward(
-        x, m.groups, as_f64(m.v), as_f64(m.weight), as_f64(m.bias), eps=m.eps
-    )
+    y, cache = R.evonorm_s0_forward(x, m.groups, as_f64(m.v), *_affine(m), eps=m.eps)
     return y, lambda dy: R.evonorm_s0_backward(dy, cache)
 
 
 def mabn_ref(x: np.ndarray, m: nn.Module) -> tuple[np.ndarray, Backward]:
     y, cache = R.moving_average_batch_norm_forward(
         x,
-        as_f64(m.weight),
-        as_f64(m.bias),
+        *_affine(m),
         running_var=as_f64(m.running_var),
         chi_window=as_f64(m.chi_window),
         psi_window=as_f64(m.psi_window),
