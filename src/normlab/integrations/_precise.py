@@ -16,7 +16,14 @@ from torch import nn
 from ..distributed import WORLD, sync_running_stats
 from ..recalibrate import RecalibrationReport, recalibrate
 
-__all__ = ["first_batches", "recalibrate_in_eval"]
+__all__ = ["batch_count", "first_batches", "recalibrate_in_eval"]
+
+
+def batch_count(owner: str, num_batches: int) -> int:
+    """``num_batches`` as an int, refused below 1 (``owner``: the adapter, for the message)."""
+    if int(num_batches) < 1:
+        raise ValueError(f"{owner}: num_batches must be >= 1, got {num_batches}.")
+    return int(num_batches)
 
 
 def first_batches(loader: Iterable[Any], limit: int | None) -> list[Any]:

@@ -34,7 +34,7 @@ from torch import nn
 from ..distributed import WORLD, convert_sync, revert_sync
 from ..doctor import Report, diagnose
 from ..recalibrate.ranks import local_forwards
-from ._precise import first_batches, recalibrate_in_eval
+from ._precise import batch_count, first_batches, recalibrate_in_eval
 
 __all__ = ["Doctor", "NormlabSync", "PreciseBN", "first_item"]
 
@@ -104,9 +104,7 @@ class PreciseBN(Callback):
         before_validation: bool = True,
         at_train_end: bool = True,
     ) -> None:
-        if int(num_batches) < 1:
-            raise ValueError(f"PreciseBN: num_batches must be >= 1, got {num_batches}.")
-        self.num_batches = int(num_batches)
+        self.num_batches = batch_count("PreciseBN", num_batches)
         self.method = method
         self.variance = variance
         self.batch_fn = batch_fn

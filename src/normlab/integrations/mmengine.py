@@ -28,7 +28,7 @@ from torch import nn
 
 from ..distributed import WORLD
 from ..registry import create_norm
-from ._precise import first_batches, recalibrate_in_eval
+from ._precise import batch_count, first_batches, recalibrate_in_eval
 
 __all__ = ["NAMES", "PreciseBNHook", "register"]
 
@@ -121,9 +121,7 @@ class PreciseBNHook(Hook):
         variance: str = "population",
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
-        if int(num_batches) < 1:
-            raise ValueError(f"PreciseBNHook: num_batches must be >= 1, got {num_batches}.")
-        self.num_batches = int(num_batches)
+        self.num_batches = batch_count("PreciseBNHook", num_batches)
         self.method = method
         self.variance = variance
         self.forward_fn = forward_fn or _default_forward
