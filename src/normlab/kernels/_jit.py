@@ -71,6 +71,20 @@ def rows_at(P, n, ch, sn, sc):
 
 
 @triton.jit
+def io_rows(X, Y, n, ch, x_sn, x_sc, y_sn, y_sc):
+    """``(xb, yb)``: :func:`rows_at` of the two (N, C, S) tensors a kernel walks together
+    (x and its output y, or x and the upstream gradient dy)."""
+    return rows_at(X, n, ch, x_sn, x_sc), rows_at(Y, n, ch, y_sn, y_sc)
+
+
+@triton.jit
+def grad_rows(X, DY, DX, n, ch, x_sn, x_sc, dy_sn, dy_sc, dx_sn, dx_sc):
+    """``(xb, dyb, dxb)``: :func:`rows_at` of x, dy and dx, for the kernels that write dx."""
+    xb, dyb = io_rows(X, DY, n, ch, x_sn, x_sc, dy_sn, dy_sc)
+    return xb, dyb, rows_at(DX, n, ch, dx_sn, dx_sc)
+
+
+@triton.jit
 def s_tile(s0, cm, s_hi, BLOCK_S: tl.constexpr):
     """``(ss, mask)`` of the tile of positions [s0, s0 + BLOCK_S): the (1, BLOCK_S) int64
     positions and the mask of the (channel, position) elements that exist (channels
@@ -83,6 +97,14 @@ def s_tile(s0, cm, s_hi, BLOCK_S: tl.constexpr):
 def load_tile(rows, ss, stride, mask, ACC: tl.constexpr):
     """The tile ``rows[ss·stride]`` in ACC, 0 where masked (a 0 adds nothing to a sum)."""
     return tl.load(rows + ss * stride, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def grad_tile(xb, x_ss, dyb, dy_ss, s0, cm, s_hi, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``(ss, mask, x, dy)``: the :func:`s_tile` at ``s0`` and the x and dy tiles there
+    (:func:`load_tile`), the step of every backward loop over positions."""
+    ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
+    return ss, mask, load_tile(xb, ss, x_ss, mask, ACC), load_tile(dyb, ss, dy_ss, mask, ACC)
 
 
 @triton.jit
@@ -124,3 +146,35 @@ def sum_rows(
         m = (r < P)[:, None] & cmask[None, :]
         acc += tl.load(plane + r[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
     tl.store(OUT + k * C + cols, total(acc, 0).to(OUT.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def group_grad_terms(x, dy, mask, shift, mean, rstd, w, b, ACT: tl.constexpr):
+    """``(x̂, dz)`` of a GroupNorm backward tile, 0 where masked: x̂ = ((x − pivot) − mean)
+    ·rstd and dz = dy·act'(x̂·γ + β). ``shift``, ``mean``, ``rstd``: the group's scalars
+    (one group per program) or per-channel columns (several); ``w``, ``b``: per channel."""
+    xhat = tl.where(mask, ((x - shift) - mean) * rstd, 0.0)
+    dz = dy
+    if ACT != 0:
+        dz = tl.where(mask, act_backward(dy, xhat * w[:, None] + b[:, None], ACT), 0.0)
+    return xhat, dz
+
+
+@triton.jit
+def group_grad_input(x, dy, shift, mean, rstd, w, b, c1, c2, ACT: tl.constexpr):
+    """GroupNorm's dx of a tile: r·(dx̂ − c1 − x̂·c2), dx̂ = dz·γ (``c1``, ``c2``: the
+    group's means of dx̂ and dx̂·x̂; scalars or columns as in :func:`group_grad_terms`)."""
+    xhat = ((x - shift) - mean) * rstd
+    if ACT != 0:
+        dy = act_backward(dy, xhat * w[:, None] + b[:, None], ACT)
+    return (dy * w[:, None] - c1 - xhat * c2) * rstd
+
+
+@triton.jit
+def store_dwdb(out, acc_dw, acc_db, cm, PC, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Stores a GroupNorm program's per-lane dγ and dβ sums, reduced along S, at ``out``
+    (its channels of one row of plane 0) and ``out + PC`` (plane 1), where wanted."""
+    if HAS_W:
+        tl.store(out, total(acc_dw, 1), mask=cm)
+    if HAS_B:
+        tl.store(out + PC, total(acc_db, 1), mask=cm)

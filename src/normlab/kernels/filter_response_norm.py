@@ -56,6 +56,7 @@ from ._common import (
 )
 from ._jit import (
     channel_block,
+    io_rows,
     load_channels,
     load_tile,
     rows_at,
@@ -121,9 +122,7 @@ def _frn_fwd(
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
-    cc = c[:, None].to(tl.int64)
-    xb = rows_at(X, n, cc, x_sn, x_sc)
-    yb = rows_at(Y, n, cc, y_sn, y_sc)
+    xb, yb = io_rows(X, Y, n, c[:, None], x_sn, x_sc, y_sn, y_sc)
     if ONE_PASS:
         sq = _square_sums(xb, x_ss, cm, 0, S, ACC, BLOCK_C, BLOCK_S)
     else:

@@ -23,11 +23,11 @@ from ._common import (
 )
 from ._jit import (
     channel_block,
+    grad_rows,
+    grad_tile,
+    io_rows,
     load_channels,
-    load_tile,
-    rows_at,
     s_range,
-    s_tile,
     sum_rows,
     sum_split,
     total,
@@ -53,9 +53,8 @@ def _frn_bwd_sums(
     acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_dt = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
-        xhat = load_tile(xb, ss, x_ss, mask, ACC) * rs[:, None]
-        dz = load_tile(dyb, ss, dy_ss, mask, ACC)
+        _, _, x, dz = grad_tile(xb, x_ss, dyb, dy_ss, s0, cm, s_hi, ACC, BLOCK_S)
+        xhat = x * rs[:, None]
         if HAS_TAU:
             above = xhat * w[:, None] + bias[:, None] > tau[:, None]
             acc_dt += tl.where(above, 0.0, dz)
@@ -86,9 +85,7 @@ def _frn_bwd_stats(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
-    cc = c[:, None].to(tl.int64)
-    xb = rows_at(X, n, cc, x_sn, x_sc)
-    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
+    xb, dyb = io_rows(X, DY, n, c[:, None], x_sn, x_sc, dy_sn, dy_sc)
     rs = tl.load(RS + n.to(tl.int64) * C + c, mask=cm, other=0.0)
     w = load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C)
     bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
@@ -120,10 +117,7 @@ def _frn_bwd_dx(
     HAS_TAU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     n, c, cm = channel_block(CB, C, BLOCK_C)
-    cc = c[:, None].to(tl.int64)
-    xb = rows_at(X, n, cc, x_sn, x_sc)
-    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
-    dxb = rows_at(DX, n, cc, dx_sn, dx_sc)
+    xb, dyb, dxb = grad_rows(X, DY, DX, n, c[:, None], x_sn, x_sc, dy_sn, dy_sc, dx_sn, dx_sc)
     nc = n.to(tl.int64) * C + c
     rs = tl.load(RS + nc, mask=cm, other=0.0)
     w = load_channels(W, c, cm, HAS_W, 1.0, ACC, BLOCK_C)
@@ -141,9 +135,8 @@ def _frn_bwd_dx(
     a_over_s = a / S
     s_lo, s_hi = s_range(S, CHUNK)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
-        xhat = load_tile(xb, ss, x_ss, mask, ACC) * rs[:, None]
-        dz = load_tile(dyb, ss, dy_ss, mask, ACC)
+        ss, mask, x, dz = grad_tile(xb, x_ss, dyb, dy_ss, s0, cm, s_hi, ACC, BLOCK_S)
+        xhat = x * rs[:, None]
         if HAS_TAU:
             dz = tl.where(xhat * w[:, None] + bias[:, None] > tau[:, None], dz, 0.0)
         dx = (dz * w[:, None] - xhat * a_over_s[:, None]) * rs[:, None]

@@ -46,8 +46,9 @@ from ._jit import (
     act_backward,
     apply_act,
     channel_block,
+    grad_rows,
+    io_rows,
     load_tile,
-    rows_at,
     s_range,
     s_tile,
     sum_rows,
@@ -75,8 +76,7 @@ def _frozen_bn_fwd(
     mean = tl.load(MEAN + c, mask=cm, other=0.0)
     scale = tl.load(SCALE + c, mask=cm, other=0.0)
     bias = tl.load(BIAS + c, mask=cm, other=0.0)
-    xb = rows_at(X, n, c[:, None], x_sn, x_sc)
-    yb = rows_at(Y, n, c[:, None], y_sn, y_sc)
+    xb, yb = io_rows(X, Y, n, c[:, None], x_sn, x_sc, y_sn, y_sc)
     s_lo, s_hi = s_range(S, CHUNK)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
@@ -109,10 +109,7 @@ def _frozen_bn_bwd(
     mean = tl.load(MEAN + c, mask=cm, other=0.0)
     scale = tl.load(SCALE + c, mask=cm, other=0.0)
     bias = tl.load(BIAS + c, mask=cm, other=0.0)
-    cc = c[:, None].to(tl.int64)
-    xb = rows_at(X, n, cc, x_sn, x_sc)
-    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
-    dxb = rows_at(DX, n, cc, dx_sn, dx_sc)
+    xb, dyb, dxb = grad_rows(X, DY, DX, n, c[:, None], x_sn, x_sc, dy_sn, dy_sc, dx_sn, dx_sc)
     s_lo, s_hi = s_range(S, CHUNK)
     acc_xm = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_dz = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)

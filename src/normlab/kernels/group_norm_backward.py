@@ -21,15 +21,16 @@ from ._common import (
     tl_acc,
 )
 from ._jit import (
-    act_backward,
-    load_channels,
-    load_tile,
-    rows_at,
-    s_tile,
+    grad_rows,
+    grad_tile,
+    group_grad_input,
+    group_grad_terms,
+    io_rows,
+    store_dwdb,
     sum_rows,
     total,
 )
-from .group_norm_forward import piece, plan
+from .group_norm_forward import group_channels, group_program, piece, plan
 from .group_norm_packed import _group_norm_packed_bwd
 
 __all__ = ["gradients"]
@@ -52,35 +53,23 @@ def _group_bwd_sums(
     """Σ dx̂ and Σ dx̂·x̂ over channels [c_lo, c_hi) × positions [s_lo, s_hi) of one group
     (per-lane accumulators, one reduction at the end); also writes those channels' dγ/dβ
     partial sums to row ``row`` of DWDB."""
-    offs_c = tl.arange(0, BLOCK_C)
     acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for c0 in range(c_lo, c_hi, BLOCK_C):
-        c = c0 + offs_c
-        cm = c < c_hi
-        w = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C)
-        b = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
+        c, cm, w, b = group_channels(c0, c_hi, c_first, W, B, HAS_W, HAS_B, ACC, BLOCK_C)
         acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
         acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
+        cc = c[:, None].to(tl.int64)
+        xc, dyc = xb + cc * x_sc, dyb + cc * dy_sc
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
-            cc = c[:, None].to(tl.int64)
-            x = load_tile(xb + cc * x_sc, ss, x_ss, mask, ACC)
-            dy = load_tile(dyb + cc * dy_sc, ss, dy_ss, mask, ACC)
-            xhat = tl.where(mask, ((x - shift) - mean) * rstd, 0.0)
-            dz = dy
-            if ACT != 0:
-                dz = tl.where(mask, act_backward(dy, xhat * w[:, None] + b[:, None], ACT), 0.0)
+            ss, mask, x, dy = grad_tile(xc, x_ss, dyc, dy_ss, s0, cm, s_hi, ACC, BLOCK_S)
+            xhat, dz = group_grad_terms(x, dy, mask, shift, mean, rstd, w, b, ACT)
             dxhat = dz * w[:, None]
             acc_dw += dz * xhat
             acc_db += dz
             acc1 += dxhat
             acc2 += dxhat * xhat
-        out = DWDB + row * C + c_first + c
-        if HAS_W:
-            tl.store(out, total(acc_dw, 1), mask=cm)
-        if HAS_B:
-            tl.store(out + PC, total(acc_db, 1), mask=cm)
+        store_dwdb(DWDB + row * C + c_first + c, acc_dw, acc_db, cm, PC, HAS_W, HAS_B)
     return total(acc1, None), total(acc2, None)
 
 
@@ -100,13 +89,8 @@ def _group_norm_bwd_stats(
     ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    ng = tl.program_id(0)
-    sp = tl.program_id(1)
-    n = ng // G
-    g = ng % G
-    c_first = g * CPG
-    xb = rows_at(X, n, c_first, x_sn, x_sc)
-    dyb = rows_at(DY, n, c_first, dy_sn, dy_sc)
+    ng, sp, n, c_first = group_program(G, CPG)
+    xb, dyb = io_rows(X, DY, n, c_first, x_sn, x_sc, dy_sn, dy_sc)
     shift = tl.load(xb).to(ACC)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
@@ -140,14 +124,8 @@ def _group_norm_bwd_dx(
     ACC: tl.constexpr, ONE_PASS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    ng = tl.program_id(0)
-    sp = tl.program_id(1)
-    n = ng // G
-    g = ng % G
-    c_first = g * CPG
-    xb = rows_at(X, n, c_first, x_sn, x_sc)
-    dyb = rows_at(DY, n, c_first, dy_sn, dy_sc)
-    dxb = rows_at(DX, n, c_first, dx_sn, dx_sc)
+    ng, sp, n, c_first = group_program(G, CPG)
+    xb, dyb, dxb = grad_rows(X, DY, DX, n, c_first, x_sn, x_sc, dy_sn, dy_sc, dx_sn, dx_sc)
     shift = tl.load(xb).to(ACC)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
@@ -166,22 +144,13 @@ def _group_norm_bwd_dx(
     c2 = sum2 / (CPG * S)
 
     c_lo, c_hi, s_lo, s_hi, _ = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
-    offs_c = tl.arange(0, BLOCK_C)
     for c0 in range(c_lo, c_hi, BLOCK_C):
-        c = c0 + offs_c
-        cm = c < c_hi
-        w = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C)
-        b = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
+        c, cm, w, b = group_channels(c0, c_hi, c_first, W, B, HAS_W, HAS_B, ACC, BLOCK_C)
+        cc = c[:, None].to(tl.int64)
+        xc, dyc = xb + cc * x_sc, dyb + cc * dy_sc
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
-            cc = c[:, None].to(tl.int64)
-            x = load_tile(xb + cc * x_sc, ss, x_ss, mask, ACC)
-            dy = load_tile(dyb + cc * dy_sc, ss, dy_ss, mask, ACC)
-            xhat = ((x - shift) - mean) * rstd
-            if ACT != 0:
-                dy = act_backward(dy, xhat * w[:, None] + b[:, None], ACT)
-            dxhat = dy * w[:, None]
-            dx = (dxhat - c1 - xhat * c2) * rstd
+            ss, mask, x, dy = grad_tile(xc, x_ss, dyc, dy_ss, s0, cm, s_hi, ACC, BLOCK_S)
+            dx = group_grad_input(x, dy, shift, mean, rstd, w, b, c1, c2, ACT)
             tl.store(dxb + cc * dx_sc + ss * dx_ss, dx.to(DX.dtype.element_ty), mask=mask)
 
 

@@ -24,6 +24,7 @@ from ._common import (
 )
 from ._jit import (
     apply_act,
+    io_rows,
     load_channels,
     load_tile,
     rows_at,
@@ -35,7 +36,7 @@ from .group_norm_packed import _group_norm_packed_fwd, _group_norm_packed_fwd_st
 #: The widest tile row (channels) of several groups per program.
 MAX_PACKED_ROW = 256
 
-__all__ = ["groups_per_program", "normalize", "piece", "plan"]
+__all__ = ["group_channels", "group_program", "groups_per_program", "normalize", "piece", "plan"]
 
 
 def groups_per_program(cpg: int, groups: int, c_fast: bool, widest: int) -> int:
@@ -74,6 +75,27 @@ def piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S):
     c_lo = cs * CHUNK_C
     s_lo = si * CHUNK_S
     return c_lo, tl.minimum(c_lo + CHUNK_C, CPG), s_lo, tl.minimum(s_lo + CHUNK_S, S), si
+
+
+@triton.jit
+def group_program(G, CPG):
+    """``(ng, sp, n, c_first)`` of a program of a (N·G, SPLIT) grid: its (sample, group)
+    row, its piece, its sample and the group's first channel."""
+    ng = tl.program_id(0)
+    return ng, tl.program_id(1), ng // G, (ng % G) * CPG
+
+
+@triton.jit
+def group_channels(
+    c0, c_hi, c_first, W, B,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``(c, cm, w, b)``: the BLOCK_C channels of the group from ``c0`` (indices within
+    the group), their mask ``c < c_hi`` and their γ and β (1 and 0 without)."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    cm = c < c_hi
+    w = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C)
+    return c, cm, w, load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
 
 
 @triton.jit
@@ -122,11 +144,8 @@ def _group_norm_fwd_stats(
     CHUNK_S,  # positions per piece
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    ng = tl.program_id(0)
-    sp = tl.program_id(1)
-    n = ng // G
-    g = ng % G
-    xb = rows_at(X, n, g * CPG, x_sn, x_sc)
+    ng, sp, n, c_first = group_program(G, CPG)
+    xb = rows_at(X, n, c_first, x_sn, x_sc)
     shift = tl.load(xb).to(ACC)
     c_lo, c_hi, s_lo, s_hi, _ = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
     count, mean, m2 = _group_moments(
@@ -158,13 +177,8 @@ def _group_norm_fwd(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_P: tl.constexpr,  # >= SPLIT
 ):  # fmt: skip
-    ng = tl.program_id(0)
-    sp = tl.program_id(1)
-    n = ng // G
-    g = ng % G
-    c_first = g * CPG
-    xb = rows_at(X, n, c_first, x_sn, x_sc)
-    yb = rows_at(Y, n, c_first, y_sn, y_sc)
+    ng, sp, n, c_first = group_program(G, CPG)
+    xb, yb = io_rows(X, Y, n, c_first, x_sn, x_sc, y_sn, y_sc)
     shift = tl.load(xb).to(ACC)
     if ONE_PASS:
         count, mean, m2 = _group_moments(xb, shift, x_sc, x_ss, 0, CPG, 0, S, ACC, BLOCK_C, BLOCK_S)
@@ -188,13 +202,10 @@ def _group_norm_fwd(
         tl.store(RSTD + ng, rstd)
 
     c_lo, c_hi, s_lo, s_hi, _ = piece(sp, SPLIT_S, CPG, S, CHUNK_C, CHUNK_S)
-    offs_c = tl.arange(0, BLOCK_C)
     for c0 in range(c_lo, c_hi, BLOCK_C):
-        c = c0 + offs_c
-        cm = c < c_hi
+        c, cm, w, shift_out = group_channels(c0, c_hi, c_first, W, B, HAS_W, HAS_B, ACC, BLOCK_C)
         # Fold rstd into the scale: z = (x − pivot − mean)·(r·γ) + β.
-        scale = load_channels(W, c_first + c, cm, HAS_W, 1.0, ACC, BLOCK_C) * rstd
-        shift_out = load_channels(B, c_first + c, cm, HAS_B, 0.0, ACC, BLOCK_C)
+        scale = w * rstd
         for s0 in range(s_lo, s_hi, BLOCK_S):
             ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
             cc = c[:, None].to(tl.int64)

@@ -18,13 +18,16 @@ import triton
 import triton.language as tl
 
 from ._jit import (
-    act_backward,
     apply_act,
+    grad_tile,
+    group_grad_input,
+    group_grad_terms,
     load_channels,
     load_tile,
     rows_at,
     s_range,
     s_tile,
+    store_dwdb,
     total,
 )
 from ._moments import channel_moments
@@ -49,6 +52,15 @@ def _lanes(GB, CPG, G, C, PACK, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
     gm = (gi < PACK) & (g < G)
     oh = (local[:, None] == gi[None, :]) & cm[:, None]
     return n, c, cm, g0 + local, g, gm, oh
+
+
+@triton.jit
+def _packed_x(X, n, c, cm, gc, CPG, x_sn, x_sc, ACC: tl.constexpr):
+    """``(xb, shift)``: where x's rows of the program's channels start, and each channel's
+    pivot, the first element of its group (x[n, gc·CPG, 0])."""
+    xn = X + n.to(tl.int64) * x_sn
+    shift = tl.load(xn + (gc * CPG).to(tl.int64) * x_sc, mask=cm, other=0.0).to(ACC)
+    return xn + c[:, None].to(tl.int64) * x_sc, shift
 
 
 @triton.jit
@@ -91,10 +103,8 @@ def _group_norm_packed_fwd_stats(
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
     n, c, cm, gc, g, gm, oh = _lanes(GB, CPG, G, C, PACK, BLOCK_C, BLOCK_G)
-    xn = X + n.to(tl.int64) * x_sn
-    shift = tl.load(xn + (gc * CPG).to(tl.int64) * x_sc, mask=cm, other=0.0).to(ACC)
+    xb, shift = _packed_x(X, n, c, cm, gc, CPG, x_sn, x_sc, ACC)
     s_lo, s_hi = s_range(S, CHUNK)
-    xb = xn + c[:, None].to(tl.int64) * x_sc
     cnt, mean, m2 = _packed_moments(xb, shift, x_ss, cm, oh, s_lo, s_hi, ACC, BLOCK_C, BLOCK_S)
     out = PART + (n.to(tl.int64) * G + g) * SPLIT + tl.program_id(1)
     tl.store(out, cnt, mask=gm)
@@ -119,9 +129,7 @@ def _group_norm_packed_fwd(
     BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     n, c, cm, gc, g, gm, oh = _lanes(GB, CPG, G, C, PACK, BLOCK_C, BLOCK_G)
-    xn = X + n.to(tl.int64) * x_sn
-    shift = tl.load(xn + (gc * CPG).to(tl.int64) * x_sc, mask=cm, other=0.0).to(ACC)
-    xb = xn + c[:, None].to(tl.int64) * x_sc
+    xb, shift = _packed_x(X, n, c, cm, gc, CPG, x_sn, x_sc, ACC)
     yb = rows_at(Y, n, c[:, None], y_sn, y_sc)
     ng = n.to(tl.int64) * G + g
     if ONE_PASS:
@@ -170,22 +178,16 @@ def _packed_bwd_sums(
     acc_dw = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc_db = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
-        x = load_tile(xb, ss, x_ss, mask, ACC)
-        dz = load_tile(dyb, ss, dy_ss, mask, ACC)
-        xhat = tl.where(mask, ((x - shift[:, None]) - mean_c[:, None]) * rstd_c[:, None], 0.0)
-        if ACT != 0:
-            dz = tl.where(mask, act_backward(dz, xhat * w[:, None] + b[:, None], ACT), 0.0)
+        ss, mask, x, dy = grad_tile(xb, x_ss, dyb, dy_ss, s0, cm, s_hi, ACC, BLOCK_S)
+        xhat, dz = group_grad_terms(
+            x, dy, mask, shift[:, None], mean_c[:, None], rstd_c[:, None], w, b, ACT
+        )
         dxhat = dz * w[:, None]
         acc_dw += dz * xhat
         acc_db += dz
         acc1 += dxhat
         acc2 += dxhat * xhat
-    out = DWDB + row * C + c
-    if HAS_W:
-        tl.store(out, total(acc_dw, 1), mask=cm)
-    if HAS_B:
-        tl.store(out + PC, total(acc_db, 1), mask=cm)
+    store_dwdb(DWDB + row * C + c, acc_dw, acc_db, cm, PC, HAS_W, HAS_B)
     return _to_groups(total(acc1, 1), oh), _to_groups(total(acc2, 1), oh)
 
 
@@ -215,9 +217,7 @@ def _group_norm_packed_bwd(
     """One kernel, three uses: the sums pass of a split (SUMS), the dx pass of a split
     (DX_PASS, reading the chunks' sums) and, with SPLIT = 1, both in one program."""
     n, c, cm, gc, g, gm, oh = _lanes(GB, CPG, G, C, PACK, BLOCK_C, BLOCK_G)
-    xn = X + n.to(tl.int64) * x_sn
-    shift = tl.load(xn + (gc * CPG).to(tl.int64) * x_sc, mask=cm, other=0.0).to(ACC)
-    xb = xn + c[:, None].to(tl.int64) * x_sc
+    xb, shift = _packed_x(X, n, c, cm, gc, CPG, x_sn, x_sc, ACC)
     dyb = rows_at(DY, n, c[:, None], dy_sn, dy_sc)
     ngc = n.to(tl.int64) * G + gc
     mean_c = tl.load(MEAN + ngc, mask=cm, other=0.0)
@@ -246,11 +246,9 @@ def _group_norm_packed_bwd(
         b = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
         dxb = rows_at(DX, n, c[:, None], dx_sn, dx_sc)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
-            x = load_tile(xb, ss, x_ss, mask, ACC)
-            dz = load_tile(dyb, ss, dy_ss, mask, ACC)
-            xhat = ((x - shift[:, None]) - mean_c[:, None]) * rstd_c[:, None]
-            if ACT != 0:
-                dz = act_backward(dz, xhat * w[:, None] + b[:, None], ACT)
-            dx = (dz * w[:, None] - c1[:, None] - xhat * c2[:, None]) * rstd_c[:, None]
+            ss, mask, x, dy = grad_tile(xb, x_ss, dyb, dy_ss, s0, cm, s_hi, ACC, BLOCK_S)
+            dx = group_grad_input(
+                x, dy, shift[:, None], mean_c[:, None], rstd_c[:, None], w, b,
+                c1[:, None], c2[:, None], ACT,
+            )  # fmt: skip
             tl.store(dxb + ss * dx_ss, dx.to(DX.dtype.element_ty), mask=mask)

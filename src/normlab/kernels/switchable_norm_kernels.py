@@ -26,6 +26,9 @@ from ._common import (
 )
 from ._jit import (
     channel_block,
+    grad_rows,
+    grad_tile,
+    io_rows,
     load_channels,
     load_tile,
     rows_at,
@@ -122,9 +125,7 @@ def _switchable_norm_fwd(
     m = tl.load(M + nc, mask=cm, other=0.0)
     scale = tl.load(SCALE + nc, mask=cm, other=0.0)
     bias = load_channels(B, c, cm, HAS_B, 0.0, ACC, BLOCK_C)
-    cc = c[:, None].to(tl.int64)
-    xb = rows_at(X, n, cc, x_sn, x_sc)
-    yb = rows_at(Y, n, cc, y_sn, y_sc)
+    xb, yb = io_rows(X, Y, n, c[:, None], x_sn, x_sc, y_sn, y_sc)
     s_lo, s_hi = s_range(S, CHUNK)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
@@ -150,16 +151,12 @@ def _switchable_norm_bwd_stats(
     nc = n.to(tl.int64) * C + c
     shift = tl.load(SHIFT + nc, mask=cm, other=0.0)
     m = tl.load(M + nc, mask=cm, other=0.0)
-    cc = c[:, None].to(tl.int64)
-    xb = rows_at(X, n, cc, x_sn, x_sc)
-    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
+    xb, dyb = io_rows(X, DY, n, c[:, None], x_sn, x_sc, dy_sn, dy_sc)
     s_lo, s_hi = s_range(S, CHUNK)
     acc1 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     acc2 = tl.full([BLOCK_C, BLOCK_S], 0.0, ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
-        x = load_tile(xb, ss, x_ss, mask, ACC)
-        dy = load_tile(dyb, ss, dy_ss, mask, ACC)
+        ss, mask, x, dy = grad_tile(xb, x_ss, dyb, dy_ss, s0, cm, s_hi, ACC, BLOCK_S)
         acc1 += dy
         acc2 += dy * tl.where(mask, (x - shift[:, None]) - m[:, None], 0.0)
     out = SUMS + (n.to(tl.int64) * SPLIT + tl.program_id(1)) * C + c
@@ -200,15 +197,10 @@ def _switchable_norm_bwd_dx(
     scale = tl.load(SCALE + nc, mask=cm, other=0.0)
     ga = tl.load(GA + nc, mask=cm, other=0.0)
     gb = tl.load(GB + nc, mask=cm, other=0.0)
-    cc = c[:, None].to(tl.int64)
-    xb = rows_at(X, n, cc, x_sn, x_sc)
-    dyb = rows_at(DY, n, cc, dy_sn, dy_sc)
-    dxb = rows_at(DX, n, cc, dx_sn, dx_sc)
+    xb, dyb, dxb = grad_rows(X, DY, DX, n, c[:, None], x_sn, x_sc, dy_sn, dy_sc, dx_sn, dx_sc)
     s_lo, s_hi = s_range(S, CHUNK)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        ss, mask = s_tile(s0, cm, s_hi, BLOCK_S)
-        x = load_tile(xb, ss, x_ss, mask, ACC)
-        dy = load_tile(dyb, ss, dy_ss, mask, ACC)
+        ss, mask, x, dy = grad_tile(xb, x_ss, dyb, dy_ss, s0, cm, s_hi, ACC, BLOCK_S)
         xc = (x - shift[:, None]) - mu[:, None]
         dx = dy * scale[:, None] + ga[:, None] + gb[:, None] * xc
         tl.store(dxb + ss * dx_ss, dx.to(DX.dtype.element_ty), mask=mask)
