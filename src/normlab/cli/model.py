@@ -25,7 +25,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "or package.module:factory, a function or class returning an nn.Module (it may "
         "take num_classes=, in_channels=, norm_layer=). Its BatchNorm layers become each "
         "norm of the grid; each run trains one model (no packing); the file's hash keys "
-        "the runs, so an edited file gets new runs",
+        "the runs, so an edited file gets new runs. With --task detection: a torchvision-style "
+        "detector (model(images, targets) -> dict of losses in training, one dict of boxes, "
+        "labels, scores per image in eval; num_classes= counts the background)",
     )
 
 
