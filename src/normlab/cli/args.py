@@ -9,6 +9,7 @@ from typing import Any
 
 __all__ = [
     "GivenOption",
+    "finite_float",
     "int_at_least",
     "int_list",
     "name_list",
@@ -58,12 +59,24 @@ def int_at_least(minimum: int, meaning: str = "") -> Callable[[str], int]:
 positive_int = int_at_least(1)
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (``nan``, ``inf``, ``0`` and negatives refused)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` refused)."""
+    value = _number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``nan``, ``inf``, ``0`` and negatives refused)."""
+    value = _number(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value

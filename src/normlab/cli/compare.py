@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .args import finite_float as _float
+
 if TYPE_CHECKING:  # scipy loads only when compare runs, not for every `normlab` command
     from ..lab.analysis.compare import CompareResult, Group
 
@@ -23,16 +25,6 @@ _EXAMPLES = """examples:
   normlab compare --db normlab-sweep.db --cells bn@2,bn@32,gn@2
   normlab compare bs4=74 bs8=70 --std 1.2 --delta 4     (one run each: plan only)
 """
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
