@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..data.prepare import one_thread
 from ..run.loop import ModelBuilder, lab_model
 from ..run.train import RunConfig, RunRecord, train_runs
 from .store import RunStore
@@ -111,16 +112,6 @@ def sigint_guard() -> Iterator[None]:
 
 def _shield() -> contextlib.AbstractContextManager[None]:
     return _GUARD.shield() if _GUARD is not None else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class Progress:
@@ -251,7 +242,7 @@ def execute_runs(
     jobs = run_groups(pending, pack)
     if workers == 1 or len(jobs) <= 1:
         try:
-            with _one_thread():
+            with one_thread():
                 for job in jobs:
                     started.update(job)
                     records = train_runs(
