@@ -8,10 +8,9 @@ import torch
 from torch import Tensor
 
 from .. import functional as NF
-from .._core.activation import check_act
 from .._core.checks import check_eps
-from .._core.dispatch import check_backend
 from ._base import ByDims, NormBase, UpgradesStateDict, check_num_features
+from ._kernel_options import options_repr, take_act_backend
 
 __all__ = [
     "BatchNorm1d",
@@ -120,10 +119,7 @@ class _FrozenBatchNorm(ByDims, UpgradesStateDict):
         name = type(self).__name__
         check_num_features(name, num_features)
         check_eps(name, eps, zero_ok=True)
-        check_act(name, act)
-        check_backend(name, backend)
-        self.act = act
-        self.backend = backend
+        take_act_backend(self, name, act, backend)
         factory = {"device": device, "dtype": dtype}
         self.num_features = int(num_features)
         self.eps = float(eps)
@@ -154,12 +150,7 @@ class _FrozenBatchNorm(ByDims, UpgradesStateDict):
         )
 
     def extra_repr(self) -> str:
-        s = f"{self.num_features}, eps={self.eps}"
-        if self.act is not None:
-            s += f", act={self.act!r}"
-        if self.backend != "auto":
-            s += f", backend={self.backend!r}"
-        return s
+        return f"{self.num_features}, eps={self.eps}" + options_repr(self)
 
     def _upgrade_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]

@@ -14,8 +14,8 @@ from .._core.checks import (
     check_floating,
     check_rank,
 )
-from .._core.dispatch import check_backend
 from ._base import DIM_LAYOUTS, ByDims, add_affine, check_num_features, reset_affine
+from ._kernel_options import options_repr, take_backend
 
 __all__ = [
     "FilterResponseNorm1d",
@@ -83,8 +83,7 @@ class _FilterResponseNorm(ByDims, nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check_backend(name, backend)
-        self.backend = backend
+        take_backend(self, name, backend)
         factory = {"device": device, "dtype": dtype}
         self.num_features = check_num_features(name, num_features)
         check_eps(name, eps)
@@ -131,7 +130,7 @@ class _FilterResponseNorm(ByDims, nn.Module):
         else:
             eps = f"eps={self._eps_value}"
         s = f"{self.num_features}, {eps}, affine={self.affine}, tlu={self.tlu}"
-        return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")
+        return s + options_repr(self)
 
 
 class FilterResponseNorm1d(_FilterResponseNorm, dims=1):

@@ -7,10 +7,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import functional as NF
-from .._core.activation import check_act
 from .._core.checks import check_channels, check_eps, check_groups, check_rank
-from .._core.dispatch import check_backend
 from ._base import add_affine, reset_affine
+from ._kernel_options import options_repr, take_act_backend
 
 __all__ = ["GroupNorm"]
 
@@ -65,10 +64,7 @@ class GroupNorm(nn.Module):
         layer = type(self).__name__
         check_groups(layer, num_channels, num_groups)
         check_eps(layer, eps, zero_ok=True)
-        check_act(layer, act)
-        check_backend(layer, backend)
-        self.act = act
-        self.backend = backend
+        take_act_backend(self, layer, act, backend)
         factory = {"device": device, "dtype": dtype}
         self.num_groups = int(num_groups)
         self.num_channels = int(num_channels)
@@ -98,8 +94,4 @@ class GroupNorm(nn.Module):
         s = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
         if self.affine and self.bias is None:
             s += ", bias=False"
-        if self.act is not None:
-            s += f", act={self.act!r}"
-        if self.backend != "auto":
-            s += f", backend={self.backend!r}"
-        return s
+        return s + options_repr(self)

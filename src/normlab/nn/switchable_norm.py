@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from .._core.dispatch import check_backend
 from ..functional.switchable_norm import switchable_norm_components
 from ._base import NormBase
+from ._kernel_options import options_repr, take_backend
 
 __all__ = [
     "SwitchableNorm1d",
@@ -88,8 +88,7 @@ class _SwitchableNorm(NormBase):
         process_group: Any = None,
         backend: str = "auto",
     ) -> None:
-        check_backend(type(self).__name__, backend)
-        self.backend = backend
+        take_backend(self, type(self).__name__, backend)
         # Read by reset_parameters, which the base constructor calls.
         self.using_bn = bool(using_bn)
         self.last_gamma = bool(last_gamma)
@@ -144,8 +143,7 @@ class _SwitchableNorm(NormBase):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"using_bn={self.using_bn}, last_gamma={self.last_gamma}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
-            + (f", backend={self.backend!r}" if self.backend != "auto" else "")
+            f"track_running_stats={self.track_running_stats}" + options_repr(self)
         )
 
 
