@@ -44,6 +44,7 @@ __all__ = [
     "canonical_norm",
     "final_spatial_size",
     "is_synced",
+    "sync_if_asked",
     "recal_variance",
     "resolve_norm",
 ]
@@ -118,6 +119,16 @@ def recal_variance(name: str) -> str | None:
 def is_synced(name: str) -> bool:
     """True for a ``"<norm>+sync"`` lab name."""
     return _folded(name).endswith("+sync")
+
+
+def sync_if_asked(model: nn.Module, norm: str) -> nn.Module:
+    """``model`` with its norms synchronized over the default process group for a
+    ``+sync`` norm (global-batch statistics under torchrun), else as it is."""
+    if is_synced(norm):
+        from ...distributed import convert_sync
+
+        convert_sync(model, "world")
+    return model
 
 
 class SplitNorm(nn.Module):
@@ -314,8 +325,4 @@ def build_model(
         packs=packs,
         stem_stride=stem_stride,
     )
-    if is_synced(norm):
-        from ...distributed import convert_sync
-
-        convert_sync(model, "world")
-    return model
+    return sync_if_asked(model, norm)

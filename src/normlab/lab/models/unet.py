@@ -24,7 +24,7 @@ from torch import nn
 
 from ...registry import NORM_LAYERS
 from . import resnet as models
-from .resnet import SYNCABLE, VARIANTS, is_synced, resolve_norm
+from .resnet import SYNCABLE, VARIANTS, resolve_norm, sync_if_asked
 
 __all__ = ["UNet", "build_segmentation_model", "segmentation_norms"]
 
@@ -137,8 +137,4 @@ def build_segmentation_model(
     base = resolve_norm(norm)
     _check_2d(norm, base)
     model = UNet(base, in_channels=in_channels, num_classes=num_classes, widths=widths)
-    if is_synced(norm):
-        from ...distributed import convert_sync
-
-        convert_sync(model, "world")
-    return model
+    return sync_if_asked(model, norm)

@@ -202,10 +202,7 @@ def build_user_model(
             "the sweep would train the same network; build it with nn.BatchNorm2d layers or "
             "accept norm_layer= and use it for the norm layers."
         )
-    if models.is_synced(norm):
-        from ...distributed import convert_sync
-
-        convert_sync(model, "world")
+    models.sync_if_asked(model, norm)
     check = functools.partial(
         check_output,
         task=task,
@@ -331,8 +328,13 @@ def check_output(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}.")
     if task == "detection":  # num_classes: torchvision's, the background included
-        kw = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
-        return check_detector(model, **kw, name=name)
+        return check_detector(
+            model,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            name=name,
+        )
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32

@@ -50,8 +50,7 @@ from torch import nn
 from ..data.images import Split, load_split
 from ..defaults import DETECTION_FROZEN
 from ..models.detector import Backbone, Classifier, build_detector
-from ..models.resnet import resolve_norm
-from ..tasks.detection import synced_if_asked
+from ..models.resnet import resolve_norm, sync_if_asked
 from .config import RunConfig
 from .loop import train_loop
 
@@ -217,7 +216,7 @@ class DetectionBuilder:
             in_channels=split.in_channels,
             widths=config.widths,
         )
-        synced_if_asked(model, treatment)
+        sync_if_asked(model, treatment)
         if config.pretrain is None:
             return model
         if split.in_channels != 3:

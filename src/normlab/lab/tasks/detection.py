@@ -39,7 +39,7 @@ from torch import nn
 
 from ..defaults import DETECTION_FROZEN
 from ..models.detector import STRIDE, build_detector
-from ..models.resnet import is_synced, resolve_norm
+from ..models.resnet import resolve_norm, sync_if_asked
 from .detection_ap import coco_ap
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ __all__ = [
     "Detection",
     "decode",
     "detection_model",
-    "synced_if_asked",
 ]
 
 #: What :class:`Detection` reports, headline first.
@@ -201,14 +200,4 @@ def detection_model(config: RunConfig, split: DetSplit, packs: int = 1) -> nn.Mo
         in_channels=split.in_channels,
         widths=config.widths,
     )
-    return synced_if_asked(model, config.norm)
-
-
-def synced_if_asked(model: nn.Module, norm: str) -> nn.Module:
-    """``model`` with its norms synchronized over the default process group for a
-    ``+sync`` norm (``bn+sync``: global-batch statistics under torchrun), else as it is."""
-    if is_synced(norm):
-        from ...distributed import convert_sync
-
-        convert_sync(model, "world")
-    return model
+    return sync_if_asked(model, config.norm)
