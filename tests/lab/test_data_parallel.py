@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import queue
-import socket
 import subprocess
 import sys
 import traceback
@@ -20,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _ranks import run_ranks
 from normlab.lab.data.images import load_split
 from normlab.lab.models.resnet import build_model, resolve_norm
 from normlab.lab.run.train import RunConfig, train_model
@@ -31,12 +29,6 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
     reason="torch.distributed with gloo is not available in this torch build",
 )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kw(npz: str) -> dict[str, Any]:
@@ -54,7 +46,8 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _rank_main(rank: int, world: int, port: int, npz: str, results: Any) -> None:
+def _rank_main(rank: int, port: int, results: Any, npz: str) -> None:
+    world = 2
     try:
         torch.set_num_threads(1)
         dist.init_process_group(
@@ -81,34 +74,13 @@ def _rank_main(rank: int, world: int, port: int, npz: str, results: Any) -> None
 
 
 def _run_two_ranks(npz: str) -> dict[int, Any]:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, 2, port, npz, results), daemon=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    got: dict[int, Any] = {}
-    try:
-        while len(got) < 2:
-            try:
-                rank, status, payload = results.get(timeout=120)
-            except queue.Empty:
-                pytest.fail("a rank hung (no result within 120 s)")
-            if status != "ok":
-                pytest.fail(f"rank {rank} failed:\n{payload}")
-            got[rank] = {
-                norm: ({k: torch.from_numpy(v) for k, v in params.items()}, loss, div)
-                for norm, (params, loss, div) in payload.items()
-            }
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return got
+    return {
+        rank: {
+            norm: ({k: torch.from_numpy(v) for k, v in params.items()}, loss, div)
+            for norm, (params, loss, div) in payload.items()
+        }
+        for rank, payload in run_ranks(_rank_main, npz).items()
+    }
 
 
 def test_synced_per_rank_batch_equals_one_process_global_batch(tiny_npz):

@@ -9,16 +9,14 @@ each rank's own number of objects before DDP averages the gradients, as detector
 from __future__ import annotations
 
 import datetime
-import queue
-import socket
 import traceback
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _ranks import run_ranks
 from normlab.lab.data.det_coco import load_detection_split
 from normlab.lab.run.train import RunConfig, train_model
 from normlab.lab.tasks.detection import detection_model
@@ -66,34 +64,8 @@ def _rank_main(rank: int, port: int, results: Any) -> None:
         raise SystemExit(1) from None
 
 
-def _two_ranks() -> dict[int, Any]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, results), daemon=True) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    got: dict[int, Any] = {}
-    try:
-        while len(got) < 2:
-            try:
-                rank, status, payload = results.get(timeout=180)
-            except queue.Empty:
-                pytest.fail("a rank hung (no result within 180 s)")
-            assert status == "ok", f"rank {rank} failed:\n{payload}"
-            got[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return got
-
-
 def test_synced_detector_sees_the_global_batch_and_trains_over_two_ranks():
-    got = _two_ranks()
+    got = run_ranks(_rank_main, timeout=180)
     ref_out, ref_stats = _forward("bn", _split().x_train[:4])
     for rank in (0, 1):
         arrays, params, last, diverged = got[rank]
